@@ -1,0 +1,55 @@
+/*
+ * The backend contract: the only thing the core knows about the OS's
+ * readiness API. A backend is one file implementing the ops table below over
+ * a private state struct; the core never includes <sys/epoll.h> or
+ * <sys/event.h>.
+ *
+ * Semantics every backend keeps:
+ *   - level-triggered: an fd that stays ready is reported by every wait;
+ *   - an fd is registered at most once (the core checks, the backend may
+ *     assume it); `data` is opaque and is handed back in fired entries;
+ *   - events are ZEV_BE_READ | ZEV_BE_WRITE; registering with 0 events keeps
+ *     the fd known but silent; errors and hang-ups are reported as both
+ *     READ and WRITE of what was asked for, so the callback finds out;
+ *   - wait reports at most `max` entries; the same data may appear twice in
+ *     one wait (kqueue reports read and write separately); the core copes;
+ *   - all functions return 0 / a count on success, -1 with errno on failure.
+ */
+#ifndef ZEV_BACKEND_H
+#define ZEV_BACKEND_H
+
+enum { ZEV_BE_READ = 1, ZEV_BE_WRITE = 2 };
+
+typedef struct zev_fired {
+    void *data; /* what add() was given */
+    int events; /* ZEV_BE_READ | ZEV_BE_WRITE */
+} zev_fired_t;
+
+typedef struct zev_backend_ops {
+    const char *name;
+    /* Creates the private state; NULL with errno on failure. */
+    void *(*init)(void);
+    /* Frees the state; registered fds are not touched (the core removed them). */
+    void (*destroy)(void *state);
+    /* Starts watching fd for events, handing data back when it fires. */
+    int (*add)(void *state, int fd, int events, void *data);
+    /* Changes the events watched for a registered fd. */
+    int (*modify)(void *state, int fd, int events, void *data);
+    /* Stops watching fd. The fd may already be closed: that is not an error. */
+    int (*remove)(void *state, int fd);
+    /* Waits up to timeout_ms (-1 = forever, 0 = poll) and fills out[0..max).
+     * Returns the number filled (0 on timeout or EINTR). */
+    int (*wait)(void *state, int timeout_ms, zev_fired_t *out, int max);
+    /* A pollable fd that is readable while some registered fd is ready, for
+     * embedding the loop in a host loop; -1 with ENOTSUP if the backend
+     * cannot give one on this platform. Owned by the backend. */
+    int (*pollable_fd)(void *state);
+} zev_backend_ops_t;
+
+/* One per backend file; each is compiled only where the platform has it
+ * (ZEV_HAVE_EPOLL, ZEV_HAVE_KQUEUE; poll everywhere). */
+extern const zev_backend_ops_t zev__backend_epoll;
+extern const zev_backend_ops_t zev__backend_kqueue;
+extern const zev_backend_ops_t zev__backend_poll;
+
+#endif /* ZEV_BACKEND_H */

@@ -1,0 +1,424 @@
+/*
+ * The loop: backend selection, the iteration, stop, embedding.
+ *
+ * Design notes
+ * - One iteration (loop_iterate) runs five phases in a fixed order:
+ *     1. cached time, due timers (only those started before the phase)
+ *     2. cross-thread callbacks (only what was queued when the drain began)
+ *     3. the ready-list: each stream handles at most `batch` messages, then
+ *        goes to the tail if it still has work
+ *     4. wait in the backend: timeout 0 while work is pending, else until
+ *        the next timer (after spinning for spin_us, if set)
+ *     5. ready fds: io callbacks; streams go on the ready-list
+ *   and then frees what was closed during it (io watchers, streams whose
+ *   close callbacks are due) — handles closed inside callbacks live until
+ *   no fired entry can point at them.
+ * - Every drain is bounded: timers by seq, callbacks by a snapshot, the
+ *   ready-list by its length at the start of the phase, the wait by
+ *   the size of the fired array.
+ * - stop_requested is the only loop field other threads write (plus the
+ *   hub's queue); it is consumed by zev_loop_run when it returns.
+ */
+#include "zev-internal.h"
+
+#include <errno.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+#ifdef __linux__
+#include <sys/timerfd.h>
+#endif
+
+static const zev_backend_ops_t *const backends[] = {
+#ifdef ZEV_HAVE_EPOLL
+    &zev__backend_epoll,
+#endif
+#ifdef ZEV_HAVE_KQUEUE
+    &zev__backend_kqueue,
+#endif
+    &zev__backend_poll,
+};
+
+uint64_t zev__clock_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
+
+static const zev_backend_ops_t *find_backend(const char *name)
+{
+    if (!name || !*name)
+        return backends[0];
+    for (size_t i = 0; i < sizeof backends / sizeof backends[0]; i++)
+        if (strcmp(backends[i]->name, name) == 0)
+            return backends[i];
+    return NULL;
+}
+
+int zev__register(zev_loop_t *loop, int fd, int events, void *obj)
+{
+    if (zev__fdmap_get(&loop->fds, fd)) {
+        errno = EEXIST;
+        return -1;
+    }
+    if (zev__fdmap_put(&loop->fds, fd, obj) < 0)
+        return -1;
+    if (loop->ops->add(loop->be, fd, events, obj) < 0) {
+        int err = errno;
+        zev__fdmap_del(&loop->fds, fd);
+        errno = err;
+        return -1;
+    }
+    return 0;
+}
+
+void zev__unregister(zev_loop_t *loop, int fd)
+{
+    loop->ops->remove(loop->be, fd);
+    zev__fdmap_del(&loop->fds, fd);
+}
+
+zev_loop_t *zev_loop_new(const zev_loop_opts_t *opts)
+{
+    const char *name = opts && opts->backend ? opts->backend : getenv("ZEV_BACKEND");
+    const zev_backend_ops_t *ops = find_backend(name);
+    if (!ops) {
+        errno = ENOTSUP;
+        return NULL;
+    }
+    zev_loop_t *loop = calloc(1, sizeof *loop);
+    if (!loop) {
+        errno = ENOMEM;
+        return NULL;
+    }
+    loop->ops = ops;
+    loop->batch = opts && opts->batch ? opts->batch : 64;
+    loop->spin_us = opts ? opts->spin_us : 0;
+    loop->timer_fd = -1;
+    loop->timer_fd_kind = ZEV__H_TIMERFD;
+    atomic_init(&loop->stop_requested, 0);
+    zev__list_init(&loop->ready);
+    zev__list_init(&loop->streams);
+    zev__list_init(&loop->ios);
+    zev__list_init(&loop->closing_streams);
+    zev__list_init(&loop->closing_ios);
+    loop->now_ns = zev__clock_ns();
+
+    int err;
+    loop->be = ops->init();
+    if (!loop->be)
+        goto fail;
+    loop->hub = zev__hub_new();
+    if (!loop->hub)
+        goto fail_be;
+    if (zev__register(loop, loop->hub->wake_rfd, ZEV_READ, &loop->hub->wake_kind) < 0)
+        goto fail_hub;
+    return loop;
+
+fail_hub:
+    err = errno;
+    zev__hub_unref(loop->hub);
+    errno = err;
+fail_be:
+    err = errno;
+    ops->destroy(loop->be);
+    errno = err;
+fail:
+    err = errno;
+    zev__fdmap_free(&loop->fds);
+    free(loop);
+    errno = err;
+    return NULL;
+}
+
+void zev_loop_destroy(zev_loop_t *loop)
+{
+    if (!loop)
+        return;
+    if (loop->depth) {
+        errno = EBUSY;
+        return;
+    }
+    loop->depth++; /* closing streams run callbacks: they count as inside */
+    zev__streams_close_all(loop);
+    zev__streams_reap(loop);
+    zev__io_free_all(loop);
+    zev__timers_free(loop);
+    loop->depth--;
+    zev__unregister(loop, loop->hub->wake_rfd);
+    if (loop->timer_fd >= 0) {
+        zev__unregister(loop, loop->timer_fd);
+        close(loop->timer_fd);
+    }
+    /* Queued callbacks are dropped; frame and tracker completions still run
+     * their free-only path. Late releases find the hub, not the loop. */
+    zev__hub_drain(loop->hub, NULL);
+    zev__hub_unref(loop->hub);
+    loop->ops->destroy(loop->be);
+    zev__fdmap_free(&loop->fds);
+    free(loop);
+}
+
+/* ------------------------------------------------------------ the phases */
+
+static int has_pending_work(zev_loop_t *loop)
+{
+    return !zev__list_empty(&loop->ready) || zev__hub_pending(loop->hub) ||
+           !zev__list_empty(&loop->closing_streams) ||
+           atomic_load_explicit(&loop->stop_requested, memory_order_relaxed);
+}
+
+/* ms until the next timer, rounded up so a wakeup never comes early. */
+static int ms_until(uint64_t deadline, uint64_t now)
+{
+    if (deadline == UINT64_MAX)
+        return -1;
+    if (deadline <= now)
+        return 0;
+    uint64_t ms = (deadline - now + 999999u) / 1000000u;
+    return ms > 0x7fffffff ? 0x7fffffff : (int)ms;
+}
+
+static int wait_timeout(zev_loop_t *loop, int max_ms)
+{
+    if (has_pending_work(loop))
+        return 0;
+    int ms = ms_until(zev__timers_next(loop), loop->now_ns);
+    if (max_ms >= 0 && (ms < 0 || ms > max_ms))
+        ms = max_ms;
+    return ms;
+}
+
+/* Phase 4. Busy-poll first when asked to, then block. */
+static int backend_wait(zev_loop_t *loop, int timeout_ms)
+{
+    const int max = (int)(sizeof loop->fired / sizeof loop->fired[0]);
+    if (loop->spin_us && timeout_ms != 0) {
+        uint64_t start = zev__clock_ns();
+        uint64_t until = start + (uint64_t)loop->spin_us * 1000u;
+        uint64_t next_timer = zev__timers_next(loop);
+        if (timeout_ms > 0 && start + (uint64_t)timeout_ms * 1000000u < until)
+            until = start + (uint64_t)timeout_ms * 1000000u;
+        if (next_timer < until)
+            until = next_timer;
+        for (uint64_t now = start; now < until; now = zev__clock_ns()) {
+            int n = loop->ops->wait(loop->be, 0, loop->fired, max);
+            if (n != 0 || atomic_load_explicit(&loop->stop_requested, memory_order_relaxed))
+                return n;
+        }
+        loop->now_ns = zev__clock_ns();
+        timeout_ms = wait_timeout(loop, timeout_ms);
+    }
+    return loop->ops->wait(loop->be, timeout_ms, loop->fired, max);
+}
+
+static void timer_fd_read(zev_loop_t *loop)
+{
+    uint64_t expirations;
+    while (read(loop->timer_fd, &expirations, sizeof expirations) > 0)
+        ;
+    loop->timer_fd_deadline = UINT64_MAX;
+}
+
+/* Phase 5. */
+static void dispatch(zev_loop_t *loop, int n)
+{
+    for (int i = 0; i < n; i++) {
+        zev__kind_t *kind = loop->fired[i].data;
+        switch (*kind) {
+        case ZEV__H_IO:
+            zev__io_dispatch((zev_io_t *)kind, loop->fired[i].events);
+            break;
+        case ZEV__H_STREAM:
+            zev__stream_fired((zev_stream_t *)kind);
+            break;
+        case ZEV__H_WAKEUP:
+            zev__hub_clear_wake(loop->hub);
+            break;
+        case ZEV__H_TIMERFD:
+            timer_fd_read(loop);
+            break;
+        }
+    }
+}
+
+/* While embedded, the loop's fd must stay readable as long as work is left
+ * and become readable when the next timer is due. */
+static void embedded_signal(zev_loop_t *loop)
+{
+    if (has_pending_work(loop)) {
+        zev__hub_wake(loop->hub);
+        return;
+    }
+#ifdef __linux__
+    uint64_t next = zev__timers_next(loop);
+    if (next == loop->timer_fd_deadline)
+        return;
+    struct itimerspec its = {0};
+    if (next != UINT64_MAX) {
+        uint64_t at = next ? next : 1; /* all-zero would disarm it */
+        its.it_value.tv_sec = (time_t)(at / 1000000000u);
+        its.it_value.tv_nsec = (long)(at % 1000000000u);
+    }
+    if (timerfd_settime(loop->timer_fd, TFD_TIMER_ABSTIME, &its, NULL) == 0)
+        loop->timer_fd_deadline = next;
+#endif
+}
+
+static int loop_iterate(zev_loop_t *loop, int max_wait_ms)
+{
+    loop->depth++;
+    loop->now_ns = zev__clock_ns();
+    zev__timers_run(loop);             /* 1 */
+    zev__hub_drain(loop->hub, loop);   /* 2 */
+    zev__streams_process(loop);        /* 3 */
+    int n = backend_wait(loop, wait_timeout(loop, max_wait_ms)); /* 4 */
+    int err = errno;
+    if (n > 0) {
+        loop->now_ns = zev__clock_ns();
+        dispatch(loop, n);             /* 5 */
+    }
+    zev__io_reap(loop);
+    zev__streams_reap(loop);
+    loop->depth--;
+    if (loop->embedded)
+        embedded_signal(loop);
+    errno = err;
+    return n < 0 ? -1 : 0;
+}
+
+/* ---------------------------------------------------------- public entry */
+
+int zev_loop_run(zev_loop_t *loop)
+{
+    if (!loop) {
+        errno = EINVAL;
+        return -1;
+    }
+    if (loop->depth) {
+        errno = EBUSY;
+        return -1;
+    }
+    while (!atomic_exchange(&loop->stop_requested, 0))
+        if (loop_iterate(loop, -1) < 0)
+            return -1;
+    return 0;
+}
+
+int zev_loop_run_once(zev_loop_t *loop, int timeout_ms)
+{
+    if (!loop) {
+        errno = EINVAL;
+        return -1;
+    }
+    if (loop->depth) {
+        errno = EBUSY;
+        return -1;
+    }
+    if (loop_iterate(loop, timeout_ms < 0 ? -1 : timeout_ms) < 0)
+        return -1;
+    return has_pending_work(loop);
+}
+
+void zev_loop_stop(zev_loop_t *loop)
+{
+    if (!loop)
+        return;
+    atomic_store(&loop->stop_requested, 1);
+    zev__hub_wake(loop->hub);
+}
+
+const char *zev_loop_backend(const zev_loop_t *loop)
+{
+    if (!loop) {
+        errno = EINVAL;
+        return NULL;
+    }
+    return loop->ops->name;
+}
+
+int zev_loop_fd(const zev_loop_t *loop)
+{
+    if (!loop) {
+        errno = EINVAL;
+        return -1;
+    }
+    /* Embedding changes how the loop signals, not what it is: the fields it
+     * sets are bookkeeping, so the const handle is cast once, here. */
+    zev_loop_t *l = (zev_loop_t *)loop;
+    int fd = l->ops->pollable_fd(l->be);
+    if (fd < 0)
+        return -1;
+    if (!l->embedded) {
+#ifdef __linux__
+        l->timer_fd = timerfd_create(CLOCK_MONOTONIC, TFD_NONBLOCK | TFD_CLOEXEC);
+        if (l->timer_fd < 0)
+            return -1;
+        if (zev__register(l, l->timer_fd, ZEV_READ, &l->timer_fd_kind) < 0) {
+            int err = errno;
+            close(l->timer_fd);
+            l->timer_fd = -1;
+            errno = err;
+            return -1;
+        }
+        l->timer_fd_deadline = UINT64_MAX;
+#endif
+        l->embedded = true;
+        embedded_signal(l);
+    }
+    return fd;
+}
+
+int zev_loop_timeout(const zev_loop_t *loop)
+{
+    if (!loop) {
+        errno = EINVAL;
+        return -1;
+    }
+    zev_loop_t *l = (zev_loop_t *)loop; /* has_pending_work reads only */
+    if (has_pending_work(l))
+        return 0;
+    return ms_until(zev__timers_next(l), zev__clock_ns());
+}
+
+uint64_t zev_now_ns(const zev_loop_t *loop)
+{
+    return loop ? loop->now_ns : 0;
+}
+
+/* -------------------------------------------------- cross-thread callbacks */
+
+typedef struct callback_node {
+    zev__qnode_t qnode;
+    zev_cb_fn fn;
+    void *arg;
+} callback_node_t;
+
+static void run_callback(zev__qnode_t *n, zev_loop_t *loop)
+{
+    callback_node_t *c = (callback_node_t *)n;
+    if (loop)
+        c->fn(loop, c->arg);
+    free(c);
+}
+
+int zev_loop_add_callback(zev_loop_t *loop, zev_cb_fn fn, void *arg)
+{
+    if (!loop || !fn) {
+        errno = EINVAL;
+        return -1;
+    }
+    callback_node_t *c = malloc(sizeof *c);
+    if (!c) {
+        errno = ENOMEM;
+        return -1;
+    }
+    c->qnode.run = run_callback;
+    c->fn = fn;
+    c->arg = arg;
+    zev__hub_push(loop->hub, &c->qnode);
+    zev__hub_wake(loop->hub);
+    return 0;
+}

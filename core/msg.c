@@ -1,0 +1,287 @@
+/*
+ * Messages and frames: the receive ring and kept frames.
+ *
+ * Design notes
+ * - Each stream receives into a ring of zmq_msg_t that grows only when a
+ *   message has more parts than it holds, and never shrinks; the recv
+ *   callback borrows those frames. After the callback each part that was
+ *   not kept is closed and re-initialised, so a large buffer is not held
+ *   until the next message arrives.
+ * - zev_msg_keep moves a part (no copy) into a frame handle taken from a
+ *   pool that belongs to the loop's hub; the pool grows by chunks during
+ *   warm-up and recycles handles afterwards, so steady-state keeping
+ *   allocates nothing.
+ * - zev_frame_release may run on any thread: it closes the zmq_msg_t there
+ *   (libzmq's reference counts are atomic) and sends the handle home
+ *   through the hub's lock-free queue. On the loop thread the stream is
+ *   told (on_frame_release, and reading resumes under max_frames) and the
+ *   handle goes back to the pool. A kept frame holds a reference on the hub,
+ *   so a release after zev_loop_destroy is still safe: the handle then just
+ *   returns to a pool that dies with the hub.
+ */
+#include "zev-internal.h"
+
+#include <errno.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define CHUNK_FRAMES 64
+
+struct zev__chunk {
+    struct zev__chunk *next;
+    zev_frame_t frames[CHUNK_FRAMES];
+};
+
+/* ------------------------------------------------------------ receive ring */
+
+int zev__ring_reserve(zev_stream_t *s, size_t n)
+{
+    if (n <= s->ring_cap)
+        return 0;
+    size_t cap = s->ring_cap ? s->ring_cap : 4;
+    while (cap < n)
+        cap *= 2;
+    /* zmq_msg_t is moved bitwise, as libzmq's own queues move it. */
+    zmq_msg_t *ring = realloc(s->ring, cap * sizeof *ring);
+    if (!ring) {
+        errno = ENOMEM;
+        return -1;
+    }
+    s->ring = ring;
+    zev_frame_t **kept = realloc(s->kept, cap * sizeof *kept);
+    if (!kept) {
+        errno = ENOMEM;
+        return -1;
+    }
+    s->kept = kept;
+    for (size_t i = s->ring_cap; i < cap; i++) {
+        zmq_msg_init(&ring[i]);
+        kept[i] = NULL;
+    }
+    s->ring_cap = cap;
+    s->msg.parts = ring;
+    s->msg.kept = kept;
+    return 0;
+}
+
+void zev__ring_recycle(zev_stream_t *s)
+{
+    for (size_t i = 0; i < s->msg.n; i++) {
+        if (s->kept[i]) {
+            s->kept[i] = NULL; /* its slot was re-initialised by keep */
+        } else if (zmq_msg_size(&s->ring[i]) > 0) {
+            zmq_msg_close(&s->ring[i]);
+            zmq_msg_init(&s->ring[i]);
+        }
+    }
+    s->msg.n = 0;
+}
+
+void zev__ring_free(zev_stream_t *s)
+{
+    for (size_t i = 0; i < s->ring_cap; i++)
+        zmq_msg_close(&s->ring[i]);
+    free(s->ring);
+    free(s->kept);
+    s->ring = NULL;
+    s->kept = NULL;
+    s->ring_cap = 0;
+}
+
+/* ------------------------------------------------------------- frame pool */
+
+static int pool_grow(zev__hub_t *hub)
+{
+    struct zev__chunk *c = malloc(sizeof *c);
+    if (!c) {
+        errno = ENOMEM;
+        return -1;
+    }
+    c->next = hub->chunks;
+    hub->chunks = c;
+    for (size_t i = 0; i < CHUNK_FRAMES; i++) {
+        c->frames[i].next_free = hub->frame_free;
+        hub->frame_free = &c->frames[i];
+    }
+    return 0;
+}
+
+int zev__frames_prewarm(zev__hub_t *hub, size_t n)
+{
+    for (size_t have = 0; have < n; have += CHUNK_FRAMES)
+        if (pool_grow(hub) < 0)
+            return -1;
+    return 0;
+}
+
+void zev__frame_pool_free(zev__hub_t *hub)
+{
+    while (hub->chunks) {
+        struct zev__chunk *next = hub->chunks->next;
+        free(hub->chunks);
+        hub->chunks = next;
+    }
+    hub->frame_free = NULL;
+}
+
+/* Back on the loop thread (loop != NULL) or on the hub's last owner. */
+static void frame_returned(zev__qnode_t *n, zev_loop_t *loop)
+{
+    zev_frame_t *f = (zev_frame_t *)n;
+    zev_stream_t *s = loop ? f->stream : NULL;
+    if (s) {
+        zev__list_remove(&f->node);
+        bool was_full = s->max_frames && s->frames_out >= s->max_frames;
+        s->frames_out--;
+        if (s->on_frame)
+            s->on_frame(s, f->size, s->frame_arg);
+        if (was_full)
+            zev__stream_kick(s); /* reading resumes */
+    }
+    f->stream = NULL;
+    f->next_free = f->hub->frame_free;
+    f->hub->frame_free = f;
+}
+
+/* A stream going away leaves its frames kept, just no longer tracked. */
+void zev__frames_detach(zev_stream_t *s)
+{
+    zev__list_t *node;
+    while ((node = zev__list_pop_head(&s->kept_frames)))
+        zev__container_of(node, zev_frame_t, node)->stream = NULL;
+}
+
+/* --------------------------------------------------------------- messages */
+
+static int part_ok(const zev_msg_t *m, size_t i)
+{
+    if (!m || i >= m->n) {
+        errno = EINVAL;
+        return 0;
+    }
+    return 1;
+}
+
+size_t zev_msg_parts(const zev_msg_t *m)
+{
+    return m ? m->n : 0;
+}
+
+zmq_msg_t *zev_msg_frame(zev_msg_t *m, size_t i)
+{
+    if (!part_ok(m, i))
+        return NULL;
+    return m->kept[i] ? &m->kept[i]->msg : &m->parts[i];
+}
+
+const void *zev_msg_data(const zev_msg_t *m, size_t i)
+{
+    return part_ok(m, i) ? zmq_msg_data(zev_msg_frame((zev_msg_t *)m, i)) : NULL;
+}
+
+size_t zev_msg_size(const zev_msg_t *m, size_t i)
+{
+    return part_ok(m, i) ? zmq_msg_size(zev_msg_frame((zev_msg_t *)m, i)) : 0;
+}
+
+int zev_msg_more(const zev_msg_t *m, size_t i)
+{
+    return part_ok(m, i) && i + 1 < m->n;
+}
+
+zev_frame_t *zev_msg_keep(zev_msg_t *m, size_t i)
+{
+    if (!part_ok(m, i) || m->kept[i]) {
+        errno = EINVAL;
+        return NULL;
+    }
+    zev_stream_t *s = m->stream;
+    zev__hub_t *hub = s->loop->hub;
+    if (!hub->frame_free && pool_grow(hub) < 0)
+        return NULL;
+    zev_frame_t *f = hub->frame_free;
+    hub->frame_free = f->next_free;
+    f->qnode.run = frame_returned;
+    f->hub = hub;
+    f->stream = s;
+    f->size = zmq_msg_size(&m->parts[i]);
+    atomic_init(&f->released, 0);
+    zmq_msg_init(&f->msg);
+    zmq_msg_move(&f->msg, &m->parts[i]);
+    zev__list_push_tail(&s->kept_frames, &f->node);
+    s->frames_out++;
+    zev__hub_ref(hub);
+    m->kept[i] = f;
+    return f;
+}
+
+/* ----------------------------------------------------------------- frames */
+
+const void *zev_frame_data(const zev_frame_t *f)
+{
+    if (!f) {
+        errno = EINVAL;
+        return NULL;
+    }
+    return zmq_msg_data((zmq_msg_t *)&f->msg);
+}
+
+size_t zev_frame_size(const zev_frame_t *f)
+{
+    return f ? f->size : 0;
+}
+
+zmq_msg_t *zev_frame_msg(zev_frame_t *f)
+{
+    if (!f) {
+        errno = EINVAL;
+        return NULL;
+    }
+    return &f->msg;
+}
+
+int zev_frame_release(zev_frame_t *f)
+{
+    if (!f || atomic_exchange(&f->released, 1)) {
+        errno = EINVAL;
+        return -1;
+    }
+    zev__hub_t *hub = f->hub;
+    zmq_msg_close(&f->msg);
+    zev__hub_push(hub, &f->qnode); /* f belongs to the loop from here on */
+    zev__hub_wake(hub);
+    zev__hub_unref(hub);
+    return 0;
+}
+
+/* ------------------------------------------------------- stream settings */
+
+int zev_stream_on_frame_release(zev_stream_t *s, zev_frame_fn fn, void *arg)
+{
+    if (!s) {
+        errno = EINVAL;
+        return -1;
+    }
+    if (s->closed) {
+        errno = EBADF;
+        return -1;
+    }
+    s->on_frame = fn;
+    s->frame_arg = arg;
+    return 0;
+}
+
+int zev_stream_set_max_frames(zev_stream_t *s, size_t n)
+{
+    if (!s) {
+        errno = EINVAL;
+        return -1;
+    }
+    if (s->closed) {
+        errno = EBADF;
+        return -1;
+    }
+    s->max_frames = n;
+    zev__stream_kick(s); /* a higher bound may let reading resume */
+    return 0;
+}

@@ -1,0 +1,744 @@
+/*
+ * Streams: one libzmq socket on a loop (PyZMQ's ZMQStream for C).
+ *
+ * Design notes
+ * - ZMQ_FD is edge-triggered and any zmq_send, zmq_recv or ZMQ_EVENTS read
+ *   may consume its edge. One function, stream_work, owns that fact: it reads
+ *   ZMQ_EVENTS, handles up to its budget of messages, and repeats. A stream
+ *   leaves the ready-list only when stream_work returns `idle`, which it
+ *   does only right after ZMQ_EVENTS reported nothing the stream wants. Out
+ *   of budget it stays on the ready-list (tail), so the next iteration
+ *   serves it without waiting for an edge that is gone.
+ * - Everything that touches the socket outside the stream's own pass (a
+ *   send from another callback, a timer or user code, a flush) and every
+ *   change of interest (on_recv set, frames returned under max_frames, a
+ *   message queued) puts the stream on the ready-list: mark_ready. That is a
+ *   list insert, not a syscall; the pass re-reads ZMQ_EVENTS.
+ * - Sends go straight to libzmq while the queue is empty; once libzmq says
+ *   EAGAIN (HWM, or EFSM: REQ/REP state) the message and all after it wait
+ *   in the stream's FIFO of parts, so order is kept. A multipart message
+ *   follows the path its first part took. The queue is bounded in messages.
+ * - on_send statuses are recorded run-length encoded and delivered from the
+ *   loop (the pass, flush, or the close phase), never inside a send call.
+ * - POLLOUT with EAGAIN on the head message (ROUTER_MANDATORY, one peer's
+ *   pipe full) sets `blocked`: POLLOUT stops counting as work until the next
+ *   ZMQ_FD edge or a back-off timer (doubling up to BACKOFF_MAX), because a
+ *   ZMQ_EVENTS read right after the EAGAIN may have swallowed the edge that
+ *   says there is room again. One blocked peer holds the messages behind it.
+ * - Closing is deferred as in libuv: zev_stream_close unregisters at once
+ *   (or after the flush with ZEV_CLOSE_FLUSH) and the close phase at the end
+ *   of the iteration delivers the last on_send statuses, runs the close
+ *   callback once and frees the stream.
+ */
+#include "zev-internal.h"
+
+#include <errno.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define BACKOFF_MIN_NS 100000u   /* 100 µs */
+#define BACKOFF_MAX_NS 20000000u /* 20 ms */
+
+static int would_block(int err)
+{
+    return err == EAGAIN || err == EFSM;
+}
+
+static int socket_gone(int err)
+{
+    return err == ENOTSOCK || err == ETERM;
+}
+
+static void mark_ready(zev_stream_t *s)
+{
+    if (!s->finalized && !s->err && !zev__list_linked(&s->ready))
+        zev__list_push_tail(&s->loop->ready, &s->ready);
+}
+
+/* Validates a stream argument for the public setters. */
+static int usable(const zev_stream_t *s)
+{
+    if (!s) {
+        errno = EINVAL;
+        return 0;
+    }
+    if (s->closed) {
+        errno = EBADF;
+        return 0;
+    }
+    return 1;
+}
+
+/* ------------------------------------------------------------ on_send reports */
+
+static void add_report(zev_stream_t *s, int status)
+{
+    if (!s->on_send)
+        return;
+    if (s->rep_len > s->rep_head && s->rep[s->rep_len - 1].status == status) {
+        s->rep[s->rep_len - 1].count++;
+        return;
+    }
+    if (s->rep_len == s->rep_cap) {
+        size_t cap = s->rep_cap ? s->rep_cap * 2 : 8;
+        zev__report_t *rep = realloc(s->rep, cap * sizeof *rep);
+        if (!rep)
+            return; /* out of memory: this status cannot be reported */
+        s->rep = rep;
+        s->rep_cap = cap;
+    }
+    s->rep[s->rep_len++] = (zev__report_t){status, 1};
+}
+
+static void deliver_reports(zev_stream_t *s)
+{
+    while (s->rep_head < s->rep_len) {
+        zev__report_t *r = &s->rep[s->rep_head];
+        int status = r->status;
+        if (--r->count == 0)
+            s->rep_head++;
+        if (s->on_send)
+            s->on_send(s, status, s->send_arg); /* may add reports: r is stale now */
+    }
+    s->rep_head = s->rep_len = 0;
+}
+
+/* ---------------------------------------------------------------- send queue */
+
+static zev__sendpart_t *q_at(zev_stream_t *s, size_t i)
+{
+    return &s->q[(s->qhead + i) & (s->qcap - 1)];
+}
+
+static int q_reserve(zev_stream_t *s, size_t n)
+{
+    if (s->qlen + n <= s->qcap)
+        return 0;
+    size_t cap = s->qcap ? s->qcap : 16;
+    while (cap < s->qlen + n)
+        cap *= 2;
+    zev__sendpart_t *q = malloc(cap * sizeof *q);
+    if (!q) {
+        errno = ENOMEM;
+        return -1;
+    }
+    /* zmq_msg_t is moved bitwise here, as libzmq's own pipes move it. */
+    for (size_t i = 0; i < s->qlen; i++)
+        memcpy(&q[i], q_at(s, i), sizeof *q);
+    free(s->q);
+    s->q = q;
+    s->qcap = cap;
+    s->qhead = 0;
+    return 0;
+}
+
+/* Moves msg into the queue (space must be reserved). */
+static void q_push(zev_stream_t *s, zmq_msg_t *msg, bool more)
+{
+    zev__sendpart_t *p = q_at(s, s->qlen++);
+    zmq_msg_init(&p->msg);
+    zmq_msg_move(&p->msg, msg);
+    p->more = more;
+    p->first = s->open != OPEN_QUEUED;
+    if (p->first)
+        s->qmsgs++;
+    s->open = more ? OPEN_QUEUED : OPEN_NONE;
+}
+
+static void q_pop(zev_stream_t *s)
+{
+    zmq_msg_close(&q_at(s, 0)->msg);
+    s->qhead = (s->qhead + 1) & (s->qcap - 1);
+    s->qlen--;
+}
+
+/* Drops the rest of the head message and reports it once with status. */
+static void drop_head_message(zev_stream_t *s, int status)
+{
+    bool more = true;
+    while (s->qlen && more) {
+        more = q_at(s, 0)->more;
+        q_pop(s);
+    }
+    if (more) /* its last part has not been given yet */
+        s->open = OPEN_DISCARD;
+    s->qmsgs--;
+    add_report(s, status);
+}
+
+/* Every message given and not yet handed over gets status, once. */
+static void cancel_queue(zev_stream_t *s, int status)
+{
+    while (s->qlen)
+        drop_head_message(s, status);
+    if (s->open == OPEN_QUEUED) /* its queued parts were all sent */
+        s->qmsgs--;
+    if (s->open == OPEN_QUEUED || s->open == OPEN_DIRECT)
+        add_report(s, status);
+    s->open = OPEN_NONE;
+    s->qmsgs = 0;
+}
+
+/* With ZEV_CLOSE_FLUSH: done when only a message the user never finished
+ * (it can no longer be finished) is left. */
+static int flush_done(const zev_stream_t *s)
+{
+    return s->qmsgs == (s->open == OPEN_QUEUED ? 1u : 0u);
+}
+
+/* ------------------------------------------------------------- state changes */
+
+static void backoff_fire(zev_timer_t *t, void *arg)
+{
+    (void)t;
+    zev_stream_t *s = arg;
+    s->backoff_timer = NULL;
+    s->blocked = false;
+    mark_ready(s);
+}
+
+static void set_blocked(zev_stream_t *s)
+{
+    s->blocked = true;
+    if (s->backoff_timer)
+        return;
+    s->backoff_ns = s->backoff_ns ? s->backoff_ns * 2 : BACKOFF_MIN_NS;
+    if (s->backoff_ns > BACKOFF_MAX_NS)
+        s->backoff_ns = BACKOFF_MAX_NS;
+    s->backoff_timer = zev_timer_start(s->loop, s->backoff_ns / 1000u, 0, backoff_fire, s);
+}
+
+static void stop_timers(zev_stream_t *s)
+{
+    if (s->backoff_timer)
+        zev_timer_cancel(s->backoff_timer);
+    if (s->linger_timer)
+        zev_timer_cancel(s->linger_timer);
+    s->backoff_timer = s->linger_timer = NULL;
+}
+
+static void finalize(zev_stream_t *s);
+
+static void linger_fire(zev_timer_t *t, void *arg)
+{
+    (void)t;
+    zev_stream_t *s = arg;
+    s->linger_timer = NULL;
+    finalize(s); /* what is still queued is ECANCELED */
+}
+
+/* Unregisters and hands the stream to the close phase. Idempotent. */
+static void finalize(zev_stream_t *s)
+{
+    if (s->finalized)
+        return;
+    s->finalized = true;
+    cancel_queue(s, ECANCELED);
+    if (!s->err)
+        zev__unregister(s->loop, s->fd);
+    zev__list_remove(&s->ready);
+    stop_timers(s);
+    if (s->close_socket && s->err != ENOTSOCK)
+        zmq_close(s->sock);
+    zev__list_remove(&s->node);
+    zev__list_push_tail(&s->loop->closing_streams, &s->node);
+}
+
+/* The socket is gone (closed under us, or its context terminated). */
+static void stream_fail(zev_stream_t *s, int err)
+{
+    if (s->err || s->finalized)
+        return;
+    s->err = err;
+    cancel_queue(s, err);
+    zev__unregister(s->loop, s->fd);
+    zev__list_remove(&s->ready);
+    stop_timers(s);
+    if (s->flushing)
+        finalize(s);
+}
+
+/* ------------------------------------------------------------------- sending */
+
+/* Hands one part to libzmq now, or queues it. Returns 0 when the part was
+ * taken (sent, queued, or discarded with its failed message), -1 with errno
+ * when it was not, which only happens at the first part of a message. The
+ * caller reserved queue space. */
+static int send_part(zev_stream_t *s, zmq_msg_t *msg, bool more)
+{
+    bool first = s->open == OPEN_NONE;
+    if (s->open == OPEN_DISCARD) {
+        zmq_msg_close(msg);
+        zmq_msg_init(msg);
+        if (!more)
+            s->open = OPEN_NONE;
+        return 0;
+    }
+    if (first ? s->qlen == 0 : s->open == OPEN_DIRECT) {
+        int rc = zmq_msg_send(msg, s->sock, ZMQ_DONTWAIT | (more ? ZMQ_SNDMORE : 0));
+        int err = errno;
+        if (!s->in_pass)
+            mark_ready(s); /* the send may have consumed the ZMQ_FD edge */
+        if (rc >= 0) {
+            s->open = more ? OPEN_DIRECT : OPEN_NONE;
+            if (!more)
+                add_report(s, 0);
+            return 0;
+        }
+        if (!would_block(err)) {
+            if (socket_gone(err))
+                stream_fail(s, err);
+            if (first) {
+                errno = err;
+                return -1;
+            }
+            zmq_msg_close(msg);
+            zmq_msg_init(msg);
+            add_report(s, err);
+            s->open = more ? OPEN_DISCARD : OPEN_NONE;
+            return 0;
+        }
+    } else if (first && s->max_queue && s->qmsgs >= s->max_queue) {
+        errno = EAGAIN;
+        return -1;
+    }
+    q_push(s, msg, more);
+    mark_ready(s);
+    return 0;
+}
+
+/* Checks the state and the flags shared by the send functions. */
+static int send_allowed(const zev_stream_t *s, int flags)
+{
+    if (!usable(s))
+        return 0;
+    if (flags & ~(ZMQ_SNDMORE | ZMQ_DONTWAIT)) {
+        errno = EINVAL;
+        return 0;
+    }
+    if (s->err) {
+        errno = s->err;
+        return 0;
+    }
+    return 1;
+}
+
+int zev_stream_send(zev_stream_t *s, const void *data, size_t len, int flags)
+{
+    if (!send_allowed(s, flags))
+        return -1;
+    if (!data && len) {
+        errno = EINVAL;
+        return -1;
+    }
+    if (q_reserve(s, 1) < 0)
+        return -1;
+    zmq_msg_t msg;
+    if (zmq_msg_init_size(&msg, len) < 0)
+        return -1;
+    if (len)
+        memcpy(zmq_msg_data(&msg), data, len);
+    int rc = send_part(s, &msg, flags & ZMQ_SNDMORE);
+    zmq_msg_close(&msg);
+    return rc;
+}
+
+int zev_stream_send_msg(zev_stream_t *s, zmq_msg_t *parts, size_t nparts, int flags)
+{
+    if (!send_allowed(s, flags))
+        return -1;
+    if (!parts || !nparts) {
+        errno = EINVAL;
+        return -1;
+    }
+    if (q_reserve(s, nparts) < 0)
+        return -1;
+    for (size_t i = 0; i < nparts; i++) {
+        bool more = i + 1 < nparts || (flags & ZMQ_SNDMORE);
+        if (send_part(s, &parts[i], more) < 0)
+            return -1; /* only the first part can fail: nothing was taken */
+    }
+    return 0;
+}
+
+/* Sends queued parts while libzmq takes them; returns messages handled. */
+static size_t send_some(zev_stream_t *s, size_t room)
+{
+    size_t n = 0;
+    while (s->qlen && n < room) {
+        /* A message the closed user can never finish stays out of libzmq. */
+        if (s->closed && s->open == OPEN_QUEUED && s->qmsgs == 1)
+            break;
+        zev__sendpart_t *p = q_at(s, 0);
+        bool more = p->more;
+        if (zmq_msg_send(&p->msg, s->sock, ZMQ_DONTWAIT | (more ? ZMQ_SNDMORE : 0)) < 0) {
+            int err = errno;
+            if (err == EINTR)
+                continue;
+            if (would_block(err)) {
+                set_blocked(s); /* POLLOUT was reported, yet no room */
+                break;
+            }
+            if (socket_gone(err)) {
+                stream_fail(s, err);
+                break;
+            }
+            drop_head_message(s, err);
+            n++;
+            continue;
+        }
+        q_pop(s);
+        if (!more) {
+            s->qmsgs--;
+            s->backoff_ns = 0;
+            add_report(s, 0);
+            n++;
+        }
+    }
+    return n;
+}
+
+/* ----------------------------------------------------------------- receiving */
+
+static int frames_allow(const zev_stream_t *s)
+{
+    return !s->max_frames || s->frames_out < s->max_frames;
+}
+
+/* Receives one whole message into the ring: 1, 0 (nothing there), -1. */
+static int recv_message(zev_stream_t *s)
+{
+    size_t i = 0;
+    for (;;) {
+        if (i == s->ring_cap && zev__ring_reserve(s, i + 1) < 0)
+            return -1;
+        if (zmq_msg_recv(&s->ring[i], s->sock, ZMQ_DONTWAIT) < 0) {
+            if (errno == EINTR)
+                continue;
+            if (i == 0 && errno == EAGAIN)
+                return 0;
+            return -1;
+        }
+        if (!zmq_msg_more(&s->ring[i++]))
+            break;
+    }
+    s->msg.n = i;
+    return 1;
+}
+
+static size_t recv_some(zev_stream_t *s, size_t room)
+{
+    size_t n = 0;
+    while (n < room && s->on_recv && !s->closed && frames_allow(s)) {
+        int rc = recv_message(s);
+        if (rc <= 0) {
+            if (rc < 0 && socket_gone(errno))
+                stream_fail(s, errno);
+            break;
+        }
+        s->in_recv_cb = true;
+        s->on_recv(s, &s->msg, s->recv_arg);
+        s->in_recv_cb = false;
+        zev__ring_recycle(s);
+        n++;
+    }
+    return n;
+}
+
+/* ------------------------------------------------------------- the one pass */
+
+static int wants(const zev_stream_t *s)
+{
+    int w = 0;
+    if (s->on_recv && !s->closed && frames_allow(s))
+        w |= ZMQ_POLLIN;
+    if (s->qlen && !s->blocked)
+        w |= ZMQ_POLLOUT;
+    return w;
+}
+
+/* Handles up to `limit` messages (0 = no limit) of the kinds in `mask`
+ * (ZMQ_POLLIN / ZMQ_POLLOUT). Sets *idle when it stopped because ZMQ_EVENTS
+ * reported nothing the stream wants (or the stream is finished). */
+static size_t stream_work(zev_stream_t *s, int mask, size_t limit, bool *idle)
+{
+    bool outer = s->in_pass;
+    size_t done = 0;
+    *idle = false;
+    s->in_pass = true;
+    deliver_reports(s);
+    for (;;) {
+        if (s->finalized || s->err) {
+            *idle = true;
+            break;
+        }
+        if (limit && done >= limit)
+            break;
+        int events = 0;
+        size_t len = sizeof events;
+        if (zmq_getsockopt(s->sock, ZMQ_EVENTS, &events, &len) < 0) {
+            if (socket_gone(errno))
+                stream_fail(s, errno);
+            *idle = true;
+            break;
+        }
+        int act = events & wants(s) & mask;
+        if (!act) {
+            *idle = true;
+            break;
+        }
+        size_t room = limit ? limit - done : SIZE_MAX, n = 0;
+        bool was_blocked = s->blocked;
+        if (act & ZMQ_POLLIN)
+            n += recv_some(s, room);
+        if ((act & ZMQ_POLLOUT) && n < room)
+            n += send_some(s, room - n);
+        deliver_reports(s);
+        done += n;
+        if (s->flushing && flush_done(s))
+            finalize(s);
+        else if (n == 0 && s->blocked == was_blocked)
+            break; /* ZMQ_EVENTS promised work libzmq did not give: retry next iteration */
+    }
+    s->in_pass = outer;
+    return done;
+}
+
+void zev__stream_kick(zev_stream_t *s)
+{
+    mark_ready(s);
+}
+
+void zev__stream_fired(zev_stream_t *s)
+{
+    s->blocked = false; /* a new edge: POLLOUT may be true again */
+    mark_ready(s);
+}
+
+void zev__streams_process(zev_loop_t *loop)
+{
+    /* Only the streams ready when the phase began; those made ready during
+     * it (and those out of budget) wait at the tail for the next iteration. */
+    zev__list_t batch;
+    zev__list_init(&batch);
+    if (zev__list_empty(&loop->ready))
+        return;
+    batch.next = loop->ready.next;
+    batch.prev = loop->ready.prev;
+    batch.next->prev = batch.prev->next = &batch;
+    zev__list_init(&loop->ready);
+
+    zev__list_t *node;
+    while ((node = zev__list_pop_head(&batch))) {
+        zev_stream_t *s = zev__container_of(node, zev_stream_t, ready);
+        bool idle;
+        stream_work(s, ZMQ_POLLIN | ZMQ_POLLOUT, s->batch ? s->batch : loop->batch, &idle);
+        if (!idle)
+            mark_ready(s);
+    }
+}
+
+/* ----------------------------------------------------------------- lifetime */
+
+zev_stream_t *zev_stream_new(zev_loop_t *loop, void *sock)
+{
+    if (!loop || !sock) {
+        errno = EINVAL;
+        return NULL;
+    }
+    int fd;
+    size_t len = sizeof fd;
+    if (zmq_getsockopt(sock, ZMQ_FD, &fd, &len) < 0)
+        return NULL;
+    zev_stream_t *s = calloc(1, sizeof *s);
+    if (!s) {
+        errno = ENOMEM;
+        return NULL;
+    }
+    s->kind = ZEV__H_STREAM;
+    s->loop = loop;
+    s->sock = sock;
+    s->fd = fd;
+    s->max_queue = 1000;
+    s->msg.stream = s;
+    zev__list_init(&s->node);
+    zev__list_init(&s->ready);
+    zev__list_init(&s->kept_frames);
+    if (zev__ring_reserve(s, 4) < 0 || zev__register(loop, fd, ZEV_READ, s) < 0) {
+        int err = errno;
+        zev__ring_free(s);
+        free(s);
+        errno = err;
+        return NULL;
+    }
+    zev__list_push_tail(&loop->streams, &s->node);
+    mark_ready(s); /* messages pending before registration signal nothing */
+    return s;
+}
+
+int zev_stream_close(zev_stream_t *s, int flags)
+{
+    if (!usable(s))
+        return -1;
+    if (flags & ~(ZEV_CLOSE_SOCKET | ZEV_CLOSE_FLUSH)) {
+        errno = EINVAL;
+        return -1;
+    }
+    s->closed = true;
+    s->close_socket = flags & ZEV_CLOSE_SOCKET;
+    if ((flags & ZEV_CLOSE_FLUSH) && !s->err && !flush_done(s)) {
+        int linger = 0;
+        size_t len = sizeof linger;
+        if (zmq_getsockopt(s->sock, ZMQ_LINGER, &linger, &len) == 0 && linger != 0) {
+            s->flushing = true;
+            if (linger > 0)
+                s->linger_timer = zev_timer_start(s->loop, (uint64_t)linger * 1000u, 0,
+                                                  linger_fire, s);
+            mark_ready(s);
+            return 0;
+        }
+    }
+    finalize(s);
+    return 0;
+}
+
+void zev__streams_reap(zev_loop_t *loop)
+{
+    zev__list_t *node;
+    while ((node = zev__list_pop_head(&loop->closing_streams))) {
+        zev_stream_t *s = zev__container_of(node, zev_stream_t, node);
+        deliver_reports(s);
+        if (s->on_close)
+            s->on_close(s, s->close_arg);
+        zev__frames_detach(s);
+        zev__ring_free(s);
+        free(s->q);
+        free(s->rep);
+        free(s);
+    }
+}
+
+void zev__streams_close_all(zev_loop_t *loop)
+{
+    zev__list_t *node;
+    while ((node = zev__list_pop_head(&loop->streams))) {
+        zev__list_push_tail(&loop->streams, node); /* finalize moves it */
+        zev_stream_t *s = zev__container_of(node, zev_stream_t, node);
+        s->closed = true;
+        finalize(s);
+    }
+}
+
+/* --------------------------------------------------------- setters, getters */
+
+int zev_stream_on_recv(zev_stream_t *s, zev_recv_fn fn, void *arg)
+{
+    if (!usable(s))
+        return -1;
+    s->on_recv = fn;
+    s->recv_arg = arg;
+    if (fn)
+        mark_ready(s); /* messages may already wait in libzmq */
+    return 0;
+}
+
+int zev_stream_on_send(zev_stream_t *s, zev_send_fn fn, void *arg)
+{
+    if (!usable(s))
+        return -1;
+    s->on_send = fn;
+    s->send_arg = arg;
+    return 0;
+}
+
+int zev_stream_on_close(zev_stream_t *s, zev_close_fn fn, void *arg)
+{
+    if (!usable(s))
+        return -1;
+    s->on_close = fn;
+    s->close_arg = arg;
+    return 0;
+}
+
+int zev_stream_set_max_queue(zev_stream_t *s, size_t n)
+{
+    if (!usable(s))
+        return -1;
+    s->max_queue = n;
+    return 0;
+}
+
+int zev_stream_set_batch(zev_stream_t *s, unsigned n)
+{
+    if (!usable(s))
+        return -1;
+    s->batch = n;
+    return 0;
+}
+
+int zev_stream_flush(zev_stream_t *s, int flags, size_t limit)
+{
+    if (!usable(s))
+        return -1;
+    if (!flags || (flags & ~(ZEV_READ | ZEV_WRITE))) {
+        errno = EINVAL;
+        return -1;
+    }
+    if (s->err) {
+        errno = s->err;
+        return -1;
+    }
+    int mask = (flags & ZEV_WRITE) ? ZMQ_POLLOUT : 0;
+    if ((flags & ZEV_READ) && !s->in_recv_cb) /* its frames are still borrowed */
+        mask |= ZMQ_POLLIN;
+    bool idle;
+    size_t n = mask ? stream_work(s, mask, limit, &idle) : 0;
+    mark_ready(s); /* the socket was touched outside the stream's pass */
+    return n > INT32_MAX ? INT32_MAX : (int)n;
+}
+
+int zev_stream_sending(const zev_stream_t *s)
+{
+    return s && (s->qlen || s->open == OPEN_QUEUED);
+}
+
+int zev_stream_receiving(const zev_stream_t *s)
+{
+    return s && !s->closed && s->on_recv;
+}
+
+int zev_stream_closed(const zev_stream_t *s)
+{
+    return s && s->closed;
+}
+
+void *zev_stream_socket(const zev_stream_t *s)
+{
+    if (!s) {
+        errno = EINVAL;
+        return NULL;
+    }
+    return s->sock;
+}
+
+zev_loop_t *zev_stream_loop(const zev_stream_t *s)
+{
+    if (!s) {
+        errno = EINVAL;
+        return NULL;
+    }
+    return s->loop;
+}
+
+int zev_stream_stats(const zev_stream_t *s, zev_stream_stats_t *out)
+{
+    if (!s || !out) {
+        errno = EINVAL;
+        return -1;
+    }
+    out->ring_size = s->ring_cap;
+    out->frames_kept = s->frames_out;
+    out->queued_msgs = s->qmsgs;
+    out->queued_parts = s->qlen;
+    return 0;
+}

@@ -1,0 +1,158 @@
+/*
+ * Zero-copy sends and their trackers (PyZMQ's copy=False, track=True).
+ *
+ * Design notes
+ * - libzmq calls the message's free function exactly once, from whatever
+ *   thread drops the last reference (usually its I/O thread). The
+ *   trampoline runs the user's free function right there, then sends the
+ *   tracker home through the hub's lock-free queue; the completion (done
+ *   flag, on_done callback) runs on the loop thread. A message never sent
+ *   (closed stream, ECANCELED) is closed by zev, which runs the same
+ *   trampoline: every tracker completes exactly once either way.
+ * - A tracker has two references: the user's (until zev_tracker_release)
+ *   and the completion's (until it has run). It holds a hub reference until
+ *   its completion is queued, so completions after zev_loop_destroy are safe
+ *   (they then set `done` and call nothing).
+ * - Buffers of at most ZEV_ZC_COPY_MAX bytes are copied: libzmq keeps such
+ *   messages inline in the zmq_msg_t, while referencing a user buffer costs
+ *   it an allocation; the free function then runs before the send returns.
+ */
+#include "zev-internal.h"
+
+#include <errno.h>
+#include <stdlib.h>
+#include <string.h>
+
+struct zev_tracker {
+    zev__qnode_t qnode;
+    zev__hub_t *hub;
+    atomic_int refs;
+    atomic_int done;
+    bool abandoned; /* the send failed: the buffer stays the caller's */
+    zev_tracker_fn fn;
+    void *arg;
+    zev_free_fn free_fn;
+    void *data;
+    void *hint;
+};
+
+static void tracker_unref(zev_tracker_t *t)
+{
+    if (atomic_fetch_sub_explicit(&t->refs, 1, memory_order_acq_rel) == 1)
+        free(t);
+}
+
+/* On the loop thread, or on the hub's last owner with loop == NULL. */
+static void tracker_completed(zev__qnode_t *n, zev_loop_t *loop)
+{
+    zev_tracker_t *t = (zev_tracker_t *)n;
+    atomic_store(&t->done, 1);
+    if (loop && t->fn)
+        t->fn(t, t->arg);
+    tracker_unref(t);
+}
+
+/* libzmq's free function: any thread, exactly once per message. */
+static void trampoline(void *data, void *hint)
+{
+    (void)data;
+    zev_tracker_t *t = hint;
+    zev__hub_t *hub = t->hub;
+    if (t->abandoned) {
+        tracker_unref(t);
+        zev__hub_unref(hub);
+        return;
+    }
+    if (t->free_fn)
+        t->free_fn(t->data, t->hint);
+    zev__hub_push(hub, &t->qnode); /* the loop owns the completion now */
+    zev__hub_wake(hub);
+    zev__hub_unref(hub);
+}
+
+int zev_stream_send_zc(zev_stream_t *s, void *data, size_t len, zev_free_fn free_fn, void *hint,
+                       zev_tracker_t **out)
+{
+    if (!s || (!data && len)) {
+        errno = EINVAL;
+        return -1;
+    }
+    zev_tracker_t *t = calloc(1, sizeof *t);
+    if (!t) {
+        errno = ENOMEM;
+        return -1;
+    }
+    t->qnode.run = tracker_completed;
+    t->hub = s->loop->hub;
+    atomic_init(&t->refs, out ? 2 : 1);
+    atomic_init(&t->done, 0);
+    t->free_fn = free_fn;
+    t->data = data;
+    t->hint = hint;
+    zev__hub_ref(t->hub);
+
+    zmq_msg_t msg;
+    bool copied = len <= ZEV_ZC_COPY_MAX;
+    int rc = copied ? zmq_msg_init_size(&msg, len)
+                    : zmq_msg_init_data(&msg, data, len, trampoline, t);
+    if (rc < 0) {
+        int err = errno;
+        atomic_init(&t->refs, 1);
+        t->abandoned = true;
+        trampoline(data, t);
+        errno = err;
+        return -1;
+    }
+    if (copied && len)
+        memcpy(zmq_msg_data(&msg), data, len);
+    rc = zev_stream_send_msg(s, &msg, 1, 0);
+    int err = errno;
+    if (rc < 0) {
+        atomic_init(&t->refs, 1);
+        t->abandoned = true; /* nothing was taken: the buffer is the caller's */
+        zmq_msg_close(&msg);
+        if (copied)
+            trampoline(data, t);
+        errno = err;
+        return -1;
+    }
+    if (copied)
+        trampoline(data, t); /* libzmq holds a copy: the buffer is done with */
+    zmq_msg_close(&msg);
+    if (out)
+        *out = t;
+    return 0;
+}
+
+int zev_tracker_done(const zev_tracker_t *t)
+{
+    if (!t) {
+        errno = EINVAL;
+        return -1;
+    }
+    return atomic_load(&((zev_tracker_t *)t)->done);
+}
+
+int zev_tracker_on_done(zev_tracker_t *t, zev_tracker_fn fn, void *arg)
+{
+    if (!t) {
+        errno = EINVAL;
+        return -1;
+    }
+    t->fn = fn;
+    t->arg = arg;
+    if (fn && atomic_load(&t->done))
+        fn(t, arg); /* completed before anyone asked: tell now, on this (loop) thread */
+    return 0;
+}
+
+int zev_tracker_release(zev_tracker_t *t)
+{
+    if (!t) {
+        errno = EINVAL;
+        return -1;
+    }
+    t->fn = NULL;
+    tracker_unref(t);
+    return 0;
+}

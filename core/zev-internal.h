@@ -1,0 +1,250 @@
+/*
+ * Internals shared by the core files. Nothing here is public; backends see
+ * only backends/backend.h.
+ */
+#ifndef ZEV_INTERNAL_H
+#define ZEV_INTERNAL_H
+
+#include "zev.h"
+
+#include "../backends/backend.h"
+#include "list.h"
+
+#include <stdatomic.h>
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#define ZEV_INTERNAL __attribute__((visibility("hidden")))
+
+/* What a backend hands back in zev_fired_t.data: every registered object
+ * starts with one of these. */
+typedef enum { ZEV__H_IO = 1, ZEV__H_STREAM, ZEV__H_WAKEUP, ZEV__H_TIMERFD } zev__kind_t;
+
+/* ------------------------------------------------ cross-thread queue (queue.c) */
+
+typedef struct zev__qnode zev__qnode_t;
+/* Runs a node on the loop thread (loop != NULL) or, once the loop is gone,
+ * on whichever thread drops the hub's last reference (loop == NULL: release
+ * resources only, call nothing of the user's except free functions). */
+typedef void (*zev__qrun_fn)(zev__qnode_t *n, zev_loop_t *loop);
+
+struct zev__qnode {
+    _Atomic(zev__qnode_t *) next;
+    zev__qrun_fn run;
+};
+
+/* The part of a loop that may outlive it: the MPSC queue, its wakeup fd and
+ * the pool of kept-frame handles. Reference-counted: the loop holds one
+ * reference, each kept frame and live tracker one more. Whoever drops the
+ * last reference drains what is still queued (loop == NULL) and frees it. */
+typedef struct zev__hub {
+    _Atomic(zev__qnode_t *) head; /* producers exchange here */
+    zev__qnode_t *tail;           /* consumer only */
+    zev__qnode_t stub;
+    atomic_int refs;
+    atomic_int wake_pending; /* 1 while a wakeup is written and not yet read */
+    int wake_rfd, wake_wfd;  /* eventfd (both the same) or a pipe */
+    zev__kind_t wake_kind;   /* registered with the backend as a handle */
+    zev_frame_t *frame_free;     /* pool of frame handles (loop thread / last ref) */
+    struct zev__chunk *chunks;   /* allocation chunks of the pool */
+} zev__hub_t;
+
+ZEV_INTERNAL zev__hub_t *zev__hub_new(void);
+ZEV_INTERNAL void zev__hub_ref(zev__hub_t *hub);
+ZEV_INTERNAL void zev__hub_unref(zev__hub_t *hub);
+ZEV_INTERNAL void zev__hub_push(zev__hub_t *hub, zev__qnode_t *n); /* any thread */
+ZEV_INTERNAL void zev__hub_wake(zev__hub_t *hub);                  /* any thread */
+ZEV_INTERNAL void zev__hub_clear_wake(zev__hub_t *hub);           /* loop thread */
+ZEV_INTERNAL int zev__hub_pending(zev__hub_t *hub);                /* loop thread */
+/* Runs what was queued when the call began; returns the number run. */
+ZEV_INTERNAL size_t zev__hub_drain(zev__hub_t *hub, zev_loop_t *loop);
+
+/* ------------------------------------------------------------- fd map (fdmap.c) */
+
+/* fd -> registered object, open addressing, grown on demand. */
+typedef struct zev__fdmap {
+    struct zev__fdslot {
+        int fd; /* -1 empty, -2 deleted */
+        void *obj;
+    } *slots;
+    size_t cap, used, tombs;
+} zev__fdmap_t;
+
+ZEV_INTERNAL void *zev__fdmap_get(const zev__fdmap_t *m, int fd);
+ZEV_INTERNAL int zev__fdmap_put(zev__fdmap_t *m, int fd, void *obj); /* -1/ENOMEM */
+ZEV_INTERNAL void zev__fdmap_del(zev__fdmap_t *m, int fd);
+ZEV_INTERNAL void zev__fdmap_free(zev__fdmap_t *m);
+
+/* --------------------------------------------------------------------- timers */
+
+struct zev_timer {
+    zev_loop_t *loop;
+    uint64_t deadline_ns;
+    uint64_t repeat_ns;
+    uint64_t seq;      /* start order, breaks deadline ties (FIFO) */
+    size_t heap_index; /* SIZE_MAX when not in the heap */
+    zev_timer_fn fn;
+    void *arg;
+    bool running;   /* its callback is on the stack */
+    bool cancelled; /* cancelled while running: freed when the callback returns */
+};
+
+/* ---------------------------------------------------------------------- io */
+
+struct zev_io {
+    zev__kind_t kind; /* ZEV__H_IO, first: the backend hands this back */
+    zev_loop_t *loop;
+    int fd;
+    int events;
+    zev_io_fn fn;
+    void *arg;
+    zev__list_t node; /* loop->ios, or loop->closing_ios once stopped */
+    bool active;
+};
+
+/* -------------------------------------------------------------------- streams */
+
+typedef struct zev__sendpart {
+    zmq_msg_t msg;
+    bool more;  /* more parts of this message follow */
+    bool first; /* first queued part of its message (counts it in qmsgs) */
+} zev__sendpart_t;
+
+/* on_send statuses waiting to be reported, run-length encoded */
+typedef struct zev__report {
+    int status;
+    size_t count;
+} zev__report_t;
+
+struct zev_msg {
+    zev_stream_t *stream;
+    zmq_msg_t *parts;   /* the stream's receive ring */
+    zev_frame_t **kept; /* kept[i] != NULL once part i was kept */
+    size_t n;
+};
+
+struct zev_frame {
+    zev__qnode_t qnode; /* release travels back through the hub */
+    zmq_msg_t msg;
+    zev__hub_t *hub;
+    zev_stream_t *stream; /* NULL once the stream is gone (loop thread) */
+    zev__list_t node;     /* stream->kept_frames while kept */
+    zev_frame_t *next_free;
+    size_t size;
+    atomic_int released;
+};
+
+struct zev_stream {
+    zev__kind_t kind; /* ZEV__H_STREAM, first */
+    zev_loop_t *loop;
+    void *sock;
+    int fd;
+    zev__list_t node;  /* loop->streams, then loop->closing_streams */
+    zev__list_t ready; /* loop->ready while it may have work */
+
+    zev_recv_fn on_recv;
+    void *recv_arg;
+    zev_send_fn on_send;
+    void *send_arg;
+    zev_close_fn on_close;
+    void *close_arg;
+    zev_frame_fn on_frame;
+    void *frame_arg;
+
+    unsigned batch;   /* 0: the loop's */
+    size_t max_queue; /* messages, 0 = unbounded */
+    size_t max_frames;
+    size_t frames_out; /* kept frames not yet released */
+    zev__list_t kept_frames;
+
+    /* send queue: a ring of parts; qmsgs counts messages with parts in it */
+    zev__sendpart_t *q;
+    size_t qcap, qhead, qlen, qmsgs;
+    enum { OPEN_NONE, OPEN_DIRECT, OPEN_QUEUED, OPEN_DISCARD } open; /* message being built */
+
+    zev__report_t *rep;
+    size_t rep_head, rep_len, rep_cap;
+
+    /* receive ring */
+    zmq_msg_t *ring;
+    zev_frame_t **kept;
+    size_t ring_cap;
+    zev_msg_t msg;
+
+    int err;          /* ENOTSOCK/ETERM once the socket is gone */
+    bool closed;      /* zev_stream_close was called */
+    bool flushing;    /* closed with ZEV_CLOSE_FLUSH, queue still draining */
+    bool finalized;   /* unregistered; waiting for the close callback */
+    bool close_socket;
+    bool blocked;     /* POLLOUT was reported but the head message got EAGAIN */
+    bool in_pass;     /* stream_work is on the stack */
+    bool in_recv_cb;  /* on_recv is on the stack: the ring is borrowed */
+    uint64_t backoff_ns;
+    zev_timer_t *backoff_timer;
+    zev_timer_t *linger_timer;
+};
+
+/* --------------------------------------------------------------------- loop */
+
+struct zev_loop {
+    const zev_backend_ops_t *ops;
+    void *be;
+    zev__hub_t *hub;
+    unsigned batch;
+    unsigned spin_us;
+    uint64_t now_ns;
+    atomic_int stop_requested;
+    int depth; /* > 0 while an iteration runs (inside callbacks) */
+
+    zev_timer_t **heap; /* binary min-heap on (deadline_ns, seq) */
+    size_t heap_len, heap_cap;
+    uint64_t timer_seq;
+
+    zev__list_t ready;           /* streams that may have work */
+    zev__list_t streams;         /* open streams */
+    zev__list_t ios;             /* active io watchers */
+    zev__list_t closing_streams; /* close callbacks still to run */
+    zev__list_t closing_ios;     /* stopped during an iteration, freed at its end */
+    zev__fdmap_t fds;
+
+    bool embedded; /* zev_loop_fd was asked for */
+    int timer_fd;  /* Linux: armed to the next deadline while embedded */
+    zev__kind_t timer_fd_kind;
+    uint64_t timer_fd_deadline;
+
+    zev_fired_t fired[64];
+};
+
+ZEV_INTERNAL uint64_t zev__clock_ns(void);
+
+/* timer.c */
+ZEV_INTERNAL void zev__timers_run(zev_loop_t *loop);
+ZEV_INTERNAL uint64_t zev__timers_next(const zev_loop_t *loop); /* UINT64_MAX if none */
+ZEV_INTERNAL void zev__timers_free(zev_loop_t *loop);
+
+/* io.c */
+ZEV_INTERNAL void zev__io_dispatch(zev_io_t *io, int events);
+ZEV_INTERNAL void zev__io_reap(zev_loop_t *loop);
+ZEV_INTERNAL void zev__io_free_all(zev_loop_t *loop);
+
+/* stream.c */
+ZEV_INTERNAL void zev__stream_fired(zev_stream_t *s);
+ZEV_INTERNAL void zev__streams_process(zev_loop_t *loop);
+ZEV_INTERNAL void zev__streams_reap(zev_loop_t *loop);
+ZEV_INTERNAL void zev__streams_close_all(zev_loop_t *loop);
+ZEV_INTERNAL void zev__stream_kick(zev_stream_t *s); /* put it on the ready-list */
+
+/* msg.c */
+ZEV_INTERNAL int zev__ring_reserve(zev_stream_t *s, size_t n);
+ZEV_INTERNAL int zev__frames_prewarm(zev__hub_t *hub, size_t n);
+ZEV_INTERNAL void zev__ring_recycle(zev_stream_t *s);
+ZEV_INTERNAL void zev__ring_free(zev_stream_t *s);
+ZEV_INTERNAL void zev__frames_detach(zev_stream_t *s);
+ZEV_INTERNAL void zev__frame_pool_free(zev__hub_t *hub);
+
+/* registration helpers shared by io.c and stream.c (loop.c) */
+ZEV_INTERNAL int zev__register(zev_loop_t *loop, int fd, int events, void *obj);
+ZEV_INTERNAL void zev__unregister(zev_loop_t *loop, int fd);
+
+#endif /* ZEV_INTERNAL_H */

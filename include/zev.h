@@ -1,0 +1,314 @@
+/*
+ * zev — one native event loop for ZeroMQ sockets, file descriptors, timers
+ * and cross-thread callbacks.
+ *
+ * Conventions (as libzmq's, since zev users are libzmq users):
+ *   - functions return 0 (or a count, or a pointer) on success and -1 (or
+ *     NULL) with errno set on failure; zmq_strerror(errno) describes it;
+ *   - bad input never aborts: a NULL handle gives EINVAL, a handle used after
+ *     close gives EBADF, bad flags give EINVAL;
+ *   - every function except zev_loop_add_callback, zev_loop_stop,
+ *     zev_frame_release and zev_tracker_done must be called on the loop's
+ *     thread (the thread that runs it, or any one thread while it is not
+ *     running);
+ *   - handles are opaque; a handle whose lifetime has ended (a stopped io
+ *     watcher, a cancelled or fired one-shot timer, a stream after its close
+ *     callback returned, a destroyed loop) is a dangling pointer, exactly as
+ *     after free(): zev cannot detect that use.
+ */
+#ifndef ZEV_H
+#define ZEV_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include <zmq.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#if defined(ZEV_STATIC) || !defined(__GNUC__)
+#define ZEV_API
+#else
+#define ZEV_API __attribute__((visibility("default")))
+#endif
+
+#define ZEV_VERSION_MAJOR 0
+#define ZEV_VERSION_MINOR 1
+#define ZEV_VERSION_PATCH 0
+
+typedef struct zev_loop zev_loop_t;
+typedef struct zev_stream zev_stream_t;
+typedef struct zev_timer zev_timer_t;
+typedef struct zev_io zev_io_t;
+typedef struct zev_msg zev_msg_t;
+typedef struct zev_frame zev_frame_t;
+typedef struct zev_tracker zev_tracker_t;
+
+typedef struct zev_loop_opts {
+    const char *backend; /* "epoll" | "kqueue" | "poll" | NULL: $ZEV_BACKEND, else best */
+    unsigned batch;      /* per-stream messages per iteration; 0 = 64 */
+    unsigned spin_us;    /* busy-poll this long before blocking; 0 = off */
+} zev_loop_opts_t;
+
+enum { ZEV_READ = 1, ZEV_WRITE = 2 };               /* io events and flush flags */
+enum { ZEV_CLOSE_SOCKET = 1, ZEV_CLOSE_FLUSH = 2 }; /* zev_stream_close flags */
+
+typedef void (*zev_cb_fn)(zev_loop_t *loop, void *arg);
+typedef void (*zev_timer_fn)(zev_timer_t *t, void *arg);
+typedef void (*zev_io_fn)(zev_io_t *io, int fd, int events, void *arg);
+typedef void (*zev_recv_fn)(zev_stream_t *s, zev_msg_t *msg, void *arg);
+typedef void (*zev_send_fn)(zev_stream_t *s, int status, void *arg);
+typedef void (*zev_close_fn)(zev_stream_t *s, void *arg);
+typedef void (*zev_frame_fn)(zev_stream_t *s, size_t size, void *arg);
+typedef void (*zev_free_fn)(void *data, void *hint);
+typedef void (*zev_tracker_fn)(zev_tracker_t *t, void *arg);
+
+/* ------------------------------------------------------------------ loop */
+
+/* Creates a loop. opts may be NULL. The backend is opts->backend, else the
+ * environment variable ZEV_BACKEND, else the best one compiled in (epoll,
+ * then kqueue, then poll). A name that is unknown or not compiled in fails
+ * with ENOTSUP: there is never a silent fallback.
+ * Ownership: the caller owns the loop and frees it with zev_loop_destroy.
+ * Errors: NULL with ENOTSUP (backend), ENOMEM, EMFILE (no fd for the wakeup). */
+ZEV_API zev_loop_t *zev_loop_new(const zev_loop_opts_t *opts);
+
+/* Destroys the loop and everything still registered on it: open streams are
+ * closed as zev_stream_close(s, 0) would (queued sends reported ECANCELED,
+ * close callbacks run once; sockets are closed only for streams closed with
+ * ZEV_CLOSE_SOCKET), io watchers and timers are freed, queued callbacks are
+ * dropped without running. Kept frames and trackers stay valid and may be
+ * released later from any thread. Must not be called from inside one of the
+ * loop's callbacks (it is then refused: the loop keeps running; errno EBUSY).
+ * NULL is ignored. */
+ZEV_API void zev_loop_destroy(zev_loop_t *loop);
+
+/* Runs iterations until zev_loop_stop. Returns 0 after a stop, -1 with EINVAL
+ * (NULL), EBUSY (called from one of this loop's callbacks) or the backend's
+ * errno if waiting failed. With nothing registered it blocks until stopped.
+ * A stop requested before run makes run return at once (the request is
+ * consumed). */
+ZEV_API int zev_loop_run(zev_loop_t *loop);
+
+/* Runs one iteration (timers, queued callbacks, ready streams, wait, ready
+ * fds). timeout_ms bounds the wait: -1 blocks until something happens, 0
+ * does not wait. Returns 1 if the loop still has work pending (as
+ * zev_loop_timeout == 0 would say), 0 otherwise, -1 with EINVAL / EBUSY. */
+ZEV_API int zev_loop_run_once(zev_loop_t *loop, int timeout_ms);
+
+/* Asks the loop to stop: zev_loop_run returns after the current iteration.
+ * Thread-safe, async-safe with respect to the loop; callable from callbacks. */
+ZEV_API void zev_loop_stop(zev_loop_t *loop);
+
+/* The backend's name ("epoll", "kqueue", "poll"); NULL with EINVAL for NULL. */
+ZEV_API const char *zev_loop_backend(const zev_loop_t *loop);
+
+/* A file descriptor for embedding zev in a host loop (libuv, libev, tornado):
+ * it is readable while the loop has work (ready fds or streams, queued
+ * callbacks, due timers) and not while it is idle; the host then calls
+ * zev_loop_run_once(loop, 0). Owned by the loop: do not close or read it.
+ * Due timers make it readable on Linux (a timerfd); elsewhere the host must
+ * also honour zev_loop_timeout. Errors: -1 with EINVAL, ENOTSUP (a backend
+ * with no pollable fd on this platform). */
+ZEV_API int zev_loop_fd(const zev_loop_t *loop);
+
+/* Milliseconds until the loop next needs to run: 0 when work is pending,
+ * -1 when nothing is scheduled (or for a NULL loop, errno EINVAL). */
+ZEV_API int zev_loop_timeout(const zev_loop_t *loop);
+
+/* Queues fn(loop, arg) to run on the loop's thread. Thread-safe and
+ * lock-free (one atomic exchange; a malloc for the node); wakes the loop with
+ * one coalesced write. Callbacks run in FIFO order per producer, each exactly
+ * once; an iteration runs only what was queued when its drain began.
+ * Callbacks still queued at zev_loop_destroy are dropped.
+ * Errors: -1 with EINVAL (NULL loop or fn), ENOMEM. */
+ZEV_API int zev_loop_add_callback(zev_loop_t *loop, zev_cb_fn fn, void *arg);
+
+/* Cached CLOCK_MONOTONIC time of the current iteration, in ns (0 for NULL). */
+ZEV_API uint64_t zev_now_ns(const zev_loop_t *loop);
+
+/* ---------------------------------------------------------------- timers */
+
+/* Starts a timer that fires after delay_us, then every repeat_us (0 = one
+ * shot). Timers with equal deadlines fire in start order; a timer started
+ * inside a callback never fires in the same iteration; a timer started
+ * outside the loop's callbacks counts from the current time.
+ * Lifetime: a one-shot timer is freed after its callback returns (or by
+ * zev_timer_cancel); a repeating one lives until zev_timer_cancel.
+ * Errors: NULL with EINVAL (NULL loop or fn), ENOMEM. */
+ZEV_API zev_timer_t *zev_timer_start(zev_loop_t *loop, uint64_t delay_us, uint64_t repeat_us,
+                                     zev_timer_fn fn, void *arg);
+
+/* Cancels and frees a timer. Safe inside its own callback (it will not
+ * repeat) and inside any other callback (a due timer that has not run yet in
+ * this iteration will not run). Errors: -1 with EINVAL (NULL). */
+ZEV_API int zev_timer_cancel(zev_timer_t *t);
+
+/* ------------------------------------------------------------ fd watchers */
+
+/* Watches fd for events (ZEV_READ | ZEV_WRITE, level-triggered: the callback
+ * runs every iteration while the condition holds). events may be 0 (watch
+ * nothing until zev_io_update). The fd is not owned: close it only after
+ * zev_io_stop. Lifetime: until zev_io_stop.
+ * Errors: NULL with EINVAL (NULL loop/fn, bad events), EBADF (fd not open),
+ * EEXIST (fd already watched by this loop, or it is a stream's ZMQ_FD),
+ * EPERM (the backend cannot watch this fd, e.g. a regular file with epoll). */
+ZEV_API zev_io_t *zev_io_start(zev_loop_t *loop, int fd, int events, zev_io_fn fn, void *arg);
+
+/* Changes the watched events. Safe from any callback. Errors: EINVAL. */
+ZEV_API int zev_io_update(zev_io_t *io, int events);
+
+/* Stops and frees the watcher. Safe from any callback, including for a
+ * watcher whose event is already pending in this iteration: it will not
+ * fire. Errors: -1 with EINVAL (NULL). */
+ZEV_API int zev_io_stop(zev_io_t *io);
+
+/* --------------------------------------------------------------- streams */
+
+/* Wraps a libzmq socket. Registers its ZMQ_FD; messages already pending are
+ * found at registration. The socket stays the caller's (zev_stream_close
+ * with ZEV_CLOSE_SOCKET hands it over). A pointer that is not a live libzmq
+ * socket is caught only as far as libzmq's own checks go (ENOTSOCK).
+ * Lifetime: valid until its close callback has returned (after
+ * zev_stream_close or zev_loop_destroy); then freed by the loop.
+ * Errors: NULL with EINVAL (NULL), ENOTSOCK, ETERM, EEXIST (the socket
+ * already has a stream on this loop), ENOMEM. */
+ZEV_API zev_stream_t *zev_stream_new(zev_loop_t *loop, void *zmq_socket);
+
+/* Sets the receive callback: fn gets every whole message (always multipart,
+ * even with one frame) with frames borrowed for the duration of the call.
+ * fn == NULL stops receiving; messages then stay queued in libzmq.
+ * Errors: EINVAL (NULL stream), EBADF (closed). */
+ZEV_API int zev_stream_on_recv(zev_stream_t *s, zev_recv_fn fn, void *arg);
+
+/* Sets the send callback: called once per message given to a send function
+ * (after it is set), in send order, with 0 when handed to libzmq or the
+ * errno (ECANCELED if never sent). Runs from the loop, never nested inside a
+ * send call; zev_stream_flush reports what it sent before it returns.
+ * Errors: EINVAL, EBADF. */
+ZEV_API int zev_stream_on_send(zev_stream_t *s, zev_send_fn fn, void *arg);
+
+/* Sets the close callback, run once after zev_stream_close (or destroy). */
+ZEV_API int zev_stream_on_close(zev_stream_t *s, zev_close_fn fn, void *arg);
+
+/* Sends a copy of data as one part; ZMQ_SNDMORE builds a multipart message
+ * part by part. Never blocks: if libzmq says EAGAIN the message waits in the
+ * stream's FIFO queue. Returns 0, or -1 with EAGAIN (the queue already holds
+ * max_queue messages; nothing taken), EINVAL (NULL, data NULL with len > 0,
+ * flags other than ZMQ_SNDMORE/ZMQ_DONTWAIT), EBADF (closed), ENOTSOCK/ETERM
+ * (the socket is gone) or another errno libzmq gave at once. */
+ZEV_API int zev_stream_send(zev_stream_t *s, const void *data, size_t len, int flags);
+
+/* Sends nparts messages as one multipart message (ZMQ_SNDMORE in flags: more
+ * parts follow in a later call). Takes ownership on success: each part is
+ * moved out (left empty, as zmq_msg_send does); on failure nothing is taken.
+ * Errors as zev_stream_send. */
+ZEV_API int zev_stream_send_msg(zev_stream_t *s, zmq_msg_t *parts, size_t nparts, int flags);
+
+/* Zero-copy send of data as one message part (copy=false, track=true):
+ * libzmq references the buffer. free_fn(data, hint) (may be NULL) runs
+ * exactly once when libzmq no longer needs the buffer, on whatever thread
+ * libzmq drops it (usually its I/O thread), also when the message is never
+ * sent (stream closed: ECANCELED through on_send). If out is not NULL it
+ * receives a tracker: it completes exactly once, on the loop thread, after
+ * free_fn has run (zev_tracker_done, zev_tracker_on_done); release it with
+ * zev_tracker_release. Buffers of at most ZEV_ZC_COPY_MAX bytes are copied
+ * instead (libzmq keeps such messages inline; referencing them would only
+ * add an allocation): free_fn then runs before this returns.
+ * On failure nothing is taken: free_fn does not run, the buffer stays the
+ * caller's, *out is untouched. Errors as zev_stream_send, plus ENOMEM. */
+#define ZEV_ZC_COPY_MAX 33
+ZEV_API int zev_stream_send_zc(zev_stream_t *s, void *data, size_t len, zev_free_fn free_fn,
+                               void *hint, zev_tracker_t **out);
+
+/* Bounds the send queue in messages (0 = unbounded; default 1000). */
+ZEV_API int zev_stream_set_max_queue(zev_stream_t *s, size_t n);
+
+/* Bounds messages handled per loop iteration (recv and send together);
+ * 0 restores the loop's batch. */
+ZEV_API int zev_stream_set_batch(zev_stream_t *s, unsigned n);
+
+/* Handles pending work now: ZEV_READ receives and dispatches, ZEV_WRITE sends
+ * queued messages, at most limit messages (0 = no limit). Returns the count
+ * handled, -1 with EINVAL (NULL, bad flags) or EBADF. */
+ZEV_API int zev_stream_flush(zev_stream_t *s, int flags, size_t limit);
+
+/* Closes the stream; safe from inside any callback. closed() is 1 at once.
+ * Without ZEV_CLOSE_FLUSH, queued sends are reported ECANCELED and zev no
+ * longer touches the socket when this returns. With ZEV_CLOSE_FLUSH the queue
+ * is handed to libzmq first, from the loop, for at most the socket's
+ * ZMQ_LINGER (-1: until drained or the loop is destroyed); the rest is then
+ * ECANCELED; the socket is the stream's until its close callback has run.
+ * ZEV_CLOSE_SOCKET also zmq_closes the socket. The close callback runs once,
+ * from the loop. Errors: EINVAL (NULL, bad flags), EBADF (already closed). */
+ZEV_API int zev_stream_close(zev_stream_t *s, int flags);
+
+ZEV_API int zev_stream_sending(const zev_stream_t *s);   /* 1 if the queue is non-empty */
+ZEV_API int zev_stream_receiving(const zev_stream_t *s); /* 1 if on_recv is set */
+ZEV_API int zev_stream_closed(const zev_stream_t *s);    /* 1 once close was called */
+ZEV_API void *zev_stream_socket(const zev_stream_t *s);
+ZEV_API zev_loop_t *zev_stream_loop(const zev_stream_t *s);
+
+/* Called on the loop thread once for every frame kept from this stream
+ * (zev_msg_keep) when it is released, with the frame's size; not after the
+ * stream's close callback has run. Errors: EINVAL, EBADF. */
+ZEV_API int zev_stream_on_frame_release(zev_stream_t *s, zev_frame_fn fn, void *arg);
+
+/* Bounds kept frames in flight (0 = unbounded, the default). At the bound
+ * the stream stops reading (libzmq's HWM then pushes back on the sender)
+ * and resumes as frames are released. A message's parts are kept as one, so
+ * one message may take the count past the bound. Errors: EINVAL, EBADF. */
+ZEV_API int zev_stream_set_max_frames(zev_stream_t *s, size_t n);
+
+/* Counters for tests and monitoring. */
+typedef struct zev_stream_stats {
+    size_t ring_size;     /* receive ring slots (grows only for more parts) */
+    size_t frames_kept;   /* kept frames not yet released */
+    size_t queued_msgs;   /* messages waiting in the send queue */
+    size_t queued_parts;  /* their parts */
+} zev_stream_stats_t;
+ZEV_API int zev_stream_stats(const zev_stream_t *s, zev_stream_stats_t *out);
+
+/* --------------------------------------------------- messages and frames */
+
+/* A received message. It and its borrowed frames are valid only during the
+ * recv callback; every part not kept is recycled when the callback returns.
+ * Functions given NULL or i >= parts fail with EINVAL (NULL / 0). */
+ZEV_API size_t zev_msg_parts(const zev_msg_t *m);
+ZEV_API const void *zev_msg_data(const zev_msg_t *m, size_t i);
+ZEV_API size_t zev_msg_size(const zev_msg_t *m, size_t i);
+ZEV_API int zev_msg_more(const zev_msg_t *m, size_t i); /* 1 if part i is not the last */
+ZEV_API zmq_msg_t *zev_msg_frame(zev_msg_t *m, size_t i);
+
+/* Keeps part i beyond the callback without copying: the zmq_msg_t moves
+ * into a frame handle from a preallocated pool (no allocation in steady
+ * state). The frame is the caller's until zev_frame_release; it may outlive
+ * the stream and the loop. Keeping the same part twice fails with EINVAL. */
+ZEV_API zev_frame_t *zev_msg_keep(zev_msg_t *m, size_t i);
+
+ZEV_API const void *zev_frame_data(const zev_frame_t *f);
+ZEV_API size_t zev_frame_size(const zev_frame_t *f);
+ZEV_API zmq_msg_t *zev_frame_msg(zev_frame_t *f); /* read it; do not close or move it */
+
+/* Gives a kept frame back. Thread-safe and lock-free: call it from any
+ * thread. The stream's on_frame_release runs later on the loop thread. The
+ * handle is invalid afterwards; a second release of the same handle before
+ * it is reused fails with EINVAL. */
+ZEV_API int zev_frame_release(zev_frame_t *f);
+
+/* 1 once the tracked message's buffer was released by libzmq (and its
+ * free function ran), 0 before; thread-safe. -1/EINVAL for NULL. */
+ZEV_API int zev_tracker_done(const zev_tracker_t *t);
+
+/* Calls fn(t, arg) on the loop thread when the tracker completes (at once
+ * if it already has). Errors: EINVAL. */
+ZEV_API int zev_tracker_on_done(zev_tracker_t *t, zev_tracker_fn fn, void *arg);
+
+/* Drops the caller's tracker; its callback will not run any more. */
+ZEV_API int zev_tracker_release(zev_tracker_t *t);
+
+#ifdef __cplusplus
+}
+#endif
+#endif /* ZEV_H */
