@@ -245,8 +245,10 @@ static void dispatch(zev_loop_t *loop, int n)
 }
 
 /* While embedded, the loop's fd must stay readable as long as work is left
- * and become readable when the next timer is due. */
-static void embedded_signal(zev_loop_t *loop)
+ * and become readable when the next timer is due. Called at the end of every
+ * iteration, and by timer start/cancel outside an iteration (the host may
+ * block on the fd next, without running an iteration first). */
+void zev__embedded_signal(zev_loop_t *loop)
 {
     if (has_pending_work(loop)) {
         zev__hub_wake(loop->hub);
@@ -284,7 +286,7 @@ static int loop_iterate(zev_loop_t *loop, int max_wait_ms)
     zev__streams_reap(loop);
     loop->depth--;
     if (loop->embedded)
-        embedded_signal(loop);
+        zev__embedded_signal(loop);
     errno = err;
     return n < 0 ? -1 : 0;
 }
@@ -366,7 +368,7 @@ int zev_loop_fd(const zev_loop_t *loop)
         l->timer_fd_deadline = UINT64_MAX;
 #endif
         l->embedded = true;
-        embedded_signal(l);
+        zev__embedded_signal(l);
     }
     return fd;
 }

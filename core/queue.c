@@ -12,11 +12,12 @@
  *   rest is taken next iteration (zev__hub_pending stays true, so the loop
  *   does not block meanwhile).
  * - One coalesced wakeup: `wake_pending` is exchanged to 1 by producers and
- *   only the one that saw 0 writes the fd. The loop clears the flag before it
- *   reads the fd, and drains the queue after that; a producer links its node
- *   before it exchanges the flag, so either the loop sees the node or the
- *   producer sees 0 and writes. Every step is seq_cst on the flag, which is
- *   what orders "link, then flag" against "clear flag, then drain".
+ *   only the one that saw 0 writes the fd. The loop reads the fd empty, then
+ *   clears the flag, and drains the queue after that; a producer links its
+ *   node before it exchanges the flag, so either the loop sees the node or
+ *   the producer sees 0 and writes (after the clear, so no read eats it).
+ *   Every step is seq_cst on the flag, which is what orders "link, then
+ *   flag" against "clear flag, then drain".
  * - The hub outlives the loop while kept frames or trackers reference it
  *   (they are released from libzmq's threads, perhaps after
  *   zev_loop_destroy). Whoever drops the last reference is the only consumer
@@ -114,10 +115,16 @@ void zev__hub_wake(zev__hub_t *hub)
 
 void zev__hub_clear_wake(zev__hub_t *hub)
 {
-    atomic_store(&hub->wake_pending, 0);
+    /* Read first, then clear the flag: a producer that saw the flag still
+     * set wrote nothing, and its node is drained after this (it was linked
+     * before its exchange, which came before our store). Clearing first
+     * would let a producer write after the store and have that write eaten
+     * by this read, leaving the flag at 1 with the fd empty: every later
+     * wakeup would then be skipped. */
     char buf[64];
     while (read(hub->wake_rfd, buf, sizeof buf) > 0 && hub->wake_rfd != hub->wake_wfd)
         ;
+    atomic_store(&hub->wake_pending, 0);
 }
 
 int zev__hub_pending(zev__hub_t *hub)

@@ -256,6 +256,11 @@ static void stream_fail(zev_stream_t *s, int err)
     stop_timers(s);
     if (s->flushing)
         finalize(s);
+    else if (s->rep_len > s->rep_head)
+        /* the statuses just recorded (err for every queued message) are
+         * delivered by the next pass; stream_work then finds s->err and
+         * the stream leaves the ready-list for good */
+        zev__list_push_tail(&s->loop->ready, &s->ready);
 }
 
 /* ------------------------------------------------------------------- sending */
@@ -693,6 +698,10 @@ int zev_stream_flush(zev_stream_t *s, int flags, size_t limit)
         mask |= ZMQ_POLLIN;
     bool idle;
     size_t n = mask ? stream_work(s, mask, limit, &idle) : 0;
+    if (n == 0 && s->err) { /* the socket turned out to be gone: say so */
+        errno = s->err;
+        return -1;
+    }
     mark_ready(s); /* the socket was touched outside the stream's pass */
     return n > INT32_MAX ? INT32_MAX : (int)n;
 }

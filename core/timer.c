@@ -118,6 +118,10 @@ zev_timer_t *zev_timer_start(zev_loop_t *loop, uint64_t delay_us, uint64_t repea
         free(t);
         return NULL;
     }
+    /* Inside an iteration its end re-arms the embedding fd; outside, the
+     * host may block on that fd next: arm it for the new deadline now. */
+    if (!loop->depth && loop->embedded)
+        zev__embedded_signal(loop);
     return t;
 }
 
@@ -131,9 +135,12 @@ int zev_timer_cancel(zev_timer_t *t)
         t->cancelled = true;
         return 0;
     }
+    zev_loop_t *loop = t->loop;
     if (t->heap_index != SIZE_MAX)
-        heap_remove(t->loop, t);
+        heap_remove(loop, t);
     free(t);
+    if (!loop->depth && loop->embedded)
+        zev__embedded_signal(loop); /* do not wake the host for it */
     return 0;
 }
 

@@ -217,6 +217,8 @@ struct zev_loop {
 };
 
 ZEV_INTERNAL uint64_t zev__clock_ns(void);
+/* loop.c: re-arms what makes zev_loop_fd readable (no-op unless embedded). */
+ZEV_INTERNAL void zev__embedded_signal(zev_loop_t *loop);
 
 /* timer.c */
 ZEV_INTERNAL void zev__timers_run(zev_loop_t *loop);
