@@ -381,7 +381,13 @@ static size_t send_some(zev_stream_t *s, size_t room)
             if (err == EINTR)
                 continue;
             if (would_block(err)) {
-                set_blocked(s); /* POLLOUT was reported, yet no room */
+                /* Only when POLLOUT was reported and not even one message
+                 * went out (ROUTER_MANDATORY, one peer full) is POLLOUT
+                 * untrustworthy. After n > 0 sends this is plain HWM: the
+                 * pass re-reads ZMQ_EVENTS, which either shows room again
+                 * or leaves the next activate_write to signal a new edge. */
+                if (n == 0)
+                    set_blocked(s);
                 break;
             }
             if (socket_gone(err)) {
