@@ -163,11 +163,13 @@ void zev_loop_destroy(zev_loop_t *loop)
 
 /* ------------------------------------------------------------ the phases */
 
+/* Work the next iteration would do at once. A stop request is not work: it
+ * only keeps zev_loop_run's wait from blocking (wait_timeout), so an
+ * embedded loop that was stopped does not look busy forever. */
 static int has_pending_work(zev_loop_t *loop)
 {
     return !zev__list_empty(&loop->ready) || zev__hub_pending(loop->hub) ||
-           !zev__list_empty(&loop->closing_streams) ||
-           atomic_load_explicit(&loop->stop_requested, memory_order_relaxed);
+           !zev__list_empty(&loop->closing_streams);
 }
 
 /* ms until the next timer, rounded up so a wakeup never comes early. */
@@ -183,7 +185,8 @@ static int ms_until(uint64_t deadline, uint64_t now)
 
 static int wait_timeout(zev_loop_t *loop, int max_ms)
 {
-    if (has_pending_work(loop))
+    if (has_pending_work(loop) ||
+        atomic_load_explicit(&loop->stop_requested, memory_order_relaxed))
         return 0;
     int ms = ms_until(zev__timers_next(loop), loop->now_ns);
     if (max_ms >= 0 && (ms < 0 || ms > max_ms))
