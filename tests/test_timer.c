@@ -1,0 +1,630 @@
+/*
+ * Timers (issue #2): one-shot and repeating, cancel from inside its own and
+ * another timer's callback, FIFO for equal deadlines, "started inside a
+ * callback never runs in the same iteration", "started outside counts from
+ * the current time", and 100,000 timers fired in deadline order / half of
+ * them cancelled. Every test runs on the backend under test.
+ */
+#include "common.h"
+
+#include <errno.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+TestSuite(timer, .timeout = 30);
+
+static uint64_t clock_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
+
+static void sleep_ms(int ms)
+{
+    struct timespec ts = {ms / 1000, (long)(ms % 1000) * 1000000L};
+    while (nanosleep(&ts, &ts) < 0 && errno == EINTR)
+        ;
+}
+
+/* Deterministic PRNG (xorshift64*), so a failure reproduces. */
+static uint64_t rng_state = 0x9e3779b97f4a7c15u;
+static uint64_t rng(void)
+{
+    rng_state ^= rng_state >> 12;
+    rng_state ^= rng_state << 25;
+    rng_state ^= rng_state >> 27;
+    return rng_state * 2685821657736338717u;
+}
+
+static void count_timer(zev_timer_t *t, void *arg)
+{
+    (void)t;
+    (*(volatile int *)arg)++;
+}
+
+/* A timer far enough after everything else in a test: once it fired, any
+ * timer that was going to fire has. */
+static void run_past(zev_loop_t *loop, uint64_t delay_us)
+{
+    int done = 0;
+    cr_assert_not_null(zev_timer_start(loop, delay_us, 0, count_timer, &done));
+    test_run_until(loop, &done, 10000);
+}
+
+/* ------------------------------------------------------------- basics */
+
+typedef struct rec {
+    zev_timer_t *self;  /* what zev_timer_start returned */
+    zev_loop_t *loop;
+    int calls;
+    int wrong_handle;
+    int cancel_at;      /* cancel itself on this call (1-based), 0 = never */
+    int cancel_rc;
+    uint64_t at[16];    /* clock at each call */
+    uint64_t now[16];   /* zev_now_ns at each call */
+} rec_t;
+
+static void rec_timer(zev_timer_t *t, void *arg)
+{
+    rec_t *r = arg;
+    if (t != r->self)
+        r->wrong_handle++;
+    if (r->calls < 16) {
+        r->at[r->calls] = clock_ns();
+        r->now[r->calls] = zev_now_ns(r->loop);
+    }
+    r->calls++;
+    if (r->calls == r->cancel_at)
+        r->cancel_rc = zev_timer_cancel(t);
+}
+
+Test(timer, oneshot_fires_once)
+{
+    zev_loop_t *loop = test_loop_new();
+    rec_t r = {.loop = loop};
+    uint64_t t0 = clock_ns();
+    r.self = zev_timer_start(loop, 20000, 0, rec_timer, &r);
+    cr_assert_not_null(r.self, "zev_timer_start: %s", zmq_strerror(errno));
+    test_run_until(loop, &r.calls, 5000);
+    cr_assert_eq(r.wrong_handle, 0, "callback got another handle");
+    cr_assert_geq(r.at[0] - t0, 20000000u, "fired %llu ns after start, before its 20 ms",
+                  (unsigned long long)(r.at[0] - t0));
+    cr_assert_geq(r.now[0], t0 + 20000000u, "the iteration's time is before the deadline");
+
+    run_past(loop, 60000);
+    cr_assert_eq(r.calls, 1, "one-shot fired %d times", r.calls);
+    cr_assert_eq(zev_loop_timeout(loop), -1, "a fired one-shot left something scheduled");
+
+    /* Cancelling a one-shot inside its own callback is allowed and is the
+     * end of it (no double free under ASan). */
+    rec_t c = {.loop = loop, .cancel_at = 1, .cancel_rc = -2};
+    c.self = zev_timer_start(loop, 0, 0, rec_timer, &c);
+    cr_assert_not_null(c.self);
+    test_run_until(loop, &c.calls, 5000);
+    cr_assert_eq(c.cancel_rc, 0);
+    run_past(loop, 10000);
+    cr_assert_eq(c.calls, 1);
+
+    /* Cancelled before it was due: never fires. */
+    int never = 0;
+    zev_timer_t *t = zev_timer_start(loop, 1000, 0, count_timer, &never);
+    cr_assert_not_null(t);
+    cr_assert_eq(zev_timer_cancel(t), 0);
+    run_past(loop, 20000);
+    cr_assert_eq(never, 0);
+    zev_loop_destroy(loop);
+}
+
+Test(timer, repeating_fires_n_times_then_cancels_itself)
+{
+    zev_loop_t *loop = test_loop_new();
+    enum { N = 5, REPEAT_US = 2000 };
+    rec_t r = {.loop = loop, .cancel_at = N, .cancel_rc = -2};
+    uint64_t t0 = clock_ns();
+    r.self = zev_timer_start(loop, REPEAT_US, REPEAT_US, rec_timer, &r);
+    cr_assert_not_null(r.self);
+    test_run_until(loop, &r.calls, 5000);
+    while (r.calls < N) {
+        int before = r.calls;
+        uint64_t end = test_ms() + 5000;
+        while (r.calls == before) {
+            cr_assert_lt(test_ms(), end, "watchdog: repeating timer stopped at %d", r.calls);
+            cr_assert_geq(zev_loop_run_once(loop, 10), 0);
+        }
+    }
+    cr_assert_eq(r.cancel_rc, 0, "cancel inside its own callback");
+    cr_assert_eq(r.wrong_handle, 0);
+    /* Never early: call k comes at least k periods after the start. */
+    for (int k = 0; k < N; k++)
+        cr_assert_geq(r.at[k] - t0, (uint64_t)(k + 1) * REPEAT_US * 1000u,
+                      "call %d came early", k + 1);
+
+    run_past(loop, 50000);
+    cr_assert_eq(r.calls, N, "fired %d times after cancelling itself on call %d", r.calls, N);
+    cr_assert_eq(zev_loop_timeout(loop), -1);
+
+    /* A repeating timer cancelled from outside stops too. */
+    int ticks = 0;
+    zev_timer_t *t = zev_timer_start(loop, 1000, 1000, count_timer, &ticks);
+    cr_assert_not_null(t);
+    test_run_until(loop, &ticks, 5000);
+    cr_assert_eq(zev_timer_cancel(t), 0);
+    int seen = ticks;
+    run_past(loop, 20000);
+    cr_assert_eq(ticks, seen);
+    zev_loop_destroy(loop);
+}
+
+/* ------------------------------------------------- cancel another timer */
+
+typedef struct pair {
+    zev_timer_t *victim;
+    int calls;
+    int cancel_rc;
+} pair_t;
+
+static void cancel_other(zev_timer_t *t, void *arg)
+{
+    (void)t;
+    pair_t *p = arg;
+    p->calls++;
+    if (p->victim) {
+        p->cancel_rc = zev_timer_cancel(p->victim);
+        p->victim = NULL;
+    }
+}
+
+/* Two timers that whichever runs first cancels the other. */
+typedef struct duel {
+    zev_timer_t *t[2];
+    int calls[2];
+    int cancel_rc;
+} duel_t;
+
+static duel_t *duel_global;
+
+static void duel_timer(zev_timer_t *t, void *arg)
+{
+    duel_t *d = duel_global;
+    int me = (int)(intptr_t)arg;
+    cr_assert_eq(t, d->t[me]);
+    d->calls[me]++;
+    if (d->t[!me]) {
+        d->cancel_rc = zev_timer_cancel(d->t[!me]);
+        d->t[!me] = NULL;
+    }
+}
+
+Test(timer, cancel_other_due_timer_inside_callback)
+{
+    zev_loop_t *loop = test_loop_new();
+
+    /* Both due in the same iteration: the first cancels the second. */
+    pair_t a = {0};
+    int b_calls = 0;
+    cr_assert_not_null(zev_timer_start(loop, 1000, 0, cancel_other, &a));
+    a.victim = zev_timer_start(loop, 1000, 0, count_timer, &b_calls);
+    cr_assert_not_null(a.victim);
+    sleep_ms(10); /* both are due before the loop runs */
+    cr_assert_geq(zev_loop_run_once(loop, 0), 0);
+    cr_assert_eq(a.calls, 1, "the first due timer did not run");
+    cr_assert_eq(a.cancel_rc, 0);
+    cr_assert_eq(b_calls, 0, "a due timer cancelled by an earlier one in the same iteration fired");
+    run_past(loop, 20000);
+    cr_assert_eq(b_calls, 0);
+
+    /* Same with a due repeating victim and equal deadlines (started inside
+     * one callback would be equal; here FIFO order decides). */
+    pair_t c = {0};
+    int d_calls = 0;
+    cr_assert_not_null(zev_timer_start(loop, 0, 0, cancel_other, &c));
+    c.victim = zev_timer_start(loop, 0, 1000, count_timer, &d_calls);
+    cr_assert_not_null(c.victim);
+    cr_assert_geq(zev_loop_run_once(loop, 0), 0);
+    cr_assert_eq(c.calls, 1);
+    cr_assert_eq(c.cancel_rc, 0);
+    cr_assert_eq(d_calls, 0, "a due repeating timer cancelled in the same iteration fired");
+    run_past(loop, 20000);
+    cr_assert_eq(d_calls, 0);
+
+    /* Symmetric duel: whichever runs first cancels the other; exactly one
+     * runs, and the survivor's cancel of a dead handle is never attempted. */
+    duel_t duel = {0};
+    duel_global = &duel;
+    duel.t[0] = zev_timer_start(loop, 500, 0, duel_timer, (void *)(intptr_t)0);
+    duel.t[1] = zev_timer_start(loop, 500, 0, duel_timer, (void *)(intptr_t)1);
+    cr_assert_not_null(duel.t[0]);
+    cr_assert_not_null(duel.t[1]);
+    sleep_ms(5);
+    cr_assert_geq(zev_loop_run_once(loop, 0), 0);
+    run_past(loop, 20000);
+    cr_assert_eq(duel.calls[0] + duel.calls[1], 1, "calls %d + %d", duel.calls[0], duel.calls[1]);
+    cr_assert_eq(duel.calls[0], 1, "FIFO: the first started runs first");
+    cr_assert_eq(duel.cancel_rc, 0);
+
+    /* A not-yet-due timer cancelled from another timer's callback. */
+    pair_t e = {0};
+    int f_calls = 0;
+    e.victim = zev_timer_start(loop, 30000, 0, count_timer, &f_calls);
+    cr_assert_not_null(e.victim);
+    cr_assert_not_null(zev_timer_start(loop, 1000, 0, cancel_other, &e));
+    test_run_until(loop, &e.calls, 5000);
+    cr_assert_eq(e.cancel_rc, 0);
+    run_past(loop, 60000);
+    cr_assert_eq(f_calls, 0);
+    cr_assert_eq(zev_loop_timeout(loop), -1, "a cancelled timer is still scheduled");
+    zev_loop_destroy(loop);
+}
+
+/* ------------------------------------------------------------ FIFO order */
+
+enum { FIFO_N = 100 };
+
+typedef struct order {
+    zev_loop_t *loop;
+    int seen[FIFO_N];
+    int n;
+    uint64_t fired_now[FIFO_N];
+} order_t;
+
+static order_t *order_global;
+
+static void order_timer(zev_timer_t *t, void *arg)
+{
+    (void)t;
+    order_t *o = order_global;
+    o->fired_now[o->n] = zev_now_ns(o->loop);
+    o->seen[o->n++] = (int)(intptr_t)arg;
+}
+
+static void start_fifo_timers(zev_loop_t *loop, void *arg)
+{
+    (void)arg;
+    for (int i = 0; i < FIFO_N; i++)
+        cr_assert_not_null(zev_timer_start(loop, 5000, 0, order_timer, (void *)(intptr_t)i));
+}
+
+static void check_fifo(const order_t *o, const char *how)
+{
+    cr_assert_eq(o->n, FIFO_N, "%s: %d of %d fired", how, o->n, FIFO_N);
+    for (int i = 0; i < FIFO_N; i++)
+        cr_assert_eq(o->seen[i], i, "%s: position %d ran timer %d", how, i, o->seen[i]);
+}
+
+Test(timer, fifo_for_equal_deadlines)
+{
+    zev_loop_t *loop = test_loop_new();
+    order_t o = {.loop = loop};
+    order_global = &o;
+
+    /* Started inside one callback: the cached time is the same for all, so
+     * the deadlines are exactly equal and only start order decides. */
+    cr_assert_eq(zev_loop_add_callback(loop, start_fifo_timers, NULL), 0);
+    uint64_t end = test_ms() + 5000;
+    while (o.n < FIFO_N) {
+        cr_assert_lt(test_ms(), end, "watchdog: %d of %d", o.n, FIFO_N);
+        cr_assert_geq(zev_loop_run_once(loop, 10), 0);
+    }
+    check_fifo(&o, "started in a callback");
+    /* All equal deadlines are due at once: one iteration ran them all. */
+    for (int i = 1; i < FIFO_N; i++)
+        cr_assert_eq(o.fired_now[i], o.fired_now[0], "equal deadlines split over iterations");
+
+    /* Started from outside (each from the current time): same delay, so
+     * start order again. */
+    memset(&o, 0, sizeof o);
+    o.loop = loop;
+    start_fifo_timers(loop, NULL);
+    end = test_ms() + 5000;
+    while (o.n < FIFO_N) {
+        cr_assert_lt(test_ms(), end, "watchdog: %d of %d", o.n, FIFO_N);
+        cr_assert_geq(zev_loop_run_once(loop, 10), 0);
+    }
+    check_fifo(&o, "started outside");
+    zev_loop_destroy(loop);
+}
+
+/* ------------------------------------- not in the same iteration / now */
+
+typedef struct iter_ctx {
+    zev_loop_t *loop;
+    int iter;           /* current run_once call, 1-based */
+    int a_iter, b_iter, c_iter;
+    int chain_calls;
+    int chain_max;
+    int chain_per_iter_max;
+    int chain_last_iter;
+    int chain_in_iter;
+} iter_ctx_t;
+
+static void b_timer(zev_timer_t *t, void *arg)
+{
+    (void)t;
+    iter_ctx_t *c = arg;
+    c->b_iter = c->iter;
+}
+
+static void c_timer(zev_timer_t *t, void *arg)
+{
+    (void)t;
+    iter_ctx_t *c = arg;
+    c->c_iter = c->iter;
+}
+
+static void a_timer(zev_timer_t *t, void *arg)
+{
+    (void)t;
+    iter_ctx_t *c = arg;
+    c->a_iter = c->iter;
+    cr_assert_not_null(zev_timer_start(c->loop, 0, 0, b_timer, c));
+}
+
+/* A timer that starts a new zero-delay timer each time: one per iteration. */
+static void chain_timer(zev_timer_t *t, void *arg)
+{
+    (void)t;
+    iter_ctx_t *c = arg;
+    if (c->chain_last_iter == c->iter)
+        c->chain_in_iter++;
+    else
+        c->chain_in_iter = 1;
+    c->chain_last_iter = c->iter;
+    if (c->chain_in_iter > c->chain_per_iter_max)
+        c->chain_per_iter_max = c->chain_in_iter;
+    if (++c->chain_calls < c->chain_max)
+        cr_assert_not_null(zev_timer_start(c->loop, 0, 0, chain_timer, c));
+}
+
+static void start_in_cb(zev_loop_t *loop, void *arg)
+{
+    iter_ctx_t *c = arg;
+    c->a_iter = c->iter;
+    cr_assert_not_null(zev_timer_start(loop, 0, 0, b_timer, c));
+}
+
+Test(timer, started_inside_callback_not_in_same_iteration)
+{
+    zev_loop_t *loop = test_loop_new();
+    iter_ctx_t c = {.loop = loop};
+
+    /* A (due) starts B with delay 0; C was due already and still runs in
+     * A's iteration, B not. */
+    cr_assert_not_null(zev_timer_start(loop, 0, 0, a_timer, &c));
+    cr_assert_not_null(zev_timer_start(loop, 0, 0, c_timer, &c));
+    for (c.iter = 1; c.iter <= 5 && !c.b_iter; c.iter++)
+        cr_assert_geq(zev_loop_run_once(loop, 0), 0);
+    cr_assert_gt(c.a_iter, 0);
+    cr_assert_eq(c.c_iter, c.a_iter, "an already-due timer was pushed to a later iteration");
+    cr_assert_gt(c.b_iter, c.a_iter, "timer started in a callback ran in the same iteration");
+    cr_assert_eq(c.b_iter, c.a_iter + 1, "a due zero-delay timer waits for the next iteration only");
+
+    /* A chain of zero-delay restarts: exactly one per iteration, never a
+     * runaway loop inside one iteration. */
+    c.chain_max = 50;
+    c.iter = 0;
+    c.chain_calls = 0;
+    cr_assert_not_null(zev_timer_start(loop, 0, 0, chain_timer, &c));
+    for (c.iter = 1; c.iter <= 100 && c.chain_calls < c.chain_max; c.iter++)
+        cr_assert_geq(zev_loop_run_once(loop, 0), 0);
+    cr_assert_eq(c.chain_calls, c.chain_max);
+    cr_assert_eq(c.chain_per_iter_max, 1, "%d chained timers ran in one iteration",
+                 c.chain_per_iter_max);
+    cr_assert_eq(c.chain_last_iter, c.chain_max, "one per run_once call");
+
+    /* Started from a queued callback (phase 2, after the timers phase):
+     * runs in a later iteration as well. */
+    c.a_iter = c.b_iter = 0;
+    cr_assert_eq(zev_loop_add_callback(loop, start_in_cb, &c), 0);
+    for (c.iter = 1; c.iter <= 5 && !c.b_iter; c.iter++)
+        cr_assert_geq(zev_loop_run_once(loop, 0), 0);
+    cr_assert_gt(c.a_iter, 0);
+    cr_assert_gt(c.b_iter, c.a_iter);
+    zev_loop_destroy(loop);
+}
+
+Test(timer, started_outside_counts_from_current_time)
+{
+    zev_loop_t *loop = test_loop_new();
+    cr_assert_eq(zev_loop_run_once(loop, 0), 0); /* cached time = now */
+    /* Time passes without the loop running; then a timer is started. With
+     * the (stale) cached time it would already be due. (The margins are
+     * wider than 50 ms / 20 ms so a loaded machine cannot fake a pass or a
+     * failure: 100 ms stale, 50 ms delay.) */
+    sleep_ms(100);
+    int fired = 0;
+    uint64_t t0 = clock_ns();
+    cr_assert_not_null(zev_timer_start(loop, 50000, 0, count_timer, &fired));
+    cr_assert_eq(zev_loop_run_once(loop, 0), 0);
+    cr_assert_eq(fired, 0, "timer counted from the stale cached time");
+    test_run_until(loop, &fired, 5000);
+    cr_assert_geq(clock_ns() - t0, 50000000u);
+    cr_assert_geq(zev_now_ns(loop), t0 + 50000000u);
+    zev_loop_destroy(loop);
+}
+
+/* ------------------------------------------------------- 100,000 timers */
+
+enum { MANY = 100000, MAX_DELAY_US = 50000 };
+
+typedef struct many {
+    zev_loop_t *loop;
+    uint64_t base;            /* cached time the timers were started at */
+    uint32_t *delay_us;
+    unsigned char *fired;     /* times each one fired */
+    unsigned char *cancelled;
+    zev_timer_t **handle;
+    size_t count;             /* total fires */
+    size_t twice;             /* fired more than once */
+    size_t fired_cancelled;   /* a cancelled one fired */
+    size_t out_of_order;      /* deadline (or FIFO tie) went backwards */
+    size_t early;             /* fired with the loop's time before its deadline */
+    uint64_t last_deadline;
+    size_t last_index;
+    int check_order;
+} many_t;
+
+static many_t *many_global;
+
+static void many_timer(zev_timer_t *t, void *arg)
+{
+    (void)t;
+    many_t *m = many_global;
+    size_t i = (size_t)(uintptr_t)arg;
+    if (m->fired[i]++)
+        m->twice++;
+    if (m->cancelled && m->cancelled[i])
+        m->fired_cancelled++;
+    if (m->check_order) {
+        uint64_t deadline = m->base + (uint64_t)m->delay_us[i] * 1000u;
+        if (m->count > 0 && (deadline < m->last_deadline ||
+                             (deadline == m->last_deadline && i < m->last_index)))
+            m->out_of_order++;
+        if (zev_now_ns(m->loop) < deadline)
+            m->early++;
+        m->last_deadline = deadline;
+        m->last_index = i;
+    }
+    m->count++;
+}
+
+static void many_alloc(many_t *m, zev_loop_t *loop, int with_cancel)
+{
+    memset(m, 0, sizeof *m);
+    m->loop = loop;
+    m->delay_us = malloc(MANY * sizeof *m->delay_us);
+    m->fired = calloc(MANY, 1);
+    m->handle = malloc(MANY * sizeof *m->handle);
+    m->cancelled = with_cancel ? calloc(MANY, 1) : NULL;
+    cr_assert(m->delay_us && m->fired && m->handle && (!with_cancel || m->cancelled));
+    for (size_t i = 0; i < MANY; i++)
+        m->delay_us[i] = (uint32_t)(rng() % (MAX_DELAY_US + 1));
+    many_global = m;
+}
+
+static void many_free(many_t *m)
+{
+    free(m->delay_us);
+    free(m->fired);
+    free(m->handle);
+    free(m->cancelled);
+}
+
+static void start_many(zev_loop_t *loop, void *arg)
+{
+    many_t *m = arg;
+    m->base = zev_now_ns(loop);
+    for (size_t i = 0; i < MANY; i++) {
+        m->handle[i] = zev_timer_start(loop, m->delay_us[i], 0, many_timer, (void *)(uintptr_t)i);
+        cr_assert_not_null(m->handle[i], "timer %zu: %s", i, zmq_strerror(errno));
+    }
+}
+
+Test(timer, hundred_thousand_fire_once_in_deadline_order)
+{
+    zev_loop_t *loop = test_loop_new();
+    many_t m;
+    many_alloc(&m, loop, 0);
+    m.check_order = 1;
+    /* Started inside one callback, so every deadline is exactly base +
+     * delay and the order can be checked exactly, ties included (FIFO). */
+    cr_assert_eq(zev_loop_add_callback(loop, start_many, &m), 0);
+    test_run_until_count(loop, &m.count, MANY, 20000);
+    run_past(loop, 20000);
+    cr_assert_eq(m.count, MANY, "%zu fires for %d timers", m.count, MANY);
+    cr_assert_eq(m.twice, 0, "%zu timers fired twice", m.twice);
+    size_t bad = 0, first_bad = 0;
+    for (size_t i = 0; i < MANY; i++)
+        if (m.fired[i] != 1 && !bad++)
+            first_bad = i;
+    cr_assert_eq(bad, 0, "%zu timers did not fire exactly once (first: %zu fired %d times)", bad,
+                 first_bad, m.fired[first_bad]);
+    cr_assert_eq(m.out_of_order, 0, "%zu fires out of deadline/FIFO order", m.out_of_order);
+    cr_assert_eq(m.early, 0, "%zu timers fired before their deadline", m.early);
+    cr_assert_eq(zev_loop_timeout(loop), -1, "timers left behind");
+    many_free(&m);
+    zev_loop_destroy(loop);
+}
+
+typedef struct canceller {
+    many_t *m;
+    size_t *idx;   /* indices to cancel */
+    size_t from, to;
+    int calls;
+    int errors;
+} canceller_t;
+
+static void cancel_many(zev_timer_t *t, void *arg)
+{
+    (void)t;
+    canceller_t *c = arg;
+    c->calls++;
+    for (size_t k = c->from; k < c->to; k++) {
+        size_t i = c->idx[k];
+        if (c->m->fired[i]) {
+            c->errors++; /* chosen to be cancelled but already ran */
+            continue;
+        }
+        if (zev_timer_cancel(c->m->handle[i]) != 0)
+            c->errors++;
+        c->m->handle[i] = NULL;
+    }
+}
+
+Test(timer, cancel_half_of_hundred_thousand)
+{
+    zev_loop_t *loop = test_loop_new();
+    many_t m;
+    many_alloc(&m, loop, 1);
+
+    /* The canceller is started first with delay 0: it runs before any of
+     * the others (earliest deadline), when many of them are already due. */
+    size_t *idx = malloc(MANY * sizeof *idx);
+    cr_assert_not_null(idx);
+    for (size_t i = 0; i < MANY; i++)
+        idx[i] = i;
+    for (size_t i = MANY - 1; i > 0; i--) { /* Fisher-Yates */
+        size_t j = (size_t)(rng() % (i + 1));
+        size_t tmp = idx[i];
+        idx[i] = idx[j];
+        idx[j] = tmp;
+    }
+    const size_t half = MANY / 2, quarter = MANY / 4;
+    for (size_t k = 0; k < half; k++)
+        m.cancelled[idx[k]] = 1;
+    canceller_t c = {.m = &m, .idx = idx, .from = quarter, .to = half};
+    cr_assert_not_null(zev_timer_start(loop, 0, 0, cancel_many, &c));
+
+    for (size_t i = 0; i < MANY; i++) {
+        m.handle[i] = zev_timer_start(loop, m.delay_us[i], 0, many_timer, (void *)(uintptr_t)i);
+        cr_assert_not_null(m.handle[i]);
+    }
+    /* A quarter cancelled from outside, in random order (removals from the
+     * middle of the structure)... */
+    for (size_t k = 0; k < quarter; k++) {
+        cr_assert_eq(zev_timer_cancel(m.handle[idx[k]]), 0);
+        m.handle[idx[k]] = NULL;
+    }
+    /* ...and a quarter from the canceller's callback, with some of them
+     * already due in that same iteration. */
+    sleep_ms(10);
+    test_run_until_count(loop, &m.count, MANY - half, 20000);
+    run_past(loop, 2 * MAX_DELAY_US);
+    cr_assert_eq(c.calls, 1);
+    cr_assert_eq(c.errors, 0, "%d cancels inside the callback failed or came too late",
+                 c.errors);
+    cr_assert_eq(m.fired_cancelled, 0, "%zu cancelled timers fired", m.fired_cancelled);
+    cr_assert_eq(m.count, MANY - half, "%zu fires, want %zu", m.count, MANY - half);
+    cr_assert_eq(m.twice, 0);
+    size_t bad = 0, first_bad = 0;
+    for (size_t i = 0; i < MANY; i++)
+        if (m.fired[i] != (m.cancelled[i] ? 0 : 1) && !bad++)
+            first_bad = i;
+    cr_assert_eq(bad, 0, "%zu timers wrong (first: %zu, cancelled %d, fired %d times)", bad,
+                 first_bad, m.cancelled[first_bad], m.fired[first_bad]);
+    cr_assert_eq(zev_loop_timeout(loop), -1, "timers left behind");
+    free(idx);
+    many_free(&m);
+    zev_loop_destroy(loop);
+}
