@@ -1,0 +1,225 @@
+/*
+ * Shared helpers of the perf/ programs (see common.h for the output grammar).
+ */
+#include "common.h"
+
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/resource.h>
+#include <time.h>
+#include <unistd.h>
+
+uint64_t perf_now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
+
+uint64_t perf_thread_cpu_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
+
+/* ---------------------------------------------------------------- arguments */
+
+void perf_args_init(perf_args_t *a, int argc, char **argv, int quick_runs, int full_runs)
+{
+    a->argc = argc;
+    a->argv = argv;
+    a->full = perf_flag(a, "--full");
+    a->runs = (int)perf_opt_long(a, "--runs", a->full ? full_runs : quick_runs);
+    if (a->runs < 1)
+        a->runs = 1;
+    if (a->runs > PERF_MAX_RUNS)
+        a->runs = PERF_MAX_RUNS;
+}
+
+const char *perf_opt_str(const perf_args_t *a, const char *name, const char *def)
+{
+    for (int i = 1; i + 1 < a->argc; i++)
+        if (strcmp(a->argv[i], name) == 0)
+            return a->argv[i + 1];
+    return def;
+}
+
+long perf_opt_long(const perf_args_t *a, const char *name, long def)
+{
+    const char *s = perf_opt_str(a, name, NULL);
+    return s ? strtol(s, NULL, 10) : def;
+}
+
+int perf_flag(const perf_args_t *a, const char *name)
+{
+    for (int i = 1; i < a->argc; i++)
+        if (strcmp(a->argv[i], name) == 0)
+            return 1;
+    return 0;
+}
+
+int perf_selected(const perf_args_t *a, const char *name, const char *item)
+{
+    const char *list = perf_opt_str(a, name, NULL);
+    return !list || perf_in_list(list, item);
+}
+
+int perf_in_list(const char *list, const char *item)
+{
+    size_t n = strlen(item);
+    for (const char *p = list; *p;) {
+        const char *end = strchr(p, ',');
+        size_t len = end ? (size_t)(end - p) : strlen(p);
+        if (len == n && strncmp(p, item, n) == 0)
+            return 1;
+        p += len + (end ? 1 : 0);
+    }
+    return 0;
+}
+
+/* --------------------------------------------------------------- statistics */
+
+void perf_series_add(perf_series_t *s, double v)
+{
+    if (s->n < PERF_MAX_RUNS)
+        s->v[s->n++] = v;
+}
+
+static int cmp_double(const void *a, const void *b)
+{
+    double x = *(const double *)a, y = *(const double *)b;
+    return x < y ? -1 : x > y;
+}
+
+int perf_series_stats(const perf_series_t *s, double *med, double *min, double *max)
+{
+    double ok[PERF_MAX_RUNS];
+    int n = 0;
+    for (int i = 0; i < s->n; i++)
+        if (!isnan(s->v[i]))
+            ok[n++] = s->v[i];
+    *med = *min = *max = NAN;
+    if (!n)
+        return 0;
+    qsort(ok, (size_t)n, sizeof ok[0], cmp_double);
+    *min = ok[0];
+    *max = ok[n - 1];
+    *med = n % 2 ? ok[n / 2] : (ok[n / 2 - 1] + ok[n / 2]) / 2;
+    return n;
+}
+
+double perf_report(const char *keys, const char *impl, const char *metric, const char *unit,
+                   const perf_series_t *s)
+{
+    double med, min, max;
+    int n = perf_series_stats(s, &med, &min, &max);
+    if (!n) {
+        printf("FAIL %s impl=%s metric=%s reason=no_successful_run\n", keys, impl, metric);
+    } else {
+        printf("RESULT %s impl=%s metric=%s unit=%s median=%.6g min=%.6g max=%.6g runs=%d\n", keys,
+               impl, metric, unit, med, min, max, n);
+    }
+    fflush(stdout);
+    return med;
+}
+
+void perf_ratio(const char *keys, const char *metric, const char *num, double vnum,
+                const char *den, double vden)
+{
+    if (isnan(vnum) || isnan(vden) || vden == 0)
+        return;
+    printf("RATIO %s metric=%s num=%s den=%s ratio=%.4g\n", keys, metric, num, den, vnum / vden);
+    fflush(stdout);
+}
+
+void perf_delta(const char *keys, const char *metric, const char *num, double vnum,
+                const char *den, double vden)
+{
+    if (isnan(vnum) || isnan(vden))
+        return;
+    printf("DELTA %s metric=%s num=%s den=%s delta=%.4g\n", keys, metric, num, den, vnum - vden);
+    fflush(stdout);
+}
+
+static int cmp_u64(const void *a, const void *b)
+{
+    uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
+    return x < y ? -1 : x > y;
+}
+
+void perf_sort_u64(uint64_t *v, size_t n)
+{
+    qsort(v, n, sizeof v[0], cmp_u64);
+}
+
+uint64_t perf_pct(const uint64_t *sorted, size_t n, double p)
+{
+    if (!n)
+        return 0;
+    /* nearest rank: the smallest sample with at least p% at or below it */
+    size_t rank = (size_t)ceil(p / 100.0 * (double)n);
+    if (rank < 1)
+        rank = 1;
+    if (rank > n)
+        rank = n;
+    return sorted[rank - 1];
+}
+
+/* ---------------------------------------------------------------- endpoints */
+
+int perf_bind(void *sock, const char *transport, const char *name, char *out, size_t outlen)
+{
+    static unsigned seq;
+    char ep[256];
+    if (strcmp(transport, "tcp") == 0)
+        snprintf(ep, sizeof ep, "tcp://127.0.0.1:*");
+    else if (strcmp(transport, "ipc") == 0)
+        snprintf(ep, sizeof ep, "ipc:///tmp/zev-perf-%d-%s-%u", (int)getpid(), name, seq++);
+    else
+        snprintf(ep, sizeof ep, "inproc://%s-%u", name, seq++);
+    if (zmq_bind(sock, ep) < 0)
+        return -1;
+    size_t len = outlen;
+    if (zmq_getsockopt(sock, ZMQ_LAST_ENDPOINT, out, &len) < 0)
+        return -1;
+    return 0;
+}
+
+void perf_unlink_ep(const char *ep)
+{
+    if (strncmp(ep, "ipc://", 6) == 0)
+        unlink(ep + 6);
+}
+
+long perf_raise_nofile(long want)
+{
+    struct rlimit rl;
+    if (getrlimit(RLIMIT_NOFILE, &rl) < 0)
+        return -1;
+    if ((long)rl.rlim_cur < want) {
+        rl.rlim_cur = rl.rlim_max == RLIM_INFINITY || (long)rl.rlim_max > want ? (rlim_t)want
+                                                                               : rl.rlim_max;
+        setrlimit(RLIMIT_NOFILE, &rl);
+        getrlimit(RLIMIT_NOFILE, &rl);
+    }
+    return (long)rl.rlim_cur;
+}
+
+void perf_banner(const char *prog, const perf_args_t *a)
+{
+    int maj, min, pat;
+    zmq_version(&maj, &min, &pat);
+    printf("INFO %s mode=%s runs=%d libzmq=%d.%d.%d cpus=%ld\n", prog, a->full ? "full" : "quick",
+           a->runs, maj, min, pat, sysconf(_SC_NPROCESSORS_ONLN));
+    fflush(stdout);
+}
+
+void perf_fill(void *buf, size_t len)
+{
+    unsigned char *p = buf;
+    for (size_t i = 0; i < len; i++)
+        p[i] = (unsigned char)(i * 31u + 7u);
+}

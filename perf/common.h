@@ -1,0 +1,87 @@
+/*
+ * Shared helpers of the perf/ programs: clocks, statistics, endpoints and the
+ * output grammar that perf/compare.py parses.
+ *
+ * Output grammar (one record per line, fields are key=value without spaces):
+ *   RUN    bench=.. <case keys> impl=.. run=i <metric>=value ...   one run
+ *   RESULT bench=.. <case keys> impl=.. metric=.. unit=.. median=.. min=.. max=.. runs=..
+ *   RATIO  bench=.. <case keys> metric=.. num=<impl> den=<impl> ratio=..
+ *   DELTA  bench=.. <case keys> metric=.. num=<impl> den=<impl> delta=..   num - den
+ *   FAIL   bench=.. <case keys> impl=.. reason=..                  the cell stays empty
+ *   INFO   free text for humans
+ * A metric whose runs all failed gets a FAIL line instead of a RESULT line.
+ */
+#ifndef ZEV_PERF_COMMON_H
+#define ZEV_PERF_COMMON_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include <zmq.h>
+
+#define PERF_MAX_RUNS 64
+
+/* Wall clock (CLOCK_MONOTONIC) and the calling thread's CPU time, in ns. */
+uint64_t perf_now_ns(void);
+uint64_t perf_thread_cpu_ns(void);
+
+/* Command line: --full selects the long version (quick is the default),
+ * --runs N overrides the run count. Other options are read with
+ * perf_opt_str / perf_opt_long / perf_flag. */
+typedef struct perf_args {
+    int argc;
+    char **argv;
+    int full;
+    int runs;
+} perf_args_t;
+void perf_args_init(perf_args_t *a, int argc, char **argv, int quick_runs, int full_runs);
+const char *perf_opt_str(const perf_args_t *a, const char *name, const char *def);
+long perf_opt_long(const perf_args_t *a, const char *name, long def);
+int perf_flag(const perf_args_t *a, const char *name);
+/* 1 if the comma-separated list in option `name` (absent: everything)
+ * contains `item`. */
+int perf_selected(const perf_args_t *a, const char *name, const char *item);
+/* 1 if the comma-separated list contains item. */
+int perf_in_list(const char *list, const char *item);
+
+/* A set of per-run values of one metric. NAN marks a failed run. */
+typedef struct perf_series {
+    double v[PERF_MAX_RUNS];
+    int n;
+} perf_series_t;
+void perf_series_add(perf_series_t *s, double v);
+/* Median, min and max of the successful runs; returns how many there were. */
+int perf_series_stats(const perf_series_t *s, double *med, double *min, double *max);
+
+/* Prints a RESULT line (or a FAIL line if no run succeeded). `keys` is the
+ * case, e.g. "bench=thr transport=tcp size=64". Returns the median (NAN). */
+double perf_report(const char *keys, const char *impl, const char *metric, const char *unit,
+                   const perf_series_t *s);
+/* Prints a RATIO line num/den of two medians (nothing if either is NAN). */
+void perf_ratio(const char *keys, const char *metric, const char *num, double vnum,
+                const char *den, double vden);
+
+/* Prints a DELTA line num - den of two medians (nothing if either is NAN). */
+void perf_delta(const char *keys, const char *metric, const char *num, double vnum,
+                const char *den, double vden);
+
+/* Percentiles of n samples (sorted in place). p in [0, 100]. */
+void perf_sort_u64(uint64_t *v, size_t n);
+uint64_t perf_pct(const uint64_t *sorted, size_t n, double p);
+
+/* Endpoints. transport is "inproc", "ipc" or "tcp". perf_bind binds sock to
+ * a fresh endpoint for `name` and writes the address a peer connects to. */
+int perf_bind(void *sock, const char *transport, const char *name, char *out, size_t outlen);
+/* Removes the ipc socket file of an endpoint (no-op for others). */
+void perf_unlink_ep(const char *ep);
+
+/* Raises RLIMIT_NOFILE's soft limit to at least want (up to the hard
+ * limit); returns the resulting soft limit. */
+long perf_raise_nofile(long want);
+
+/* One line describing the environment, printed as INFO. */
+void perf_banner(const char *prog, const perf_args_t *a);
+
+/* Fills buf with a recognisable pattern. */
+void perf_fill(void *buf, size_t len);
+
+#endif

@@ -1,0 +1,694 @@
+#!/usr/bin/python3
+"""Runs the perf/ programs, collects their RESULT lines (each program already
+takes the median of its runs and measures its raw-libzmq baseline in the same
+run), writes perf/RESULTS.md and the gnuplot PNGs, and prints the tables.
+
+Usage (perf/run calls it after building):
+  perf/compare.py --build BUILD_DIR [--full] [--only thr,lat,...] [--command "perf/run"]
+
+Python 3 standard library only. Every number in RESULTS.md comes from a line a
+program printed; a program that fails or times out leaves its cells empty
+("—") and the failure is listed.
+"""
+import argparse
+import datetime
+import json
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+PY = "/usr/bin/python3"  # Debian's, with python3-zmq and python3-tornado
+DASH = "—"
+
+STEPS = ["thr", "lat", "scale", "fair", "loop", "alloc", "pyzmq_thr", "pyzmq_lat", "hyperfine"]
+
+
+# --------------------------------------------------------------------- running
+
+def run_step(name, cmd, timeout, logdir):
+    """Runs one program; returns (lines, seconds, failure or None)."""
+    t0 = time.monotonic()
+    fail = None
+    print(f"perf: {name}: {' '.join(cmd)}", file=sys.stderr, flush=True)
+    try:
+        p = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=timeout,
+                           cwd=HERE)
+        out, err = p.stdout, p.stderr
+        if p.returncode != 0:
+            fail = f"exit status {p.returncode}"
+    except subprocess.TimeoutExpired as e:
+        out, err = e.stdout or b"", e.stderr or b""
+        fail = f"timed out after {timeout} s"
+    except OSError as e:
+        out, err = b"", str(e).encode()
+        fail = f"could not run: {e}"
+    secs = time.monotonic() - t0
+    text = out.decode(errors="replace")
+    with open(os.path.join(logdir, f"{name}.log"), "w") as f:
+        f.write(f"# {' '.join(cmd)}\n# {secs:.1f} s{', ' + fail if fail else ''}\n")
+        f.write(text)
+        if err:
+            f.write("# stderr\n" + err.decode(errors="replace"))
+    return text.splitlines(), secs, fail
+
+
+def hyperfine_step(thr, full, logdir):
+    """Whole-process time to move N messages: raw vs zev vs zloop."""
+    hf = shutil.which("hyperfine")
+    if not hf:
+        return [], 0.0, "hyperfine not installed"
+    count = 1000000 if full else 100000
+    runs = 10 if full else 5
+    transports = ["inproc", "tcp"] if full else ["inproc"]
+    lines, total, fails = [], 0.0, []
+    for transport in transports:
+        js = os.path.join(logdir, f"hyperfine-{transport}.json")
+        cmd = [hf, "-N", "-i", "--runs", str(runs), "--warmup", "1", "--export-json", js]
+        for impl in ("raw", "zev_borrowed", "zloop"):
+            cmd += ["-n", impl, f"{thr} --once --impl {impl} --transport {transport} --size 64 "
+                                f"--count {count}"]
+        _, secs, fail = run_step(f"hyperfine-{transport}", cmd, 600, logdir)
+        total += secs
+        if fail:
+            fails.append(f"{transport}: {fail}")
+        try:
+            with open(js) as f:
+                data = json.load(f)
+        except (OSError, ValueError):
+            fails.append(f"{transport}: no JSON")
+            continue
+        for r in data.get("results", []):
+            impl = r.get("command")
+            codes = r.get("exit_codes") or []
+            if codes and any(codes):
+                lines.append(f"FAIL bench=hyperfine transport={transport} count={count} impl={impl} "
+                             f"metric=seconds reason=exit_codes_{'_'.join(map(str, codes))}")
+                continue
+            lines.append(f"RESULT bench=hyperfine transport={transport} count={count} impl={impl} "
+                         f"metric=seconds unit=s median={r['median']:.6g} min={r['min']:.6g} "
+                         f"max={r['max']:.6g} runs={len(r.get('times', []))} mean={r['mean']:.6g} "
+                         f"stddev={r.get('stddev') or 0:.3g}")
+        # keep a copy next to the logs under perf/results
+    return lines, total, "; ".join(fails) or None
+
+
+# --------------------------------------------------------------------- parsing
+
+class Results:
+    def __init__(self):
+        self.results, self.ratios, self.deltas, self.fails, self.info = [], [], [], [], []
+
+    def feed(self, lines):
+        for ln in lines:
+            kind, _, rest = ln.partition(" ")
+            if kind == "INFO":
+                self.info.append(rest)
+                continue
+            if kind not in ("RESULT", "RATIO", "DELTA", "FAIL", "RUNFAIL"):
+                continue
+            kv = {}
+            for f in rest.split():
+                k, eq, v = f.partition("=")
+                if eq:
+                    kv[k] = v
+            for k in ("median", "min", "max", "ratio", "delta", "mean", "stddev"):
+                if k in kv:
+                    try:
+                        kv[k] = float(kv[k])
+                    except ValueError:
+                        kv[k] = None
+            {"RESULT": self.results, "RATIO": self.ratios, "DELTA": self.deltas,
+             "FAIL": self.fails, "RUNFAIL": self.fails}[kind].append(kv)
+
+    @staticmethod
+    def _match(rec, want):
+        return all(str(rec.get(k)) == str(v) for k, v in want.items())
+
+    def get(self, **want):
+        for r in self.results:
+            if self._match(r, want):
+                return r
+        return None
+
+    def ratio(self, **want):
+        for r in self.ratios:
+            if self._match(r, want):
+                return r["ratio"]
+        return None
+
+    def delta(self, **want):
+        for r in self.deltas:
+            if self._match(r, want):
+                return r["delta"]
+        return None
+
+
+# ------------------------------------------------------------------ formatting
+
+def si(v, unit=""):
+    if v is None:
+        return DASH
+    a = abs(v)
+    for div, suf in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if a >= div:
+            return f"{v / div:.3g} {suf}{unit}".strip()
+    return f"{v:.3g} {unit}".strip()
+
+
+def num(v, digits=3):
+    if v is None:
+        return DASH
+    if abs(v) >= 10 ** digits:
+        return f"{v:,.0f}"
+    return f"{v:.{digits}g}"
+
+
+def cell(rec, fmt=num, spread=True):
+    if not rec or rec.get("median") is None:
+        return DASH
+    s = fmt(rec["median"])
+    if spread and rec.get("runs", "1") != "1":
+        s += f" ({fmt(rec['min'])}–{fmt(rec['max'])})"
+    return s
+
+
+def xr(v):
+    return DASH if v is None else f"{v:.2f}×"
+
+
+def table(head, rows):
+    out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    out += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    return "\n".join(out) + "\n"
+
+
+# --------------------------------------------------------------------- tables
+
+THR_IMPLS = ["raw", "zev_borrowed", "zev_kept", "zev_copy", "zloop"]
+LAT_IMPLS = ["raw", "zev", "zloop", "raw_spin", "zev_spin"]
+SCALE_IMPLS = ["zev_epoll", "zev_poll", "zmq_poll", "zloop"]
+TRANSPORTS = ["inproc", "ipc", "tcp"]
+SIZES = ["64", "1024", "65536"]
+
+
+def sec_thr(R):
+    s = ["## Throughput, PUSH → PULL (perf/thr.c)\n",
+         "Messages per second at the receiver, first to last message; median of the runs "
+         "(min–max). Same sender thread for every receiver; `raw` is a blocking `zmq_msg_recv` "
+         "loop, the ceiling. `zev_kept` keeps and releases each frame, `zev_copy` copies it "
+         "out, `zloop` reads one message per readiness callback.\n"]
+    for t in TRANSPORTS:
+        rows = []
+        for z in SIZES:
+            k = dict(bench="thr", transport=t, size=z, metric="msgs_per_s")
+            row = [f"{int(z):,} B"] + [cell(R.get(impl=i, **k), si) for i in THR_IMPLS]
+            row += [xr(R.ratio(bench="thr", transport=t, size=z, metric="msgs_per_s",
+                               num="zev_borrowed", den=d)) for d in ("raw", "zloop")]
+            rows.append(row)
+        s.append(f"\n**{t}** (msg/s)\n\n")
+        s.append(table(["size"] + THR_IMPLS + ["zev/raw", "zev/zloop"], rows))
+    rows = []
+    for t in TRANSPORTS:
+        for z in SIZES:
+            k = dict(bench="thr", transport=t, size=z, metric="rx_cpu_ns")
+            rows.append([t, f"{int(z):,} B"] + [cell(R.get(impl=i, **k), spread=False)
+                                               for i in THR_IMPLS])
+    s.append("\nReceiver thread CPU time per message (ns, median):\n\n")
+    s.append(table(["transport", "size"] + THR_IMPLS, rows))
+    return "".join(s)
+
+
+def sec_lat(R):
+    s = ["## Round-trip latency, REQ ↔ REP, 64 B (perf/lat.c)\n",
+         "Per-round-trip `clock_gettime(CLOCK_MONOTONIC)` on the client (the same client code in "
+         "every row); p50 with min–max over runs, the other percentiles as medians over runs, µs. "
+         "Rows name the echo server: `raw` blocking, `zev` a stream, `zloop`; `raw_spin` has both "
+         "ends spinning on `ZMQ_DONTWAIT`, `zev_spin` a spinning client and a zev server with "
+         "busy-poll (`spin_us`). Spinning rows are measured on inproc only: with ipc/tcp two "
+         "spinning threads starve libzmq's I/O thread on a 2-core machine.\n"]
+    for t in TRANSPORTS:
+        rows = []
+        for i in LAT_IMPLS:
+            k = dict(bench="lat", transport=t, impl=i)
+            if not R.get(metric="p50_us", **k) and i.endswith("_spin"):
+                continue
+            rows.append([i, cell(R.get(metric="p50_us", **k))] +
+                        [cell(R.get(metric=m, **k), spread=False)
+                         for m in ("p99_us", "p999_us", "max_us", "mean_us")])
+        s.append(f"\n**{t}**\n\n")
+        s.append(table(["server", "p50", "p99", "p99.9", "max", "mean"], rows))
+        d50 = R.delta(bench="lat", transport=t, metric="p50_us", num="zev", den="raw")
+        d999 = R.delta(bench="lat", transport=t, metric="p999_us", num="zev", den="raw")
+        sp = R.ratio(bench="lat", transport=t, metric="p50_us", num="zev_spin", den="raw_spin")
+        s.append(f"\nzev − raw: p50 {num(d50)} µs, p99.9 {num(d999)} µs"
+                 + (f"; zev_spin / raw_spin p50: {xr(sp)}" if sp else "") + ".\n")
+    return "".join(s)
+
+
+def sec_scale(R):
+    s = ["## Scale: N idle sockets registered, one active (perf/scale.c)\n",
+         "Server thread CPU time per round trip (µs; waking, finding the ready socket, "
+         "dispatching, echoing), median (min–max). zev_poll is zev's portable poll(2) backend, "
+         "O(N) by nature; zmq_poll is a hand-written loop over an array of N+1 items; zloop has "
+         "N+1 pollers. Quick mode stops zmq_poll and zloop at 1,000 sockets.\n"]
+    rows = []
+    for n in ("10", "100", "1000", "10000"):
+        rows.append([f"{int(n):,}"] + [cell(R.get(bench="scale", sockets=n, impl=i, metric="srv_cpu_ns"),
+                                            lambda v: num(v / 1000))
+                                       for i in SCALE_IMPLS])
+    s.append("\n" + table(["N"] + SCALE_IMPLS, rows))
+    rows = []
+    for i in SCALE_IMPLS:
+        rows.append([i] + [xr(R.ratio(bench="scale_growth", impl=i, metric="srv_cpu_ns",
+                                      num=f"n{n}", den="n10")) for n in ("100", "1000", "10000")])
+    s.append("\nGrowth of the CPU cost relative to N = 10:\n\n")
+    s.append(table(["impl", "N=100", "N=1,000", "N=10,000"], rows))
+    rows = []
+    for n in ("10", "100", "1000", "10000"):
+        rows.append([f"{int(n):,}"] + [
+            cell(R.get(bench="scale", sockets=n, impl=i, metric=m), spread=False)
+            for i in ("zev_epoll", "zmq_poll") for m in ("rtt_p50_us", "wake_p50_us")])
+    s.append("\nRound trip and wake-up (client send → server callback) medians, µs:\n\n")
+    s.append(table(["N", "zev_epoll RTT", "zev_epoll wake", "zmq_poll RTT", "zmq_poll wake"], rows))
+    return "".join(s)
+
+
+def sec_fair(R):
+    s = ["## Fairness: a quiet socket under a firehose (perf/fair.c)\n",
+         "One reactor reads a flooded PULL socket and a quiet one (one message per ms). Delay of "
+         "the quiet messages in µs and in firehose messages handled meanwhile (median over runs "
+         "of each run's p50 / p99 / max), and the firehose rate the reactor sustained meanwhile. "
+         "`raw` is a zmq_poll loop reading one message per readable socket per round.\n"]
+    rows = []
+    for t in TRANSPORTS:
+        for i in ("raw", "zev", "zloop"):
+            k = dict(bench="fair", transport=t, impl=i)
+            if not R.get(metric="delay_p50_us", **k):
+                continue
+            rows.append([t, i] + [cell(R.get(metric=m, **k), spread=False) for m in
+                                  ("delay_p50_us", "delay_p99_us", "delay_max_us", "msgs_p50",
+                                   "msgs_p99", "msgs_max")] +
+                        [cell(R.get(metric="fire_rate", **k), si, spread=False)])
+    s.append("\n" + table(["transport", "reactor", "delay p50 µs", "p99 µs", "max µs",
+                           "msgs p50", "msgs p99", "msgs max", "firehose msg/s"], rows))
+    return "".join(s)
+
+
+def sec_loop(R):
+    s = ["## Loop overheads (perf/loop.c)\n",
+         "\nEmpty iteration (`zev_loop_run_once(loop, 0)`, one idle stream) against `zmq_poll` "
+         "on the same socket and the bare syscalls, ns:\n\n"]
+    rows = [[i, cell(R.get(bench="loop_iter", impl=i, metric="ns_per_iter"))]
+            for i in ("zev_epoll", "zev_poll", "zmq_poll", "epoll_wait", "poll")]
+    s.append(table(["impl", "ns / iteration"], rows))
+    s.append("\n`zev_loop_add_callback` throughput against the same calls sent over inproc "
+             "PUSH → PULL to a blocking receive loop, calls/s:\n\n")
+    rows = []
+    for p in ("1", "2"):
+        k = dict(bench="callbacks", producers=p, metric="cb_per_s")
+        rows.append([p, cell(R.get(impl="zev", **k), si), cell(R.get(impl="raw_inproc", **k), si),
+                     xr(R.ratio(num="zev", den="raw_inproc", **k))])
+    s.append(table(["producers", "zev", "raw inproc", "zev/raw"], rows))
+    s.append("\n100,000 one-shot timers, delays random in [0, 1] ms; thread CPU ns per timer. "
+             "zmq_timers is libzmq's draft API (repeating timers only: its fire cost includes "
+             "re-arming); zloop keeps a list, ideal when every timer fires in one pass:\n\n")
+    rows = []
+    for i in ("zev", "zmq_timers", "zloop"):
+        k = dict(bench="timers", timers="100000", impl=i)
+        rows.append([i] + [cell(R.get(metric=m, **k)) for m in ("start_ns", "fire_ns",
+                                                                 "start_fire_ns")])
+    s.append(table(["impl", "start", "fire", "start + fire"], rows))
+    s.append("\nOne loop iteration with 0 and with 100,000 timers pending (far in the future), ns "
+             "— what every pending timer costs every iteration:\n\n")
+    rows = []
+    for i in ("zev", "zmq_timers", "zloop"):
+        rows.append([i] + [cell(R.get(bench="timers_idle", pending=p, impl=i,
+                                      metric="ns_per_iter")) for p in ("0", "100000")] +
+                    [xr(R.ratio(bench="timers_idle_growth", impl=i, metric="ns_per_iter"))])
+    s.append(table(["impl", "0 pending", "100,000 pending", "growth"], rows))
+    return "".join(s)
+
+
+def sec_alloc(R):
+    s = ["## Heap allocations per message on the receiving thread (perf/alloc.c)\n",
+         "malloc/calloc/realloc interposed for the whole process and counted on the receiver "
+         "thread after a 10 % warm-up, 64 B messages (the sender's allocations are not counted):"
+         "\n\n"]
+    rows = []
+    for t in TRANSPORTS:
+        rows.append([t] + [cell(R.get(bench="alloc", transport=t, impl=i, metric="allocs_per_msg"),
+                                lambda v: f"{v:.2g}", spread=False)
+                           for i in ("raw", "zev_borrowed", "zev_kept", "zloop")])
+    s.append(table(["transport", "raw", "zev_borrowed", "zev_kept", "zloop"], rows))
+    return "".join(s)
+
+
+def sec_pyzmq(R):
+    s = ["## PyZMQ ZMQStream (perf/pyzmq_thr.py, perf/pyzmq_lat.py)\n",
+         "Throughput: the sender is `thr --send-only` (the same C sender code) in its own "
+         "process; receivers `c_raw`, `c_zev` (C, `thr --recv-only`), `pyzmq_stream` "
+         "(ZMQStream.on_recv on tornado/asyncio) and `pyzmq_recv` (a blocking recv loop in "
+         "Python), msg/s:\n\n"]
+    rows = []
+    for t in ("ipc", "tcp"):
+        for z in SIZES:
+            k = dict(bench="pyzmq_thr", transport=t, size=z, metric="msgs_per_s")
+            if not any(R.get(impl=i, **k) for i in ("c_raw", "c_zev", "pyzmq_stream")):
+                continue
+            rows.append([t, f"{int(z):,} B"] +
+                        [cell(R.get(impl=i, **k), si) for i in ("c_raw", "c_zev", "pyzmq_stream",
+                                                                "pyzmq_recv")] +
+                        [xr(R.ratio(num="c_zev", den="pyzmq_stream", **k))])
+    s.append(table(["transport", "size", "c_raw", "c_zev", "pyzmq_stream", "pyzmq_recv",
+                    "zev/pyzmq_stream"], rows))
+    s.append("\nLatency: the C client `lat --client-only` against each echo server in its own "
+             "process, 64 B, µs:\n\n")
+    rows = []
+    for t in ("ipc", "tcp"):
+        for i in ("c_raw", "c_zev", "pyzmq_stream"):
+            k = dict(bench="pyzmq_lat", transport=t, impl=i)
+            if not R.get(metric="p50_us", **k):
+                continue
+            rows.append([t, i, cell(R.get(metric="p50_us", **k))] +
+                        [cell(R.get(metric=m, **k), spread=False) for m in ("p99_us", "p999_us")])
+    s.append(table(["transport", "server", "p50", "p99", "p99.9"], rows))
+    return "".join(s)
+
+
+def sec_hyperfine(R):
+    s = ["## Whole process (hyperfine)\n",
+         "`hyperfine -N --export-json` over `thr --once --impl I --transport T --size 64 "
+         "--count N`: process start, connect, N messages, exit; seconds, median (min–max):\n\n"]
+    rows = []
+    for r in R.results:
+        if r.get("bench") != "hyperfine":
+            continue
+        base = R.get(bench="hyperfine", transport=r["transport"], impl="raw")
+        rel = r["median"] / base["median"] if base and base["median"] else None
+        rows.append([r["transport"], f"{int(r['count']):,}", r["impl"], cell(r, lambda v: f"{v:.3f}"),
+                     xr(rel)])
+    s.append(table(["transport", "messages", "receiver", "seconds", "vs raw"], rows))
+    return "".join(s)
+
+
+# ---------------------------------------------------------------------- targets
+
+def verdict(ok, have_all):
+    if ok is None or not have_all:
+        return "not measured"
+    return "**met**" if ok else "**not met**"
+
+
+def sec_targets(R):
+    rows = []
+    # 1. throughput >= 0.95x raw, 64 B
+    vals = {t: R.ratio(bench="thr", transport=t, size="64", metric="msgs_per_s",
+                       num="zev_borrowed", den="raw") for t in TRANSPORTS}
+    have = all(v is not None for v in vals.values())
+    worst = min((v for v in vals.values() if v is not None), default=None)
+    rows.append(["stream throughput ≥ 0.95× raw (64 B)",
+                 ", ".join(f"{t} {xr(v)}" for t, v in vals.items()),
+                 verdict(worst is not None and worst >= 0.95, have),
+                 f"worst {xr(worst)}; gap {max(0.0, 0.95 - worst):.2f}" if worst is not None else DASH])
+    # 2. latency overhead
+    d50 = {t: R.delta(bench="lat", transport=t, metric="p50_us", num="zev", den="raw")
+           for t in TRANSPORTS}
+    d999 = {t: R.delta(bench="lat", transport=t, metric="p999_us", num="zev", den="raw")
+            for t in TRANSPORTS}
+    have = all(v is not None for v in list(d50.values()) + list(d999.values()))
+    w50 = max((v for v in d50.values() if v is not None), default=None)
+    w999 = max((v for v in d999.values() if v is not None), default=None)
+    rows.append(["RTT overhead ≤ 1 µs at p50 over raw",
+                 ", ".join(f"{t} {num(v)} µs" for t, v in d50.items()),
+                 verdict(w50 is not None and w50 <= 1.0, have),
+                 f"worst {num(w50)} µs; gap {max(0.0, w50 - 1):.2f} µs" if w50 is not None else DASH])
+    rows.append(["RTT overhead ≤ 5 µs at p99.9 over raw",
+                 ", ".join(f"{t} {num(v)} µs" for t, v in d999.items()),
+                 verdict(w999 is not None and w999 <= 5.0, have),
+                 f"worst {num(w999)} µs; gap {max(0.0, w999 - 5):.1f} µs" if w999 is not None else DASH])
+    sp = R.ratio(bench="lat", transport="inproc", metric="p50_us", num="zev_spin", den="raw_spin")
+    rows.append(["busy-poll p50 within 1.1× of two raw spinning ends (inproc)", xr(sp),
+                 verdict(sp is not None and sp <= 1.1, sp is not None),
+                 f"gap {max(0.0, sp - 1.1):.2f}×" if sp is not None else DASH])
+    # 3. zloop and PyZMQ
+    zl = {t: R.ratio(bench="thr", transport=t, size="64", metric="msgs_per_s", num="zev_borrowed",
+                     den="zloop") for t in TRANSPORTS}
+    have = all(v is not None for v in zl.values())
+    worst = min((v for v in zl.values() if v is not None), default=None)
+    rows.append(["≥ 2× CZMQ zloop (throughput, 64 B)",
+                 ", ".join(f"{t} {xr(v)}" for t, v in zl.items()),
+                 verdict(worst is not None and worst >= 2, have),
+                 f"worst {xr(worst)}" if worst is not None else DASH])
+    py = {t: R.ratio(bench="pyzmq_thr", transport=t, size="64", metric="msgs_per_s", num="c_zev",
+                     den="pyzmq_stream") for t in ("ipc", "tcp")}
+    have = all(v is not None for v in py.values())
+    worst = min((v for v in py.values() if v is not None), default=None)
+    rows.append(["≥ 50× PyZMQ ZMQStream (throughput, 64 B)",
+                 ", ".join(f"{t} {xr(v)}" for t, v in py.items()),
+                 verdict(worst is not None and worst >= 50, have),
+                 (f"worst {xr(worst)}; gap {max(0.0, 50 - worst):.0f}×" if worst is not None
+                  else DASH)])
+    # 4. scale
+    g = R.ratio(bench="scale_growth", impl="zev_epoll", metric="srv_cpu_ns", num="n10000", den="n10")
+    rows.append(["wake-to-callback CPU at 10,000 sockets ≤ 1.2× at 10 (epoll)", xr(g),
+                 verdict(g is not None and g <= 1.2, g is not None),
+                 f"gap {max(0.0, g - 1.2):.2f}×" if g is not None else DASH])
+    # 5. allocations
+    al = {(t, i): R.get(bench="alloc", transport=t, impl=i, metric="allocs_per_msg")
+          for t in TRANSPORTS for i in ("raw", "zev_borrowed", "zev_kept")}
+    have = all(al.values())
+    ok = have and all(al[t, i]["median"] <= max(al[t, "raw"]["median"], 0.0) + 1e-4
+                      for t in TRANSPORTS for i in ("zev_borrowed", "zev_kept"))
+    worst = max((al[t, i]["median"] for t in TRANSPORTS for i in ("zev_borrowed", "zev_kept")
+                 if al[t, i]), default=None)
+    rows.append(["0 heap allocations per message (borrowed, kept)",
+                 f"worst {worst:.2g} per message" if worst is not None else DASH,
+                 verdict(ok, have),
+                 "none beyond libzmq's own (raw row)" if ok else
+                 (f"{worst:.2g} per message" if worst is not None else DASH)])
+    return ("## Targets (../shared/DESIGN.md)\n\n"
+            + table(["target", "measured", "verdict", "gap"], rows))
+
+
+# ------------------------------------------------------------------------ plots
+
+def gnuplot(script, png, size="1500,500"):
+    gp = shutil.which("gnuplot")
+    if not gp:
+        return "gnuplot not installed"
+    for term in (f"pngcairo size {size} font ',10'", f"png size {size}"):
+        p = subprocess.run([gp], input=f"set terminal {term}\nset output '{png}'\n"
+                           f"set termoption noenhanced\n{script}",
+                           text=True, capture_output=True)
+        if p.returncode == 0 and os.path.exists(png) and os.path.getsize(png) > 0:
+            return None
+    return p.stderr.strip().splitlines()[-1] if p.stderr.strip() else "gnuplot failed"
+
+
+def dat(v):
+    return "?" if v is None else f"{v:.6g}"
+
+
+def plots(R, outdir, tmp):
+    made, errs = [], []
+    # throughput: one panel per transport, clusters = sizes, bars = receivers
+    panels = []
+    for t in TRANSPORTS:
+        f = os.path.join(tmp, f"thr-{t}.dat")
+        with open(f, "w") as fh:
+            fh.write("size " + " ".join(THR_IMPLS) + "\n")
+            for z in SIZES:
+                vals = [R.get(bench="thr", transport=t, size=z, impl=i, metric="msgs_per_s")
+                        for i in THR_IMPLS]
+                fh.write(f"{int(z) if int(z) < 1024 else str(int(z) // 1024) + 'KiB'} " +
+                         " ".join(dat(v["median"] if v else None) for v in vals) + "\n")
+        panels.append(f"set title '{t}'\nplot for [c=2:{len(THR_IMPLS) + 1}] '{f}' "
+                      f"using c:xtic(1) title columnhead")
+    script = ("set datafile missing '?'\nset style data histograms\nset style histogram cluster "
+              "gap 1\nset style fill solid 0.8 border -1\nset logscale y\nset ylabel 'msg/s'\n"
+              "set key top right\nset grid ytics\nset multiplot layout 1,3 title "
+              "'PUSH→PULL throughput (median)'\n" + "\n".join(panels) + "\nunset multiplot\n")
+    png = os.path.join(outdir, "thr.png")
+    e = gnuplot(script, png)
+    (errs.append(f"thr.png: {e}") if e else made.append("thr.png"))
+    # latency percentiles: one panel per transport, clusters = servers
+    panels = []
+    for t in TRANSPORTS:
+        f = os.path.join(tmp, f"lat-{t}.dat")
+        with open(f, "w") as fh:
+            fh.write("server p50 p99 p99.9\n")
+            for i in LAT_IMPLS:
+                vals = [R.get(bench="lat", transport=t, impl=i, metric=m)
+                        for m in ("p50_us", "p99_us", "p999_us")]
+                if not any(vals):
+                    continue
+                fh.write(f"{i} " + " ".join(dat(v["median"] if v else None) for v in vals) + "\n")
+        panels.append(f"set title '{t}'\nplot for [c=2:4] '{f}' using c:xtic(1) title columnhead")
+    script = ("set datafile missing '?'\nset style data histograms\nset style histogram cluster "
+              "gap 1\nset style fill solid 0.8 border -1\nset logscale y\nset ylabel 'µs'\n"
+              "set key top left\nset grid ytics\nset multiplot layout 1,3 title "
+              "'Round-trip latency, 64 B (median of runs)'\n" + "\n".join(panels) +
+              "\nunset multiplot\n")
+    png = os.path.join(outdir, "lat.png")
+    e = gnuplot(script, png)
+    (errs.append(f"lat.png: {e}") if e else made.append("lat.png"))
+    # scale: CPU per round trip vs N, log-log
+    f = os.path.join(tmp, "scale.dat")
+    with open(f, "w") as fh:
+        fh.write("N " + " ".join(SCALE_IMPLS) + "\n")
+        for n in ("10", "100", "1000", "10000"):
+            vals = [R.get(bench="scale", sockets=n, impl=i, metric="srv_cpu_ns") for i in SCALE_IMPLS]
+            fh.write(n + " " + " ".join(dat(v["median"] / 1000 if v else None) for v in vals) + "\n")
+    script = ("set datafile missing '?'\nset logscale xy\nset xlabel 'registered sockets'\n"
+              "set ylabel 'server CPU µs per round trip'\nset key top left\nset grid\n"
+              "set title 'One active socket among N (median)'\n"
+              f"plot for [c=2:{len(SCALE_IMPLS) + 1}] '{f}' using 1:c with linespoints lw 2 "
+              "title columnhead\n")
+    png = os.path.join(outdir, "scale.png")
+    e = gnuplot(script, png, "900,600")
+    (errs.append(f"scale.png: {e}") if e else made.append("scale.png"))
+    return made, errs
+
+
+# ------------------------------------------------------------------------- main
+
+def sh(cmd):
+    try:
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=10).stdout.strip()
+    except Exception:
+        return ""
+
+
+def machine():
+    model = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for ln in f:
+                if ln.startswith("model name"):
+                    model = ln.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    mem = ""
+    try:
+        with open("/proc/meminfo") as f:
+            kb = int(f.readline().split()[1])
+            mem = f"{kb / 1048576:.1f} GiB"
+    except (OSError, ValueError, IndexError):
+        pass
+    u = platform.uname()
+    return (f"{os.cpu_count()} CPUs ({sh(['nproc'])} usable), {model or 'unknown CPU'}, {mem} RAM; "
+            f"{u.system} {u.release} {u.machine}")
+
+
+def loadavg():
+    try:
+        with open("/proc/loadavg") as f:
+            return " ".join(f.read().split()[:3])
+    except OSError:
+        return "?"
+
+
+def versions():
+    v = [f"libzmq {sh(['pkg-config', '--modversion', 'libzmq']) or '?'}",
+         f"CZMQ {sh(['pkg-config', '--modversion', 'libczmq']) or 'not installed'}"]
+    pz = sh([PY, "-c", "import zmq, tornado; print(zmq.__version__, tornado.version)"]).split()
+    v.append(f"PyZMQ {pz[0]} / tornado {pz[1]}" if len(pz) == 2 else "PyZMQ not installed")
+    v.append((sh(["cc", "--version"]).splitlines() or ["cc ?"])[0])
+    hf = sh(["hyperfine", "--version"])
+    if hf:
+        v.append(hf)
+    return ", ".join(v)
+
+
+def git_rev():
+    rev = sh(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"])
+    if rev and sh(["git", "-C", ROOT, "status", "--porcelain", "--", "core", "backends", "include"]):
+        rev += " + uncommitted changes in core/, backends/ or include/"
+    return rev or "unknown"
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--build", required=True, help="build directory with perf/ programs")
+    ap.add_argument("--full", action="store_true")
+    ap.add_argument("--only", help="comma-separated steps: " + ",".join(STEPS))
+    ap.add_argument("--command", default="perf/compare.py", help="command line to record")
+    ap.add_argument("--out", default=HERE, help="where RESULTS.md and the PNGs go")
+    a = ap.parse_args()
+    bindir = os.path.join(os.path.abspath(a.build), "perf")
+    logdir = os.path.join(a.out, "results")
+    os.makedirs(logdir, exist_ok=True)
+    steps = a.only.split(",") if a.only else STEPS
+    mode = ["--full"] if a.full else []
+    timeout = 1800 if a.full else 300
+    started = datetime.datetime.now(datetime.timezone.utc)
+    load0 = loadavg()
+    R = Results()
+    ran = []
+    for step in steps:
+        if step == "hyperfine":
+            lines, secs, fail = hyperfine_step(os.path.join(bindir, "thr"), a.full, logdir)
+        elif step.startswith("pyzmq_"):
+            prog = os.path.join(bindir, "thr" if step == "pyzmq_thr" else "lat")
+            flag = "--thr" if step == "pyzmq_thr" else "--lat"
+            if not os.path.exists(PY):
+                lines, secs, fail = [], 0.0, f"{PY} not found"
+            else:
+                lines, secs, fail = run_step(step, [PY, os.path.join(HERE, step + ".py"), flag,
+                                                    prog] + mode, timeout, logdir)
+        else:
+            lines, secs, fail = run_step(step, [os.path.join(bindir, step)] + mode, timeout, logdir)
+        R.feed(lines)
+        ran.append((step, secs, fail))
+    finished = datetime.datetime.now(datetime.timezone.utc)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        made, plot_errs = plots(R, a.out, tmp)
+
+    head = ["# zev benchmark results\n",
+            "Generated by `perf/compare.py` (via `perf/run`); every number below was printed by a "
+            "program in perf/ in this run. Do not edit by hand: re-run the command.\n",
+            f"- Date: {started:%Y-%m-%d %H:%M} UTC ({(finished - started).total_seconds():.0f} s)",
+            f"- Command: `{a.command}` ({'full' if a.full else 'quick'} mode)",
+            f"- Machine: {machine()}",
+            f"- Load average before / after: {load0} / {loadavg()}"
+            + (" — the machine was busy: expect noise" if float(load0.split()[0]) > 0.5 else ""),
+            f"- zev revision: {git_rev()}; Release build ({os.path.relpath(a.build, ROOT)})",
+            f"- Versions: {versions()}",
+            "- Steps: " + ", ".join(f"{s} {t:.0f} s" + (f" ({f})" if f else "") for s, t, f in ran),
+            ""]
+    if made:
+        head.append(" ".join(f"![{m}]({m})" for m in made) + "\n")
+    body = [sec_targets(R), sec_thr(R), sec_lat(R), sec_scale(R), sec_fair(R), sec_loop(R),
+            sec_alloc(R), sec_pyzmq(R), sec_hyperfine(R)]
+    fails = [f for f in R.fails]
+    tail = ["## Failures, skipped rows and empty cells\n"]
+    if not fails and not any(f for _, _, f in ran) and not plot_errs:
+        tail.append("None.\n")
+    for s, _, f in ran:
+        if f:
+            tail.append(f"- step {s}: {f}")
+    for f in fails:
+        tail.append("- " + " ".join(f"{k}={v}" for k, v in f.items()))
+    for e in plot_errs:
+        tail.append(f"- plot {e}")
+    tail.append("\nRaw program output: perf/results/*.log (and hyperfine-*.json).\n")
+    md = "\n".join(head) + "\n" + "\n".join(body) + "\n" + "\n".join(tail) + "\n"
+    with open(os.path.join(a.out, "RESULTS.md"), "w") as f:
+        f.write(md)
+    print(md)
+    print(f"perf: wrote {os.path.join(a.out, 'RESULTS.md')}"
+          + (f" and {', '.join(made)}" if made else ""), file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,525 @@
+/*
+ * thr: PUSH -> PULL throughput, one receiver implementation at a time, all
+ * fed by the same sender code (sender_main).
+ *
+ * Receivers (impl=):
+ *   raw           blocking zmq_msg_recv loop: the ceiling
+ *   zev_borrowed  zev stream, frames borrowed during on_recv
+ *   zev_kept      zev stream, each frame kept (zev_msg_keep) and released
+ *   zev_copy      zev stream, each frame copied out into a user buffer
+ *   zloop         CZMQ zloop_poller, one zmq_msg_recv per readiness callback
+ *                 (the usual zloop handler shape)
+ * Every receiver touches the payload (first byte) so none of them is skipped.
+ * The clock runs from the first message received to the last; receiver CPU
+ * time (CLOCK_THREAD_CPUTIME_ID) over the same span gives ns per message.
+ *
+ * Modes
+ *   thr [--full] [--runs N] [--transports inproc,ipc,tcp] [--sizes 64,1024,65536]
+ *       [--impls raw,zev_borrowed,...] [--count N] [--backend NAME] [--batch N]
+ *       the comparison: per transport and size, `runs` rounds, each round
+ *       runs every receiver once (interleaved, so drift hits all alike);
+ *       prints RUN, RESULT (median, min, max) and RATIO lines.
+ *   thr --once --impl I --transport T --size S --count N
+ *       one in-process run (for hyperfine's whole-process timing)
+ *   thr --send-only EP --size S --count N [--hold-stdin]
+ *       the same sender code in its own process (feeds perf/pyzmq_thr.py);
+ *       with --hold-stdin it stays connected until its stdin is closed
+ *   thr --recv-only EP --impl I --size S --count N
+ *       binds EP, prints READY, receives N messages, prints a SAMPLE line
+ *
+ * A receiver that makes no progress for 5 s (10 s before the first message)
+ * is woken by a watchdog with an empty message and the run is reported as
+ * failed (FAIL line, empty cell) instead of hanging.
+ */
+#include "common.h"
+
+#include <zev.h>
+
+#include <math.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+#ifdef PERF_HAVE_CZMQ
+#include <czmq.h>
+#endif
+
+enum { R_RAW, R_ZEV_BORROWED, R_ZEV_KEPT, R_ZEV_COPY, R_ZLOOP, R__N };
+static const char *const impl_names[R__N] = {"raw", "zev_borrowed", "zev_kept", "zev_copy",
+                                             "zloop"};
+
+static const char *backend_name; /* --backend, NULL = zev's default */
+static unsigned batch;            /* --batch, 0 = zev's default (64) */
+
+/* ------------------------------------------------------------------ sender */
+
+typedef struct sender {
+    void *ctx;
+    const char *ep;
+    size_t size;
+    long count;
+    int rc;
+    atomic_int *hold;  /* if set: stay connected until it is 0 */
+    int hold_stdin;    /* stay connected until stdin reaches EOF */
+} sender_t;
+
+static void *sender_main(void *arg)
+{
+    sender_t *s = arg;
+    void *push = zmq_socket(s->ctx, ZMQ_PUSH);
+    int linger = 10000;
+    zmq_setsockopt(push, ZMQ_LINGER, &linger, sizeof linger);
+    s->rc = -1;
+    if (zmq_connect(push, s->ep) == 0) {
+        unsigned char *buf = malloc(s->size ? s->size : 1);
+        perf_fill(buf, s->size);
+        long i = 0;
+        for (; i < s->count; i++)
+            if (zmq_send(push, buf, s->size, 0) < 0)
+                break;
+        free(buf);
+        s->rc = i == s->count ? 0 : -1;
+    }
+    /* libzmq 4.3.4 drops the messages still in flight when a PUSH peer
+     * disconnects over ipc while the PULL side is at its HWM and reads with
+     * ZMQ_DONTWAIT (zmq_poll, ZMQ_FD users: zloop, zev); a plain zmq_poll
+     * loop shows it too. The sender therefore stays connected until the
+     * receiver has counted everything. */
+    while (s->hold && atomic_load(s->hold))
+        usleep(1000);
+    if (s->hold_stdin) {
+        char b[64];
+        while (read(0, b, sizeof b) > 0)
+            ;
+    }
+    zmq_close(push);
+    return NULL;
+}
+
+/* ---------------------------------------------------------------- receivers */
+
+typedef struct rx {
+    long count;
+    long got;
+    atomic_long progress; /* read by the watchdog */
+    int poisoned;
+    uint64_t sum;
+    uint64_t t_first, t_last, cpu_first, cpu_last;
+    unsigned char *copybuf;
+    zev_loop_t *loop;
+} rx_t;
+
+/* Called once per message with its first byte. Returns 1 when done. */
+static inline int tick(rx_t *rx, const unsigned char *data, size_t size)
+{
+    if (size == 0) { /* the watchdog's poison */
+        rx->poisoned = 1;
+        return 1;
+    }
+    rx->sum += data[0];
+    long g = ++rx->got;
+    atomic_store_explicit(&rx->progress, g, memory_order_relaxed);
+    if (g == 1) {
+        rx->t_first = perf_now_ns();
+        rx->cpu_first = perf_thread_cpu_ns();
+    }
+    if (g == rx->count) {
+        rx->t_last = perf_now_ns();
+        rx->cpu_last = perf_thread_cpu_ns();
+        return 1;
+    }
+    return 0;
+}
+
+static int recv_raw(void *pull, rx_t *rx)
+{
+    zmq_msg_t msg;
+    zmq_msg_init(&msg);
+    for (;;) {
+        if (zmq_msg_recv(&msg, pull, 0) < 0) {
+            zmq_msg_close(&msg);
+            return -1;
+        }
+        if (tick(rx, zmq_msg_data(&msg), zmq_msg_size(&msg)))
+            break;
+    }
+    zmq_msg_close(&msg);
+    return 0;
+}
+
+static void on_borrowed(zev_stream_t *s, zev_msg_t *m, void *arg)
+{
+    (void)s;
+    rx_t *rx = arg;
+    if (tick(rx, zev_msg_data(m, 0), zev_msg_size(m, 0)))
+        zev_loop_stop(rx->loop);
+}
+
+static void on_kept(zev_stream_t *s, zev_msg_t *m, void *arg)
+{
+    (void)s;
+    rx_t *rx = arg;
+    zev_frame_t *f = zev_msg_keep(m, 0);
+    if (!f) {
+        rx->poisoned = 1;
+        zev_loop_stop(rx->loop);
+        return;
+    }
+    int done = tick(rx, zev_frame_data(f), zev_frame_size(f));
+    zev_frame_release(f);
+    if (done)
+        zev_loop_stop(rx->loop);
+}
+
+static void on_copy(zev_stream_t *s, zev_msg_t *m, void *arg)
+{
+    (void)s;
+    rx_t *rx = arg;
+    size_t size = zev_msg_size(m, 0);
+    memcpy(rx->copybuf, zev_msg_data(m, 0), size);
+    if (tick(rx, rx->copybuf, size))
+        zev_loop_stop(rx->loop);
+}
+
+static int recv_zev(void *pull, rx_t *rx, int impl)
+{
+    zev_loop_opts_t o = {.backend = backend_name, .batch = batch};
+    rx->loop = zev_loop_new(&o);
+    if (!rx->loop)
+        return -1;
+    zev_stream_t *s = zev_stream_new(rx->loop, pull);
+    if (!s) {
+        zev_loop_destroy(rx->loop);
+        return -1;
+    }
+    zev_recv_fn fn = impl == R_ZEV_KEPT ? on_kept : impl == R_ZEV_COPY ? on_copy : on_borrowed;
+    zev_stream_on_recv(s, fn, rx);
+    int rc = zev_loop_run(rx->loop);
+    zev_stream_close(s, 0);
+    zev_loop_destroy(rx->loop);
+    rx->loop = NULL;
+    return rc;
+}
+
+#ifdef PERF_HAVE_CZMQ
+typedef struct zl_rx {
+    rx_t *rx;
+    zmq_msg_t msg;
+} zl_rx_t;
+
+static int on_zloop(zloop_t *loop, zmq_pollitem_t *item, void *arg)
+{
+    (void)loop;
+    zl_rx_t *z = arg;
+    if (zmq_msg_recv(&z->msg, item->socket, ZMQ_DONTWAIT) < 0)
+        return 0;
+    return tick(z->rx, zmq_msg_data(&z->msg), zmq_msg_size(&z->msg)) ? -1 : 0;
+}
+
+static int recv_zloop(void *pull, rx_t *rx)
+{
+    zloop_t *loop = zloop_new();
+    if (!loop)
+        return -1;
+    zl_rx_t z = {.rx = rx};
+    zmq_msg_init(&z.msg);
+    zmq_pollitem_t item = {pull, 0, ZMQ_POLLIN, 0};
+    int rc = zloop_poller(loop, &item, on_zloop, &z);
+    if (rc == 0)
+        zloop_start(loop);
+    zloop_destroy(&loop);
+    zmq_msg_close(&z.msg);
+    return rc;
+}
+#endif
+
+/* --------------------------------------------------------------- watchdog */
+
+typedef struct watchdog {
+    void *ctx;
+    const char *ep;
+    rx_t *rx;
+    atomic_int done;
+    pthread_t th;
+} watchdog_t;
+
+static void *watchdog_main(void *arg)
+{
+    watchdog_t *w = arg;
+    long last = -1;
+    uint64_t since = perf_now_ns();
+    while (!atomic_load(&w->done)) {
+        usleep(20000);
+        long p = atomic_load_explicit(&w->rx->progress, memory_order_relaxed);
+        uint64_t now = perf_now_ns();
+        if (p != last) {
+            last = p;
+            since = now;
+            continue;
+        }
+        uint64_t limit = p > 0 ? 5000000000u : 10000000000u;
+        if (now - since > limit) {
+            void *s = zmq_socket(w->ctx, ZMQ_PUSH);
+            int linger = 1000;
+            zmq_setsockopt(s, ZMQ_LINGER, &linger, sizeof linger);
+            zmq_connect(s, w->ep);
+            zmq_send(s, "", 0, 0);
+            zmq_close(s);
+            break;
+        }
+    }
+    return NULL;
+}
+
+/* One receive of rx->count messages with the given impl on a bound PULL. */
+typedef struct sample {
+    int ok;
+    double msgs_per_s;
+    double cpu_ns;
+    const char *why;
+} sample_t;
+
+static sample_t receive(int impl, void *ctx, void *pull, const char *ep, long count, size_t size)
+{
+    sample_t out = {0, NAN, NAN, "setup"};
+    rx_t *rx = calloc(1, sizeof *rx);
+    rx->count = count;
+    rx->copybuf = malloc(size ? size : 1);
+    watchdog_t w = {.ctx = ctx, .ep = ep, .rx = rx};
+    atomic_init(&w.done, 0);
+    atomic_init(&rx->progress, 0);
+    pthread_create(&w.th, NULL, watchdog_main, &w);
+
+    int rc = -1;
+    switch (impl) {
+    case R_RAW:
+        rc = recv_raw(pull, rx);
+        break;
+    case R_ZEV_BORROWED:
+    case R_ZEV_KEPT:
+    case R_ZEV_COPY:
+        rc = recv_zev(pull, rx, impl);
+        break;
+#ifdef PERF_HAVE_CZMQ
+    case R_ZLOOP:
+        rc = recv_zloop(pull, rx);
+        break;
+#endif
+    default:
+        out.why = "not_built";
+        break;
+    }
+    atomic_store(&w.done, 1);
+    pthread_join(w.th, NULL);
+
+    if (rx->poisoned) {
+        out.why = "stalled";
+        fprintf(stderr, "thr: %s stalled after %ld of %ld messages\n", impl_names[impl], rx->got,
+                count);
+    }
+    else if (rc == 0 && rx->got == count && count > 1 && rx->t_last > rx->t_first) {
+        out.ok = 1;
+        out.why = NULL;
+        out.msgs_per_s = (double)(count - 1) * 1e9 / (double)(rx->t_last - rx->t_first);
+        out.cpu_ns = (double)(rx->cpu_last - rx->cpu_first) / (double)(count - 1);
+    } else if (rc != 0 && out.why && strcmp(out.why, "setup") == 0)
+        out.why = "recv_error";
+    free(rx->copybuf);
+    free(rx);
+    return out;
+}
+
+/* A complete in-process run: fresh context, bind, sender thread, receive. */
+static sample_t run_once(int impl, const char *transport, size_t size, long count)
+{
+    sample_t out = {0, NAN, NAN, "setup"};
+    void *ctx = zmq_ctx_new();
+    void *pull = zmq_socket(ctx, ZMQ_PULL);
+    char ep[256];
+    if (perf_bind(pull, transport, "thr", ep, sizeof ep) < 0) {
+        zmq_close(pull);
+        zmq_ctx_term(ctx);
+        out.why = "bind";
+        return out;
+    }
+    atomic_int hold;
+    atomic_init(&hold, 1);
+    sender_t snd = {.ctx = ctx, .ep = ep, .size = size, .count = count, .hold = &hold};
+    pthread_t th;
+    pthread_create(&th, NULL, sender_main, &snd);
+    out = receive(impl, ctx, pull, ep, count, size);
+    atomic_store(&hold, 0);
+    if (!out.ok) {
+        /* The sender may be stuck on a full pipe: drop what is queued. */
+        int zero = 0;
+        zmq_setsockopt(pull, ZMQ_LINGER, &zero, sizeof zero);
+        zmq_close(pull);
+        pull = NULL;
+        zmq_ctx_shutdown(ctx);
+    }
+    pthread_join(th, NULL);
+    if (pull)
+        zmq_close(pull);
+    zmq_ctx_term(ctx);
+    perf_unlink_ep(ep);
+    return out;
+}
+
+/* ------------------------------------------------------------------- modes */
+
+static int impl_from_name(const char *name)
+{
+    for (int i = 0; i < R__N; i++)
+        if (name && strcmp(name, impl_names[i]) == 0)
+            return i;
+    return -1;
+}
+
+static void print_sample(const char *impl, size_t size, sample_t s)
+{
+    if (s.ok)
+        printf("SAMPLE bench=thr impl=%s size=%zu msgs_per_s=%.6g rx_cpu_ns=%.6g\n", impl, size,
+               s.msgs_per_s, s.cpu_ns);
+    else
+        printf("FAIL bench=thr impl=%s size=%zu reason=%s\n", impl, size, s.why);
+    fflush(stdout);
+}
+
+static int mode_send_only(const perf_args_t *a)
+{
+    sender_t snd = {.ctx = zmq_ctx_new(),
+                    .ep = perf_opt_str(a, "--send-only", ""),
+                    .size = (size_t)perf_opt_long(a, "--size", 64),
+                    .count = perf_opt_long(a, "--count", 100000),
+                    .hold_stdin = perf_flag(a, "--hold-stdin")};
+    sender_main(&snd);
+    zmq_ctx_term(snd.ctx);
+    return snd.rc == 0 ? 0 : 1;
+}
+
+static int mode_recv_only(const perf_args_t *a)
+{
+    const char *ep = perf_opt_str(a, "--recv-only", "");
+    const char *name = perf_opt_str(a, "--impl", "raw");
+    int impl = impl_from_name(name);
+    size_t size = (size_t)perf_opt_long(a, "--size", 64);
+    long count = perf_opt_long(a, "--count", 100000);
+    if (impl < 0) {
+        fprintf(stderr, "thr: unknown impl %s\n", name);
+        return 2;
+    }
+    void *ctx = zmq_ctx_new();
+    void *pull = zmq_socket(ctx, ZMQ_PULL);
+    if (zmq_bind(pull, ep) < 0) {
+        printf("FAIL bench=thr impl=%s size=%zu reason=bind\n", name, size);
+        return 1;
+    }
+    printf("READY\n");
+    fflush(stdout);
+    sample_t s = receive(impl, ctx, pull, ep, count, size);
+    print_sample(name, size, s);
+    int zero = 0;
+    zmq_setsockopt(pull, ZMQ_LINGER, &zero, sizeof zero);
+    zmq_close(pull);
+    zmq_ctx_term(ctx);
+    perf_unlink_ep(ep);
+    return s.ok ? 0 : 1;
+}
+
+static int mode_once(const perf_args_t *a)
+{
+    const char *name = perf_opt_str(a, "--impl", "raw");
+    int impl = impl_from_name(name);
+    if (impl < 0) {
+        fprintf(stderr, "thr: unknown impl %s\n", name);
+        return 2;
+    }
+    size_t size = (size_t)perf_opt_long(a, "--size", 64);
+    sample_t s = run_once(impl, perf_opt_str(a, "--transport", "inproc"), size,
+                          perf_opt_long(a, "--count", 1000000));
+    print_sample(name, size, s);
+    return s.ok ? 0 : 1;
+}
+
+static long default_count(size_t size, int full)
+{
+    long n = size <= 64 ? 60000 : size <= 1024 ? 20000 : size <= 16384 ? 5000 : 1000;
+    return full ? n * 10 : n;
+}
+
+int main(int argc, char **argv)
+{
+    perf_args_t a;
+    perf_args_init(&a, argc, argv, 5, 10);
+    backend_name = perf_opt_str(&a, "--backend", NULL);
+    batch = (unsigned)perf_opt_long(&a, "--batch", 0);
+    if (perf_opt_str(&a, "--send-only", NULL))
+        return mode_send_only(&a);
+    if (perf_opt_str(&a, "--recv-only", NULL))
+        return mode_recv_only(&a);
+    if (perf_flag(&a, "--once"))
+        return mode_once(&a);
+
+    perf_banner("thr", &a);
+    static const char *const transports[] = {"inproc", "ipc", "tcp"};
+    static const size_t sizes[] = {64, 1024, 65536};
+    int fails = 0;
+    for (size_t t = 0; t < 3; t++) {
+        if (!perf_selected(&a, "--transports", transports[t]))
+            continue;
+        for (size_t z = 0; z < 3; z++) {
+            char sz[32];
+            snprintf(sz, sizeof sz, "%zu", sizes[z]);
+            if (!perf_selected(&a, "--sizes", sz))
+                continue;
+            long count = perf_opt_long(&a, "--count", default_count(sizes[z], a.full));
+            char keys[128];
+            snprintf(keys, sizeof keys, "bench=thr transport=%s size=%zu", transports[t], sizes[z]);
+            perf_series_t rate[R__N] = {0}, cpu[R__N] = {0};
+            int on[R__N];
+            for (int i = 0; i < R__N; i++)
+                on[i] = perf_selected(&a, "--impls", impl_names[i]);
+#ifndef PERF_HAVE_CZMQ
+            if (on[R_ZLOOP]) {
+                printf("FAIL %s impl=zloop metric=msgs_per_s reason=czmq_not_available\n", keys);
+                on[R_ZLOOP] = 0;
+            }
+#endif
+            for (int r = 0; r < a.runs; r++) {
+                for (int i = 0; i < R__N; i++) {
+                    if (!on[i])
+                        continue;
+                    sample_t s = run_once(i, transports[t], sizes[z], count);
+                    perf_series_add(&rate[i], s.msgs_per_s);
+                    perf_series_add(&cpu[i], s.cpu_ns);
+                    if (s.ok)
+                        printf("RUN %s impl=%s run=%d count=%ld msgs_per_s=%.6g rx_cpu_ns=%.6g\n",
+                               keys, impl_names[i], r, count, s.msgs_per_s, s.cpu_ns);
+                    else {
+                        printf("RUNFAIL %s impl=%s run=%d reason=%s\n", keys, impl_names[i], r,
+                               s.why);
+                        fails++;
+                    }
+                    fflush(stdout);
+                }
+            }
+            double med[R__N], cmed[R__N];
+            for (int i = 0; i < R__N; i++) {
+                med[i] = cmed[i] = NAN;
+                if (!on[i])
+                    continue;
+                med[i] = perf_report(keys, impl_names[i], "msgs_per_s", "msg/s", &rate[i]);
+                cmed[i] = perf_report(keys, impl_names[i], "rx_cpu_ns", "ns/msg", &cpu[i]);
+            }
+            for (int i = R_ZEV_BORROWED; i <= R_ZEV_COPY; i++) {
+                perf_ratio(keys, "msgs_per_s", impl_names[i], med[i], "raw", med[R_RAW]);
+                perf_ratio(keys, "msgs_per_s", impl_names[i], med[i], "zloop", med[R_ZLOOP]);
+                perf_ratio(keys, "rx_cpu_ns", impl_names[i], cmed[i], "raw", cmed[R_RAW]);
+            }
+            perf_ratio(keys, "msgs_per_s", "zloop", med[R_ZLOOP], "raw", med[R_RAW]);
+        }
+    }
+    return fails ? 1 : 0;
+}
