@@ -1,0 +1,746 @@
+/*
+ * Zero-copy sends and their trackers (issue #4): zev_stream_send_zc hands
+ * libzmq the caller's buffer; libzmq calls the free function from its own
+ * thread; zev turns that into a tracker completion on the loop thread.
+ * Checked here: 100,000 sends over tcp (every free function exactly once,
+ * every tracker exactly once, on the loop thread, after its free function),
+ * sends still queued when the stream is closed (ECANCELED) or when the peer
+ * never connects (buffers held by zev and by libzmq), a loop destroyed with
+ * sends outstanding, the copy path for small buffers, and failed sends that
+ * take nothing. Every test runs on the backend ctest names in
+ * ZEV_TEST_BACKEND.
+ *
+ * Free functions are counted per buffer (the hint is the sequence number),
+ * so "exactly once" is checked for each one, not only as a total.
+ */
+#ifndef _GNU_SOURCE
+#define _GNU_SOURCE
+#endif
+#include "common.h"
+
+#include <arpa/inet.h>
+#include <errno.h>
+#include <netinet/in.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdbool.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <time.h>
+#include <unistd.h>
+
+TestSuite(tracker, .timeout = 120);
+
+/* Criterion counts a test whose child process ends with a LeakSanitizer
+ * report as passing (it only warns), so ASan builds check for leaks inside
+ * the test, after everything was released and the context terminated. */
+#if defined(__SANITIZE_ADDRESS__)
+#define ZC_ASAN 1
+#elif defined(__has_feature)
+#if __has_feature(address_sanitizer)
+#define ZC_ASAN 1
+#endif
+#endif
+#ifdef ZC_ASAN
+#include <sanitizer/lsan_interface.h>
+static void expect_no_leaks(void)
+{
+    cr_expect_eq(__lsan_do_recoverable_leak_check(), 0, "LeakSanitizer: leaks (see above)");
+}
+#else
+static void expect_no_leaks(void)
+{
+}
+#endif
+
+/* ------------------------------------------------------------------ helpers */
+
+static uint8_t ref[4096 + 256]; /* ref[k] == (uint8_t)k */
+
+static void ref_init(void)
+{
+    for (size_t k = 0; k < sizeof ref; k++)
+        ref[k] = (uint8_t)k;
+}
+
+static size_t size_64_4096(size_t seq)
+{
+    return 64 + (seq * 97u) % 4033u; /* 64 .. 4096 B: all above ZEV_ZC_COPY_MAX */
+}
+
+/* Buffer seq: a 4-byte header with seq (when it fits), then a window of ref. */
+static void fill(uint8_t *buf, size_t len, size_t seq)
+{
+    uint32_t hdr = (uint32_t)seq;
+    if (len >= 4) {
+        memcpy(buf, &hdr, 4);
+        memcpy(buf + 4, ref + (seq & 0xffu), len - 4);
+    } else if (len) {
+        memcpy(buf, ref + (seq & 0xffu), len);
+    }
+}
+
+static bool content_ok(const uint8_t *buf, size_t len, size_t seq)
+{
+    uint32_t hdr;
+    if (len >= 4) {
+        memcpy(&hdr, buf, 4);
+        return hdr == (uint32_t)seq && memcmp(buf + 4, ref + (seq & 0xffu), len - 4) == 0;
+    }
+    return len == 0 || memcmp(buf, ref + (seq & 0xffu), len) == 0;
+}
+
+/* A tcp port on 127.0.0.1 that refuses connections for the whole test: a
+ * socket bound to it that never listens (so no one else can take it). */
+static int dead_port(char *ep, size_t len)
+{
+    int fd = socket(AF_INET, SOCK_STREAM, 0);
+    cr_assert_geq(fd, 0);
+    struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = 0};
+    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    cr_assert_eq(bind(fd, (struct sockaddr *)&a, sizeof a), 0);
+    socklen_t al = sizeof a;
+    cr_assert_eq(getsockname(fd, (struct sockaddr *)&a, &al), 0);
+    snprintf(ep, len, "tcp://127.0.0.1:%u", (unsigned)ntohs(a.sin_port));
+    return fd;
+}
+
+/* The loop runs with zev_loop_run, which blocks until something wakes it:
+ * a tracker completion that fails to wake the loop then shows as a hang.
+ * The watchdog wakes it through its own pipe (not through zev_loop_stop's
+ * wakeup, which may be what is broken) and stops it. */
+typedef struct {
+    zev_loop_t *loop;
+    int fds[2];
+    zev_io_t *io;
+    pthread_t thread;
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    bool cancelled;
+    int ms;
+    volatile int fired;
+} watchdog_t;
+
+static void watchdog_io(zev_io_t *io, int fd, int events, void *arg)
+{
+    (void)io;
+    (void)fd;
+    (void)events;
+    watchdog_t *w = arg;
+    w->fired = 1;
+    zev_loop_stop(w->loop);
+}
+
+static void *watchdog_main(void *arg)
+{
+    watchdog_t *w = arg;
+    struct timespec until;
+    clock_gettime(CLOCK_REALTIME, &until);
+    until.tv_sec += w->ms / 1000;
+    until.tv_nsec += (long)(w->ms % 1000) * 1000000L;
+    if (until.tv_nsec >= 1000000000L) {
+        until.tv_sec++;
+        until.tv_nsec -= 1000000000L;
+    }
+    pthread_mutex_lock(&w->mu);
+    int rc = 0;
+    while (!w->cancelled && rc != ETIMEDOUT)
+        rc = pthread_cond_timedwait(&w->cv, &w->mu, &until);
+    bool fire = !w->cancelled;
+    pthread_mutex_unlock(&w->mu);
+    if (fire) {
+        char b = 'w';
+        (void)!write(w->fds[1], &b, 1);
+    }
+    return NULL;
+}
+
+/* Runs the loop until a callback calls zev_loop_stop; 0 if it did, 1 if the
+ * watchdog had to stop it after ms. */
+static int run_loop(zev_loop_t *loop, int ms)
+{
+    watchdog_t w = {.loop = loop, .ms = ms};
+    cr_assert_eq(pipe(w.fds), 0);
+    pthread_mutex_init(&w.mu, NULL);
+    pthread_cond_init(&w.cv, NULL);
+    w.io = zev_io_start(loop, w.fds[0], ZEV_READ, watchdog_io, &w);
+    cr_assert_not_null(w.io, "zev_io_start: %s", zmq_strerror(errno));
+    cr_assert_eq(pthread_create(&w.thread, NULL, watchdog_main, &w), 0);
+    cr_assert_eq(zev_loop_run(loop), 0, "zev_loop_run: %s", zmq_strerror(errno));
+    pthread_mutex_lock(&w.mu);
+    w.cancelled = true;
+    pthread_cond_signal(&w.cv);
+    pthread_mutex_unlock(&w.mu);
+    pthread_join(w.thread, NULL);
+    zev_io_stop(w.io);
+    close(w.fds[0]);
+    close(w.fds[1]);
+    pthread_mutex_destroy(&w.mu);
+    pthread_cond_destroy(&w.cv);
+    return w.fired;
+}
+
+/* ------------------------------------------------------ tracked sending */
+
+/* One test's bookkeeping; the free function reaches it through T (the
+ * hint carries the sequence number). */
+typedef struct {
+    pthread_t loop_thread;
+    zev_loop_t *loop;
+    size_t n;
+    size_t (*size)(size_t seq);
+    atomic_uchar *freed;      /* per buffer: free function runs (any thread) */
+    unsigned char *done_cb;   /* per tracker: on_done runs (loop thread) */
+    zev_tracker_t **trk;
+    atomic_size_t freed_total;
+    atomic_size_t bad_free; /* unknown hint or wrong contents at free time */
+    atomic_size_t bad_thread;
+    volatile size_t done_total;
+    size_t done_before_free, done_bad;
+    volatile size_t received;
+    size_t recv_bad;
+    size_t status_ok, status_cancelled, status_other;
+    volatile size_t reported;
+    volatile int closed;
+    /* the pump: sends from the loop thread while the queue takes them */
+    zev_stream_t *tx;
+    size_t next;   /* next seq to send */
+    uint8_t *held; /* buffer of `next` after a refused send (still ours) */
+    size_t eagain, eagain_bad;
+    size_t stop_recv, stop_done; /* stop the loop when both are reached */
+} tctx_t;
+
+static tctx_t *T;
+
+static void tctx_init(tctx_t *c, zev_loop_t *loop, size_t n, size_t (*size)(size_t))
+{
+    *c = (tctx_t){.loop_thread = pthread_self(), .loop = loop, .n = n, .size = size,
+                  .stop_recv = SIZE_MAX, .stop_done = SIZE_MAX};
+    c->freed = calloc(n, sizeof *c->freed);
+    c->done_cb = calloc(n, 1);
+    c->trk = calloc(n, sizeof *c->trk);
+    cr_assert(c->freed && c->done_cb && c->trk);
+    for (size_t i = 0; i < n; i++)
+        atomic_init(&c->freed[i], 0);
+    atomic_init(&c->freed_total, 0);
+    atomic_init(&c->bad_free, 0);
+    atomic_init(&c->bad_thread, 0);
+    T = c;
+}
+
+static void tctx_free(tctx_t *c)
+{
+    free((void *)c->freed);
+    free(c->done_cb);
+    free(c->trk);
+    free(c->held);
+    T = NULL;
+}
+
+static void maybe_stop(tctx_t *c)
+{
+    if (c->received >= c->stop_recv && c->done_total >= c->stop_done)
+        zev_loop_stop(c->loop);
+}
+
+/* libzmq calls this from its I/O thread (or zev on the loop thread for a
+ * message it never sent, or for a copied small buffer). */
+static void zc_free(void *data, void *hint)
+{
+    tctx_t *c = T;
+    size_t seq = (size_t)(uintptr_t)hint - 1;
+    if (!c)
+        abort(); /* a free function after the test ended */
+    if (seq >= c->n) {
+        atomic_fetch_add(&c->bad_free, 1);
+        return;
+    }
+    if (!content_ok(data, c->size(seq), seq))
+        atomic_fetch_add(&c->bad_free, 1);
+    free(data);
+    atomic_fetch_add(&c->freed[seq], 1);
+    atomic_fetch_add(&c->freed_total, 1);
+}
+
+static void zc_done(zev_tracker_t *t, void *arg)
+{
+    tctx_t *c = T;
+    size_t seq = (size_t)(uintptr_t)arg;
+    if (!pthread_equal(pthread_self(), c->loop_thread))
+        atomic_fetch_add(&c->bad_thread, 1);
+    if (atomic_load(&c->freed[seq]) != 1)
+        c->done_before_free++;
+    if (zev_tracker_done(t) != 1 || c->trk[seq] != t)
+        c->done_bad++;
+    c->done_cb[seq]++;
+    c->done_total++;
+    maybe_stop(c);
+}
+
+static uint8_t *new_buf(tctx_t *c, size_t seq)
+{
+    size_t len = c->size(seq);
+    uint8_t *buf = malloc(len ? len : 1);
+    cr_assert_not_null(buf);
+    fill(buf, len, seq);
+    return buf;
+}
+
+/* One zero-copy send of buffer seq with a tracker; 0 or -1 (errno). On
+ * failure checks that nothing was taken. */
+static int send_one(tctx_t *c, zev_stream_t *s, size_t seq, uint8_t *buf)
+{
+    zev_tracker_t *const sentinel = (zev_tracker_t *)&c->trk; /* any non-NULL */
+    zev_tracker_t *t = sentinel;
+    int rc = zev_stream_send_zc(s, buf, c->size(seq), zc_free, (void *)(uintptr_t)(seq + 1), &t);
+    if (rc < 0) {
+        int err = errno;
+        if (t != sentinel || atomic_load(&c->freed[seq]) != 0)
+            c->eagain_bad++;
+        errno = err;
+        return -1;
+    }
+    cr_assert_neq(t, sentinel);
+    cr_assert_not_null(t);
+    c->trk[seq] = t;
+    cr_assert_eq(zev_tracker_on_done(t, zc_done, (void *)(uintptr_t)seq), 0);
+    return 0;
+}
+
+/* Sends until the stream's queue refuses (EAGAIN) or everything is sent. A
+ * refused buffer is still ours: it is sent again on the next pump. */
+static void pump(tctx_t *c)
+{
+    while (c->next < c->n) {
+        size_t seq = c->next;
+        uint8_t *buf = c->held ? c->held : new_buf(c, seq);
+        c->held = NULL;
+        if (send_one(c, c->tx, seq, buf) < 0) {
+            cr_assert_eq(errno, EAGAIN, "send_zc: %s", zmq_strerror(errno));
+            /* Not taken: the buffer is intact and untouched by free_fn. */
+            if (!content_ok(buf, c->size(seq), seq))
+                c->eagain_bad++;
+            c->held = buf;
+            c->eagain++;
+            return;
+        }
+        c->next++;
+    }
+}
+
+static void on_send_count(zev_stream_t *s, int status, void *arg)
+{
+    (void)s;
+    tctx_t *c = arg;
+    if (status == 0)
+        c->status_ok++;
+    else if (status == ECANCELED)
+        c->status_cancelled++;
+    else
+        c->status_other++;
+    c->reported++;
+    /* Room again in the queue: the pump refills it from here. */
+    if (c->tx == s && c->held && c->reported % 256 == 0)
+        pump(c);
+}
+
+static void on_recv_check(zev_stream_t *s, zev_msg_t *m, void *arg)
+{
+    (void)s;
+    tctx_t *c = arg;
+    size_t seq = c->received;
+    if (zev_msg_parts(m) != 1 || seq >= c->n || zev_msg_size(m, 0) != c->size(seq) ||
+        !content_ok(zev_msg_data(m, 0), zev_msg_size(m, 0), seq))
+        c->recv_bad++;
+    c->received++;
+    maybe_stop(c);
+}
+
+static void on_close_flag(zev_stream_t *s, void *arg)
+{
+    (void)s;
+    ((tctx_t *)arg)->closed = 1;
+}
+
+/* Every free function ran exactly once; every tracker completed exactly
+ * once with its callback, on the loop thread, after its free function. */
+static void expect_all_once(tctx_t *c, size_t n, bool callbacks)
+{
+    size_t not_once = 0, cb_not_once = 0, not_done = 0;
+    for (size_t i = 0; i < n; i++) {
+        not_once += atomic_load(&c->freed[i]) != 1;
+        cb_not_once += c->done_cb[i] != (callbacks ? 1 : 0);
+        not_done += c->trk[i] && zev_tracker_done(c->trk[i]) != 1;
+    }
+    cr_expect_eq(not_once, 0, "%zu of %zu free functions did not run exactly once", not_once, n);
+    cr_expect_eq(atomic_load(&c->freed_total), n);
+    cr_expect_eq(cb_not_once, 0, "%zu of %zu tracker callbacks did not run %s", cb_not_once, n,
+                 callbacks ? "exactly once" : "zero times");
+    cr_expect_eq(not_done, 0, "%zu trackers not done", not_done);
+    cr_expect_eq(atomic_load(&c->bad_free), 0, "free functions with bad hint or contents");
+    cr_expect_eq(atomic_load(&c->bad_thread), 0, "tracker callbacks off the loop thread");
+    cr_expect_eq(c->done_before_free, 0, "tracker completed before its free function ran");
+    cr_expect_eq(c->done_bad, 0, "on_done saw zev_tracker_done != 1 or another tracker");
+}
+
+static void release_all(tctx_t *c, size_t n)
+{
+    for (size_t i = 0; i < n; i++)
+        if (c->trk[i])
+            cr_assert_eq(zev_tracker_release(c->trk[i]), 0);
+}
+
+/* ----------------------------------------------------------------- tests */
+
+Test(tracker, tcp_100k_each_free_and_tracker_once_on_loop_thread)
+{
+    ref_init();
+    const size_t n = 100000;
+    void *ctx = zmq_ctx_new();
+    void *push = zmq_socket(ctx, ZMQ_PUSH);
+    void *pull = zmq_socket(ctx, ZMQ_PULL);
+    test_bind_connect(pull, push, "tcp");
+    zev_loop_t *loop = test_loop_new();
+    tctx_t c;
+    tctx_init(&c, loop, n, size_64_4096);
+    c.stop_recv = n;
+    c.stop_done = n;
+
+    zev_stream_t *rx = zev_stream_new(loop, pull);
+    zev_stream_t *tx = zev_stream_new(loop, push);
+    cr_assert(rx && tx);
+    c.tx = tx;
+    cr_assert_eq(zev_stream_on_recv(rx, on_recv_check, &c), 0);
+    cr_assert_eq(zev_stream_on_send(tx, on_send_count, &c), 0);
+
+    pump(&c); /* fills the queue (1000 by default); on_send refills it */
+    cr_assert_eq(run_loop(loop, 100000), 0,
+                 "watchdog: sent %zu, received %zu, freed %zu, trackers done %zu of %zu", c.next,
+                 (size_t)c.received, atomic_load(&c.freed_total), (size_t)c.done_total, n);
+
+    cr_expect_eq(c.next, n);
+    cr_expect_eq(c.received, n);
+    cr_expect_eq(c.recv_bad, 0, "%zu messages with wrong contents", c.recv_bad);
+    cr_expect_eq(c.status_ok, n);
+    cr_expect_eq(c.status_cancelled + c.status_other, 0);
+    cr_expect_gt(c.eagain, 0, "the queue bound was never reached");
+    cr_expect_eq(c.eagain_bad, 0, "a refused send took the buffer or the tracker");
+    expect_all_once(&c, n, true);
+    release_all(&c, n);
+
+    zev_loop_destroy(loop);
+    test_close(push);
+    test_close(pull);
+    cr_assert_eq(zmq_ctx_term(ctx), 0);
+    tctx_free(&c);
+    expect_no_leaks();
+}
+
+static size_t size_small_mix(size_t seq)
+{
+    static const size_t sizes[] = {0, 1, ZEV_ZC_COPY_MAX, ZEV_ZC_COPY_MAX + 1, 64, 4096};
+    return sizes[seq % 6];
+}
+
+static volatile size_t late_cb;
+static void late_done(zev_tracker_t *t, void *arg)
+{
+    (void)t;
+    (void)arg;
+    late_cb++;
+}
+
+Test(tracker, small_buffers_copied_large_referenced)
+{
+    /* A bound PUSH with no peer yet: every message waits in zev's queue, so
+     * a free function that ran before send_zc returned means a copy. */
+    ref_init();
+    void *ctx = zmq_ctx_new();
+    void *push = zmq_socket(ctx, ZMQ_PUSH);
+    char ep[256];
+    cr_assert_eq(zmq_bind(push, "tcp://127.0.0.1:*"), 0);
+    test_last_endpoint(push, ep, sizeof ep);
+    zev_loop_t *loop = test_loop_new();
+    tctx_t c;
+    tctx_init(&c, loop, 6, size_small_mix);
+    zev_stream_t *tx = zev_stream_new(loop, push);
+    cr_assert_not_null(tx);
+    for (size_t seq = 0; seq < 6; seq++) {
+        cr_assert_eq(send_one(&c, tx, seq, new_buf(&c, seq)), 0, "send_zc(%zu B): %s",
+                     c.size(seq), zmq_strerror(errno));
+        if (c.size(seq) <= ZEV_ZC_COPY_MAX)
+            cr_expect_eq(atomic_load(&c.freed[seq]), 1, "%zu B: copied, freed before return",
+                         c.size(seq));
+        else
+            cr_expect_eq(atomic_load(&c.freed[seq]), 0, "%zu B: referenced, not freed yet",
+                         c.size(seq));
+    }
+
+    /* The peer arrives: everything is delivered with the right contents. */
+    void *pull = zmq_socket(ctx, ZMQ_PULL);
+    cr_assert_eq(zmq_connect(pull, ep), 0);
+    zev_stream_t *rx = zev_stream_new(loop, pull);
+    cr_assert_not_null(rx);
+    cr_assert_eq(zev_stream_on_recv(rx, on_recv_check, &c), 0);
+    c.stop_recv = 6;
+    c.stop_done = 6;
+    cr_assert_eq(run_loop(loop, 20000), 0, "watchdog: received %zu, trackers done %zu of 6",
+                 (size_t)c.received, (size_t)c.done_total);
+    cr_expect_eq(c.recv_bad, 0);
+    expect_all_once(&c, 6, true);
+
+    /* on_done on a tracker that completed already runs at once, here. */
+    late_cb = 0;
+    cr_assert_eq(zev_tracker_on_done(c.trk[0], late_done, NULL), 0);
+    cr_expect_eq(late_cb, 1);
+    release_all(&c, 6);
+
+    zev_loop_destroy(loop);
+    test_close(push);
+    test_close(pull);
+    cr_assert_eq(zmq_ctx_term(ctx), 0);
+    tctx_free(&c);
+    expect_no_leaks();
+}
+
+static size_t size_100_or_10(size_t seq)
+{
+    return seq % 2 ? 10 : 100;
+}
+
+Test(tracker, refused_send_takes_nothing)
+{
+    ref_init();
+    void *ctx = zmq_ctx_new();
+    void *push = zmq_socket(ctx, ZMQ_PUSH);
+    cr_assert_eq(zmq_bind(push, "tcp://127.0.0.1:*"), 0); /* no peer: all queued */
+    zev_loop_t *loop = test_loop_new();
+    tctx_t c;
+    tctx_init(&c, loop, 6, size_100_or_10);
+    zev_stream_t *tx = zev_stream_new(loop, push);
+    cr_assert_not_null(tx);
+    cr_assert_eq(zev_stream_set_max_queue(tx, 2), 0);
+    cr_assert_eq(zev_stream_on_send(tx, on_send_count, &c), 0);
+    cr_assert_eq(zev_stream_on_close(tx, on_close_flag, &c), 0);
+
+    cr_assert_eq(send_one(&c, tx, 0, new_buf(&c, 0)), 0); /* 100 B, referenced */
+    cr_assert_eq(send_one(&c, tx, 1, new_buf(&c, 1)), 0); /* 10 B, copied */
+    cr_expect_eq(atomic_load(&c.freed[1]), 1);
+
+    /* Queue full: refused, for both paths; free_fn not run, *out untouched,
+     * the buffers still ours (ASan would catch a free behind our back). */
+    uint8_t *b2 = new_buf(&c, 2), *b3 = new_buf(&c, 3);
+    errno = 0;
+    cr_expect_eq(send_one(&c, tx, 2, b2), -1);
+    cr_expect_eq(errno, EAGAIN);
+    errno = 0;
+    cr_expect_eq(send_one(&c, tx, 3, b3), -1);
+    cr_expect_eq(errno, EAGAIN);
+    cr_expect_eq(c.eagain_bad, 0, "a refused send ran free_fn or set the tracker");
+    cr_expect(content_ok(b2, 100, 2) && content_ok(b3, 10, 3));
+    memset(b2, 0xab, 100);
+    memset(b3, 0xab, 10);
+    free(b2);
+    free(b3);
+
+    /* Bad arguments: nothing taken either. */
+    uint8_t *b4 = new_buf(&c, 4);
+    zev_tracker_t *t = (zev_tracker_t *)&c;
+    errno = 0;
+    cr_expect_eq(zev_stream_send_zc(NULL, b4, 100, zc_free, (void *)5, &t), -1);
+    cr_expect_eq(errno, EINVAL);
+    errno = 0;
+    cr_expect_eq(zev_stream_send_zc(tx, NULL, 100, zc_free, (void *)5, &t), -1);
+    cr_expect_eq(errno, EINVAL);
+    cr_expect_eq(t, (zev_tracker_t *)&c);
+    cr_expect_eq(atomic_load(&c.freed[4]), 0);
+    free(b4);
+
+    /* Closing cancels the two queued sends: each free function once, each
+     * tracker completes once on the loop thread. */
+    cr_assert_eq(zev_stream_close(tx, 0), 0);
+    c.stop_recv = 0;
+    c.stop_done = 2;
+    cr_assert_eq(run_loop(loop, 20000), 0, "watchdog: trackers done %zu of 2",
+                 (size_t)c.done_total);
+    cr_expect_eq(atomic_load(&c.freed_total), 2);
+    expect_all_once(&c, 2, true);
+    cr_expect_eq(c.status_cancelled, 2);
+    cr_expect_eq(c.status_ok + c.status_other, 0);
+    for (size_t i = 0; i < 100 && !c.closed; i++)
+        zev_loop_run_once(loop, 10);
+    cr_expect_eq(c.closed, 1);
+    release_all(&c, 2);
+
+    zev_loop_destroy(loop);
+    test_close(push);
+    cr_assert_eq(zmq_ctx_term(ctx), 0);
+    tctx_free(&c);
+    expect_no_leaks();
+}
+
+Test(tracker, stream_closed_with_sends_queued_in_zev)
+{
+    /* A bound PUSH that no peer ever connects to: 5,000 sends wait in zev's
+     * (unbounded) queue; half the trackers are released early. Closing the
+     * stream: every send ECANCELED, every buffer freed once, every kept
+     * tracker completes once on the loop thread, released ones call
+     * nothing. */
+    ref_init();
+    const size_t n = 5000;
+    void *ctx = zmq_ctx_new();
+    void *push = zmq_socket(ctx, ZMQ_PUSH);
+    cr_assert_eq(zmq_bind(push, "tcp://127.0.0.1:*"), 0);
+    zev_loop_t *loop = test_loop_new();
+    tctx_t c;
+    tctx_init(&c, loop, n, size_64_4096);
+    zev_stream_t *tx = zev_stream_new(loop, push);
+    cr_assert_not_null(tx);
+    cr_assert_eq(zev_stream_set_max_queue(tx, 0), 0);
+    cr_assert_eq(zev_stream_on_send(tx, on_send_count, &c), 0);
+    cr_assert_eq(zev_stream_on_close(tx, on_close_flag, &c), 0);
+    for (size_t seq = 0; seq < n; seq++)
+        cr_assert_eq(send_one(&c, tx, seq, new_buf(&c, seq)), 0, "send %zu: %s", seq,
+                     zmq_strerror(errno));
+    for (int i = 0; i < 5; i++)
+        zev_loop_run_once(loop, 0);
+    cr_expect_eq(atomic_load(&c.freed_total), 0, "nothing can be sent, nothing freed");
+    cr_expect_eq(c.done_total, 0);
+    size_t done_early = 0;
+    for (size_t seq = 0; seq < n; seq++)
+        done_early += zev_tracker_done(c.trk[seq]) != 0;
+    cr_expect_eq(done_early, 0, "trackers done before their buffers were released");
+    for (size_t seq = 1; seq < n; seq += 2) {
+        cr_assert_eq(zev_tracker_release(c.trk[seq]), 0);
+        c.trk[seq] = NULL;
+    }
+
+    cr_assert_eq(zev_stream_close(tx, 0), 0);
+    c.stop_recv = 0;
+    c.stop_done = n / 2;
+    cr_assert_eq(run_loop(loop, 30000), 0, "watchdog: trackers done %zu of %zu",
+                 (size_t)c.done_total, n / 2);
+    for (int i = 0; i < 100 && !c.closed; i++)
+        zev_loop_run_once(loop, 10);
+    cr_expect_eq(c.closed, 1);
+    cr_expect_eq(c.status_cancelled, n, "on_send ECANCELED %zu of %zu", c.status_cancelled, n);
+    cr_expect_eq(c.status_ok + c.status_other, 0);
+
+    size_t not_once = 0, cb_wrong = 0;
+    for (size_t i = 0; i < n; i++) {
+        not_once += atomic_load(&c.freed[i]) != 1;
+        cb_wrong += c.done_cb[i] != (i % 2 ? 0 : 1);
+    }
+    cr_expect_eq(not_once, 0, "%zu free functions did not run exactly once", not_once);
+    cr_expect_eq(cb_wrong, 0, "%zu tracker callbacks wrong (released ones must not run)",
+                 cb_wrong);
+    cr_expect_eq(atomic_load(&c.bad_thread), 0);
+    cr_expect_eq(c.done_before_free + c.done_bad, 0);
+    release_all(&c, n);
+
+    zev_loop_destroy(loop);
+    test_close(push);
+    cr_assert_eq(zmq_ctx_term(ctx), 0);
+    tctx_free(&c);
+    expect_no_leaks();
+}
+
+Test(tracker, peer_never_connects_stream_closed_then_socket)
+{
+    /* A PUSH connecting to a port that refuses: libzmq takes the first
+     * SNDHWM messages into its pipe (status 0), the rest wait in zev's queue.
+     * Closing the stream cancels zev's part; closing the socket (linger 0)
+     * makes libzmq drop its part from its own threads. Every free function
+     * once, every tracker once, on the loop thread. */
+    ref_init();
+    const size_t n = 3000;
+    char ep[64];
+    int port_fd = dead_port(ep, sizeof ep);
+    void *ctx = zmq_ctx_new();
+    void *push = zmq_socket(ctx, ZMQ_PUSH);
+    cr_assert_eq(zmq_connect(push, ep), 0);
+    zev_loop_t *loop = test_loop_new();
+    tctx_t c;
+    tctx_init(&c, loop, n, size_64_4096);
+    zev_stream_t *tx = zev_stream_new(loop, push);
+    cr_assert_not_null(tx);
+    cr_assert_eq(zev_stream_set_max_queue(tx, 0), 0);
+    cr_assert_eq(zev_stream_on_send(tx, on_send_count, &c), 0);
+    cr_assert_eq(zev_stream_on_close(tx, on_close_flag, &c), 0);
+    for (size_t seq = 0; seq < n; seq++)
+        cr_assert_eq(send_one(&c, tx, seq, new_buf(&c, seq)), 0);
+    for (int i = 0; i < 5; i++)
+        zev_loop_run_once(loop, 0);
+    zev_stream_stats_t st;
+    cr_assert_eq(zev_stream_stats(tx, &st), 0);
+    size_t in_zev = st.queued_msgs;
+    cr_expect_gt(in_zev, 0);
+    cr_expect_lt(in_zev, n, "libzmq should have taken up to its HWM");
+
+    cr_assert_eq(zev_stream_close(tx, 0), 0);
+    for (int i = 0; i < 100 && !c.closed; i++)
+        zev_loop_run_once(loop, 10);
+    cr_expect_eq(c.closed, 1);
+    cr_expect_eq(c.status_cancelled, in_zev);
+    cr_expect_eq(c.status_ok, n - in_zev);
+    cr_expect_eq(atomic_load(&c.freed_total), in_zev, "libzmq still holds its messages");
+
+    test_close(push); /* libzmq frees the rest from its reaper thread */
+    c.stop_recv = 0;
+    c.stop_done = n;
+    cr_assert_eq(run_loop(loop, 30000), 0, "watchdog: freed %zu, trackers done %zu of %zu",
+                 atomic_load(&c.freed_total), (size_t)c.done_total, n);
+    expect_all_once(&c, n, true);
+    release_all(&c, n);
+
+    zev_loop_destroy(loop);
+    cr_assert_eq(zmq_ctx_term(ctx), 0);
+    close(port_fd);
+    tctx_free(&c);
+    expect_no_leaks();
+}
+
+Test(tracker, peer_never_connects_loop_destroyed)
+{
+    /* As above, but the loop is destroyed with everything outstanding: zev's
+     * queued sends are cancelled by the destroy, libzmq's are dropped when
+     * the socket closes afterwards. Every free function once; trackers
+     * complete (done == 1) but call nothing once the loop is gone; no leak. */
+    ref_init();
+    const size_t n = 3000;
+    char ep[64];
+    int port_fd = dead_port(ep, sizeof ep);
+    void *ctx = zmq_ctx_new();
+    void *push = zmq_socket(ctx, ZMQ_PUSH);
+    cr_assert_eq(zmq_connect(push, ep), 0);
+    zev_loop_t *loop = test_loop_new();
+    tctx_t c;
+    tctx_init(&c, loop, n, size_64_4096);
+    zev_stream_t *tx = zev_stream_new(loop, push);
+    cr_assert_not_null(tx);
+    cr_assert_eq(zev_stream_set_max_queue(tx, 0), 0);
+    cr_assert_eq(zev_stream_on_send(tx, on_send_count, &c), 0);
+    for (size_t seq = 0; seq < n; seq++)
+        cr_assert_eq(send_one(&c, tx, seq, new_buf(&c, seq)), 0);
+    zev_loop_run_once(loop, 0);
+    zev_stream_stats_t st;
+    cr_assert_eq(zev_stream_stats(tx, &st), 0);
+    size_t in_zev = st.queued_msgs;
+    cr_expect_gt(in_zev, 0);
+
+    zev_loop_destroy(loop);
+    cr_expect_eq(c.reported, n, "on_send: %zu of %zu reported by destroy", (size_t)c.reported, n);
+    cr_expect_eq(c.status_cancelled, in_zev);
+    cr_expect_eq(atomic_load(&c.freed_total), in_zev);
+
+    test_close(push);
+    cr_assert_eq(zmq_ctx_term(ctx), 0); /* waits for libzmq to drop everything */
+    expect_all_once(&c, n, false);
+    cr_expect_eq(c.done_total, 0, "tracker callbacks ran after zev_loop_destroy");
+    release_all(&c, n);
+    close(port_fd);
+    tctx_free(&c);
+    expect_no_leaks();
+}
