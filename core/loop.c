@@ -272,13 +272,18 @@ void zev__embedded_signal(zev_loop_t *loop)
 #endif
 }
 
-static int loop_iterate(zev_loop_t *loop, int max_wait_ms)
+/* One iteration. With `once` (zev_loop_run_once) an iteration whose
+ * phases 1-3 already ran callbacks does not block in the wait: the caller
+ * gets control back after progress, as libuv's UV_RUN_ONCE promises. */
+static int loop_iterate(zev_loop_t *loop, int max_wait_ms, bool once)
 {
     loop->depth++;
     loop->now_ns = zev__clock_ns();
-    zev__timers_run(loop);             /* 1 */
-    zev__hub_drain(loop->hub, loop);   /* 2 */
-    zev__streams_process(loop);        /* 3 */
+    size_t progress = zev__timers_run(loop);     /* 1 */
+    progress += zev__hub_drain(loop->hub, loop); /* 2 */
+    progress += zev__streams_process(loop);      /* 3 */
+    if (once && progress)
+        max_wait_ms = 0;
     int n = backend_wait(loop, wait_timeout(loop, max_wait_ms)); /* 4 */
     int err = errno;
     if (n > 0) {
@@ -307,7 +312,7 @@ int zev_loop_run(zev_loop_t *loop)
         return -1;
     }
     while (!atomic_exchange(&loop->stop_requested, 0))
-        if (loop_iterate(loop, -1) < 0)
+        if (loop_iterate(loop, -1, false) < 0)
             return -1;
     return 0;
 }
@@ -322,7 +327,7 @@ int zev_loop_run_once(zev_loop_t *loop, int timeout_ms)
         errno = EBUSY;
         return -1;
     }
-    if (loop_iterate(loop, timeout_ms < 0 ? -1 : timeout_ms) < 0)
+    if (loop_iterate(loop, timeout_ms < 0 ? -1 : timeout_ms, true) < 0)
         return -1;
     return has_pending_work(loop);
 }

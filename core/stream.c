@@ -475,6 +475,11 @@ static size_t stream_work(zev_stream_t *s, int mask, size_t limit, bool *idle)
 {
     bool outer = s->in_pass;
     size_t done = 0;
+    /* A pass that ran out of budget while receiving left a hint: try recv
+     * first and read ZMQ_EVENTS only when it runs dry. Only a fresh read may
+     * end the pass as idle, so the hint can cost a syscall, never an edge. */
+    int hint = s->recv_hint;
+    s->recv_hint = 0;
     *idle = false;
     s->in_pass = true;
     deliver_reports(s);
@@ -485,9 +490,11 @@ static size_t stream_work(zev_stream_t *s, int mask, size_t limit, bool *idle)
         }
         if (limit && done >= limit)
             break;
-        int events = 0;
+        int events = hint;
+        bool fresh = !hint;
         size_t len = sizeof events;
-        if (zmq_getsockopt(s->sock, ZMQ_EVENTS, &events, &len) < 0) {
+        hint = 0;
+        if (fresh && zmq_getsockopt(s->sock, ZMQ_EVENTS, &events, &len) < 0) {
             if (socket_gone(errno))
                 stream_fail(s, errno);
             *idle = true;
@@ -495,8 +502,10 @@ static size_t stream_work(zev_stream_t *s, int mask, size_t limit, bool *idle)
         }
         int act = events & wants(s) & mask;
         if (!act) {
-            *idle = true;
-            break;
+            *idle = fresh;
+            if (fresh)
+                break;
+            continue;
         }
         size_t room = limit ? limit - done : SIZE_MAX, n = 0;
         bool was_blocked = s->blocked;
@@ -508,8 +517,10 @@ static size_t stream_work(zev_stream_t *s, int mask, size_t limit, bool *idle)
         done += n;
         if (s->flushing && flush_done(s))
             finalize(s);
-        else if (n == 0 && s->blocked == was_blocked)
+        else if (n == 0 && s->blocked == was_blocked && fresh)
             break; /* ZMQ_EVENTS promised work libzmq did not give: retry next iteration */
+        else if (limit && done >= limit)
+            s->recv_hint = act & ZMQ_POLLIN;
     }
     s->in_pass = outer;
     return done;
@@ -526,14 +537,15 @@ void zev__stream_fired(zev_stream_t *s)
     mark_ready(s);
 }
 
-void zev__streams_process(zev_loop_t *loop)
+size_t zev__streams_process(zev_loop_t *loop)
 {
     /* Only the streams ready when the phase began; those made ready during
      * it (and those out of budget) wait at the tail for the next iteration. */
     zev__list_t batch;
+    size_t handled = 0;
     zev__list_init(&batch);
     if (zev__list_empty(&loop->ready))
-        return;
+        return 0;
     batch.next = loop->ready.next;
     batch.prev = loop->ready.prev;
     batch.next->prev = batch.prev->next = &batch;
@@ -543,10 +555,12 @@ void zev__streams_process(zev_loop_t *loop)
     while ((node = zev__list_pop_head(&batch))) {
         zev_stream_t *s = zev__container_of(node, zev_stream_t, ready);
         bool idle;
-        stream_work(s, ZMQ_POLLIN | ZMQ_POLLOUT, s->batch ? s->batch : loop->batch, &idle);
+        handled += stream_work(s, ZMQ_POLLIN | ZMQ_POLLOUT, s->batch ? s->batch : loop->batch,
+                               &idle);
         if (!idle)
             mark_ready(s);
     }
+    return handled;
 }
 
 /* ----------------------------------------------------------------- lifetime */

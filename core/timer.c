@@ -144,14 +144,16 @@ int zev_timer_cancel(zev_timer_t *t)
     return 0;
 }
 
-void zev__timers_run(zev_loop_t *loop)
+size_t zev__timers_run(zev_loop_t *loop)
 {
     const uint64_t started_before = loop->timer_seq;
+    size_t ran = 0;
     while (loop->heap_len) {
         zev_timer_t *t = loop->heap[0];
         if (t->deadline_ns > loop->now_ns || t->seq >= started_before)
             break;
         heap_remove(loop, t);
+        ran++;
         t->running = true;
         t->fn(t, t->arg);
         t->running = false;
@@ -167,6 +169,7 @@ void zev__timers_run(zev_loop_t *loop)
         if (heap_insert(loop, t) < 0)
             free(t); /* ENOMEM growing the heap cannot happen: t just left it */
     }
+    return ran;
 }
 
 uint64_t zev__timers_next(const zev_loop_t *loop)

@@ -180,6 +180,7 @@ struct zev_stream {
     bool blocked;     /* POLLOUT was reported but the head message got EAGAIN */
     bool in_pass;     /* stream_work is on the stack */
     bool in_recv_cb;  /* on_recv is on the stack: the ring is borrowed */
+    int recv_hint;    /* ZMQ_POLLIN: the last pass stopped at its budget */
     uint64_t backoff_ns;
     zev_timer_t *backoff_timer;
     zev_timer_t *linger_timer;
@@ -221,7 +222,7 @@ ZEV_INTERNAL uint64_t zev__clock_ns(void);
 ZEV_INTERNAL void zev__embedded_signal(zev_loop_t *loop);
 
 /* timer.c */
-ZEV_INTERNAL void zev__timers_run(zev_loop_t *loop);
+ZEV_INTERNAL size_t zev__timers_run(zev_loop_t *loop); /* returns timers run */
 ZEV_INTERNAL uint64_t zev__timers_next(const zev_loop_t *loop); /* UINT64_MAX if none */
 ZEV_INTERNAL void zev__timers_free(zev_loop_t *loop);
 
@@ -232,7 +233,7 @@ ZEV_INTERNAL void zev__io_free_all(zev_loop_t *loop);
 
 /* stream.c */
 ZEV_INTERNAL void zev__stream_fired(zev_stream_t *s);
-ZEV_INTERNAL void zev__streams_process(zev_loop_t *loop);
+ZEV_INTERNAL size_t zev__streams_process(zev_loop_t *loop); /* messages handled */
 ZEV_INTERNAL void zev__streams_reap(zev_loop_t *loop);
 ZEV_INTERNAL void zev__streams_close_all(zev_loop_t *loop);
 ZEV_INTERNAL void zev__stream_kick(zev_stream_t *s); /* put it on the ready-list */

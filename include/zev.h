@@ -93,7 +93,9 @@ ZEV_API int zev_loop_run(zev_loop_t *loop);
 
 /* Runs one iteration (timers, queued callbacks, ready streams, wait, ready
  * fds). timeout_ms bounds the wait: -1 blocks until something happens, 0
- * does not wait. Returns 1 if the loop still has work pending (as
+ * does not wait; if timers, queued callbacks or streams already ran
+ * callbacks in this iteration it does not block at all, so
+ * `while (!done) zev_loop_run_once(loop, -1);` always makes progress. Returns 1 if the loop still has work pending (as
  * zev_loop_timeout == 0 would say), 0 otherwise, -1 with EINVAL / EBUSY. */
 ZEV_API int zev_loop_run_once(zev_loop_t *loop, int timeout_ms);
 
