@@ -6,9 +6,12 @@
  *   may consume its edge. One function, stream_work, owns that fact: it reads
  *   ZMQ_EVENTS, handles up to its budget of messages, and repeats. A stream
  *   leaves the ready-list only when stream_work returns `idle`, which it
- *   does only right after ZMQ_EVENTS reported nothing the stream wants. Out
- *   of budget it stays on the ready-list (tail), so the next iteration
- *   serves it without waiting for an edge that is gone.
+ *   does only right after ZMQ_EVENTS reported nothing the stream wants, or
+ *   right after a recv found nothing while no send is queued (that recv
+ *   made libzmq process its commands unthrottled: for POLLIN it is the same
+ *   read, and it saves a getpid + poll per wakeup). Out of budget it stays
+ *   on the ready-list (tail), so the next iteration serves it without
+ *   waiting for an edge that is gone.
  * - Everything that touches the socket outside the stream's own pass (a
  *   send from another callback, a timer or user code, a flush) and every
  *   change of interest (on_recv set, frames returned under max_frames, a
@@ -280,6 +283,7 @@ static int send_part(zev_stream_t *s, zmq_msg_t *msg, bool more)
         return 0;
     }
     if (first ? s->qlen == 0 : s->open == OPEN_DIRECT) {
+        s->touches++;
         int rc = zmq_msg_send(msg, s->sock, ZMQ_DONTWAIT | (more ? ZMQ_SNDMORE : 0));
         int err = errno;
         if (!s->in_pass)
@@ -376,6 +380,7 @@ static size_t send_some(zev_stream_t *s, size_t room)
             break;
         zev__sendpart_t *p = q_at(s, 0);
         bool more = p->more;
+        s->touches++;
         if (zmq_msg_send(&p->msg, s->sock, ZMQ_DONTWAIT | (more ? ZMQ_SNDMORE : 0)) < 0) {
             int err = errno;
             if (err == EINTR)
@@ -423,6 +428,7 @@ static int recv_message(zev_stream_t *s)
     for (;;) {
         if (i == s->ring_cap && zev__ring_reserve(s, i + 1) < 0)
             return -1;
+        s->touches++;
         if (zmq_msg_recv(&s->ring[i], s->sock, ZMQ_DONTWAIT) < 0) {
             if (errno == EINTR)
                 continue;
@@ -437,7 +443,11 @@ static int recv_message(zev_stream_t *s)
     return 1;
 }
 
-static size_t recv_some(zev_stream_t *s, size_t room)
+/* Receives and dispatches up to `room` messages. *drained says the last
+ * socket operation was a recv that found nothing: libzmq processed every
+ * pending command for it, unthrottled, so for POLLIN it is as good as a
+ * ZMQ_EVENTS read (and consumed the same edge). */
+static size_t recv_some(zev_stream_t *s, size_t room, bool *drained)
 {
     size_t n = 0;
     while (n < room && s->on_recv && !s->closed && frames_allow(s)) {
@@ -445,6 +455,8 @@ static size_t recv_some(zev_stream_t *s, size_t room)
         if (rc <= 0) {
             if (rc < 0 && socket_gone(errno))
                 stream_fail(s, errno);
+            *drained = rc == 0;
+            s->drained_at = s->touches;
             break;
         }
         s->in_recv_cb = true;
@@ -475,9 +487,10 @@ static size_t stream_work(zev_stream_t *s, int mask, size_t limit, bool *idle)
 {
     bool outer = s->in_pass;
     size_t done = 0;
-    /* A pass that ran out of budget while receiving left a hint: try recv
-     * first and read ZMQ_EVENTS only when it runs dry. Only a fresh read may
-     * end the pass as idle, so the hint can cost a syscall, never an edge. */
+    /* An edge on ZMQ_FD, or a pass that ran out of budget while receiving,
+     * leaves a hint: try recv first and read ZMQ_EVENTS only when needed.
+     * Only a fresh read, or a recv that found nothing while no send waits,
+     * may end the pass as idle: the hint can cost a syscall, never an edge. */
     int hint = s->recv_hint;
     s->recv_hint = 0;
     *idle = false;
@@ -494,7 +507,7 @@ static size_t stream_work(zev_stream_t *s, int mask, size_t limit, bool *idle)
         bool fresh = !hint;
         size_t len = sizeof events;
         hint = 0;
-        if (fresh && zmq_getsockopt(s->sock, ZMQ_EVENTS, &events, &len) < 0) {
+        if (fresh && (s->touches++, zmq_getsockopt(s->sock, ZMQ_EVENTS, &events, &len) < 0)) {
             if (socket_gone(errno))
                 stream_fail(s, errno);
             *idle = true;
@@ -508,16 +521,22 @@ static size_t stream_work(zev_stream_t *s, int mask, size_t limit, bool *idle)
             continue;
         }
         size_t room = limit ? limit - done : SIZE_MAX, n = 0;
-        bool was_blocked = s->blocked;
+        bool was_blocked = s->blocked, drained = false;
         if (act & ZMQ_POLLIN)
-            n += recv_some(s, room);
+            n += recv_some(s, room, &drained);
         if ((act & ZMQ_POLLOUT) && n < room)
             n += send_some(s, room - n);
         deliver_reports(s);
         done += n;
-        if (s->flushing && flush_done(s))
+        if (s->flushing && flush_done(s)) {
             finalize(s);
-        else if (n == 0 && s->blocked == was_blocked && fresh)
+        } else if (drained && s->touches == s->drained_at && !(wants(s) & ZMQ_POLLOUT)) {
+            /* DESIGN's rule: a recv that ended in EAGAIN with no sends
+             * queued may end the pass; the ZMQ_EVENTS read would only
+             * repeat what that recv's command processing just did. */
+            *idle = true;
+            break;
+        } else if (n == 0 && s->blocked == was_blocked && fresh)
             break; /* ZMQ_EVENTS promised work libzmq did not give: retry next iteration */
         else if (limit && done >= limit)
             s->recv_hint = act & ZMQ_POLLIN;
@@ -534,6 +553,8 @@ void zev__stream_kick(zev_stream_t *s)
 void zev__stream_fired(zev_stream_t *s)
 {
     s->blocked = false; /* a new edge: POLLOUT may be true again */
+    if (s->on_recv)
+        s->recv_hint = ZMQ_POLLIN; /* most edges bring a message: try recv first */
     mark_ready(s);
 }
 

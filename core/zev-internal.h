@@ -180,7 +180,9 @@ struct zev_stream {
     bool blocked;     /* POLLOUT was reported but the head message got EAGAIN */
     bool in_pass;     /* stream_work is on the stack */
     bool in_recv_cb;  /* on_recv is on the stack: the ring is borrowed */
-    int recv_hint;    /* ZMQ_POLLIN: the last pass stopped at its budget */
+    int recv_hint;    /* ZMQ_POLLIN: try recv before reading ZMQ_EVENTS */
+    unsigned touches;    /* zmq calls zev made on the socket */
+    unsigned drained_at; /* `touches` when a recv last found nothing */
     uint64_t backoff_ns;
     zev_timer_t *backoff_timer;
     zev_timer_t *linger_timer;
