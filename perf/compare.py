@@ -615,6 +615,32 @@ def git_rev():
     return rev or "unknown"
 
 
+README_BEGIN = "<!-- perf:begin (written by perf/compare.py) -->"
+README_END = "<!-- perf:end -->"
+
+
+def update_readme(head, targets, thr, plots_made):
+    """Puts the targets verdict and the throughput table of this run into the
+    top-level README between its markers, so the README never shows a
+    number that no program printed."""
+    path = os.path.join(ROOT, "README.md")
+    try:
+        with open(path) as f:
+            text = f.read()
+    except OSError:
+        return
+    if README_BEGIN not in text or README_END not in text:
+        return
+    meta = [line for line in head if line.startswith(("- Date", "- Command", "- Machine",
+                                                      "- Load"))]
+    pics = " ".join(f"![{m}](perf/{m})" for m in plots_made)
+    section = "\n".join([README_BEGIN, "", *meta, "", targets, thr, pics, "", README_END])
+    before = text.split(README_BEGIN)[0]
+    after = text.split(README_END, 1)[1]
+    with open(path, "w") as f:
+        f.write(before + section + after)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--build", required=True, help="build directory with perf/ programs")
@@ -684,6 +710,8 @@ def main():
     md = "\n".join(head) + "\n" + "\n".join(body) + "\n" + "\n".join(tail) + "\n"
     with open(os.path.join(a.out, "RESULTS.md"), "w") as f:
         f.write(md)
+    if not a.only:
+        update_readme(head, sec_targets(R), sec_thr(R), made)
     print(md)
     print(f"perf: wrote {os.path.join(a.out, 'RESULTS.md')}"
           + (f" and {', '.join(made)}" if made else ""), file=sys.stderr)
