@@ -31,11 +31,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-void alloc_count_start(void);
-void alloc_count_stop(void);
-size_t alloc_count_allocs(void);
-size_t alloc_count_frees(void);
-int alloc_count_interposed(void);
+#include "alloc_count.h"
 
 static void *(*real_malloc)(size_t);
 static void *(*real_calloc)(size_t, size_t);

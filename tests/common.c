@@ -1,5 +1,6 @@
 #include "common.h"
 
+#include <errno.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -82,4 +83,150 @@ void test_close(void *sock)
     int zero = 0;
     zmq_setsockopt(sock, ZMQ_LINGER, &zero, sizeof zero);
     zmq_close(sock);
+}
+
+/* ------------------------------------------------ shared by several tests */
+
+void *test_ctx_new(void)
+{
+    void *ctx = zmq_ctx_new();
+    cr_assert_not_null(ctx);
+    return ctx;
+}
+
+void *test_socket(void *ctx, int type)
+{
+    void *s = zmq_socket(ctx, type);
+    cr_assert_not_null(s, "zmq_socket(%d): %s", type, zmq_strerror(errno));
+    return s;
+}
+
+zev_stream_t *test_stream_new(zev_loop_t *loop, void *sock)
+{
+    zev_stream_t *s = zev_stream_new(loop, sock);
+    cr_assert_not_null(s, "zev_stream_new: %s", zmq_strerror(errno));
+    return s;
+}
+
+void test_set_int(void *sock, int opt, int v)
+{
+    cr_assert_eq(zmq_setsockopt(sock, opt, &v, sizeof v), 0, "setsockopt %d: %s", opt,
+                 zmq_strerror(errno));
+}
+
+void test_bind_ep(void *sock, const char *transport, char *ep, size_t len)
+{
+    test_endpoint(ep, len, transport);
+    cr_assert_eq(zmq_bind(sock, ep), 0, "bind %s: %s", ep, zmq_strerror(errno));
+    test_last_endpoint(sock, ep, len);
+}
+
+void test_spin(zev_loop_t *loop, int iterations, int ms)
+{
+    for (int i = 0; i < iterations; i++)
+        cr_assert_geq(zev_loop_run_once(loop, ms), 0, "run_once: %s", zmq_strerror(errno));
+}
+
+void test_send_seq(void *sock, uint64_t seq)
+{
+    cr_assert_eq(zmq_send(sock, &seq, sizeof seq, 0), (int)sizeof seq, "zmq_send: %s",
+                 zmq_strerror(errno));
+}
+
+uint64_t test_clock_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
+
+void test_sleep_ms(int ms)
+{
+    struct timespec ts = {ms / 1000, (long)(ms % 1000) * 1000000L};
+    while (nanosleep(&ts, &ts) < 0 && errno == EINTR)
+        ;
+}
+
+void test_pipe(int p[2])
+{
+    cr_assert_eq(pipe(p), 0, "pipe: %s", strerror(errno));
+}
+
+#if defined(__SANITIZE_ADDRESS__)
+#define TEST_ASAN 1
+#elif defined(__has_feature)
+#if __has_feature(address_sanitizer)
+#define TEST_ASAN 1
+#endif
+#endif
+#ifdef TEST_ASAN
+#include <sanitizer/lsan_interface.h>
+void test_expect_no_leaks(void)
+{
+    cr_expect_eq(__lsan_do_recoverable_leak_check(), 0, "LeakSanitizer: leaks (see above)");
+}
+#else
+void test_expect_no_leaks(void)
+{
+}
+#endif
+
+static void watchdog_io(zev_io_t *io, int fd, int events, void *arg)
+{
+    (void)io;
+    (void)fd;
+    (void)events;
+    test_watchdog_t *w = arg;
+    w->fired = 1;
+    zev_loop_stop(w->loop);
+}
+
+static void *watchdog_main(void *arg)
+{
+    test_watchdog_t *w = arg;
+    struct timespec until;
+    clock_gettime(CLOCK_REALTIME, &until);
+    until.tv_sec += w->ms / 1000;
+    until.tv_nsec += (long)(w->ms % 1000) * 1000000L;
+    if (until.tv_nsec >= 1000000000L) {
+        until.tv_sec++;
+        until.tv_nsec -= 1000000000L;
+    }
+    pthread_mutex_lock(&w->mu);
+    int rc = 0;
+    while (!w->cancelled && rc != ETIMEDOUT)
+        rc = pthread_cond_timedwait(&w->cv, &w->mu, &until);
+    bool fire = !w->cancelled;
+    pthread_mutex_unlock(&w->mu);
+    if (fire) {
+        char b = 'w';
+        (void)!write(w->fds[1], &b, 1);
+    }
+    return NULL;
+}
+
+void test_watchdog_start(test_watchdog_t *w, zev_loop_t *loop, int ms)
+{
+    *w = (test_watchdog_t){.loop = loop, .ms = ms};
+    cr_assert_eq(pipe(w->fds), 0);
+    pthread_mutex_init(&w->mu, NULL);
+    pthread_cond_init(&w->cv, NULL);
+    w->io = zev_io_start(loop, w->fds[0], ZEV_READ, watchdog_io, w);
+    cr_assert_not_null(w->io, "zev_io_start: %s", zmq_strerror(errno));
+    cr_assert_eq(pthread_create(&w->thread, NULL, watchdog_main, w), 0);
+}
+
+int test_watchdog_stop(test_watchdog_t *w)
+{
+    pthread_mutex_lock(&w->mu);
+    w->cancelled = true;
+    pthread_cond_signal(&w->cv);
+    pthread_mutex_unlock(&w->mu);
+    pthread_join(w->thread, NULL);
+    zev_io_stop(w->io);
+    close(w->fds[0]);
+    close(w->fds[1]);
+    pthread_mutex_destroy(&w->mu);
+    pthread_cond_destroy(&w->cv);
+    return w->fired;
 }

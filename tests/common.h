@@ -7,6 +7,8 @@
 #define ZEV_TEST_COMMON_H
 
 #include <criterion/criterion.h>
+#include <pthread.h>
+#include <stdbool.h>
 #include <stdint.h>
 #include <zev.h>
 #include <zmq.h>
@@ -40,5 +42,65 @@ void test_bind_connect(void *bind_sock, void *conn_sock, const char *transport);
 
 /* Closes a socket with linger 0. */
 void test_close(void *sock);
+
+/* ------------------------------------------------------------------------
+ * Helpers shared by several test programs (each used to carry its own copy).
+ */
+
+/* zmq_ctx_new / zmq_socket / zev_stream_new that assert on failure. */
+void *test_ctx_new(void);
+void *test_socket(void *ctx, int type);
+zev_stream_t *test_stream_new(zev_loop_t *loop, void *sock);
+
+/* zmq_setsockopt of an int option; asserts on failure. */
+void test_set_int(void *sock, int opt, int v);
+
+/* Binds sock on a fresh endpoint of transport; writes the endpoint a peer
+ * must connect to in ep. */
+void test_bind_ep(void *sock, const char *transport, char *ep, size_t len);
+
+/* Runs `iterations` iterations (each waiting up to ms), with no expectation
+ * beyond run_once not failing. */
+void test_spin(zev_loop_t *loop, int iterations, int ms);
+
+/* Blocking raw send of a sequence number (8 bytes). */
+void test_send_seq(void *sock, uint64_t seq);
+
+/* Monotonic ns (for ordering checks and watchdogs, not speed assertions). */
+uint64_t test_clock_ns(void);
+
+/* nanosleep for ms, resumed after EINTR. */
+void test_sleep_ms(int ms);
+
+/* pipe(p); asserts on failure. */
+void test_pipe(int p[2]);
+
+/* Criterion counts a test whose child process ends with a LeakSanitizer
+ * report as passing (it only warns), so ASan builds check for leaks inside
+ * the test, after everything was released and the context terminated.
+ * Does nothing in other builds. */
+void test_expect_no_leaks(void);
+
+/* A watchdog for tests that run the loop with zev_loop_run, which blocks
+ * until something wakes it: a lost wakeup then shows as a hang, not merely
+ * as slowness hidden by a polling timeout. After ms the watchdog wakes the
+ * loop through its own pipe and an io watcher (not through zev_loop_stop's
+ * wakeup, which may be what is broken) and stops it, so the test fails with
+ * a message. */
+typedef struct test_watchdog {
+    zev_loop_t *loop;
+    int fds[2];
+    zev_io_t *io;
+    pthread_t thread;
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    bool cancelled;
+    int ms;
+    volatile int fired; /* loop thread */
+} test_watchdog_t;
+
+void test_watchdog_start(test_watchdog_t *w, zev_loop_t *loop, int ms);
+/* Returns 1 if the watchdog had to stop the loop. */
+int test_watchdog_stop(test_watchdog_t *w);
 
 #endif

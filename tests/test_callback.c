@@ -18,13 +18,6 @@
 
 TestSuite(callback, .timeout = 120);
 
-static void sleep_ms(int ms)
-{
-    struct timespec ts = {ms / 1000, (long)(ms % 1000) * 1000000L};
-    while (nanosleep(&ts, &ts) < 0 && errno == EINTR)
-        ;
-}
-
 static void count_cb(zev_loop_t *loop, void *arg)
 {
     (void)loop;
@@ -180,7 +173,7 @@ static void *bursty_producer(void *arg)
     bursty_t *b = pa->b;
     unsigned seed = 12345u + (unsigned)pa->id * 7919u;
     while (!atomic_load(&b->go))
-        sleep_ms(1);
+        test_sleep_ms(1);
     for (int i = 0; i < BURSTS; i++) {
         seed = seed * 1103515245u + 12345u;
         int n = 1 + (int)((seed >> 16) % 8);
@@ -293,7 +286,7 @@ static int wait_flag(atomic_int *flag, int timeout_ms)
     while (!atomic_load(flag)) {
         if (test_ms() > end)
             return 0;
-        sleep_ms(1);
+        test_sleep_ms(1);
     }
     return 1;
 }
@@ -315,7 +308,7 @@ Test(callback, run_on_loop_thread_and_stop_from_another)
     cr_assert(wait_flag(&b.started, 10000), "no callback ran on the loop thread");
 
     /* The loop keeps running until stopped from here. */
-    sleep_ms(50);
+    test_sleep_ms(50);
     cr_assert_eq(atomic_load(&b.returned), 0, "run returned without a stop");
     zev_loop_stop(loop);
     cr_assert(wait_flag(&b.returned, 10000), "zev_loop_stop from another thread was lost");
@@ -364,7 +357,7 @@ static void *busy_stopper(void *arg)
 {
     busy_t *b = arg;
     while (atomic_load_explicit(&b->ran, memory_order_relaxed) < 1000)
-        sleep_ms(1);
+        test_sleep_ms(1);
     zev_loop_stop(b->loop);
     return NULL;
 }
@@ -493,7 +486,7 @@ static void first_cb(zev_loop_t *loop, void *arg)
     atomic_store(&m->in_drain, 1);
     uint64_t end = test_ms() + 10000;
     while (!atomic_load(&m->pushed) && test_ms() < end)
-        sleep_ms(1);
+        test_sleep_ms(1);
     m->waited_ok = atomic_load(&m->pushed);
 }
 
@@ -501,7 +494,7 @@ static void *midrain_producer(void *arg)
 {
     midrain_t *m = arg;
     while (!atomic_load(&m->in_drain))
-        sleep_ms(1);
+        test_sleep_ms(1);
     cr_assert_eq(zev_loop_add_callback(m->loop, late_cb, m), 0);
     atomic_store(&m->pushed, 1);
     return NULL;

@@ -33,28 +33,6 @@
 
 TestSuite(frames, .timeout = 120);
 
-/* Criterion counts a test whose child process ends with a LeakSanitizer
- * report as passing (it only warns), so ASan builds check for leaks inside
- * the test, after everything was released and the context terminated. */
-#if defined(__SANITIZE_ADDRESS__)
-#define ZC_ASAN 1
-#elif defined(__has_feature)
-#if __has_feature(address_sanitizer)
-#define ZC_ASAN 1
-#endif
-#endif
-#ifdef ZC_ASAN
-#include <sanitizer/lsan_interface.h>
-static void expect_no_leaks(void)
-{
-    cr_expect_eq(__lsan_do_recoverable_leak_check(), 0, "LeakSanitizer: leaks (see above)");
-}
-#else
-static void expect_no_leaks(void)
-{
-}
-#endif
-
 #define MIB ((size_t)1 << 20)
 #define MAX_PARTS 8
 
@@ -84,85 +62,6 @@ static void sleep_us(unsigned us)
     struct timespec ts = {0, (long)us * 1000L};
     while (nanosleep(&ts, &ts) < 0 && errno == EINTR)
         ;
-}
-
-/* The kept-frame tests run the loop with zev_loop_run, which blocks until
- * something wakes it, as applications do: a lost cross-thread wakeup (a
- * release that does not wake the loop) then shows as a hang, not merely as
- * slowness hidden by a polling timeout. The watchdog wakes the loop through
- * its own pipe and an io watcher (not through zev_loop_stop's wakeup, which
- * is what may be broken) and stops it, so the test fails with a message. */
-typedef struct {
-    zev_loop_t *loop;
-    int fds[2];
-    zev_io_t *io;
-    pthread_t thread;
-    pthread_mutex_t mu;
-    pthread_cond_t cv;
-    bool cancelled;
-    int ms;
-    volatile int fired; /* loop thread */
-} watchdog_t;
-
-static void watchdog_io(zev_io_t *io, int fd, int events, void *arg)
-{
-    (void)io;
-    (void)fd;
-    (void)events;
-    watchdog_t *w = arg;
-    w->fired = 1;
-    zev_loop_stop(w->loop);
-}
-
-static void *watchdog_main(void *arg)
-{
-    watchdog_t *w = arg;
-    struct timespec until;
-    clock_gettime(CLOCK_REALTIME, &until);
-    until.tv_sec += w->ms / 1000;
-    until.tv_nsec += (long)(w->ms % 1000) * 1000000L;
-    if (until.tv_nsec >= 1000000000L) {
-        until.tv_sec++;
-        until.tv_nsec -= 1000000000L;
-    }
-    pthread_mutex_lock(&w->mu);
-    int rc = 0;
-    while (!w->cancelled && rc != ETIMEDOUT)
-        rc = pthread_cond_timedwait(&w->cv, &w->mu, &until);
-    bool fire = !w->cancelled;
-    pthread_mutex_unlock(&w->mu);
-    if (fire) {
-        char b = 'w';
-        (void)!write(w->fds[1], &b, 1);
-    }
-    return NULL;
-}
-
-static void watchdog_start(watchdog_t *w, zev_loop_t *loop, int ms)
-{
-    *w = (watchdog_t){.loop = loop, .ms = ms};
-    cr_assert_eq(pipe(w->fds), 0);
-    pthread_mutex_init(&w->mu, NULL);
-    pthread_cond_init(&w->cv, NULL);
-    w->io = zev_io_start(loop, w->fds[0], ZEV_READ, watchdog_io, w);
-    cr_assert_not_null(w->io, "zev_io_start: %s", zmq_strerror(errno));
-    cr_assert_eq(pthread_create(&w->thread, NULL, watchdog_main, w), 0);
-}
-
-/* Returns 1 if the watchdog had to stop the loop. */
-static int watchdog_stop(watchdog_t *w)
-{
-    pthread_mutex_lock(&w->mu);
-    w->cancelled = true;
-    pthread_cond_signal(&w->cv);
-    pthread_mutex_unlock(&w->mu);
-    pthread_join(w->thread, NULL);
-    zev_io_stop(w->io);
-    close(w->fds[0]);
-    close(w->fds[1]);
-    pthread_mutex_destroy(&w->mu);
-    pthread_cond_destroy(&w->cv);
-    return w->fired;
 }
 
 /* 3 parts, 0 B to 1 MiB: mostly small (around libzmq's 33-byte inline
@@ -403,10 +302,10 @@ static void run_kept(uint32_t n, size_t max_frames, unsigned hold_us, int timeou
         cr_assert_eq(pthread_create(&workers[i], NULL, worker_main, &wq), 0);
     cr_assert_eq(pthread_create(&sender, NULL, sender_main, &sd), 0);
 
-    watchdog_t wd;
-    watchdog_start(&wd, loop, timeout_ms);
+    test_watchdog_t wd;
+    test_watchdog_start(&wd, loop, timeout_ms);
     cr_assert_eq(zev_loop_run(loop), 0, "zev_loop_run: %s", zmq_strerror(errno));
-    cr_assert_not(watchdog_stop(&wd),
+    cr_assert_not(test_watchdog_stop(&wd),
                   "watchdog after %d ms: %zu of %u messages received, %zu of %zu frames "
                   "released back to the loop, %zu not yet handed to release",
                   timeout_ms, (size_t)c.received, n, (size_t)c.released, (size_t)n * parts,
@@ -459,7 +358,7 @@ static void run_kept(uint32_t n, size_t max_frames, unsigned hold_us, int timeou
     free(wq.items);
     pthread_mutex_destroy(&wq.mu);
     pthread_cond_destroy(&wq.cv);
-    expect_no_leaks();
+    test_expect_no_leaks();
 }
 
 Test(frames, kept_100k_multipart_two_workers)
@@ -649,7 +548,7 @@ Test(frames, ring_recycled_grows_once_never_shrinks)
     test_close(push);
     test_close(pull);
     cr_assert_eq(zmq_ctx_term(ctx), 0);
-    expect_no_leaks();
+    test_expect_no_leaks();
 }
 
 /* ------------------------------- frames outliving their stream and loop */
@@ -663,6 +562,16 @@ typedef struct {
     size_t bad;
     atomic_size_t bad_thread;
 } octx_t;
+
+/* A zeroed octx_t for the calling (loop) thread; the test frees it. */
+static octx_t *octx_new(void)
+{
+    octx_t *c = calloc(1, sizeof *c);
+    cr_assert_not_null(c);
+    c->loop_thread = pthread_self();
+    atomic_init(&c->bad_thread, 0);
+    return c;
+}
 
 static atomic_size_t ffn_freed;
 
@@ -695,6 +604,13 @@ static void count_release(zev_stream_t *s, size_t size, void *arg)
     if (!pthread_equal(pthread_self(), c->loop_thread))
         atomic_fetch_add(&c->bad_thread, 1);
     c->released_cb++;
+}
+
+/* s keeps every frame it receives in c; c counts the frame-release callbacks. */
+static void octx_watch(zev_stream_t *s, octx_t *c)
+{
+    cr_assert_eq(zev_stream_on_recv(s, keep_all, c), 0);
+    cr_assert_eq(zev_stream_on_frame_release(s, count_release, c), 0);
 }
 
 static void on_close_flag(zev_stream_t *s, void *arg)
@@ -766,12 +682,8 @@ Test(frames, released_after_close_and_after_destroy)
     zev_loop_t *loop = test_loop_new();
     zev_stream_t *s = zev_stream_new(loop, pull);
     cr_assert_not_null(s);
-    octx_t *c = calloc(1, sizeof *c);
-    cr_assert_not_null(c);
-    c->loop_thread = pthread_self();
-    atomic_init(&c->bad_thread, 0);
-    cr_assert_eq(zev_stream_on_recv(s, keep_all, c), 0);
-    cr_assert_eq(zev_stream_on_frame_release(s, count_release, c), 0);
+    octx_t *c = octx_new();
+    octx_watch(s, c);
     cr_assert_eq(zev_stream_on_close(s, on_close_flag, (void *)&c->closed), 0);
 
     send_tracked(push, 0, 8, MIB);
@@ -823,7 +735,7 @@ Test(frames, released_after_close_and_after_destroy)
     test_close(pull);
     cr_assert_eq(zmq_ctx_term(ctx), 0);
     free(c);
-    expect_no_leaks();
+    test_expect_no_leaks();
 }
 
 Test(frames, released_after_destroy_with_stream_open)
@@ -837,12 +749,8 @@ Test(frames, released_after_destroy_with_stream_open)
     zev_loop_t *loop = test_loop_new();
     zev_stream_t *s = zev_stream_new(loop, pull);
     cr_assert_not_null(s);
-    octx_t *c = calloc(1, sizeof *c);
-    cr_assert_not_null(c);
-    c->loop_thread = pthread_self();
-    atomic_init(&c->bad_thread, 0);
-    cr_assert_eq(zev_stream_on_recv(s, keep_all, c), 0);
-    cr_assert_eq(zev_stream_on_frame_release(s, count_release, c), 0);
+    octx_t *c = octx_new();
+    octx_watch(s, c);
     cr_assert_eq(zev_stream_on_close(s, on_close_flag, (void *)&c->closed), 0);
 
     send_tracked(push, 0, 50, 4096);
@@ -871,7 +779,7 @@ Test(frames, released_after_destroy_with_stream_open)
     cr_expect_eq(c->released_cb, 0);
     cr_assert_eq(zmq_ctx_term(ctx), 0);
     free(c);
-    expect_no_leaks();
+    test_expect_no_leaks();
 }
 
 Test(frames, released_while_loop_is_destroyed)
@@ -890,12 +798,8 @@ Test(frames, released_while_loop_is_destroyed)
     zev_loop_t *loop = test_loop_new();
     zev_stream_t *s = zev_stream_new(loop, pull);
     cr_assert_not_null(s);
-    octx_t *c = calloc(1, sizeof *c);
-    cr_assert_not_null(c);
-    c->loop_thread = pthread_self();
-    atomic_init(&c->bad_thread, 0);
-    cr_assert_eq(zev_stream_on_recv(s, keep_all, c), 0);
-    cr_assert_eq(zev_stream_on_frame_release(s, count_release, c), 0);
+    octx_t *c = octx_new();
+    octx_watch(s, c);
 
     send_tracked(push, 0, 1000, 64);
     test_run_until_count(loop, &c->nkept, 2000, 10000);
@@ -919,7 +823,7 @@ Test(frames, released_while_loop_is_destroyed)
     test_close(pull);
     cr_assert_eq(zmq_ctx_term(ctx), 0);
     free(c);
-    expect_no_leaks();
+    test_expect_no_leaks();
 }
 
 Test(frames, max_frames_stops_reading_and_resumes)
@@ -933,13 +837,9 @@ Test(frames, max_frames_stops_reading_and_resumes)
     zev_loop_t *loop = test_loop_new();
     zev_stream_t *s = zev_stream_new(loop, pull);
     cr_assert_not_null(s);
-    octx_t *c = calloc(1, sizeof *c);
-    cr_assert_not_null(c);
-    c->loop_thread = pthread_self();
-    atomic_init(&c->bad_thread, 0);
+    octx_t *c = octx_new();
     cr_assert_eq(zev_stream_set_max_frames(s, 4), 0);
-    cr_assert_eq(zev_stream_on_recv(s, keep_all, c), 0);
-    cr_assert_eq(zev_stream_on_frame_release(s, count_release, c), 0);
+    octx_watch(s, c);
     for (uint32_t seq = 0; seq < 20; seq++)
         cr_assert_eq(zmq_send(push, ref + pat_base(seq, 0), 100, ZMQ_DONTWAIT), 100);
     zev_stream_stats_t st;
@@ -995,5 +895,5 @@ Test(frames, max_frames_stops_reading_and_resumes)
     test_close(pull);
     cr_assert_eq(zmq_ctx_term(ctx), 0);
     free(c);
-    expect_no_leaks();
+    test_expect_no_leaks();
 }

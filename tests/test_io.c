@@ -23,11 +23,6 @@ TestSuite(io, .timeout = 20);
 
 /* ------------------------------------------------------------------ helpers */
 
-static void make_pipe(int p[2])
-{
-    cr_assert_eq(pipe(p), 0, "pipe: %s", strerror(errno));
-}
-
 static void make_socketpair(int s[2])
 {
     cr_assert_eq(socketpair(AF_UNIX, SOCK_STREAM, 0, s), 0, "socketpair: %s", strerror(errno));
@@ -43,13 +38,6 @@ static void set_nonblock(int fd)
 static void write_all(int fd, const void *buf, size_t len)
 {
     cr_assert_eq(write(fd, buf, len), (ssize_t)len, "write: %s", strerror(errno));
-}
-
-/* Runs n iterations that never wait. */
-static void spin_iterations(zev_loop_t *loop, int n)
-{
-    for (int i = 0; i < n; i++)
-        cr_assert_geq(zev_loop_run_once(loop, 0), 0, "run_once: %s", zmq_strerror(errno));
 }
 
 /* What a callback saw, generic. */
@@ -95,12 +83,12 @@ Test(io, pipe_readable_with_fd_and_events)
 {
     zev_loop_t *loop = test_loop_new();
     int p[2];
-    make_pipe(p);
+    test_pipe(p);
     seen_t s = {.drain = 1};
     s.io = zev_io_start(loop, p[0], ZEV_READ, seen_io, &s);
     cr_assert_not_null(s.io, "zev_io_start: %s", zmq_strerror(errno));
 
-    spin_iterations(loop, 3);
+    test_spin(loop, 3, 0);
     cr_assert_eq(s.calls, 0, "an empty pipe was reported readable");
 
     write_all(p[1], "abc", 3);
@@ -112,7 +100,7 @@ Test(io, pipe_readable_with_fd_and_events)
     cr_assert_eq(memcmp(s.data, "abc", 3), 0);
 
     /* Drained: quiet again. */
-    spin_iterations(loop, 3);
+    test_spin(loop, 3, 0);
     cr_assert_eq(s.calls, 1);
 
     cr_assert_eq(zev_io_stop(s.io), 0);
@@ -142,7 +130,7 @@ Test(io, level_triggered_until_drained)
 {
     zev_loop_t *loop = test_loop_new();
     int p[2];
-    make_pipe(p);
+    test_pipe(p);
     lazy_t l = {.read_on = 4};
     zev_io_t *io = zev_io_start(loop, p[0], ZEV_READ, lazy_io, &l);
     cr_assert_not_null(io);
@@ -156,7 +144,7 @@ Test(io, level_triggered_until_drained)
     }
     cr_assert_geq(zev_loop_run_once(loop, 1000), 0); /* 4th call reads it */
     cr_assert_eq(l.calls, 4);
-    spin_iterations(loop, 5);
+    test_spin(loop, 5, 0);
     cr_assert_eq(l.calls, 4, "fired after the pipe was drained");
 
     /* New data: fires again. */
@@ -164,7 +152,7 @@ Test(io, level_triggered_until_drained)
     write_all(p[1], "y", 1);
     cr_assert_geq(zev_loop_run_once(loop, 1000), 0);
     cr_assert_eq(l.calls, 5);
-    spin_iterations(loop, 3);
+    test_spin(loop, 3, 0);
     cr_assert_eq(l.calls, 5);
 
     cr_assert_eq(zev_io_stop(io), 0);
@@ -179,7 +167,7 @@ Test(io, write_readiness_pipe_and_socketpair)
 
     /* An empty pipe's write end is writable. */
     int p[2];
-    make_pipe(p);
+    test_pipe(p);
     seen_t w = {0};
     w.io = zev_io_start(loop, p[1], ZEV_WRITE, seen_io, &w);
     cr_assert_not_null(w.io);
@@ -206,7 +194,7 @@ Test(io, write_readiness_pipe_and_socketpair)
     seen_t full = {0};
     full.io = zev_io_start(loop, p[1], ZEV_WRITE, seen_io, &full);
     cr_assert_not_null(full.io);
-    spin_iterations(loop, 3);
+    test_spin(loop, 3, 0);
     cr_assert_eq(full.calls, 0, "a full pipe was reported writable");
     while (read(p[0], buf, sizeof buf) > 0)
         ;
@@ -264,7 +252,7 @@ Test(io, eventfd)
     efd_ctx_t c = {0};
     zev_io_t *io = zev_io_start(loop, efd, ZEV_READ, efd_io, &c);
     cr_assert_not_null(io, "zev_io_start(eventfd): %s", zmq_strerror(errno));
-    spin_iterations(loop, 3);
+    test_spin(loop, 3, 0);
     cr_assert_eq(c.calls, 0);
 
     uint64_t five = 5, seven = 7;
@@ -272,7 +260,7 @@ Test(io, eventfd)
     write_all(efd, &seven, sizeof seven);
     test_run_until(loop, &c.calls, 5000);
     cr_assert_eq(c.total, 12);
-    spin_iterations(loop, 3);
+    test_spin(loop, 3, 0);
     cr_assert_eq(c.calls, 1, "eventfd read to zero still reported readable");
 
     /* Writable as well, when asked. */
@@ -481,7 +469,7 @@ Test(io, update_inside_callback_read_write_none)
     morph_t m = {0};
     zev_io_t *io = zev_io_start(loop, s[0], ZEV_READ, morph_io, &m);
     cr_assert_not_null(io);
-    spin_iterations(loop, 2);
+    test_spin(loop, 2, 0);
     cr_assert_eq(m.calls, 0);
 
     write_all(s[1], "r", 1);
@@ -495,7 +483,7 @@ Test(io, update_inside_callback_read_write_none)
     cr_assert_eq(m.update_rc[1], 0);
     /* Watching nothing: silent although writable, and although readable. */
     write_all(s[1], "q", 1);
-    spin_iterations(loop, 5);
+    test_spin(loop, 5, 0);
     cr_assert_eq(m.calls, 2, "a watcher updated to 0 still fired");
 
     /* Back to READ from outside: the pending byte is reported. */
@@ -508,12 +496,12 @@ Test(io, update_inside_callback_read_write_none)
     /* A hung-up fd watched for nothing does not spin or fire; asking for
      * READ later reports it. */
     int p[2];
-    make_pipe(p);
+    test_pipe(p);
     close(p[1]);
     seen_t h = {0};
     h.io = zev_io_start(loop, p[0], 0, seen_io, &h);
     cr_assert_not_null(h.io, "events 0: %s", zmq_strerror(errno));
-    spin_iterations(loop, 5);
+    test_spin(loop, 5, 0);
     cr_assert_eq(h.calls, 0, "a watcher with no events fired");
     cr_assert_eq(zev_loop_timeout(loop), -1, "a silent hung-up fd made the loop busy");
     cr_assert_eq(zev_io_update(h.io, ZEV_READ), 0);
@@ -544,13 +532,13 @@ Test(io, stop_inside_own_callback)
 {
     zev_loop_t *loop = test_loop_new();
     int p[2];
-    make_pipe(p);
+    test_pipe(p);
     write_all(p[1], "z", 1);
     selfstop_t s = {.stop_rc = -2};
     cr_assert_not_null(zev_io_start(loop, p[0], ZEV_READ, selfstop_io, &s));
     test_run_until(loop, &s.calls, 5000);
     cr_assert_eq(s.stop_rc, 0);
-    spin_iterations(loop, 5);
+    test_spin(loop, 5, 0);
     cr_assert_eq(s.calls, 1, "a watcher stopped in its own callback fired again");
 
     /* The fd is free again at once, and its unread byte is still there. */
@@ -615,8 +603,8 @@ static void rival_round(zev_loop_t *loop, int reuse, int first)
     r.newp[0] = r.newp[1] = -1;
     rival_global = &r;
     int a[2], b[2];
-    make_pipe(a);
-    make_pipe(b);
+    test_pipe(a);
+    test_pipe(b);
     r.fd[0] = a[0];
     r.wfd[0] = a[1];
     r.fd[1] = b[0];
@@ -636,7 +624,7 @@ static void rival_round(zev_loop_t *loop, int reuse, int first)
                  r.calls[0], r.calls[1]);
     cr_assert_eq(r.stop_rc, 0);
     int winner = r.calls[0] ? 0 : 1;
-    spin_iterations(loop, 3);
+    test_spin(loop, 3, 0);
     cr_assert_eq(r.calls[!winner], 0, "the stopped watcher fired later");
     cr_assert_eq(r.calls[winner], 1);
     if (reuse) {
@@ -695,7 +683,7 @@ Test(io, one_watcher_per_fd)
 {
     zev_loop_t *loop = test_loop_new();
     int p[2];
-    make_pipe(p);
+    test_pipe(p);
     seen_t a = {.drain = 1};
     a.io = zev_io_start(loop, p[0], ZEV_READ, seen_io, &a);
     cr_assert_not_null(a.io);
@@ -771,7 +759,7 @@ Test(io, bad_fd_is_ebadf)
     zev_loop_t *loop = test_loop_new();
     seen_t s = {0};
     int p[2];
-    make_pipe(p);
+    test_pipe(p);
     int closed = p[0];
     close(p[0]);
     close(p[1]);
@@ -783,7 +771,7 @@ Test(io, bad_fd_is_ebadf)
         cr_assert_eq(errno, EBADF, "fd %d: errno %d (%s)", bad[i], errno, strerror(errno));
     }
     /* Nothing was left registered by the failures. */
-    spin_iterations(loop, 2);
+    test_spin(loop, 2, 0);
     cr_assert_eq(s.calls, 0);
     cr_assert_eq(zev_loop_timeout(loop), -1);
     zev_loop_destroy(loop);
@@ -793,7 +781,7 @@ Test(io, bad_events_is_einval)
 {
     zev_loop_t *loop = test_loop_new();
     int p[2];
-    make_pipe(p);
+    test_pipe(p);
     seen_t s = {.drain = 1};
     const int bad[] = {4, 8, -1, 0x100, ZEV_READ | 4, ZEV_READ | ZEV_WRITE | 0x40};
     for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
@@ -829,7 +817,7 @@ Test(io, hangup_reported_as_read)
 
     /* Pipe: data, then the writer closes: the data, then EOF, both as READ. */
     int p[2];
-    make_pipe(p);
+    test_pipe(p);
     seen_t s = {.drain = 1};
     s.io = zev_io_start(loop, p[0], ZEV_READ, seen_io, &s);
     cr_assert_not_null(s.io);
@@ -858,7 +846,7 @@ Test(io, hangup_reported_as_read)
 
     /* Write end of a pipe whose reader is gone: the WRITE watcher hears of
      * it (the write would fail with EPIPE). */
-    make_pipe(p);
+    test_pipe(p);
     close(p[0]);
     seen_t w = {0};
     w.io = zev_io_start(loop, p[1], ZEV_WRITE, seen_io, &w);

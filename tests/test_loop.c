@@ -19,20 +19,6 @@ TestSuite(loop, .timeout = 20);
 
 /* ------------------------------------------------------------------ helpers */
 
-static uint64_t clock_ns(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
-}
-
-static void sleep_ms(int ms)
-{
-    struct timespec ts = {ms / 1000, (long)(ms % 1000) * 1000000L};
-    while (nanosleep(&ts, &ts) < 0 && errno == EINTR)
-        ;
-}
-
 /* 1 if fd is readable right now (poll with timeout 0), 0 if not. */
 static int readable_now(int fd)
 {
@@ -52,11 +38,6 @@ static int wait_readable(int fd, int timeout_ms)
     while (rc < 0 && errno == EINTR);
     cr_assert_geq(rc, 0, "poll: %s", strerror(errno));
     return rc > 0 && (p.revents & POLLIN);
-}
-
-static void make_pipe(int p[2])
-{
-    cr_assert_eq(pipe(p), 0, "pipe: %s", strerror(errno));
 }
 
 static void write_byte(int fd)
@@ -296,8 +277,8 @@ static void *stop_later(void *arg)
 {
     blocker_t *b = arg;
     while (!atomic_load(&b->running))
-        sleep_ms(1);
-    sleep_ms(200);
+        test_sleep_ms(1);
+    test_sleep_ms(200);
     b->still_running = !atomic_load(&b->returned);
     zev_loop_stop(b->loop);
     return NULL;
@@ -341,7 +322,7 @@ Test(loop, stop_from_inside_callbacks)
 
     /* From an io callback. */
     int p[2];
-    make_pipe(p);
+    test_pipe(p);
     stopper_t si = {loop, 0, 1};
     zev_io_t *io = zev_io_start(loop, p[0], ZEV_READ, stopper_io, &si);
     cr_assert_not_null(io);
@@ -379,7 +360,7 @@ Test(loop, run_once_zero_returns_promptly)
     zev_timer_t *t = zev_timer_start(loop, 10u * 1000u * 1000u, 0, count_timer, &far);
     cr_assert_not_null(t);
     int p[2];
-    make_pipe(p);
+    test_pipe(p);
     pipe_ctx_t pc = {0};
     zev_io_t *io = zev_io_start(loop, p[0], ZEV_READ, drain_io, &pc);
     cr_assert_not_null(io);
@@ -423,6 +404,7 @@ typedef struct nested {
     int once_rc, once_errno;
     int block_rc, block_errno;
     int destroy_errno;
+    void (*act)(struct nested *n); /* try_nested or try_destroy */
 } nested_t;
 
 static void try_nested(nested_t *n)
@@ -447,41 +429,44 @@ static void try_destroy(nested_t *n)
     n->destroy_errno = errno;
 }
 
-static void nested_timer(zev_timer_t *t, void *arg)
+/* The adapters: each runs its nested_t's act (try_nested or try_destroy). */
+static void act_timer(zev_timer_t *t, void *arg)
 {
     (void)t;
-    try_nested(arg);
+    nested_t *n = arg;
+    n->act(n);
 }
-static void nested_cb(zev_loop_t *loop, void *arg)
+static void act_cb(zev_loop_t *loop, void *arg)
 {
     (void)loop;
-    try_nested(arg);
+    nested_t *n = arg;
+    n->act(n);
 }
-static void nested_io(zev_io_t *io, int fd, int events, void *arg)
+static void act_io(zev_io_t *io, int fd, int events, void *arg)
 {
     (void)events;
     char c;
     (void)!read(fd, &c, 1);
-    try_nested(arg);
+    nested_t *n = arg;
+    n->act(n);
     zev_io_stop(io);
 }
-static void destroy_timer(zev_timer_t *t, void *arg)
+
+/* Runs each nested_t's act once from inside a timer (t), a queued callback
+ * (c) and an io watcher on p[0] (i); returns when all three have run. */
+static void act_in_each_kind(zev_loop_t *loop, int p[2], nested_t *t, nested_t *c, nested_t *i)
 {
-    (void)t;
-    try_destroy(arg);
-}
-static void destroy_cb(zev_loop_t *loop, void *arg)
-{
-    (void)loop;
-    try_destroy(arg);
-}
-static void destroy_io(zev_io_t *io, int fd, int events, void *arg)
-{
-    (void)events;
-    char c;
-    (void)!read(fd, &c, 1);
-    try_destroy(arg);
-    zev_io_stop(io);
+    cr_assert_not_null(zev_timer_start(loop, 0, 0, act_timer, t));
+    cr_assert_eq(zev_loop_add_callback(loop, act_cb, c), 0);
+    cr_assert_not_null(zev_io_start(loop, p[0], ZEV_READ, act_io, i));
+    write_byte(p[1]);
+    volatile int done = 0;
+    uint64_t end = test_ms() + 5000;
+    while (!done) {
+        cr_assert_lt(test_ms(), end, "watchdog");
+        cr_assert_geq(zev_loop_run_once(loop, 10), 0);
+        done = t->calls && c->calls && i->calls;
+    }
 }
 
 static void check_nested(const nested_t *n, const char *where)
@@ -499,28 +484,19 @@ Test(loop, nested_run_from_callback_is_ebusy)
 {
     zev_loop_t *loop = test_loop_new();
     int p[2];
-    make_pipe(p);
+    test_pipe(p);
 
-    nested_t nt = {.loop = loop}, nc = {.loop = loop}, ni = {.loop = loop};
-    cr_assert_not_null(zev_timer_start(loop, 0, 0, nested_timer, &nt));
-    cr_assert_eq(zev_loop_add_callback(loop, nested_cb, &nc), 0);
-    cr_assert_not_null(zev_io_start(loop, p[0], ZEV_READ, nested_io, &ni));
-    write_byte(p[1]);
-    volatile int done = 0;
-    uint64_t end = test_ms() + 5000;
-    while (!done) {
-        cr_assert_lt(test_ms(), end, "watchdog");
-        cr_assert_geq(zev_loop_run_once(loop, 10), 0);
-        done = nt.calls && nc.calls && ni.calls;
-    }
+    nested_t nt = {.loop = loop, .act = try_nested}, nc = {.loop = loop, .act = try_nested},
+             ni = {.loop = loop, .act = try_nested};
+    act_in_each_kind(loop, p, &nt, &nc, &ni);
     check_nested(&nt, "timer");
     check_nested(&nc, "callback");
     check_nested(&ni, "io");
 
     /* Also inside zev_loop_run (not only run_once). */
-    nested_t nr = {.loop = loop};
+    nested_t nr = {.loop = loop, .act = try_nested};
     stopper_t s = {loop, 0, 1};
-    cr_assert_eq(zev_loop_add_callback(loop, nested_cb, &nr), 0);
+    cr_assert_eq(zev_loop_add_callback(loop, act_cb, &nr), 0);
     cr_assert_eq(zev_loop_add_callback(loop, stopper_cb, &s), 0);
     cr_assert_eq(zev_loop_run(loop), 0);
     check_nested(&nr, "callback under zev_loop_run");
@@ -538,20 +514,11 @@ Test(loop, destroy_inside_callback_refused)
 {
     zev_loop_t *loop = test_loop_new();
     int p[2];
-    make_pipe(p);
+    test_pipe(p);
 
-    nested_t dt = {.loop = loop}, dc = {.loop = loop}, di = {.loop = loop};
-    cr_assert_not_null(zev_timer_start(loop, 0, 0, destroy_timer, &dt));
-    cr_assert_eq(zev_loop_add_callback(loop, destroy_cb, &dc), 0);
-    cr_assert_not_null(zev_io_start(loop, p[0], ZEV_READ, destroy_io, &di));
-    write_byte(p[1]);
-    volatile int done = 0;
-    uint64_t end = test_ms() + 5000;
-    while (!done) {
-        cr_assert_lt(test_ms(), end, "watchdog");
-        cr_assert_geq(zev_loop_run_once(loop, 10), 0);
-        done = dt.calls && dc.calls && di.calls;
-    }
+    nested_t dt = {.loop = loop, .act = try_destroy}, dc = {.loop = loop, .act = try_destroy},
+             di = {.loop = loop, .act = try_destroy};
+    act_in_each_kind(loop, p, &dt, &dc, &di);
     cr_assert_eq(dt.destroy_errno, EBUSY, "timer: errno %d", dt.destroy_errno);
     cr_assert_eq(dc.destroy_errno, EBUSY, "callback: errno %d", dc.destroy_errno);
     cr_assert_eq(di.destroy_errno, EBUSY, "io: errno %d", di.destroy_errno);
@@ -592,17 +559,17 @@ static void now_cb(zev_loop_t *loop, void *arg)
 
 Test(loop, now_ns_monotonic_and_updated_each_iteration)
 {
-    uint64_t before_new = clock_ns();
+    uint64_t before_new = test_clock_ns();
     zev_loop_t *loop = test_loop_new();
     uint64_t prev = zev_now_ns(loop);
     cr_assert_geq(prev, before_new, "now_ns must be CLOCK_MONOTONIC, set at creation");
-    cr_assert_leq(prev, clock_ns());
+    cr_assert_leq(prev, test_clock_ns());
 
     for (int i = 0; i < 20; i++) {
-        sleep_ms(1); /* the clock moves on between iterations */
-        uint64_t before = clock_ns();
+        test_sleep_ms(1); /* the clock moves on between iterations */
+        uint64_t before = test_clock_ns();
         cr_assert_geq(zev_loop_run_once(loop, 0), 0);
-        uint64_t after = clock_ns();
+        uint64_t after = test_clock_ns();
         uint64_t now = zev_now_ns(loop);
         cr_assert_gt(now, prev, "iteration %d: now_ns did not advance", i);
         cr_assert_geq(now, before, "iteration %d: stale cached time", i);
@@ -615,9 +582,9 @@ Test(loop, now_ns_monotonic_and_updated_each_iteration)
     now_probe_t a = {loop, 0, 0}, b = {loop, 0, 0};
     cr_assert_eq(zev_loop_add_callback(loop, now_cb, &a), 0);
     cr_assert_eq(zev_loop_add_callback(loop, now_cb, &b), 0);
-    uint64_t before = clock_ns();
+    uint64_t before = test_clock_ns();
     cr_assert_geq(zev_loop_run_once(loop, 0), 0);
-    uint64_t after = clock_ns();
+    uint64_t after = test_clock_ns();
     cr_assert_eq(a.calls, 1);
     cr_assert_eq(b.calls, 1);
     cr_assert_geq(a.seen, before);
@@ -636,7 +603,7 @@ Test(loop, loop_timeout)
 
     /* A quiet fd schedules nothing. */
     int p[2];
-    make_pipe(p);
+    test_pipe(p);
     pipe_ctx_t pc = {0};
     zev_io_t *io = zev_io_start(loop, p[0], ZEV_READ, drain_io, &pc);
     cr_assert_not_null(io);
@@ -706,7 +673,7 @@ typedef struct later {
 static void *later_add_callback(void *arg)
 {
     later_t *l = arg;
-    sleep_ms(l->delay_ms);
+    test_sleep_ms(l->delay_ms);
     cr_assert_eq(zev_loop_add_callback(l->loop, count_cb, l->count), 0);
     return NULL;
 }
@@ -714,7 +681,7 @@ static void *later_add_callback(void *arg)
 static void *later_write(void *arg)
 {
     later_t *l = arg;
-    sleep_ms(l->delay_ms);
+    test_sleep_ms(l->delay_ms);
     char c = 'w';
     cr_assert_eq(write(l->fd, &c, 1), 1);
     return NULL;
@@ -730,7 +697,7 @@ Test(loop, embed_fd_not_readable_when_idle)
 
     /* A quiet pipe and a far timer are no work. */
     int p[2];
-    make_pipe(p);
+    test_pipe(p);
     pipe_ctx_t pc = {0};
     zev_io_t *io = zev_io_start(loop, p[0], ZEV_READ, drain_io, &pc);
     cr_assert_not_null(io);
@@ -892,7 +859,7 @@ Test(loop, embed_fd_readable_when_pipe_readable)
     int fd = zev_loop_fd(loop);
     cr_assert_geq(fd, 0, "zev_loop_fd: %s", zmq_strerror(errno));
     int p[2];
-    make_pipe(p);
+    test_pipe(p);
     pipe_ctx_t pc = {0};
     zev_io_t *io = zev_io_start(loop, p[0], ZEV_READ, drain_io, &pc);
     cr_assert_not_null(io);
@@ -914,7 +881,7 @@ Test(loop, embed_fd_readable_when_pipe_readable)
 
     /* Watcher added after the fd was taken, data already there. */
     int q[2];
-    make_pipe(q);
+    test_pipe(q);
     write_byte(q[1]);
     pipe_ctx_t qc = {0};
     zev_io_t *qio = zev_io_start(loop, q[0], ZEV_READ, drain_io, &qc);
@@ -995,7 +962,7 @@ static void spin_oneshot(zev_timer_t *t, void *arg)
     (void)t;
     spin_ctx_t *c = arg;
     c->oneshot++;
-    c->oneshot_at = clock_ns();
+    c->oneshot_at = test_clock_ns();
     spin_check_done(c);
 }
 
@@ -1011,7 +978,7 @@ static void *spin_producer(void *arg)
 {
     spin_ctx_t *c = arg;
     while (!atomic_load(&c->go))
-        sleep_ms(1);
+        test_sleep_ms(1);
     for (int i = 0; i < SPIN_CALLBACKS; i++) {
         cr_assert_eq(zev_loop_add_callback(c->loop, spin_cb, (void *)(intptr_t)i), 0);
         if (i < SPIN_BYTES) {
@@ -1019,7 +986,7 @@ static void *spin_producer(void *arg)
             cr_assert_eq(write(c->wfd, &b, 1), 1);
         }
         if (i % 10 == 0)
-            sleep_ms(1);
+            test_sleep_ms(1);
     }
     return NULL;
 }
@@ -1031,13 +998,13 @@ Test(loop, busy_poll_delivers_everything)
     atomic_init(&c.go, 0);
     spin_global = &c;
     int p[2];
-    make_pipe(p);
+    test_pipe(p);
     c.wfd = p[1];
     zev_io_t *io = zev_io_start(loop, p[0], ZEV_READ, spin_io, &c);
     cr_assert_not_null(io);
     zev_timer_t *tick = zev_timer_start(loop, 1000, 1000, spin_tick, &c);
     cr_assert_not_null(tick);
-    uint64_t before = clock_ns();
+    uint64_t before = test_clock_ns();
     cr_assert_not_null(zev_timer_start(loop, 30000, 0, spin_oneshot, &c));
     c.oneshot_deadline = before + 30000000u;
     zev_timer_t *wd = zev_timer_start(loop, 10u * 1000u * 1000u, 0, spin_watchdog, &c);
@@ -1075,7 +1042,7 @@ Test(loop, busy_poll_delivers_everything)
     test_run_until(loop, &fired, 2500);
     /* A pipe written during the spin is seen. */
     int q[2];
-    make_pipe(q);
+    test_pipe(q);
     pipe_ctx_t qc = {0};
     zev_io_t *qio = zev_io_start(loop, q[0], ZEV_READ, drain_io, &qc);
     cr_assert_not_null(qio);

@@ -16,55 +16,6 @@
 
 /* ------------------------------------------------------------ small helpers */
 
-static void *new_ctx(void)
-{
-    void *ctx = zmq_ctx_new();
-    cr_assert_not_null(ctx);
-    return ctx;
-}
-
-static void *new_sock(void *ctx, int type)
-{
-    void *s = zmq_socket(ctx, type);
-    cr_assert_not_null(s, "zmq_socket: %s", zmq_strerror(errno));
-    return s;
-}
-
-static void set_int(void *sock, int opt, int v)
-{
-    cr_assert_eq(zmq_setsockopt(sock, opt, &v, sizeof v), 0, "setsockopt %d: %s", opt,
-                 zmq_strerror(errno));
-}
-
-static zev_stream_t *new_stream(zev_loop_t *loop, void *sock)
-{
-    zev_stream_t *s = zev_stream_new(loop, sock);
-    cr_assert_not_null(s, "zev_stream_new: %s", zmq_strerror(errno));
-    return s;
-}
-
-/* Binds sock on transport; writes the endpoint a peer must connect to. */
-static void bind_ep(void *sock, const char *transport, char *ep, size_t len)
-{
-    test_endpoint(ep, len, transport);
-    cr_assert_eq(zmq_bind(sock, ep), 0, "bind %s: %s", ep, zmq_strerror(errno));
-    test_last_endpoint(sock, ep, len);
-}
-
-/* Runs a few iterations (each waiting up to ms) with no expectation. */
-static void spin_loop(zev_loop_t *loop, int iterations, int ms)
-{
-    for (int i = 0; i < iterations; i++)
-        cr_assert_geq(zev_loop_run_once(loop, ms), 0);
-}
-
-/* Blocking raw send of a sequence number (8 bytes). */
-static void raw_send_seq(void *sock, uint64_t seq)
-{
-    cr_assert_eq(zmq_send(sock, &seq, sizeof seq, 0), (int)sizeof seq, "zmq_send: %s",
-                 zmq_strerror(errno));
-}
-
 /* Raw receive of a sequence number with a timeout (the socket's RCVTIMEO). */
 static uint64_t raw_recv_seq(void *sock)
 {
@@ -206,20 +157,20 @@ static void echo_client(zev_stream_t *s, zev_msg_t *m, void *arg)
 
 static void echo_run(const char *transport, uint64_t n)
 {
-    void *ctx = new_ctx();
+    void *ctx = test_ctx_new();
     zev_loop_t *loop = test_loop_new();
-    void *rep = new_sock(ctx, ZMQ_REP), *req = new_sock(ctx, ZMQ_REQ);
+    void *rep = test_socket(ctx, ZMQ_REP), *req = test_socket(ctx, ZMQ_REQ);
     test_bind_connect(rep, req, transport);
 
-    zev_stream_t *srv = new_stream(loop, rep);
+    zev_stream_t *srv = test_stream_new(loop, rep);
     cr_assert_eq(zev_stream_on_recv(srv, echo_server, NULL), 0);
-    echo_t e = {.req = new_stream(loop, req), .target = n};
+    echo_t e = {.req = test_stream_new(loop, req), .target = n};
     cr_assert_eq(zev_stream_on_recv(e.req, echo_client, &e), 0);
 
     echo_send_next(&e);
     test_run_until_count(loop, (const volatile size_t *)&e.replies, n, 90000);
     cr_assert_eq(e.bad, 0, "%zu bad replies; first: %s", e.bad, e.why);
-    spin_loop(loop, 3, 1);
+    test_spin(loop, 3, 1);
     cr_assert_eq(e.sent, n);
     cr_assert_eq(e.replies, n);
     cr_assert_eq(zev_stream_sending(srv), 0);
@@ -306,7 +257,7 @@ static void two_client(zev_stream_t *s, zev_msg_t *m, void *arg)
 
 Test(stream_recv, one_callback_two_rep_streams, .timeout = 60)
 {
-    void *ctx = new_ctx();
+    void *ctx = test_ctx_new();
     zev_loop_t *loop = test_loop_new();
     two_srv_t srv = {0};
     two_cli_t cli[2] = {{.id = 0}, {.id = 1}};
@@ -314,12 +265,12 @@ Test(stream_recv, one_callback_two_rep_streams, .timeout = 60)
     const char *transports[2] = {"inproc", "tcp"};
     zev_stream_t *rs[2];
     for (int i = 0; i < 2; i++) {
-        srv.sock[i] = new_sock(ctx, ZMQ_REP);
-        req[i] = new_sock(ctx, ZMQ_REQ);
+        srv.sock[i] = test_socket(ctx, ZMQ_REP);
+        req[i] = test_socket(ctx, ZMQ_REQ);
         test_bind_connect(srv.sock[i], req[i], transports[i]);
-        rs[i] = new_stream(loop, srv.sock[i]);
+        rs[i] = test_stream_new(loop, srv.sock[i]);
         cr_assert_eq(zev_stream_on_recv(rs[i], two_serve, &srv), 0);
-        cli[i].req = new_stream(loop, req[i]);
+        cli[i].req = test_stream_new(loop, req[i]);
         cr_assert_eq(zev_stream_on_recv(cli[i].req, two_client, &cli[i]), 0);
     }
     two_send(&cli[0]);
@@ -470,12 +421,12 @@ static void mp_raw_check(void *sock, size_t k)
 
 static void multipart_run(const char *transport)
 {
-    void *ctx = new_ctx();
+    void *ctx = test_ctx_new();
     zev_loop_t *loop = test_loop_new();
-    void *a = new_sock(ctx, ZMQ_PAIR), *b = new_sock(ctx, ZMQ_PAIR);
-    set_int(b, ZMQ_RCVTIMEO, 5000);
+    void *a = test_socket(ctx, ZMQ_PAIR), *b = test_socket(ctx, ZMQ_PAIR);
+    test_set_int(b, ZMQ_RCVTIMEO, 5000);
     test_bind_connect(a, b, transport);
-    zev_stream_t *s = new_stream(loop, a);
+    zev_stream_t *s = test_stream_new(loop, a);
     mp_rx_t rx = {0};
     cr_assert_eq(zev_stream_on_recv(s, mp_check, &rx), 0);
     send_count_t sc = {0};
@@ -494,7 +445,7 @@ static void multipart_run(const char *transport)
     for (size_t r = 0; r < 3 * MP_N; r++)
         mp_raw_check(b, r % MP_N);
     cr_assert_eq(sc.bad, 0, "status %d", sc.first_bad);
-    spin_loop(loop, 3, 1);
+    test_spin(loop, 3, 1);
     cr_assert_eq(sc.count, 3 * MP_N, "on_send once per message, not per part");
 
     zev_loop_destroy(loop);
@@ -526,23 +477,23 @@ Test(stream_multipart, tcp, .timeout = 30)
  */
 Test(stream_pending, before_registration_inproc_1000, .timeout = 30)
 {
-    void *ctx = new_ctx();
+    void *ctx = test_ctx_new();
     zev_loop_t *loop = test_loop_new();
-    void *pull = new_sock(ctx, ZMQ_PULL), *push = new_sock(ctx, ZMQ_PUSH);
+    void *pull = test_socket(ctx, ZMQ_PULL), *push = test_socket(ctx, ZMQ_PUSH);
     test_bind_connect(pull, push, "inproc");
     for (uint64_t i = 0; i < 1000; i++)
-        raw_send_seq(push, i);
+        test_send_seq(push, i);
     int ev = 0;
     size_t len = sizeof ev;
     cr_assert_eq(zmq_getsockopt(pull, ZMQ_EVENTS, &ev, &len), 0);
     cr_assert(ev & ZMQ_POLLIN, "the messages are in the PULL's pipe");
 
-    zev_stream_t *s = new_stream(loop, pull);
+    zev_stream_t *s = test_stream_new(loop, pull);
     seq_rx_t rx = {0};
     cr_assert_eq(zev_stream_on_recv(s, seq_recv, &rx), 0);
     test_run_until_count(loop, &rx.count, 1000, 5000);
     cr_assert_eq(rx.out_of_order, 0);
-    spin_loop(loop, 3, 5);
+    test_spin(loop, 3, 5);
     cr_assert_eq(rx.count, 1000);
 
     zev_loop_destroy(loop);
@@ -559,27 +510,27 @@ Test(stream_pending, before_registration_inproc_1000, .timeout = 30)
  */
 static void pending_on_recv_run(const char *transport)
 {
-    void *ctx = new_ctx();
+    void *ctx = test_ctx_new();
     zev_loop_t *loop = test_loop_new();
-    void *pull = new_sock(ctx, ZMQ_PULL), *push = new_sock(ctx, ZMQ_PUSH);
+    void *pull = test_socket(ctx, ZMQ_PULL), *push = test_socket(ctx, ZMQ_PUSH);
     test_bind_connect(pull, push, transport);
-    zev_stream_t *s = new_stream(loop, pull);
-    spin_loop(loop, 3, 5);
+    zev_stream_t *s = test_stream_new(loop, pull);
+    test_spin(loop, 3, 5);
     cr_assert_eq(zev_stream_receiving(s), 0);
 
     for (uint64_t i = 0; i < 1000; i++)
-        raw_send_seq(push, i);
+        test_send_seq(push, i);
     /* Let every message reach the PULL (tcp: through the I/O threads),
      * checking with ZMQ_EVENTS, which also swallows the fd's edge. */
     int ev = 0;
     uint64_t end = test_ms() + 5000;
     do {
-        spin_loop(loop, 1, 5);
+        test_spin(loop, 1, 5);
         size_t len = sizeof ev;
         cr_assert_eq(zmq_getsockopt(pull, ZMQ_EVENTS, &ev, &len), 0);
         cr_assert(test_ms() < end);
     } while (!(ev & ZMQ_POLLIN));
-    spin_loop(loop, 5, 10);
+    test_spin(loop, 5, 10);
 
     seq_rx_t rx = {0};
     cr_assert_eq(zev_stream_on_recv(s, seq_recv, &rx), 0);
@@ -606,20 +557,20 @@ Test(stream_pending, before_on_recv_tcp, .timeout = 30)
 
 Test(stream_recv, stop_on_recv_keeps_messages, .timeout = 30)
 {
-    void *ctx = new_ctx();
+    void *ctx = test_ctx_new();
     zev_loop_t *loop = test_loop_new();
-    void *pull = new_sock(ctx, ZMQ_PULL), *push = new_sock(ctx, ZMQ_PUSH);
+    void *pull = test_socket(ctx, ZMQ_PULL), *push = test_socket(ctx, ZMQ_PUSH);
     test_bind_connect(pull, push, "inproc");
-    zev_stream_t *s = new_stream(loop, pull);
+    zev_stream_t *s = test_stream_new(loop, pull);
     seq_rx_t rx = {.stop_at = 50};
     cr_assert_eq(zev_stream_on_recv(s, seq_recv, &rx), 0);
     cr_assert_eq(zev_stream_receiving(s), 1);
 
     /* 1. stop from inside the callback at the 50th of 100 */
     for (uint64_t i = 0; i < 100; i++)
-        raw_send_seq(push, i);
+        test_send_seq(push, i);
     test_run_until_count(loop, &rx.count, 50, 5000);
-    spin_loop(loop, 10, 5);
+    test_spin(loop, 10, 5);
     cr_assert_eq(rx.count, 50, "no delivery while stopped");
     cr_assert_eq(zev_stream_receiving(s), 0);
 
@@ -634,8 +585,8 @@ Test(stream_recv, stop_on_recv_keeps_messages, .timeout = 30)
     cr_assert_eq(zev_stream_on_recv(s, NULL, NULL), 0);
     cr_assert_eq(zev_stream_receiving(s), 0);
     for (uint64_t i = 100; i < 200; i++)
-        raw_send_seq(push, i);
-    spin_loop(loop, 10, 5);
+        test_send_seq(push, i);
+    test_spin(loop, 10, 5);
     cr_assert_eq(rx.count, 100);
     int ev = 0;
     size_t len = sizeof ev;
@@ -662,12 +613,12 @@ Test(stream_recv, stop_on_recv_keeps_messages, .timeout = 30)
  */
 static void queue_bound_run(const char *transport)
 {
-    void *ctx = new_ctx();
+    void *ctx = test_ctx_new();
     zev_loop_t *loop = test_loop_new();
-    void *push = new_sock(ctx, ZMQ_PUSH);
+    void *push = test_socket(ctx, ZMQ_PUSH);
     char ep[256];
-    bind_ep(push, transport, ep, sizeof ep);
-    zev_stream_t *s = new_stream(loop, push);
+    test_bind_ep(push, transport, ep, sizeof ep);
+    zev_stream_t *s = test_stream_new(loop, push);
     cr_assert_eq(zev_stream_set_max_queue(s, 1000), 0);
     send_count_t sc = {0};
     cr_assert_eq(zev_stream_on_send(s, count_send, &sc), 0);
@@ -698,19 +649,19 @@ static void queue_bound_run(const char *transport)
     cr_assert_eq(st.queued_msgs, 1000);
 
     /* still no peer: nothing handed over, nothing reported */
-    spin_loop(loop, 5, 5);
+    test_spin(loop, 5, 5);
     cr_assert_eq(sc.count, 0);
     cr_assert_eq(zev_stream_sending(s), 1);
 
-    void *pull = new_sock(ctx, ZMQ_PULL);
-    set_int(pull, ZMQ_RCVTIMEO, 5000);
+    void *pull = test_socket(ctx, ZMQ_PULL);
+    test_set_int(pull, ZMQ_RCVTIMEO, 5000);
     cr_assert_eq(zmq_connect(pull, ep), 0, "connect %s: %s", ep, zmq_strerror(errno));
     test_run_until_count(loop, &sc.count, 1000, 10000);
     cr_assert_eq(sc.bad, 0, "status %d", sc.first_bad);
     cr_assert_eq(zev_stream_sending(s), 0);
     for (uint64_t i = 0; i < 1000; i++)
         cr_assert_eq(raw_recv_seq(pull), i);
-    spin_loop(loop, 3, 1);
+    test_spin(loop, 3, 1);
     cr_assert_eq(sc.count, 1000);
 
     zev_loop_destroy(loop);
@@ -736,12 +687,12 @@ Test(stream_queue, bound_1000_tcp, .timeout = 30)
  * at its first part: later parts are taken even at the bound. */
 Test(stream_queue, multipart_counts_once, .timeout = 30)
 {
-    void *ctx = new_ctx();
+    void *ctx = test_ctx_new();
     zev_loop_t *loop = test_loop_new();
-    void *push = new_sock(ctx, ZMQ_PUSH);
+    void *push = test_socket(ctx, ZMQ_PUSH);
     char ep[256];
-    bind_ep(push, "inproc", ep, sizeof ep);
-    zev_stream_t *s = new_stream(loop, push);
+    test_bind_ep(push, "inproc", ep, sizeof ep);
+    zev_stream_t *s = test_stream_new(loop, push);
     cr_assert_eq(zev_stream_set_max_queue(s, 3), 0);
     send_count_t sc = {0};
     cr_assert_eq(zev_stream_on_send(s, count_send, &sc), 0);
@@ -760,8 +711,8 @@ Test(stream_queue, multipart_counts_once, .timeout = 30)
     cr_assert_eq(st.queued_msgs, 3);
     cr_assert_eq(st.queued_parts, 5);
 
-    void *pull = new_sock(ctx, ZMQ_PULL);
-    set_int(pull, ZMQ_RCVTIMEO, 5000);
+    void *pull = test_socket(ctx, ZMQ_PULL);
+    test_set_int(pull, ZMQ_RCVTIMEO, 5000);
     cr_assert_eq(zmq_connect(pull, ep), 0);
     test_run_until_count(loop, &sc.count, 3, 5000);
     cr_assert_eq(sc.bad, 0);
@@ -780,7 +731,7 @@ Test(stream_queue, multipart_counts_once, .timeout = 30)
     cr_assert_eq(memcmp(buf, "ccc", 3), 0);
     cr_assert_eq(zmq_getsockopt(pull, ZMQ_RCVMORE, &more, &ml), 0);
     cr_assert_eq(more, 0);
-    set_int(pull, ZMQ_RCVTIMEO, 50);
+    test_set_int(pull, ZMQ_RCVTIMEO, 50);
     cr_assert_eq(zmq_recv(pull, buf, sizeof buf, 0), -1, "the refused message never went out");
 
     zev_loop_destroy(loop);
@@ -837,13 +788,13 @@ static void hwm_recv(zev_stream_t *s, zev_msg_t *m, void *arg)
 
 static void hwm_run(const char *transport, uint64_t n)
 {
-    void *ctx = new_ctx();
+    void *ctx = test_ctx_new();
     zev_loop_t *loop = test_loop_new();
-    void *pull = new_sock(ctx, ZMQ_PULL), *push = new_sock(ctx, ZMQ_PUSH);
-    set_int(push, ZMQ_SNDHWM, 1);
-    set_int(pull, ZMQ_RCVHWM, 1);
+    void *pull = test_socket(ctx, ZMQ_PULL), *push = test_socket(ctx, ZMQ_PUSH);
+    test_set_int(push, ZMQ_SNDHWM, 1);
+    test_set_int(pull, ZMQ_RCVHWM, 1);
     test_bind_connect(pull, push, transport);
-    zev_stream_t *tx = new_stream(loop, push), *rxs = new_stream(loop, pull);
+    zev_stream_t *tx = test_stream_new(loop, push), *rxs = test_stream_new(loop, pull);
     cr_assert_eq(zev_stream_set_max_queue(tx, 0), 0);
     send_count_t sc = {0};
     cr_assert_eq(zev_stream_on_send(tx, count_send, &sc), 0);
@@ -862,7 +813,7 @@ static void hwm_run(const char *transport, uint64_t n)
     cr_assert_eq(h.rx.out_of_order, 0);
     cr_assert_eq(h.rx.next, n);
     cr_assert_eq(sc.bad, 0, "status %d", sc.first_bad);
-    spin_loop(loop, 3, 5);
+    test_spin(loop, 3, 5);
     cr_assert_eq(sc.count, n, "on_send exactly once per message");
     cr_assert_eq(h.rx.count, n);
     cr_assert_eq(zev_stream_sending(tx), 0);
@@ -890,18 +841,18 @@ Test(stream_hwm, pause_tcp_20k, .timeout = 120)
 
 Test(stream_flush, read_limit_exact_counts, .timeout = 30)
 {
-    void *ctx = new_ctx();
+    void *ctx = test_ctx_new();
     zev_loop_t *loop = test_loop_new();
-    void *pull = new_sock(ctx, ZMQ_PULL), *push = new_sock(ctx, ZMQ_PUSH);
+    void *pull = test_socket(ctx, ZMQ_PULL), *push = test_socket(ctx, ZMQ_PUSH);
     test_bind_connect(pull, push, "inproc");
-    zev_stream_t *s = new_stream(loop, pull);
+    zev_stream_t *s = test_stream_new(loop, pull);
     seq_rx_t rx = {0};
     cr_assert_eq(zev_stream_on_recv(s, seq_recv, &rx), 0);
     cr_assert_eq(zev_stream_flush(s, ZEV_READ, 0), 0, "nothing pending yet");
     cr_assert_eq(zev_stream_flush(s, ZEV_READ | ZEV_WRITE, 0), 0);
 
     for (uint64_t i = 0; i < 10; i++)
-        raw_send_seq(push, i);
+        test_send_seq(push, i);
     cr_assert_eq(zev_stream_flush(s, ZEV_READ, 3), 3);
     cr_assert_eq(rx.count, 3, "flush ran the callbacks before returning");
     cr_assert_eq(zev_stream_flush(s, ZEV_READ, 0), 7);
@@ -911,15 +862,15 @@ Test(stream_flush, read_limit_exact_counts, .timeout = 30)
     cr_assert_eq(zev_stream_flush(s, ZEV_WRITE, 0), 0, "no send queued");
 
     /* the loop has nothing left either, and still serves new messages */
-    spin_loop(loop, 3, 5);
+    test_spin(loop, 3, 5);
     cr_assert_eq(rx.count, 10);
-    raw_send_seq(push, 10);
+    test_send_seq(push, 10);
     test_run_until_count(loop, &rx.count, 11, 5000);
     cr_assert_eq(rx.out_of_order, 0);
 
     /* READ while on_recv is unset handles nothing: the message stays */
     cr_assert_eq(zev_stream_on_recv(s, NULL, NULL), 0);
-    raw_send_seq(push, 11);
+    test_send_seq(push, 11);
     cr_assert_eq(zev_stream_flush(s, ZEV_READ, 0), 0);
     cr_assert_eq(zev_stream_on_recv(s, seq_recv, &rx), 0);
     cr_assert_eq(zev_stream_flush(s, ZEV_READ, 0), 1);
@@ -935,12 +886,12 @@ Test(stream_flush, read_limit_exact_counts, .timeout = 30)
  * before it returns; with a limit it handles exactly that many. */
 Test(stream_flush, write_reports_before_return, .timeout = 30)
 {
-    void *ctx = new_ctx();
+    void *ctx = test_ctx_new();
     zev_loop_t *loop = test_loop_new();
-    void *push = new_sock(ctx, ZMQ_PUSH);
+    void *push = test_socket(ctx, ZMQ_PUSH);
     char ep[256];
-    bind_ep(push, "inproc", ep, sizeof ep);
-    zev_stream_t *s = new_stream(loop, push);
+    test_bind_ep(push, "inproc", ep, sizeof ep);
+    zev_stream_t *s = test_stream_new(loop, push);
     send_count_t sc = {0};
     cr_assert_eq(zev_stream_on_send(s, count_send, &sc), 0);
     for (uint64_t i = 0; i < 5; i++)
@@ -949,8 +900,8 @@ Test(stream_flush, write_reports_before_return, .timeout = 30)
     cr_assert_eq(sc.count, 0);
     cr_assert_eq(zev_stream_sending(s), 1);
 
-    void *pull = new_sock(ctx, ZMQ_PULL);
-    set_int(pull, ZMQ_RCVTIMEO, 5000);
+    void *pull = test_socket(ctx, ZMQ_PULL);
+    test_set_int(pull, ZMQ_RCVTIMEO, 5000);
     cr_assert_eq(zmq_connect(pull, ep), 0);
     cr_assert_eq(zev_stream_flush(s, ZEV_WRITE, 2), 2);
     cr_assert_eq(sc.count, 2, "on_send ran before flush returned");
@@ -961,7 +912,7 @@ Test(stream_flush, write_reports_before_return, .timeout = 30)
     cr_assert_eq(zev_stream_flush(s, ZEV_WRITE, 0), 0, "nothing pending");
     for (uint64_t i = 0; i < 5; i++)
         cr_assert_eq(raw_recv_seq(pull), i);
-    spin_loop(loop, 3, 1);
+    test_spin(loop, 3, 1);
     cr_assert_eq(sc.count, 5, "not reported twice");
 
     zev_loop_destroy(loop);
@@ -1003,12 +954,12 @@ static void ons_cb(zev_stream_t *s, int status, void *arg)
 
 Test(stream_send, on_send_once_in_order_never_nested, .timeout = 30)
 {
-    void *ctx = new_ctx();
+    void *ctx = test_ctx_new();
     zev_loop_t *loop = test_loop_new();
-    void *push = new_sock(ctx, ZMQ_PUSH), *pull = new_sock(ctx, ZMQ_PULL);
-    set_int(pull, ZMQ_RCVTIMEO, 5000);
+    void *push = test_socket(ctx, ZMQ_PUSH), *pull = test_socket(ctx, ZMQ_PULL);
+    test_set_int(pull, ZMQ_RCVTIMEO, 5000);
     test_bind_connect(pull, push, "inproc");
-    zev_stream_t *s = new_stream(loop, push);
+    zev_stream_t *s = test_stream_new(loop, push);
     ons_t o = {.s = s, .target = 30};
     cr_assert_eq(zev_stream_on_send(s, ons_cb, &o), 0);
 
@@ -1019,7 +970,7 @@ Test(stream_send, on_send_once_in_order_never_nested, .timeout = 30)
     }
     cr_assert_eq(zev_stream_sending(s), 0, "went straight to libzmq");
     test_run_until_count(loop, &o.count, 30, 5000);
-    spin_loop(loop, 3, 1);
+    test_spin(loop, 3, 1);
     cr_assert_eq(o.count, 30, "once per message");
     cr_assert_eq(o.nested, 0);
     cr_assert_eq(o.bad, 0);
@@ -1031,7 +982,7 @@ Test(stream_send, on_send_once_in_order_never_nested, .timeout = 30)
      * is set") */
     cr_assert_eq(zev_stream_on_send(s, NULL, NULL), 0);
     cr_assert_eq(zev_stream_send(s, "x", 1, 0), 0);
-    spin_loop(loop, 2, 1);
+    test_spin(loop, 2, 1);
     send_count_t sc = {.in_send = &o.in_send};
     cr_assert_eq(zev_stream_on_send(s, count_send, &sc), 0);
     o.in_send = 1;
@@ -1041,7 +992,7 @@ Test(stream_send, on_send_once_in_order_never_nested, .timeout = 30)
     o.in_send = 0;
     cr_assert_eq(sc.count, 0);
     test_run_until_count(loop, &sc.count, 1, 5000);
-    spin_loop(loop, 3, 1);
+    test_spin(loop, 3, 1);
     cr_assert_eq(sc.count, 1);
     cr_assert_eq(sc.bad, 0);
     cr_assert_eq(sc.nested, 0);
@@ -1109,9 +1060,9 @@ Test(stream_bad_input, null_stream, .timeout = 10)
     cr_assert_null(zev_stream_loop(NULL));
     cr_assert_eq(errno, EINVAL);
 
-    void *ctx = new_ctx();
+    void *ctx = test_ctx_new();
     zev_loop_t *loop = test_loop_new();
-    void *sock = new_sock(ctx, ZMQ_PULL);
+    void *sock = test_socket(ctx, ZMQ_PULL);
     errno = 0;
     cr_assert_null(zev_stream_new(NULL, sock));
     cr_assert_eq(errno, EINVAL);
@@ -1126,7 +1077,7 @@ Test(stream_bad_input, null_stream, .timeout = 10)
     errno = 0;
     cr_assert_null(zev_stream_new(loop, not_a_socket));
     cr_assert_eq(errno, ENOTSOCK);
-    zev_stream_t *s = new_stream(loop, sock);
+    zev_stream_t *s = test_stream_new(loop, sock);
     EXPECT_ERR(zev_stream_stats(s, NULL), EINVAL);
     zev_loop_destroy(loop);
     test_close(sock);
@@ -1135,12 +1086,12 @@ Test(stream_bad_input, null_stream, .timeout = 10)
 
 Test(stream_bad_input, bad_flags_and_args, .timeout = 10)
 {
-    void *ctx = new_ctx();
+    void *ctx = test_ctx_new();
     zev_loop_t *loop = test_loop_new();
-    void *push = new_sock(ctx, ZMQ_PUSH), *pull = new_sock(ctx, ZMQ_PULL);
-    set_int(pull, ZMQ_RCVTIMEO, 5000);
+    void *push = test_socket(ctx, ZMQ_PUSH), *pull = test_socket(ctx, ZMQ_PULL);
+    test_set_int(pull, ZMQ_RCVTIMEO, 5000);
     test_bind_connect(pull, push, "inproc");
-    zev_stream_t *s = new_stream(loop, push);
+    zev_stream_t *s = test_stream_new(loop, push);
     send_count_t sc = {0};
     cr_assert_eq(zev_stream_on_send(s, count_send, &sc), 0);
     zmq_msg_t part;
@@ -1196,11 +1147,11 @@ static void probe_close(zev_stream_t *s, void *arg)
  * valid: setters, sends, flush and close give EBADF. */
 Test(stream_bad_input, closed_stream_ebadf, .timeout = 10)
 {
-    void *ctx = new_ctx();
+    void *ctx = test_ctx_new();
     zev_loop_t *loop = test_loop_new();
-    void *sock = new_sock(ctx, ZMQ_DEALER), *peer = new_sock(ctx, ZMQ_ROUTER);
+    void *sock = test_socket(ctx, ZMQ_DEALER), *peer = test_socket(ctx, ZMQ_ROUTER);
     test_bind_connect(peer, sock, "inproc");
-    zev_stream_t *s = new_stream(loop, sock);
+    zev_stream_t *s = test_stream_new(loop, sock);
     cr_assert_eq(zev_stream_on_recv(s, noop_recv, NULL), 0);
     close_probe_t p = {0};
     cr_assert_eq(zev_stream_on_close(s, probe_close, &p), 0);
@@ -1233,13 +1184,13 @@ Test(stream_bad_input, closed_stream_ebadf, .timeout = 10)
     EXPECT_ERR(zev_stream_close(s, ZEV_CLOSE_SOCKET), EBADF);
     zmq_msg_close(&part);
 
-    spin_loop(loop, 2, 1);
+    test_spin(loop, 2, 1);
     cr_assert_eq(p.calls, 1);
     cr_assert_eq(p.closed_seen, 1);
     cr_assert_eq(p.ebadf_ok, 1, "inside the close callback the stream is still closed");
 
     /* the socket is the user's again: a new stream on it works */
-    zev_stream_t *s2 = new_stream(loop, sock);
+    zev_stream_t *s2 = test_stream_new(loop, sock);
     cr_assert_eq(zev_stream_close(s2, 0), 0);
     zev_loop_destroy(loop);
     cr_assert_eq(p.calls, 1);
@@ -1250,19 +1201,19 @@ Test(stream_bad_input, closed_stream_ebadf, .timeout = 10)
 
 Test(stream_bad_input, second_stream_on_socket_eexist, .timeout = 10)
 {
-    void *ctx = new_ctx();
+    void *ctx = test_ctx_new();
     zev_loop_t *loop = test_loop_new();
-    void *pull = new_sock(ctx, ZMQ_PULL), *push = new_sock(ctx, ZMQ_PUSH);
+    void *pull = test_socket(ctx, ZMQ_PULL), *push = test_socket(ctx, ZMQ_PUSH);
     test_bind_connect(pull, push, "inproc");
-    zev_stream_t *s = new_stream(loop, pull);
+    zev_stream_t *s = test_stream_new(loop, pull);
     errno = 0;
     cr_assert_null(zev_stream_new(loop, pull));
     cr_assert_eq(errno, EEXIST);
     /* the first stream is unharmed */
     seq_rx_t rx = {0};
     cr_assert_eq(zev_stream_on_recv(s, seq_recv, &rx), 0);
-    raw_send_seq(push, 0);
-    raw_send_seq(push, 1);
+    test_send_seq(push, 0);
+    test_send_seq(push, 1);
     test_run_until_count(loop, &rx.count, 2, 5000);
     cr_assert_eq(rx.out_of_order, 0);
 
@@ -1284,15 +1235,15 @@ Test(stream_bad_input, second_stream_on_socket_eexist, .timeout = 10)
  */
 Test(stream_bad_input, socket_closed_under_stream_enotsock, .timeout = 20)
 {
-    void *ctx = new_ctx();
+    void *ctx = test_ctx_new();
     zev_loop_t *loop = test_loop_new();
-    void *push = new_sock(ctx, ZMQ_PUSH), *pull = new_sock(ctx, ZMQ_PULL);
-    set_int(pull, ZMQ_RCVTIMEO, 5000);
+    void *push = test_socket(ctx, ZMQ_PUSH), *pull = test_socket(ctx, ZMQ_PULL);
+    test_set_int(pull, ZMQ_RCVTIMEO, 5000);
     test_bind_connect(pull, push, "inproc");
-    void *pull2 = new_sock(ctx, ZMQ_PULL), *push2 = new_sock(ctx, ZMQ_PUSH);
+    void *pull2 = test_socket(ctx, ZMQ_PULL), *push2 = test_socket(ctx, ZMQ_PUSH);
     test_bind_connect(pull2, push2, "tcp");
-    zev_stream_t *bad = new_stream(loop, push);
-    zev_stream_t *good = new_stream(loop, pull2);
+    zev_stream_t *bad = test_stream_new(loop, push);
+    zev_stream_t *good = test_stream_new(loop, pull2);
     seq_rx_t rx = {0};
     cr_assert_eq(zev_stream_on_recv(good, seq_recv, &rx), 0);
     send_count_t sc = {0};
@@ -1313,7 +1264,7 @@ Test(stream_bad_input, socket_closed_under_stream_enotsock, .timeout = 20)
 
     /* the loop goes on serving the other stream */
     for (uint64_t i = 0; i < 100; i++)
-        raw_send_seq(push2, i);
+        test_send_seq(push2, i);
     test_run_until_count(loop, &rx.count, 100, 5000);
     cr_assert_eq(rx.out_of_order, 0);
     cr_assert_eq(sc.count, 1, "the refused sends are not reported");
@@ -1322,7 +1273,7 @@ Test(stream_bad_input, socket_closed_under_stream_enotsock, .timeout = 20)
     close_probe_t p = {0};
     cr_assert_eq(zev_stream_on_close(bad, probe_close, &p), 0);
     cr_assert_eq(zev_stream_close(bad, 0), 0);
-    spin_loop(loop, 2, 1);
+    test_spin(loop, 2, 1);
     cr_assert_eq(p.calls, 1);
 
     zev_loop_destroy(loop);
@@ -1339,15 +1290,15 @@ Test(stream_bad_input, socket_closed_under_stream_enotsock, .timeout = 20)
  */
 Test(stream_bad_input, context_terminated_eterm, .timeout = 20)
 {
-    void *ctx = new_ctx(), *ctx2 = new_ctx();
+    void *ctx = test_ctx_new(), *ctx2 = test_ctx_new();
     zev_loop_t *loop = test_loop_new();
-    void *push = new_sock(ctx, ZMQ_PUSH), *pull = new_sock(ctx, ZMQ_PULL);
+    void *push = test_socket(ctx, ZMQ_PUSH), *pull = test_socket(ctx, ZMQ_PULL);
     test_bind_connect(pull, push, "inproc");
-    void *pull2 = new_sock(ctx2, ZMQ_PULL), *push2 = new_sock(ctx2, ZMQ_PUSH);
+    void *pull2 = test_socket(ctx2, ZMQ_PULL), *push2 = test_socket(ctx2, ZMQ_PUSH);
     test_bind_connect(pull2, push2, "inproc");
 
-    zev_stream_t *sp = new_stream(loop, push), *sl = new_stream(loop, pull);
-    zev_stream_t *good = new_stream(loop, pull2);
+    zev_stream_t *sp = test_stream_new(loop, push), *sl = test_stream_new(loop, pull);
+    zev_stream_t *good = test_stream_new(loop, pull2);
     seq_rx_t rx = {0}, rx2 = {0};
     cr_assert_eq(zev_stream_on_recv(sl, seq_recv, &rx), 0);
     cr_assert_eq(zev_stream_on_recv(good, seq_recv, &rx2), 0);
@@ -1371,7 +1322,7 @@ Test(stream_bad_input, context_terminated_eterm, .timeout = 20)
 
     /* the loop goes on serving the stream on the other context */
     for (uint64_t i = 0; i < 100; i++)
-        raw_send_seq(push2, i);
+        test_send_seq(push2, i);
     test_run_until_count(loop, &rx2.count, 100, 5000);
     cr_assert_eq(rx2.out_of_order, 0);
 
@@ -1394,16 +1345,16 @@ Test(stream_bad_input, context_terminated_eterm, .timeout = 20)
  * it must say so (-1/ETERM), not "0 handled" as if nothing were wrong. */
 Test(stream_bad_input, context_terminated_flush_first_eterm, .timeout = 20)
 {
-    void *ctx = new_ctx();
+    void *ctx = test_ctx_new();
     zev_loop_t *loop = test_loop_new();
-    void *pull = new_sock(ctx, ZMQ_PULL), *push = new_sock(ctx, ZMQ_PUSH);
+    void *pull = test_socket(ctx, ZMQ_PULL), *push = test_socket(ctx, ZMQ_PUSH);
     test_bind_connect(pull, push, "inproc");
-    zev_stream_t *s = new_stream(loop, pull);
+    zev_stream_t *s = test_stream_new(loop, pull);
     seq_rx_t rx = {0};
     cr_assert_eq(zev_stream_on_recv(s, seq_recv, &rx), 0);
-    raw_send_seq(push, 0);
+    test_send_seq(push, 0);
     test_run_until_count(loop, &rx.count, 1, 5000);
-    spin_loop(loop, 2, 1);
+    test_spin(loop, 2, 1);
 
     cr_assert_eq(zmq_ctx_shutdown(ctx), 0);
     EXPECT_ERR(zev_stream_flush(s, ZEV_READ, 0), ETERM);
@@ -1422,17 +1373,17 @@ Test(stream_bad_input, context_terminated_flush_first_eterm, .timeout = 20)
  */
 Test(stream_bad_input, context_terminated_queued_reported_eterm, .timeout = 20)
 {
-    void *ctx = new_ctx();
+    void *ctx = test_ctx_new();
     zev_loop_t *loop = test_loop_new();
-    void *lonely = new_sock(ctx, ZMQ_PUSH); /* no peer: its sends queue */
+    void *lonely = test_socket(ctx, ZMQ_PUSH); /* no peer: its sends queue */
     char ep[256];
-    bind_ep(lonely, "inproc", ep, sizeof ep);
-    zev_stream_t *sq = new_stream(loop, lonely);
+    test_bind_ep(lonely, "inproc", ep, sizeof ep);
+    zev_stream_t *sq = test_stream_new(loop, lonely);
     send_count_t sc = {.expect = ETERM};
     cr_assert_eq(zev_stream_on_send(sq, count_send, &sc), 0);
     for (uint64_t i = 0; i < 3; i++)
         cr_assert_eq(zev_stream_send(sq, &i, sizeof i, 0), 0);
-    spin_loop(loop, 3, 2);
+    test_spin(loop, 3, 2);
     cr_assert_eq(sc.count, 0);
 
     cr_assert_eq(zmq_ctx_shutdown(ctx), 0);
@@ -1440,7 +1391,7 @@ Test(stream_bad_input, context_terminated_queued_reported_eterm, .timeout = 20)
     cr_assert_eq(sc.bad, 0, "queued message reported with %d, want ETERM", sc.first_bad);
     cr_assert_eq(zev_stream_sending(sq), 0);
     EXPECT_ERR(zev_stream_send(sq, "y", 1, 0), ETERM);
-    spin_loop(loop, 3, 1);
+    test_spin(loop, 3, 1);
     cr_assert_eq(sc.count, 3, "reported once");
 
     cr_assert_eq(zev_stream_close(sq, 0), 0);
@@ -1458,17 +1409,17 @@ Test(stream_bad_input, context_terminated_queued_reported_eterm, .timeout = 20)
  */
 Test(stream_bad_input, socket_closed_queued_reported_enotsock, .timeout = 20)
 {
-    void *ctx = new_ctx();
+    void *ctx = test_ctx_new();
     zev_loop_t *loop = test_loop_new();
-    void *lonely = new_sock(ctx, ZMQ_PUSH);
+    void *lonely = test_socket(ctx, ZMQ_PUSH);
     char ep[256];
-    bind_ep(lonely, "inproc", ep, sizeof ep);
-    zev_stream_t *sq = new_stream(loop, lonely);
+    test_bind_ep(lonely, "inproc", ep, sizeof ep);
+    zev_stream_t *sq = test_stream_new(loop, lonely);
     send_count_t sc = {.expect = ENOTSOCK};
     cr_assert_eq(zev_stream_on_send(sq, count_send, &sc), 0);
     for (uint64_t i = 0; i < 3; i++)
         cr_assert_eq(zev_stream_send(sq, &i, sizeof i, 0), 0);
-    spin_loop(loop, 3, 2);
+    test_spin(loop, 3, 2);
     cr_assert_eq(sc.count, 0);
 
     test_close(lonely);
@@ -1479,7 +1430,7 @@ Test(stream_bad_input, socket_closed_queued_reported_enotsock, .timeout = 20)
     test_run_until_count(loop, &sc.count, want, 3000);
     cr_assert_eq(sc.bad, 0, "queued message reported with %d, want ENOTSOCK", sc.first_bad);
     EXPECT_ERR(zev_stream_send(sq, "y", 1, 0), ENOTSOCK);
-    spin_loop(loop, 3, 1);
+    test_spin(loop, 3, 1);
     cr_assert_eq(sc.count, want, "reported once");
 
     cr_assert_eq(zev_stream_close(sq, 0), 0);

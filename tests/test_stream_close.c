@@ -19,52 +19,6 @@
 
 /* ------------------------------------------------------------ small helpers */
 
-static void *new_ctx(void)
-{
-    void *ctx = zmq_ctx_new();
-    cr_assert_not_null(ctx);
-    return ctx;
-}
-
-static void *new_sock(void *ctx, int type)
-{
-    void *s = zmq_socket(ctx, type);
-    cr_assert_not_null(s, "zmq_socket: %s", zmq_strerror(errno));
-    return s;
-}
-
-static void set_int(void *sock, int opt, int v)
-{
-    cr_assert_eq(zmq_setsockopt(sock, opt, &v, sizeof v), 0, "setsockopt %d: %s", opt,
-                 zmq_strerror(errno));
-}
-
-static zev_stream_t *new_stream(zev_loop_t *loop, void *sock)
-{
-    zev_stream_t *s = zev_stream_new(loop, sock);
-    cr_assert_not_null(s, "zev_stream_new: %s", zmq_strerror(errno));
-    return s;
-}
-
-static void bind_ep(void *sock, const char *transport, char *ep, size_t len)
-{
-    test_endpoint(ep, len, transport);
-    cr_assert_eq(zmq_bind(sock, ep), 0, "bind %s: %s", ep, zmq_strerror(errno));
-    test_last_endpoint(sock, ep, len);
-}
-
-static void spin_loop(zev_loop_t *loop, int iterations, int ms)
-{
-    for (int i = 0; i < iterations; i++)
-        cr_assert_geq(zev_loop_run_once(loop, ms), 0);
-}
-
-static void raw_send_seq(void *sock, uint64_t seq)
-{
-    cr_assert_eq(zmq_send(sock, &seq, sizeof seq, 0), (int)sizeof seq, "zmq_send: %s",
-                 zmq_strerror(errno));
-}
-
 /* Receives one sequence number; -1 when nothing came within RCVTIMEO. */
 static int64_t raw_try_recv_seq(void *sock)
 {
@@ -226,20 +180,20 @@ static void self_close_recv(zev_stream_t *s, zev_msg_t *m, void *arg)
 
 static void self_close_run(int flags)
 {
-    void *ctx = new_ctx();
+    void *ctx = test_ctx_new();
     zev_loop_t *loop = test_loop_new();
-    void *pull = new_sock(ctx, ZMQ_PULL), *push = new_sock(ctx, ZMQ_PUSH);
-    set_int(pull, ZMQ_RCVTIMEO, 2000);
+    void *pull = test_socket(ctx, ZMQ_PULL), *push = test_socket(ctx, ZMQ_PUSH);
+    test_set_int(pull, ZMQ_RCVTIMEO, 2000);
     test_bind_connect(pull, push, "inproc");
     for (uint64_t i = 0; i < 10; i++)
-        raw_send_seq(push, i);
-    zev_stream_t *s = new_stream(loop, pull);
+        test_send_seq(push, i);
+    zev_stream_t *s = test_stream_new(loop, pull);
     self_close_t c = {.close_at = 3, .flags = flags};
     cr_assert_eq(zev_stream_on_recv(s, self_close_recv, &c), 0);
     cr_assert_eq(zev_stream_on_close(s, track_close, &c.t), 0);
 
     test_run_until(loop, &c.t.close_calls, 5000);
-    spin_loop(loop, 3, 2);
+    test_spin(loop, 3, 2);
     cr_assert_eq(c.close_rc, 0);
     cr_assert_eq(c.second_rc, -1);
     cr_assert_eq(c.second_errno, EBADF);
@@ -282,17 +236,17 @@ Test(stream_close, inside_own_recv_callback_close_socket, .timeout = 20)
  * handled, and the stream is then closed (EBADF). */
 Test(stream_close, inside_recv_callback_during_flush, .timeout = 20)
 {
-    void *ctx = new_ctx();
+    void *ctx = test_ctx_new();
     zev_loop_t *loop = test_loop_new();
-    void *pull = new_sock(ctx, ZMQ_PULL), *push = new_sock(ctx, ZMQ_PUSH);
-    set_int(pull, ZMQ_RCVTIMEO, 2000);
+    void *pull = test_socket(ctx, ZMQ_PULL), *push = test_socket(ctx, ZMQ_PUSH);
+    test_set_int(pull, ZMQ_RCVTIMEO, 2000);
     test_bind_connect(pull, push, "inproc");
-    zev_stream_t *s = new_stream(loop, pull);
+    zev_stream_t *s = test_stream_new(loop, pull);
     self_close_t c = {.close_at = 1};
     cr_assert_eq(zev_stream_on_recv(s, self_close_recv, &c), 0);
     cr_assert_eq(zev_stream_on_close(s, track_close, &c.t), 0);
     for (uint64_t i = 0; i < 5; i++)
-        raw_send_seq(push, i);
+        test_send_seq(push, i);
     cr_assert_eq(zev_stream_flush(s, ZEV_READ, 0), 1);
     cr_assert_eq(c.t.recvs, 1);
     cr_assert_eq(c.t.close_calls, 0, "the close callback runs from the loop");
@@ -300,7 +254,7 @@ Test(stream_close, inside_recv_callback_during_flush, .timeout = 20)
     cr_assert_eq(zev_stream_flush(s, ZEV_READ, 0), -1);
     cr_assert_eq(errno, EBADF);
     test_run_until(loop, &c.t.close_calls, 5000);
-    spin_loop(loop, 2, 1);
+    test_spin(loop, 2, 1);
     cr_assert_eq(c.t.close_calls, 1);
     for (uint64_t i = 1; i < 5; i++)
         cr_assert_eq(raw_try_recv_seq(pull), (int64_t)i);
@@ -337,24 +291,24 @@ static void closer_recv(zev_stream_t *s, zev_msg_t *m, void *arg)
  * pending, so both are on the ready-list when the close happens. */
 static void other_close_run(int victim_first)
 {
-    void *ctx = new_ctx();
+    void *ctx = test_ctx_new();
     zev_loop_t *loop = test_loop_new_opts(8, 0);
-    void *pa = new_sock(ctx, ZMQ_PULL), *qa = new_sock(ctx, ZMQ_PUSH);
-    void *pb = new_sock(ctx, ZMQ_PULL), *qb = new_sock(ctx, ZMQ_PUSH);
-    set_int(pb, ZMQ_RCVTIMEO, 2000);
+    void *pa = test_socket(ctx, ZMQ_PULL), *qa = test_socket(ctx, ZMQ_PUSH);
+    void *pb = test_socket(ctx, ZMQ_PULL), *qb = test_socket(ctx, ZMQ_PUSH);
+    test_set_int(pb, ZMQ_RCVTIMEO, 2000);
     test_bind_connect(pa, qa, "inproc");
     test_bind_connect(pb, qb, "inproc");
     for (uint64_t i = 0; i < 100; i++) {
-        raw_send_seq(qa, i);
-        raw_send_seq(qb, i);
+        test_send_seq(qa, i);
+        test_send_seq(qb, i);
     }
     zev_stream_t *a, *b;
     if (victim_first) {
-        b = new_stream(loop, pb);
-        a = new_stream(loop, pa);
+        b = test_stream_new(loop, pb);
+        a = test_stream_new(loop, pa);
     } else {
-        a = new_stream(loop, pa);
-        b = new_stream(loop, pb);
+        a = test_stream_new(loop, pa);
+        b = test_stream_new(loop, pb);
     }
     track_t bt = {0};
     closer_t c = {.victim = b, .victim_t = &bt};
@@ -362,7 +316,7 @@ static void other_close_run(int victim_first)
     cr_assert_eq(zev_stream_on_recv(a, closer_recv, &c), 0);
 
     test_run_until_count(loop, &c.t.recvs, 100, 5000);
-    spin_loop(loop, 3, 2);
+    test_spin(loop, 3, 2);
     cr_assert_eq(bt.close_calls, 1);
     cr_assert_eq(bt.recvs, c.victim_recvs_at_close);
     cr_assert_eq(bt.recvs_after_close, 0);
@@ -421,15 +375,15 @@ static void timer_close(zev_timer_t *t, void *arg)
 
 Test(stream_close, from_close_callback_and_timer, .timeout = 20)
 {
-    void *ctx = new_ctx();
+    void *ctx = test_ctx_new();
     zev_loop_t *loop = test_loop_new();
     void *socks[3];
     zev_stream_t *s[3];
     chain_t ch[3] = {{0}};
     int counter = 0;
     for (int i = 0; i < 3; i++) {
-        socks[i] = new_sock(ctx, ZMQ_PAIR);
-        s[i] = new_stream(loop, socks[i]);
+        socks[i] = test_socket(ctx, ZMQ_PAIR);
+        s[i] = test_stream_new(loop, socks[i]);
     }
     for (int i = 0; i < 3; i++) {
         ch[i].next = i < 2 ? s[i + 1] : NULL;
@@ -438,7 +392,7 @@ Test(stream_close, from_close_callback_and_timer, .timeout = 20)
     }
     cr_assert_not_null(zev_timer_start(loop, 1000, 0, timer_close, s[0]));
     test_run_until(loop, &ch[2].calls, 5000);
-    spin_loop(loop, 2, 1);
+    test_spin(loop, 2, 1);
     for (int i = 0; i < 3; i++) {
         cr_assert_eq(ch[i].calls, 1, "stream %d: %d close callbacks", i, ch[i].calls);
         cr_assert_eq(ch[i].order, i + 1);
@@ -453,12 +407,12 @@ Test(stream_close, from_close_callback_and_timer, .timeout = 20)
 
 Test(stream_close, twice_ebadf, .timeout = 20)
 {
-    void *ctx = new_ctx();
+    void *ctx = test_ctx_new();
     zev_loop_t *loop = test_loop_new();
-    void *push = new_sock(ctx, ZMQ_PUSH), *pull = new_sock(ctx, ZMQ_PULL);
-    set_int(pull, ZMQ_RCVTIMEO, 2000);
+    void *push = test_socket(ctx, ZMQ_PUSH), *pull = test_socket(ctx, ZMQ_PULL);
+    test_set_int(pull, ZMQ_RCVTIMEO, 2000);
     test_bind_connect(pull, push, "inproc");
-    zev_stream_t *s = new_stream(loop, push);
+    zev_stream_t *s = test_stream_new(loop, push);
     track_t t = {0};
     track(s, &t, 0, 1);
     do_close(s, &t, 0);
@@ -469,11 +423,11 @@ Test(stream_close, twice_ebadf, .timeout = 20)
     cr_assert_eq(zev_stream_close(s, ZEV_CLOSE_SOCKET), -1, "a refused close takes nothing");
     cr_assert_eq(errno, EBADF);
     test_run_until(loop, &t.close_calls, 5000);
-    spin_loop(loop, 3, 1);
+    test_spin(loop, 3, 1);
     cr_assert_eq(t.close_calls, 1);
     cr_assert_eq(t.sends, 0);
     /* the second close (with ZEV_CLOSE_SOCKET) was refused: socket still open */
-    raw_send_seq(push, 42);
+    test_send_seq(push, 42);
     cr_assert_eq(raw_try_recv_seq(pull), 42);
     zev_loop_destroy(loop);
     cr_assert_eq(t.close_calls, 1);
@@ -491,13 +445,13 @@ Test(stream_close, twice_ebadf, .timeout = 20)
  */
 static void queued_close_run(const char *transport, int flags)
 {
-    void *ctx = new_ctx();
+    void *ctx = test_ctx_new();
     zev_loop_t *loop = test_loop_new();
-    void *push = new_sock(ctx, ZMQ_PUSH);
-    set_int(push, ZMQ_LINGER, 0);
+    void *push = test_socket(ctx, ZMQ_PUSH);
+    test_set_int(push, ZMQ_LINGER, 0);
     char ep[256];
-    bind_ep(push, transport, ep, sizeof ep);
-    zev_stream_t *s = new_stream(loop, push);
+    test_bind_ep(push, transport, ep, sizeof ep);
+    zev_stream_t *s = test_stream_new(loop, push);
     cr_assert_eq(zev_stream_set_max_queue(s, 0), 0);
     track_t t = {0};
     track(s, &t, 0, 1);
@@ -505,14 +459,14 @@ static void queued_close_run(const char *transport, int flags)
         cr_assert_eq(zev_stream_send(s, &i, sizeof i, 0), 0);
     cr_assert_eq(zev_stream_send(s, "a", 1, ZMQ_SNDMORE), 0);
     cr_assert_eq(zev_stream_send(s, "b", 1, ZMQ_SNDMORE), 0); /* never finished */
-    spin_loop(loop, 3, 2);
+    test_spin(loop, 3, 2);
     cr_assert_eq(t.sends, 0);
     cr_assert_eq(zev_stream_sending(s), 1);
 
     do_close(s, &t, flags);
     cr_assert_eq(t.sends, 0, "on_send runs from the loop, not inside close");
     test_run_until(loop, &t.close_calls, 5000);
-    spin_loop(loop, 3, 1);
+    test_spin(loop, 3, 1);
     cr_assert_eq(t.close_calls, 1);
     cr_assert_eq(t.sends, 1501, "1500 messages + the unfinished one, each once");
     cr_assert_eq(t.sends_at_close_cb, 1501, "all reported before the close callback");
@@ -526,8 +480,8 @@ static void queued_close_run(const char *transport, int flags)
         return;
     }
     /* ECANCELED means never handed over: a late peer gets nothing */
-    void *pull = new_sock(ctx, ZMQ_PULL);
-    set_int(pull, ZMQ_RCVTIMEO, 100);
+    void *pull = test_socket(ctx, ZMQ_PULL);
+    test_set_int(pull, ZMQ_RCVTIMEO, 100);
     cr_assert_eq(zmq_connect(pull, ep), 0);
     cr_assert_eq(raw_try_recv_seq(pull), -1);
     test_close(pull);
@@ -553,14 +507,14 @@ Test(stream_close, queued_sends_ecanceled_close_socket, .timeout = 20)
  * the peer got exactly the 0-status ones. */
 Test(stream_close, queued_sends_mixed_statuses_in_order, .timeout = 20)
 {
-    void *ctx = new_ctx();
+    void *ctx = test_ctx_new();
     zev_loop_t *loop = test_loop_new();
-    void *push = new_sock(ctx, ZMQ_PUSH), *pull = new_sock(ctx, ZMQ_PULL);
-    set_int(push, ZMQ_SNDHWM, 10);
-    set_int(pull, ZMQ_RCVHWM, 10);
-    set_int(pull, ZMQ_RCVTIMEO, 200);
+    void *push = test_socket(ctx, ZMQ_PUSH), *pull = test_socket(ctx, ZMQ_PULL);
+    test_set_int(push, ZMQ_SNDHWM, 10);
+    test_set_int(pull, ZMQ_RCVHWM, 10);
+    test_set_int(pull, ZMQ_RCVTIMEO, 200);
     test_bind_connect(pull, push, "inproc");
-    zev_stream_t *s = new_stream(loop, push);
+    zev_stream_t *s = test_stream_new(loop, push);
     track_t t = {0};
     track(s, &t, 0, 1);
     for (uint64_t i = 0; i < 200; i++)
@@ -603,21 +557,21 @@ static void send_closer(zev_stream_t *s, int status, void *arg)
 
 Test(stream_close, inside_on_send, .timeout = 20)
 {
-    void *ctx = new_ctx();
+    void *ctx = test_ctx_new();
     zev_loop_t *loop = test_loop_new();
-    void *push = new_sock(ctx, ZMQ_PUSH), *pull = new_sock(ctx, ZMQ_PULL);
-    set_int(push, ZMQ_SNDHWM, 5);
-    set_int(pull, ZMQ_RCVHWM, 5);
-    set_int(pull, ZMQ_RCVTIMEO, 200);
+    void *push = test_socket(ctx, ZMQ_PUSH), *pull = test_socket(ctx, ZMQ_PULL);
+    test_set_int(push, ZMQ_SNDHWM, 5);
+    test_set_int(pull, ZMQ_RCVHWM, 5);
+    test_set_int(pull, ZMQ_RCVTIMEO, 200);
     test_bind_connect(pull, push, "inproc");
-    zev_stream_t *s = new_stream(loop, push);
+    zev_stream_t *s = test_stream_new(loop, push);
     send_closer_t c = {.close_at = 3};
     cr_assert_eq(zev_stream_on_send(s, send_closer, &c), 0);
     cr_assert_eq(zev_stream_on_close(s, track_close, &c.t), 0);
     for (uint64_t i = 0; i < 50; i++)
         cr_assert_eq(zev_stream_send(s, &i, sizeof i, 0), 0);
     test_run_until(loop, &c.t.close_calls, 5000);
-    spin_loop(loop, 3, 1);
+    test_spin(loop, 3, 1);
     cr_assert_eq(c.t.close_calls, 1);
     cr_assert_eq(c.t.sends, 50, "each message reported once");
     cr_assert_eq(c.t.sends_after_close_cb, 0);
@@ -637,14 +591,14 @@ Test(stream_close, inside_on_send, .timeout = 20)
 
 Test(stream_close, close_socket_closes_it, .timeout = 20)
 {
-    void *ctx = new_ctx();
+    void *ctx = test_ctx_new();
     zev_loop_t *loop = test_loop_new();
-    void *pull = new_sock(ctx, ZMQ_PULL), *push = new_sock(ctx, ZMQ_PUSH);
+    void *pull = test_socket(ctx, ZMQ_PULL), *push = test_socket(ctx, ZMQ_PUSH);
     test_bind_connect(pull, push, "tcp");
-    zev_stream_t *s = new_stream(loop, pull);
+    zev_stream_t *s = test_stream_new(loop, pull);
     track_t t = {0};
     track(s, &t, 1, 0);
-    raw_send_seq(push, 0);
+    test_send_seq(push, 0);
     test_run_until_count(loop, &t.recvs, 1, 5000);
     do_close(s, &t, ZEV_CLOSE_SOCKET);
     test_run_until(loop, &t.close_calls, 5000);
@@ -664,22 +618,22 @@ Test(stream_close, close_socket_closes_it, .timeout = 20)
  */
 static void flush_late_peer_run(const char *transport, int extra_flags)
 {
-    void *ctx = new_ctx();
+    void *ctx = test_ctx_new();
     zev_loop_t *loop = test_loop_new();
-    void *push = new_sock(ctx, ZMQ_PUSH);
-    set_int(push, ZMQ_LINGER, -1);
+    void *push = test_socket(ctx, ZMQ_PUSH);
+    test_set_int(push, ZMQ_LINGER, -1);
     char ep[256];
-    bind_ep(push, transport, ep, sizeof ep);
-    zev_stream_t *s = new_stream(loop, push);
+    test_bind_ep(push, transport, ep, sizeof ep);
+    zev_stream_t *s = test_stream_new(loop, push);
     track_t t = {0};
     track(s, &t, 0, 1);
     for (uint64_t i = 0; i < 500; i++)
         cr_assert_eq(zev_stream_send(s, &i, sizeof i, 0), 0);
 
     /* an unrelated stream that must keep being served meanwhile */
-    void *pa = new_sock(ctx, ZMQ_PULL), *qa = new_sock(ctx, ZMQ_PUSH);
+    void *pa = test_socket(ctx, ZMQ_PULL), *qa = test_socket(ctx, ZMQ_PUSH);
     test_bind_connect(pa, qa, "inproc");
-    zev_stream_t *other = new_stream(loop, pa);
+    zev_stream_t *other = test_stream_new(loop, pa);
     track_t ot = {0};
     track(other, &ot, 1, 0);
 
@@ -688,17 +642,17 @@ static void flush_late_peer_run(const char *transport, int extra_flags)
     cr_assert_eq(zev_stream_send(s, "x", 1, 0), -1);
     cr_assert_eq(errno, EBADF);
     for (uint64_t i = 0; i < 20; i++)
-        raw_send_seq(qa, i);
+        test_send_seq(qa, i);
     test_run_until_count(loop, &ot.recvs, 20, 5000);
-    spin_loop(loop, 10, 5);
+    test_spin(loop, 10, 5);
     cr_assert_eq(t.close_calls, 0, "linger -1: waits for the queue to drain");
     cr_assert_eq(t.sends, 0);
 
-    void *pull = new_sock(ctx, ZMQ_PULL);
-    set_int(pull, ZMQ_RCVTIMEO, 5000);
+    void *pull = test_socket(ctx, ZMQ_PULL);
+    test_set_int(pull, ZMQ_RCVTIMEO, 5000);
     cr_assert_eq(zmq_connect(pull, ep), 0);
     test_run_until(loop, &t.close_calls, 10000);
-    spin_loop(loop, 3, 1);
+    test_spin(loop, 3, 1);
     cr_assert_eq(t.close_calls, 1);
     cr_assert_eq(t.sends, 500);
     cr_assert_eq(t.sends_at_close_cb, 500, "every message reported before the close callback");
@@ -738,13 +692,13 @@ Test(stream_close, flush_and_close_socket_late_peer_tcp, .timeout = 30)
  * message is reported ECANCELED, then the close callback runs once. */
 Test(stream_close, flush_linger_100_no_peer, .timeout = 20)
 {
-    void *ctx = new_ctx();
+    void *ctx = test_ctx_new();
     zev_loop_t *loop = test_loop_new();
-    void *push = new_sock(ctx, ZMQ_PUSH);
-    set_int(push, ZMQ_LINGER, 100);
+    void *push = test_socket(ctx, ZMQ_PUSH);
+    test_set_int(push, ZMQ_LINGER, 100);
     char ep[256];
-    bind_ep(push, "tcp", ep, sizeof ep);
-    zev_stream_t *s = new_stream(loop, push);
+    test_bind_ep(push, "tcp", ep, sizeof ep);
+    zev_stream_t *s = test_stream_new(loop, push);
     track_t t = {0};
     track(s, &t, 0, 1);
     for (uint64_t i = 0; i < 300; i++)
@@ -752,7 +706,7 @@ Test(stream_close, flush_linger_100_no_peer, .timeout = 20)
     uint64_t t0 = test_ms();
     do_close(s, &t, ZEV_CLOSE_FLUSH);
     test_run_until(loop, &t.close_calls, 5000);
-    spin_loop(loop, 3, 1);
+    test_spin(loop, 3, 1);
     /* a lower bound only (the linger is a deadline, never early); 1 ms of
      * slack for the ms-truncated clock */
     cr_assert_geq(t.close_cb_ms - t0, 99, "closed after %llu ms, before the linger",
@@ -770,13 +724,13 @@ Test(stream_close, flush_linger_100_no_peer, .timeout = 20)
 /* Linger 0 with ZEV_CLOSE_FLUSH is a plain close: ECANCELED at once. */
 Test(stream_close, flush_linger_0_is_immediate, .timeout = 20)
 {
-    void *ctx = new_ctx();
+    void *ctx = test_ctx_new();
     zev_loop_t *loop = test_loop_new();
-    void *push = new_sock(ctx, ZMQ_PUSH);
-    set_int(push, ZMQ_LINGER, 0);
+    void *push = test_socket(ctx, ZMQ_PUSH);
+    test_set_int(push, ZMQ_LINGER, 0);
     char ep[256];
-    bind_ep(push, "inproc", ep, sizeof ep);
-    zev_stream_t *s = new_stream(loop, push);
+    test_bind_ep(push, "inproc", ep, sizeof ep);
+    zev_stream_t *s = test_stream_new(loop, push);
     track_t t = {0};
     track(s, &t, 0, 1);
     for (uint64_t i = 0; i < 10; i++)
@@ -801,22 +755,22 @@ Test(stream_close, flush_linger_0_is_immediate, .timeout = 20)
  */
 Test(stream_close, loop_destroy_with_open_streams, .timeout = 20)
 {
-    void *ctx = new_ctx();
+    void *ctx = test_ctx_new();
     zev_loop_t *loop = test_loop_new();
     char ep_q[256], ep_f[256];
-    void *idle = new_sock(ctx, ZMQ_PAIR);
-    void *queued = new_sock(ctx, ZMQ_PUSH);
-    bind_ep(queued, "tcp", ep_q, sizeof ep_q);
-    void *rx = new_sock(ctx, ZMQ_PULL), *rx_peer = new_sock(ctx, ZMQ_PUSH);
-    set_int(rx, ZMQ_RCVTIMEO, 2000);
+    void *idle = test_socket(ctx, ZMQ_PAIR);
+    void *queued = test_socket(ctx, ZMQ_PUSH);
+    test_bind_ep(queued, "tcp", ep_q, sizeof ep_q);
+    void *rx = test_socket(ctx, ZMQ_PULL), *rx_peer = test_socket(ctx, ZMQ_PUSH);
+    test_set_int(rx, ZMQ_RCVTIMEO, 2000);
     test_bind_connect(rx, rx_peer, "inproc");
-    void *flushing = new_sock(ctx, ZMQ_PUSH);
-    set_int(flushing, ZMQ_LINGER, -1);
-    bind_ep(flushing, "inproc", ep_f, sizeof ep_f);
+    void *flushing = test_socket(ctx, ZMQ_PUSH);
+    test_set_int(flushing, ZMQ_LINGER, -1);
+    test_bind_ep(flushing, "inproc", ep_f, sizeof ep_f);
 
     track_t t[4] = {{0}};
-    zev_stream_t *s[4] = {new_stream(loop, idle), new_stream(loop, queued), new_stream(loop, rx),
-                          new_stream(loop, flushing)};
+    zev_stream_t *s[4] = {test_stream_new(loop, idle), test_stream_new(loop, queued), test_stream_new(loop, rx),
+                          test_stream_new(loop, flushing)};
     track(s[0], &t[0], 1, 1);
     track(s[1], &t[1], 0, 1);
     track(s[2], &t[2], 1, 0);
@@ -825,10 +779,10 @@ Test(stream_close, loop_destroy_with_open_streams, .timeout = 20)
         cr_assert_eq(zev_stream_send(s[1], &i, sizeof i, 0), 0);
     for (uint64_t i = 0; i < 7; i++)
         cr_assert_eq(zev_stream_send(s[3], &i, sizeof i, 0), 0);
-    raw_send_seq(rx_peer, 0);
+    test_send_seq(rx_peer, 0);
     test_run_until_count(loop, &t[2].recvs, 1, 5000);
     do_close(s[3], &t[3], ZEV_CLOSE_FLUSH);
-    spin_loop(loop, 3, 2);
+    test_spin(loop, 3, 2);
     cr_assert_eq(t[3].close_calls, 0);
 
     zev_loop_destroy(loop);
@@ -845,21 +799,21 @@ Test(stream_close, loop_destroy_with_open_streams, .timeout = 20)
 
     /* every socket is still open and usable; the cancelled messages never
      * reached libzmq */
-    void *qpull = new_sock(ctx, ZMQ_PULL), *fpull = new_sock(ctx, ZMQ_PULL);
-    set_int(qpull, ZMQ_RCVTIMEO, 5000);
-    set_int(fpull, ZMQ_RCVTIMEO, 5000);
+    void *qpull = test_socket(ctx, ZMQ_PULL), *fpull = test_socket(ctx, ZMQ_PULL);
+    test_set_int(qpull, ZMQ_RCVTIMEO, 5000);
+    test_set_int(fpull, ZMQ_RCVTIMEO, 5000);
     cr_assert_eq(zmq_connect(qpull, ep_q), 0);
     cr_assert_eq(zmq_connect(fpull, ep_f), 0);
-    raw_send_seq(queued, 1000);
-    raw_send_seq(flushing, 2000);
+    test_send_seq(queued, 1000);
+    test_send_seq(flushing, 2000);
     cr_assert_eq(raw_try_recv_seq(qpull), 1000);
     cr_assert_eq(raw_try_recv_seq(fpull), 2000);
-    raw_send_seq(rx_peer, 1);
+    test_send_seq(rx_peer, 1);
     cr_assert_eq(raw_try_recv_seq(rx), 1);
-    void *idle_peer = new_sock(ctx, ZMQ_PAIR);
-    set_int(idle_peer, ZMQ_RCVTIMEO, 5000);
+    void *idle_peer = test_socket(ctx, ZMQ_PAIR);
+    test_set_int(idle_peer, ZMQ_RCVTIMEO, 5000);
     test_bind_connect(idle, idle_peer, "inproc");
-    raw_send_seq(idle, 3);
+    test_send_seq(idle, 3);
     cr_assert_eq(raw_try_recv_seq(idle_peer), 3);
 
     test_close(idle_peer);

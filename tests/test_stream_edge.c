@@ -56,27 +56,6 @@
 
 /* ------------------------------------------------------------- helpers */
 
-static void *sock_new(void *ctx, int type)
-{
-    void *s = zmq_socket(ctx, type);
-    cr_assert_not_null(s, "zmq_socket(%d): %s", type, zmq_strerror(errno));
-    return s;
-}
-
-static void sock_set(void *s, int opt, int val)
-{
-    cr_assert_eq(zmq_setsockopt(s, opt, &val, sizeof val), 0, "setsockopt %d: %s", opt,
-                 zmq_strerror(errno));
-}
-
-/* Binds on a fresh endpoint of transport; the endpoint to connect to in ep. */
-static void bind_ep(void *s, const char *transport, char *ep, size_t len)
-{
-    test_endpoint(ep, len, transport);
-    cr_assert_eq(zmq_bind(s, ep), 0, "bind %s: %s", ep, zmq_strerror(errno));
-    test_last_endpoint(s, ep, len);
-}
-
 static uint64_t get_u64(const void *p)
 {
     uint64_t v;
@@ -298,13 +277,13 @@ static void torture(const char *transport)
     void *ctx = zmq_ctx_new();
     cr_assert_not_null(ctx);
     zev_loop_t *loop = test_loop_new();
-    void *sock = sock_new(ctx, ZMQ_DEALER);
+    void *sock = test_socket(ctx, ZMQ_DEALER);
     /* Small HWMs: the pipes fill constantly, so the stream's own queue, the
      * POLLOUT edges and the pause/resume path are all exercised. */
-    sock_set(sock, ZMQ_SNDHWM, 300);
-    sock_set(sock, ZMQ_RCVHWM, 300);
+    test_set_int(sock, ZMQ_SNDHWM, 300);
+    test_set_int(sock, ZMQ_RCVHWM, 300);
     blaster_t b = {.ctx = ctx, .n = n, .hwm = 300, .loop = loop};
-    bind_ep(sock, transport, b.ep, sizeof b.ep);
+    test_bind_ep(sock, transport, b.ep, sizeof b.ep);
 
     zev_stream_t *s = zev_stream_new(loop, sock);
     cr_assert_not_null(s, "zev_stream_new: %s", zmq_strerror(errno));
@@ -482,12 +461,12 @@ static void relay(const char *transport)
     const size_t n = RELAY_N;
     void *ctx = zmq_ctx_new();
     zev_loop_t *loop = test_loop_new();
-    void *pull = sock_new(ctx, ZMQ_PULL);
-    void *push = sock_new(ctx, ZMQ_PUSH);
-    sock_set(push, ZMQ_SNDHWM, 4); /* B's pipe is tiny: its queue is used all the time */
+    void *pull = test_socket(ctx, ZMQ_PULL);
+    void *push = test_socket(ctx, ZMQ_PUSH);
+    test_set_int(push, ZMQ_SNDHWM, 4); /* B's pipe is tiny: its queue is used all the time */
     relay_peer_t p = {.ctx = ctx, .n = n, .loop = loop};
-    bind_ep(pull, transport, p.a_ep, sizeof p.a_ep);
-    bind_ep(push, transport, p.b_ep, sizeof p.b_ep);
+    test_bind_ep(pull, transport, p.a_ep, sizeof p.a_ep);
+    test_bind_ep(push, transport, p.b_ep, sizeof p.b_ep);
 
     relay_t r = {0};
     r.a = zev_stream_new(loop, pull);
@@ -639,11 +618,11 @@ static void ping_echo(const char *transport, ping_mode_t mode)
     const size_t n = ECHO_N;
     void *ctx = zmq_ctx_new();
     zev_loop_t *loop = test_loop_new();
-    void *sock = sock_new(ctx, ZMQ_DEALER);
-    sock_set(sock, ZMQ_SNDHWM, 8);
-    sock_set(sock, ZMQ_RCVHWM, 8);
+    void *sock = test_socket(ctx, ZMQ_DEALER);
+    test_set_int(sock, ZMQ_SNDHWM, 8);
+    test_set_int(sock, ZMQ_RCVHWM, 8);
     echo_peer_t peer = {.ctx = ctx, .n = n, .hwm = 8};
-    bind_ep(sock, transport, peer.ep, sizeof peer.ep);
+    test_bind_ep(sock, transport, peer.ep, sizeof peer.ep);
 
     pinger_t p = {.n = n};
     p.s = zev_stream_new(loop, sock);
@@ -771,9 +750,9 @@ static void edge_consumed_by_outside_send(const char *transport, outside_t mode)
     const size_t rounds = 20;
     void *ctx = zmq_ctx_new();
     zev_loop_t *loop = test_loop_new();
-    void *x = sock_new(ctx, ZMQ_DEALER);
-    edge_case_t e = {.x_peer = sock_new(ctx, ZMQ_DEALER)};
-    sock_set(e.x_peer, ZMQ_RCVTIMEO, 5000);
+    void *x = test_socket(ctx, ZMQ_DEALER);
+    edge_case_t e = {.x_peer = test_socket(ctx, ZMQ_DEALER)};
+    test_set_int(e.x_peer, ZMQ_RCVTIMEO, 5000);
     test_bind_connect(x, e.x_peer, transport);
     size_t len = sizeof e.x_fd;
     cr_assert_eq(zmq_getsockopt(x, ZMQ_FD, &e.x_fd, &len), 0);
@@ -783,8 +762,8 @@ static void edge_consumed_by_outside_send(const char *transport, outside_t mode)
 
     void *a = NULL, *a_peer = NULL;
     if (mode == OUTSIDE_OTHER_STREAM) {
-        a = sock_new(ctx, ZMQ_PULL);
-        a_peer = sock_new(ctx, ZMQ_PUSH);
+        a = test_socket(ctx, ZMQ_PULL);
+        a_peer = test_socket(ctx, ZMQ_PUSH);
         test_bind_connect(a, a_peer, transport);
         zev_stream_t *sa = zev_stream_new(loop, a);
         cr_assert_not_null(sa);
@@ -915,12 +894,12 @@ Test(stream_edge, fairness_quiet_stream_not_starved, .timeout = 60)
     fair_t *f = calloc(1, sizeof *f);
     cr_assert_not_null(f);
 
-    void *fire_pull = sock_new(ctx, ZMQ_PULL);
-    void *quiet_pull = sock_new(ctx, ZMQ_PULL);
-    f->fire_push = sock_new(ctx, ZMQ_PUSH);
-    f->quiet_push = sock_new(ctx, ZMQ_PUSH);
-    sock_set(fire_pull, ZMQ_RCVHWM, 2 * FAIR_BACKLOG);
-    sock_set(f->fire_push, ZMQ_SNDHWM, 2 * FAIR_BACKLOG);
+    void *fire_pull = test_socket(ctx, ZMQ_PULL);
+    void *quiet_pull = test_socket(ctx, ZMQ_PULL);
+    f->fire_push = test_socket(ctx, ZMQ_PUSH);
+    f->quiet_push = test_socket(ctx, ZMQ_PUSH);
+    test_set_int(fire_pull, ZMQ_RCVHWM, 2 * FAIR_BACKLOG);
+    test_set_int(f->fire_push, ZMQ_SNDHWM, 2 * FAIR_BACKLOG);
     test_bind_connect(fire_pull, f->fire_push, "inproc");
     test_bind_connect(quiet_pull, f->quiet_push, "inproc");
     for (int i = 0; i < FAIR_BACKLOG; i++)
@@ -997,12 +976,12 @@ static void events_zero(const char *transport)
 {
     void *ctx = zmq_ctx_new();
     zev_loop_t *loop = test_loop_new();
-    void *pub = sock_new(ctx, ZMQ_XPUB);
-    void *sub = sock_new(ctx, ZMQ_SUB);
-    sock_set(pub, ZMQ_XPUB_MANUAL, 1);
-    sock_set(pub, ZMQ_SNDHWM, 0); /* nothing may be dropped at the HWM, "A" least of all */
-    sock_set(pub, ZMQ_RCVTIMEO, 5000);
-    sock_set(sub, ZMQ_RCVHWM, 0);
+    void *pub = test_socket(ctx, ZMQ_XPUB);
+    void *sub = test_socket(ctx, ZMQ_SUB);
+    test_set_int(pub, ZMQ_XPUB_MANUAL, 1);
+    test_set_int(pub, ZMQ_SNDHWM, 0); /* nothing may be dropped at the HWM, "A" least of all */
+    test_set_int(pub, ZMQ_RCVTIMEO, 5000);
+    test_set_int(sub, ZMQ_RCVHWM, 0);
     cr_assert_eq(zmq_setsockopt(sub, ZMQ_SUBSCRIBE, "A", 1), 0);
     test_bind_connect(pub, sub, transport);
 
@@ -1094,15 +1073,15 @@ static void router_mandatory_blocked(int second_peer)
 {
     void *ctx = zmq_ctx_new();
     zev_loop_t *loop = test_loop_new();
-    void *router = sock_new(ctx, ZMQ_ROUTER);
-    void *d = sock_new(ctx, ZMQ_DEALER);
-    void *e = second_peer ? sock_new(ctx, ZMQ_DEALER) : NULL;
-    sock_set(router, ZMQ_ROUTER_MANDATORY, 1);
-    sock_set(router, ZMQ_SNDHWM, 2);
-    sock_set(d, ZMQ_RCVHWM, 2);
+    void *router = test_socket(ctx, ZMQ_ROUTER);
+    void *d = test_socket(ctx, ZMQ_DEALER);
+    void *e = second_peer ? test_socket(ctx, ZMQ_DEALER) : NULL;
+    test_set_int(router, ZMQ_ROUTER_MANDATORY, 1);
+    test_set_int(router, ZMQ_SNDHWM, 2);
+    test_set_int(d, ZMQ_RCVHWM, 2);
     cr_assert_eq(zmq_setsockopt(d, ZMQ_ROUTING_ID, "D", 1), 0);
     char ep[256];
-    bind_ep(router, "inproc", ep, sizeof ep);
+    test_bind_ep(router, "inproc", ep, sizeof ep);
     cr_assert_eq(zmq_connect(d, ep), 0);
     if (e) {
         cr_assert_eq(zmq_setsockopt(e, ZMQ_ROUTING_ID, "E", 1), 0);
@@ -1184,7 +1163,7 @@ static void router_mandatory_blocked(int second_peer)
     }
     if (e) {
         uint32_t got = 0;
-        sock_set(e, ZMQ_RCVTIMEO, 5000);
+        test_set_int(e, ZMQ_RCVTIMEO, 5000);
         cr_assert_eq(zmq_recv(e, &got, sizeof got, 0), (int)sizeof got);
         cr_assert_eq(got, 0xe);
     }
@@ -1205,7 +1184,7 @@ static void router_mandatory_blocked(int second_peer)
     test_run_until_count(loop, &r.reported, total + 1, 5000);
     cr_assert_eq(r.status[total], 0);
     uint32_t got = 0;
-    sock_set(d, ZMQ_RCVTIMEO, 5000);
+    test_set_int(d, ZMQ_RCVTIMEO, 5000);
     cr_assert_eq(zmq_recv(d, &got, sizeof got, 0), (int)sizeof got);
     cr_assert_eq(got, 4242);
 
@@ -1260,8 +1239,8 @@ static void req_queue(const char *transport)
 {
     void *ctx = zmq_ctx_new();
     zev_loop_t *loop = test_loop_new();
-    void *rep = sock_new(ctx, ZMQ_REP);
-    void *req = sock_new(ctx, ZMQ_REQ);
+    void *rep = test_socket(ctx, ZMQ_REP);
+    void *req = test_socket(ctx, ZMQ_REQ);
     test_bind_connect(rep, req, transport);
 
     reqst_t q = {0};
@@ -1409,8 +1388,8 @@ static void pair_run(const pair_case_t *c, const char *transport)
 {
     void *ctx = zmq_ctx_new();
     zev_loop_t *loop = test_loop_new();
-    void *a = sock_new(ctx, c->ta);
-    void *b = sock_new(ctx, c->tb);
+    void *a = test_socket(ctx, c->ta);
+    void *b = test_socket(ctx, c->tb);
     if (c->tb == ZMQ_SUB)
         cr_assert_eq(zmq_setsockopt(b, ZMQ_SUBSCRIBE, "t", 1), 0);
     test_bind_connect(b, a, transport);

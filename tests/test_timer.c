@@ -14,20 +14,6 @@
 
 TestSuite(timer, .timeout = 30);
 
-static uint64_t clock_ns(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
-}
-
-static void sleep_ms(int ms)
-{
-    struct timespec ts = {ms / 1000, (long)(ms % 1000) * 1000000L};
-    while (nanosleep(&ts, &ts) < 0 && errno == EINTR)
-        ;
-}
-
 /* Deterministic PRNG (xorshift64*), so a failure reproduces. */
 static uint64_t rng_state = 0x9e3779b97f4a7c15u;
 static uint64_t rng(void)
@@ -72,7 +58,7 @@ static void rec_timer(zev_timer_t *t, void *arg)
     if (t != r->self)
         r->wrong_handle++;
     if (r->calls < 16) {
-        r->at[r->calls] = clock_ns();
+        r->at[r->calls] = test_clock_ns();
         r->now[r->calls] = zev_now_ns(r->loop);
     }
     r->calls++;
@@ -84,7 +70,7 @@ Test(timer, oneshot_fires_once)
 {
     zev_loop_t *loop = test_loop_new();
     rec_t r = {.loop = loop};
-    uint64_t t0 = clock_ns();
+    uint64_t t0 = test_clock_ns();
     r.self = zev_timer_start(loop, 20000, 0, rec_timer, &r);
     cr_assert_not_null(r.self, "zev_timer_start: %s", zmq_strerror(errno));
     test_run_until(loop, &r.calls, 5000);
@@ -122,7 +108,7 @@ Test(timer, repeating_fires_n_times_then_cancels_itself)
     zev_loop_t *loop = test_loop_new();
     enum { N = 5, REPEAT_US = 2000 };
     rec_t r = {.loop = loop, .cancel_at = N, .cancel_rc = -2};
-    uint64_t t0 = clock_ns();
+    uint64_t t0 = test_clock_ns();
     r.self = zev_timer_start(loop, REPEAT_US, REPEAT_US, rec_timer, &r);
     cr_assert_not_null(r.self);
     test_run_until(loop, &r.calls, 5000);
@@ -207,7 +193,7 @@ Test(timer, cancel_other_due_timer_inside_callback)
     cr_assert_not_null(zev_timer_start(loop, 1000, 0, cancel_other, &a));
     a.victim = zev_timer_start(loop, 1000, 0, count_timer, &b_calls);
     cr_assert_not_null(a.victim);
-    sleep_ms(10); /* both are due before the loop runs */
+    test_sleep_ms(10); /* both are due before the loop runs */
     cr_assert_geq(zev_loop_run_once(loop, 0), 0);
     cr_assert_eq(a.calls, 1, "the first due timer did not run");
     cr_assert_eq(a.cancel_rc, 0);
@@ -237,7 +223,7 @@ Test(timer, cancel_other_due_timer_inside_callback)
     duel.t[1] = zev_timer_start(loop, 500, 0, duel_timer, (void *)(intptr_t)1);
     cr_assert_not_null(duel.t[0]);
     cr_assert_not_null(duel.t[1]);
-    sleep_ms(5);
+    test_sleep_ms(5);
     cr_assert_geq(zev_loop_run_once(loop, 0), 0);
     run_past(loop, 20000);
     cr_assert_eq(duel.calls[0] + duel.calls[1], 1, "calls %d + %d", duel.calls[0], duel.calls[1]);
@@ -432,14 +418,14 @@ Test(timer, started_outside_counts_from_current_time)
      * the (stale) cached time it would already be due. (The margins are
      * wider than 50 ms / 20 ms so a loaded machine cannot fake a pass or a
      * failure: 100 ms stale, 50 ms delay.) */
-    sleep_ms(100);
+    test_sleep_ms(100);
     int fired = 0;
-    uint64_t t0 = clock_ns();
+    uint64_t t0 = test_clock_ns();
     cr_assert_not_null(zev_timer_start(loop, 50000, 0, count_timer, &fired));
     cr_assert_eq(zev_loop_run_once(loop, 0), 0);
     cr_assert_eq(fired, 0, "timer counted from the stale cached time");
     test_run_until(loop, &fired, 5000);
-    cr_assert_geq(clock_ns() - t0, 50000000u);
+    cr_assert_geq(test_clock_ns() - t0, 50000000u);
     cr_assert_geq(zev_now_ns(loop), t0 + 50000000u);
     zev_loop_destroy(loop);
 }
@@ -608,7 +594,7 @@ Test(timer, cancel_half_of_hundred_thousand)
     }
     /* ...and a quarter from the canceller's callback, with some of them
      * already due in that same iteration. */
-    sleep_ms(10);
+    test_sleep_ms(10);
     test_run_until_count(loop, &m.count, MANY - half, 20000);
     run_past(loop, 2 * MAX_DELAY_US);
     cr_assert_eq(c.calls, 1);

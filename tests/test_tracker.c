@@ -33,28 +33,6 @@
 
 TestSuite(tracker, .timeout = 120);
 
-/* Criterion counts a test whose child process ends with a LeakSanitizer
- * report as passing (it only warns), so ASan builds check for leaks inside
- * the test, after everything was released and the context terminated. */
-#if defined(__SANITIZE_ADDRESS__)
-#define ZC_ASAN 1
-#elif defined(__has_feature)
-#if __has_feature(address_sanitizer)
-#define ZC_ASAN 1
-#endif
-#endif
-#ifdef ZC_ASAN
-#include <sanitizer/lsan_interface.h>
-static void expect_no_leaks(void)
-{
-    cr_expect_eq(__lsan_do_recoverable_leak_check(), 0, "LeakSanitizer: leaks (see above)");
-}
-#else
-static void expect_no_leaks(void)
-{
-}
-#endif
-
 /* ------------------------------------------------------------------ helpers */
 
 static uint8_t ref[4096 + 256]; /* ref[k] == (uint8_t)k */
@@ -107,79 +85,15 @@ static int dead_port(char *ep, size_t len)
     return fd;
 }
 
-/* The loop runs with zev_loop_run, which blocks until something wakes it:
- * a tracker completion that fails to wake the loop then shows as a hang.
- * The watchdog wakes it through its own pipe (not through zev_loop_stop's
- * wakeup, which may be what is broken) and stops it. */
-typedef struct {
-    zev_loop_t *loop;
-    int fds[2];
-    zev_io_t *io;
-    pthread_t thread;
-    pthread_mutex_t mu;
-    pthread_cond_t cv;
-    bool cancelled;
-    int ms;
-    volatile int fired;
-} watchdog_t;
-
-static void watchdog_io(zev_io_t *io, int fd, int events, void *arg)
-{
-    (void)io;
-    (void)fd;
-    (void)events;
-    watchdog_t *w = arg;
-    w->fired = 1;
-    zev_loop_stop(w->loop);
-}
-
-static void *watchdog_main(void *arg)
-{
-    watchdog_t *w = arg;
-    struct timespec until;
-    clock_gettime(CLOCK_REALTIME, &until);
-    until.tv_sec += w->ms / 1000;
-    until.tv_nsec += (long)(w->ms % 1000) * 1000000L;
-    if (until.tv_nsec >= 1000000000L) {
-        until.tv_sec++;
-        until.tv_nsec -= 1000000000L;
-    }
-    pthread_mutex_lock(&w->mu);
-    int rc = 0;
-    while (!w->cancelled && rc != ETIMEDOUT)
-        rc = pthread_cond_timedwait(&w->cv, &w->mu, &until);
-    bool fire = !w->cancelled;
-    pthread_mutex_unlock(&w->mu);
-    if (fire) {
-        char b = 'w';
-        (void)!write(w->fds[1], &b, 1);
-    }
-    return NULL;
-}
-
 /* Runs the loop until a callback calls zev_loop_stop; 0 if it did, 1 if the
- * watchdog had to stop it after ms. */
+ * watchdog (test_watchdog_t: a tracker completion that fails to wake the
+ * loop shows as a hang) had to stop it after ms. */
 static int run_loop(zev_loop_t *loop, int ms)
 {
-    watchdog_t w = {.loop = loop, .ms = ms};
-    cr_assert_eq(pipe(w.fds), 0);
-    pthread_mutex_init(&w.mu, NULL);
-    pthread_cond_init(&w.cv, NULL);
-    w.io = zev_io_start(loop, w.fds[0], ZEV_READ, watchdog_io, &w);
-    cr_assert_not_null(w.io, "zev_io_start: %s", zmq_strerror(errno));
-    cr_assert_eq(pthread_create(&w.thread, NULL, watchdog_main, &w), 0);
+    test_watchdog_t w;
+    test_watchdog_start(&w, loop, ms);
     cr_assert_eq(zev_loop_run(loop), 0, "zev_loop_run: %s", zmq_strerror(errno));
-    pthread_mutex_lock(&w.mu);
-    w.cancelled = true;
-    pthread_cond_signal(&w.cv);
-    pthread_mutex_unlock(&w.mu);
-    pthread_join(w.thread, NULL);
-    zev_io_stop(w.io);
-    close(w.fds[0]);
-    close(w.fds[1]);
-    pthread_mutex_destroy(&w.mu);
-    pthread_cond_destroy(&w.cv);
-    return w.fired;
+    return test_watchdog_stop(&w);
 }
 
 /* ------------------------------------------------------ tracked sending */
@@ -435,7 +349,7 @@ Test(tracker, tcp_100k_each_free_and_tracker_once_on_loop_thread)
     test_close(pull);
     cr_assert_eq(zmq_ctx_term(ctx), 0);
     tctx_free(&c);
-    expect_no_leaks();
+    test_expect_no_leaks();
 }
 
 static size_t size_small_mix(size_t seq)
@@ -502,7 +416,7 @@ Test(tracker, small_buffers_copied_large_referenced)
     test_close(pull);
     cr_assert_eq(zmq_ctx_term(ctx), 0);
     tctx_free(&c);
-    expect_no_leaks();
+    test_expect_no_leaks();
 }
 
 static size_t size_100_or_10(size_t seq)
@@ -578,7 +492,7 @@ Test(tracker, refused_send_takes_nothing)
     test_close(push);
     cr_assert_eq(zmq_ctx_term(ctx), 0);
     tctx_free(&c);
-    expect_no_leaks();
+    test_expect_no_leaks();
 }
 
 Test(tracker, stream_closed_with_sends_queued_in_zev)
@@ -644,7 +558,7 @@ Test(tracker, stream_closed_with_sends_queued_in_zev)
     test_close(push);
     cr_assert_eq(zmq_ctx_term(ctx), 0);
     tctx_free(&c);
-    expect_no_leaks();
+    test_expect_no_leaks();
 }
 
 Test(tracker, peer_never_connects_stream_closed_then_socket)
@@ -699,7 +613,7 @@ Test(tracker, peer_never_connects_stream_closed_then_socket)
     cr_assert_eq(zmq_ctx_term(ctx), 0);
     close(port_fd);
     tctx_free(&c);
-    expect_no_leaks();
+    test_expect_no_leaks();
 }
 
 Test(tracker, peer_never_connects_loop_destroyed)
@@ -742,5 +656,5 @@ Test(tracker, peer_never_connects_loop_destroyed)
     release_all(&c, n);
     close(port_fd);
     tctx_free(&c);
-    expect_no_leaks();
+    test_expect_no_leaks();
 }
