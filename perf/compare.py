@@ -27,7 +27,8 @@ ROOT = os.path.dirname(HERE)
 PY = "/usr/bin/python3"  # Debian's, with python3-zmq and python3-tornado
 DASH = "—"
 
-STEPS = ["thr", "lat", "scale", "fair", "loop", "alloc", "pyzmq_thr", "pyzmq_lat", "hyperfine"]
+STEPS = ["thr", "lat", "scale", "fair", "loop", "alloc", "zcsend", "pyzmq_thr", "pyzmq_lat",
+         "hyperfine"]
 
 
 # --------------------------------------------------------------------- running
@@ -350,6 +351,50 @@ def sec_alloc(R):
     return "".join(s)
 
 
+ZC_IMPLS = ["raw_copy", "raw_zc", "zev_copy", "zev_zc"]
+ZC_SIZES = ["65536", "1048576"]
+
+
+def sec_zcsend(R):
+    def xr3(v):  # ratios here span 0.005× to 200×
+        return DASH if v is None else f"{v:.3g}×"
+
+    s = ["## Zero-copy send (perf/zcsend.c)\n",
+         "PUSH → PULL, one sender at a time into the same receiver (a blocking raw `zmq_msg_recv` "
+         "thread that counts and touches the first byte). `raw_copy` is `zmq_send`, `raw_zc` "
+         "`zmq_msg_init_data` with a free function + `zmq_msg_send`, `zev_copy` "
+         "`zev_stream_send`, `zev_zc` `zev_stream_send_zc` with a tracker per message, released "
+         "on completion (every free function and every completion is counted). Buffers come from "
+         "a preallocated pool, round-robin for the copy rows, reused by the zc rows only after "
+         "their free function ran; HWM = 4 MiB / size (at least 8). Messages per second at the "
+         "receiver, first to last; median of the runs (min–max). The copy rows are dominated by "
+         "libzmq allocating each message body (malloc and first-touch page faults of 64 KiB – "
+         "1 MiB blocks).\n"]
+    transports = [t for t in TRANSPORTS
+                  if any(R.get(bench="zcsend", transport=t, size=z, impl=i, metric="msgs_per_s")
+                         for z in ZC_SIZES for i in ZC_IMPLS)] or ["inproc", "tcp"]
+    rows = []
+    for t in transports:
+        for z in ZC_SIZES:
+            k = dict(bench="zcsend", transport=t, size=z, metric="msgs_per_s")
+            rows.append([t, f"{int(z) // 1024:,} KiB"] + [cell(R.get(impl=i, **k), si)
+                                                         for i in ZC_IMPLS] +
+                        [xr3(R.ratio(num="zev_zc", den=d, **k)) for d in ("raw_zc", "zev_copy")])
+    s.append("\n" + table(["transport", "size"] + ZC_IMPLS + ["zev_zc/raw_zc", "zev_zc/zev_copy"],
+                          rows))
+    rows = []
+    for t in transports:
+        for z in ZC_SIZES:
+            k = dict(bench="zcsend", transport=t, size=z, metric="tx_cpu_ns")
+            rows.append([t, f"{int(z) // 1024:,} KiB"] + [cell(R.get(impl=i, **k), spread=False)
+                                                         for i in ZC_IMPLS] +
+                        [xr3(R.ratio(num="zev_zc", den=d, **k)) for d in ("raw_zc", "zev_copy")])
+    s.append("\nSender thread CPU time per message (ns, median; from the first send until "
+             "everything is handed to libzmq and, for the zc rows, every buffer is back):\n\n")
+    s.append(table(["transport", "size"] + ZC_IMPLS + ["zev_zc/raw_zc", "zev_zc/zev_copy"], rows))
+    return "".join(s)
+
+
 def sec_pyzmq(R):
     s = ["## PyZMQ ZMQStream (perf/pyzmq_thr.py, perf/pyzmq_lat.py)\n",
          "Throughput: the sender is `thr --send-only` (the same C sender code) in its own "
@@ -615,6 +660,22 @@ def git_rev():
     return rev or "unknown"
 
 
+HISTORY_MARK = "<!-- history:"
+
+
+def kept_history(prev_path):
+    """The hand-kept log of measured changes at the end of RESULTS.md (from
+    HISTORY_MARK on) survives regeneration; main() saved the old file."""
+    try:
+        with open(prev_path) as f:
+            text = f.read()
+        os.unlink(prev_path)
+    except OSError:
+        return ""
+    i = text.find(HISTORY_MARK)
+    return "\n" + text[i:] if i >= 0 else ""
+
+
 README_BEGIN = "<!-- perf:begin (written by perf/compare.py) -->"
 README_END = "<!-- perf:end -->"
 
@@ -656,6 +717,8 @@ def main():
     mode = ["--full"] if a.full else []
     timeout = 1800 if a.full else 300
     started = datetime.datetime.now(datetime.timezone.utc)
+    if os.path.exists(os.path.join(a.out, "RESULTS.md")):
+        shutil.copyfile(os.path.join(a.out, "RESULTS.md"), os.path.join(a.out, "RESULTS.md.prev"))
     load0 = loadavg()
     R = Results()
     ran = []
@@ -694,7 +757,7 @@ def main():
     if made:
         head.append(" ".join(f"![{m}]({m})" for m in made) + "\n")
     body = [sec_targets(R), sec_thr(R), sec_lat(R), sec_scale(R), sec_fair(R), sec_loop(R),
-            sec_alloc(R), sec_pyzmq(R), sec_hyperfine(R)]
+            sec_alloc(R), sec_zcsend(R), sec_pyzmq(R), sec_hyperfine(R)]
     fails = [f for f in R.fails]
     tail = ["## Failures, skipped rows and empty cells\n"]
     if not fails and not any(f for _, _, f in ran) and not plot_errs:
@@ -708,8 +771,9 @@ def main():
         tail.append(f"- plot {e}")
     tail.append("\nRaw program output: perf/results/*.log (and hyperfine-*.json).\n")
     md = "\n".join(head) + "\n" + "\n".join(body) + "\n" + "\n".join(tail) + "\n"
-    with open(os.path.join(a.out, "RESULTS.md"), "w") as f:
-        f.write(md)
+    results_md = os.path.join(a.out, "RESULTS.md")
+    with open(results_md, "w") as f:
+        f.write(md + kept_history(results_md + ".prev"))
     if not a.only:
         update_readme(head, sec_targets(R), sec_thr(R), made)
     print(md)
