@@ -695,7 +695,9 @@ def update_readme(head, targets, thr, plots_made):
     meta = [line for line in head if line.startswith(("- Date", "- Command", "- Machine",
                                                       "- Load"))]
     pics = " ".join(f"![{m}](perf/{m})" for m in plots_made)
-    section = "\n".join([README_BEGIN, "", *meta, "", targets, thr, pics, "", README_END])
+    demote = lambda sec: re.sub(r"(?m)^## ", "### ", sec)  # README nests them under ## Benchmarks
+    section = "\n".join([README_BEGIN, "", *meta, "", demote(targets), demote(thr), pics, "",
+                         README_END])
     before = text.split(README_BEGIN)[0]
     after = text.split(README_END, 1)[1]
     with open(path, "w") as f:
