@@ -258,14 +258,8 @@ int zev_frame_release(zev_frame_t *f)
 
 int zev_stream_on_frame_release(zev_stream_t *s, zev_frame_fn fn, void *arg)
 {
-    if (!s) {
-        errno = EINVAL;
+    if (!zev__stream_usable(s))
         return -1;
-    }
-    if (s->closed) {
-        errno = EBADF;
-        return -1;
-    }
     s->on_frame = fn;
     s->frame_arg = arg;
     return 0;
@@ -273,14 +267,8 @@ int zev_stream_on_frame_release(zev_stream_t *s, zev_frame_fn fn, void *arg)
 
 int zev_stream_set_max_frames(zev_stream_t *s, size_t n)
 {
-    if (!s) {
-        errno = EINVAL;
+    if (!zev__stream_usable(s))
         return -1;
-    }
-    if (s->closed) {
-        errno = EBADF;
-        return -1;
-    }
     s->max_frames = n;
     zev__stream_kick(s); /* a higher bound may let reading resume */
     return 0;

@@ -58,8 +58,8 @@ static void mark_ready(zev_stream_t *s)
         zev__list_push_tail(&s->loop->ready, &s->ready);
 }
 
-/* Validates a stream argument for the public setters. */
-static int usable(const zev_stream_t *s)
+/* Validates a stream argument for the public setters: EINVAL, EBADF. */
+int zev__stream_usable(const zev_stream_t *s)
 {
     if (!s) {
         errno = EINVAL;
@@ -319,7 +319,7 @@ static int send_part(zev_stream_t *s, zmq_msg_t *msg, bool more)
 /* Checks the state and the flags shared by the send functions. */
 static int send_allowed(const zev_stream_t *s, int flags)
 {
-    if (!usable(s))
+    if (!zev__stream_usable(s))
         return 0;
     if (flags & ~(ZMQ_SNDMORE | ZMQ_DONTWAIT)) {
         errno = EINVAL;
@@ -624,7 +624,7 @@ zev_stream_t *zev_stream_new(zev_loop_t *loop, void *sock)
 
 int zev_stream_close(zev_stream_t *s, int flags)
 {
-    if (!usable(s))
+    if (!zev__stream_usable(s))
         return -1;
     if (flags & ~(ZEV_CLOSE_SOCKET | ZEV_CLOSE_FLUSH)) {
         errno = EINVAL;
@@ -679,7 +679,7 @@ void zev__streams_close_all(zev_loop_t *loop)
 
 int zev_stream_on_recv(zev_stream_t *s, zev_recv_fn fn, void *arg)
 {
-    if (!usable(s))
+    if (!zev__stream_usable(s))
         return -1;
     s->on_recv = fn;
     s->recv_arg = arg;
@@ -690,7 +690,7 @@ int zev_stream_on_recv(zev_stream_t *s, zev_recv_fn fn, void *arg)
 
 int zev_stream_on_send(zev_stream_t *s, zev_send_fn fn, void *arg)
 {
-    if (!usable(s))
+    if (!zev__stream_usable(s))
         return -1;
     s->on_send = fn;
     s->send_arg = arg;
@@ -699,7 +699,7 @@ int zev_stream_on_send(zev_stream_t *s, zev_send_fn fn, void *arg)
 
 int zev_stream_on_close(zev_stream_t *s, zev_close_fn fn, void *arg)
 {
-    if (!usable(s))
+    if (!zev__stream_usable(s))
         return -1;
     s->on_close = fn;
     s->close_arg = arg;
@@ -708,7 +708,7 @@ int zev_stream_on_close(zev_stream_t *s, zev_close_fn fn, void *arg)
 
 int zev_stream_set_max_queue(zev_stream_t *s, size_t n)
 {
-    if (!usable(s))
+    if (!zev__stream_usable(s))
         return -1;
     s->max_queue = n;
     return 0;
@@ -716,7 +716,7 @@ int zev_stream_set_max_queue(zev_stream_t *s, size_t n)
 
 int zev_stream_set_batch(zev_stream_t *s, unsigned n)
 {
-    if (!usable(s))
+    if (!zev__stream_usable(s))
         return -1;
     s->batch = n;
     return 0;
@@ -724,7 +724,7 @@ int zev_stream_set_batch(zev_stream_t *s, unsigned n)
 
 int zev_stream_flush(zev_stream_t *s, int flags, size_t limit)
 {
-    if (!usable(s))
+    if (!zev__stream_usable(s))
         return -1;
     if (!flags || (flags & ~(ZEV_READ | ZEV_WRITE))) {
         errno = EINVAL;

@@ -239,6 +239,7 @@ ZEV_INTERNAL size_t zev__streams_process(zev_loop_t *loop); /* messages handled 
 ZEV_INTERNAL void zev__streams_reap(zev_loop_t *loop);
 ZEV_INTERNAL void zev__streams_close_all(zev_loop_t *loop);
 ZEV_INTERNAL void zev__stream_kick(zev_stream_t *s); /* put it on the ready-list */
+ZEV_INTERNAL int zev__stream_usable(const zev_stream_t *s); /* 0 with EINVAL/EBADF */
 
 /* msg.c */
 ZEV_INTERNAL int zev__ring_reserve(zev_stream_t *s, size_t n);
