@@ -33,21 +33,23 @@ typedef struct poll_state {
     struct pollfd *pfds; /* dense, [0, count) in use */
     void **data;         /* parallel to pfds */
     int count, cap;
-    int *map;  /* fd -> index in pfds, -1 = absent */
+    int *map; /* fd -> index in pfds, -1 = absent */
     size_t mapcap;
-    int next;  /* where the next wait's scan starts, for fairness */
-    int epfd;  /* shadow epoll set for pollable_fd, -1 until asked for */
+    int next; /* where the next wait's scan starts, for fairness */
+    int epfd; /* shadow epoll set for pollable_fd, -1 until asked for */
 } poll_state_t;
 
 static short to_poll(int events)
 {
     /* POLLPRI too: some fds (sysfs, /proc/self/mounts) only ever signal that. */
-    return (short)(((events & ZEV_BE_READ) ? POLLIN | POLLPRI : 0) | ((events & ZEV_BE_WRITE) ? POLLOUT : 0));
+    return (short)(((events & ZEV_BE_READ) ? POLLIN | POLLPRI : 0) |
+                   ((events & ZEV_BE_WRITE) ? POLLOUT : 0));
 }
 
 static int from_poll(short events)
 {
-    return ((events & (POLLIN | POLLPRI)) ? ZEV_BE_READ : 0) | ((events & POLLOUT) ? ZEV_BE_WRITE : 0);
+    return ((events & (POLLIN | POLLPRI)) ? ZEV_BE_READ : 0) |
+           ((events & POLLOUT) ? ZEV_BE_WRITE : 0);
 }
 
 /* poll() reports POLLHUP/POLLERR/POLLNVAL even with events = 0, and returns at
@@ -74,7 +76,8 @@ static int mirror(poll_state_t *st, int fd, int old, int events)
     if (st->epfd < 0 || (!old && !events))
         return 0;
     struct epoll_event ev = {.data.fd = fd};
-    ev.events = ((events & ZEV_BE_READ) ? EPOLLIN | EPOLLPRI : 0u) | ((events & ZEV_BE_WRITE) ? EPOLLOUT : 0u);
+    ev.events = ((events & ZEV_BE_READ) ? EPOLLIN | EPOLLPRI : 0u) |
+                ((events & ZEV_BE_WRITE) ? EPOLLOUT : 0u);
     int op = !events ? EPOLL_CTL_DEL : old ? EPOLL_CTL_MOD : EPOLL_CTL_ADD;
     if (epoll_ctl(st->epfd, op, fd, &ev) == 0)
         return 0;

@@ -13,7 +13,7 @@ typedef struct zev__list {
     struct zev__list *next, *prev;
 } zev__list_t;
 
-#define zev__container_of(ptr, type, member) ((type *)((char *)(ptr) - offsetof(type, member)))
+#define zev__container_of(ptr, type, member) ((type *)((char *)(ptr)-offsetof(type, member)))
 
 static inline void zev__list_init(zev__list_t *l)
 {

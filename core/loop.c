@@ -185,8 +185,7 @@ static int ms_until(uint64_t deadline, uint64_t now)
 
 static int wait_timeout(zev_loop_t *loop, int max_ms)
 {
-    if (has_pending_work(loop) ||
-        atomic_load_explicit(&loop->stop_requested, memory_order_relaxed))
+    if (has_pending_work(loop) || atomic_load_explicit(&loop->stop_requested, memory_order_relaxed))
         return 0;
     int ms = ms_until(zev__timers_next(loop), loop->now_ns);
     if (max_ms >= 0 && (ms < 0 || ms > max_ms))
@@ -288,7 +287,7 @@ static int loop_iterate(zev_loop_t *loop, int max_wait_ms, bool once)
     int err = errno;
     if (n > 0) {
         loop->now_ns = zev__clock_ns();
-        dispatch(loop, n);             /* 5 */
+        dispatch(loop, n); /* 5 */
     }
     zev__io_reap(loop);
     zev__streams_reap(loop);

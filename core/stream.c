@@ -72,123 +72,6 @@ int zev__stream_usable(const zev_stream_t *s)
     return 1;
 }
 
-/* ------------------------------------------------------------ on_send reports */
-
-static void add_report(zev_stream_t *s, int status)
-{
-    if (!s->on_send)
-        return;
-    if (s->rep_len > s->rep_head && s->rep[s->rep_len - 1].status == status) {
-        s->rep[s->rep_len - 1].count++;
-        return;
-    }
-    if (s->rep_len == s->rep_cap) {
-        size_t cap = s->rep_cap ? s->rep_cap * 2 : 8;
-        zev__report_t *rep = realloc(s->rep, cap * sizeof *rep);
-        if (!rep)
-            return; /* out of memory: this status cannot be reported */
-        s->rep = rep;
-        s->rep_cap = cap;
-    }
-    s->rep[s->rep_len++] = (zev__report_t){status, 1};
-}
-
-static void deliver_reports(zev_stream_t *s)
-{
-    while (s->rep_head < s->rep_len) {
-        zev__report_t *r = &s->rep[s->rep_head];
-        int status = r->status;
-        if (--r->count == 0)
-            s->rep_head++;
-        if (s->on_send)
-            s->on_send(s, status, s->send_arg); /* may add reports: r is stale now */
-    }
-    s->rep_head = s->rep_len = 0;
-}
-
-/* ---------------------------------------------------------------- send queue */
-
-static zev__sendpart_t *q_at(zev_stream_t *s, size_t i)
-{
-    return &s->q[(s->qhead + i) & (s->qcap - 1)];
-}
-
-static int q_reserve(zev_stream_t *s, size_t n)
-{
-    if (s->qlen + n <= s->qcap)
-        return 0;
-    size_t cap = s->qcap ? s->qcap : 16;
-    while (cap < s->qlen + n)
-        cap *= 2;
-    zev__sendpart_t *q = malloc(cap * sizeof *q);
-    if (!q) {
-        errno = ENOMEM;
-        return -1;
-    }
-    /* zmq_msg_t is moved bitwise here, as libzmq's own pipes move it. */
-    for (size_t i = 0; i < s->qlen; i++)
-        memcpy(&q[i], q_at(s, i), sizeof *q);
-    free(s->q);
-    s->q = q;
-    s->qcap = cap;
-    s->qhead = 0;
-    return 0;
-}
-
-/* Moves msg into the queue (space must be reserved). */
-static void q_push(zev_stream_t *s, zmq_msg_t *msg, bool more)
-{
-    zev__sendpart_t *p = q_at(s, s->qlen++);
-    zmq_msg_init(&p->msg);
-    zmq_msg_move(&p->msg, msg);
-    p->more = more;
-    p->first = s->open != OPEN_QUEUED;
-    if (p->first)
-        s->qmsgs++;
-    s->open = more ? OPEN_QUEUED : OPEN_NONE;
-}
-
-static void q_pop(zev_stream_t *s)
-{
-    zmq_msg_close(&q_at(s, 0)->msg);
-    s->qhead = (s->qhead + 1) & (s->qcap - 1);
-    s->qlen--;
-}
-
-/* Drops the rest of the head message and reports it once with status. */
-static void drop_head_message(zev_stream_t *s, int status)
-{
-    bool more = true;
-    while (s->qlen && more) {
-        more = q_at(s, 0)->more;
-        q_pop(s);
-    }
-    if (more) /* its last part has not been given yet */
-        s->open = OPEN_DISCARD;
-    s->qmsgs--;
-    add_report(s, status);
-}
-
-/* Every message given and not yet handed over gets status, once. */
-static void cancel_queue(zev_stream_t *s, int status)
-{
-    while (s->qlen)
-        drop_head_message(s, status);
-    if (s->open == OPEN_QUEUED) /* its queued parts were all sent */
-        s->qmsgs--;
-    if (s->open == OPEN_QUEUED || s->open == OPEN_DIRECT)
-        add_report(s, status);
-    s->open = OPEN_NONE;
-    s->qmsgs = 0;
-}
-
-/* With ZEV_CLOSE_FLUSH: done when only a message the user never finished
- * (it can no longer be finished) is left. */
-static int flush_done(const zev_stream_t *s)
-{
-    return s->qmsgs == (s->open == OPEN_QUEUED ? 1u : 0u);
-}
-
 /* ------------------------------------------------------------- state changes */
 
 static void backoff_fire(zev_timer_t *t, void *arg)
@@ -236,7 +119,7 @@ static void finalize(zev_stream_t *s)
     if (s->finalized)
         return;
     s->finalized = true;
-    cancel_queue(s, ECANCELED);
+    zev__sendq_cancel(s, ECANCELED);
     if (!s->err)
         zev__unregister(s->loop, s->fd);
     zev__list_remove(&s->ready);
@@ -253,7 +136,7 @@ static void stream_fail(zev_stream_t *s, int err)
     if (s->err || s->finalized)
         return;
     s->err = err;
-    cancel_queue(s, err);
+    zev__sendq_cancel(s, err);
     zev__unregister(s->loop, s->fd);
     zev__list_remove(&s->ready);
     stop_timers(s);
@@ -291,7 +174,7 @@ static int send_part(zev_stream_t *s, zmq_msg_t *msg, bool more)
         if (rc >= 0) {
             s->open = more ? OPEN_DIRECT : OPEN_NONE;
             if (!more)
-                add_report(s, 0);
+                zev__report_add(s, 0);
             return 0;
         }
         if (!would_block(err)) {
@@ -303,7 +186,7 @@ static int send_part(zev_stream_t *s, zmq_msg_t *msg, bool more)
             }
             zmq_msg_close(msg);
             zmq_msg_init(msg);
-            add_report(s, err);
+            zev__report_add(s, err);
             s->open = more ? OPEN_DISCARD : OPEN_NONE;
             return 0;
         }
@@ -311,7 +194,7 @@ static int send_part(zev_stream_t *s, zmq_msg_t *msg, bool more)
         errno = EAGAIN;
         return -1;
     }
-    q_push(s, msg, more);
+    zev__sendq_push(s, msg, more);
     mark_ready(s);
     return 0;
 }
@@ -340,7 +223,7 @@ int zev_stream_send(zev_stream_t *s, const void *data, size_t len, int flags)
         errno = EINVAL;
         return -1;
     }
-    if (q_reserve(s, 1) < 0)
+    if (zev__sendq_reserve(s, 1) < 0)
         return -1;
     zmq_msg_t msg;
     if (zmq_msg_init_size(&msg, len) < 0)
@@ -360,7 +243,7 @@ int zev_stream_send_msg(zev_stream_t *s, zmq_msg_t *parts, size_t nparts, int fl
         errno = EINVAL;
         return -1;
     }
-    if (q_reserve(s, nparts) < 0)
+    if (zev__sendq_reserve(s, nparts) < 0)
         return -1;
     for (size_t i = 0; i < nparts; i++) {
         bool more = i + 1 < nparts || (flags & ZMQ_SNDMORE);
@@ -378,7 +261,7 @@ static size_t send_some(zev_stream_t *s, size_t room)
         /* A message the closed user can never finish stays out of libzmq. */
         if (s->closed && s->open == OPEN_QUEUED && s->qmsgs == 1)
             break;
-        zev__sendpart_t *p = q_at(s, 0);
+        zev__sendpart_t *p = zev__sendq_at(s, 0);
         bool more = p->more;
         s->touches++;
         if (zmq_msg_send(&p->msg, s->sock, ZMQ_DONTWAIT | (more ? ZMQ_SNDMORE : 0)) < 0) {
@@ -399,15 +282,15 @@ static size_t send_some(zev_stream_t *s, size_t room)
                 stream_fail(s, err);
                 break;
             }
-            drop_head_message(s, err);
+            zev__sendq_drop_head(s, err);
             n++;
             continue;
         }
-        q_pop(s);
+        zev__sendq_pop(s);
         if (!more) {
             s->qmsgs--;
             s->backoff_ns = 0;
-            add_report(s, 0);
+            zev__report_add(s, 0);
             n++;
         }
     }
@@ -495,7 +378,7 @@ static size_t stream_work(zev_stream_t *s, int mask, size_t limit, bool *idle)
     s->recv_hint = 0;
     *idle = false;
     s->in_pass = true;
-    deliver_reports(s);
+    zev__reports_deliver(s);
     for (;;) {
         if (s->finalized || s->err) {
             *idle = true;
@@ -526,9 +409,9 @@ static size_t stream_work(zev_stream_t *s, int mask, size_t limit, bool *idle)
             n += recv_some(s, room, &drained);
         if ((act & ZMQ_POLLOUT) && n < room)
             n += send_some(s, room - n);
-        deliver_reports(s);
+        zev__reports_deliver(s);
         done += n;
-        if (s->flushing && flush_done(s)) {
+        if (s->flushing && zev__sendq_flush_done(s)) {
             finalize(s);
         } else if (drained && s->touches == s->drained_at && !(wants(s) & ZMQ_POLLOUT)) {
             /* DESIGN's rule: a recv that ended in EAGAIN with no sends
@@ -576,8 +459,8 @@ size_t zev__streams_process(zev_loop_t *loop)
     while ((node = zev__list_pop_head(&batch))) {
         zev_stream_t *s = zev__container_of(node, zev_stream_t, ready);
         bool idle;
-        handled += stream_work(s, ZMQ_POLLIN | ZMQ_POLLOUT, s->batch ? s->batch : loop->batch,
-                               &idle);
+        handled +=
+            stream_work(s, ZMQ_POLLIN | ZMQ_POLLOUT, s->batch ? s->batch : loop->batch, &idle);
         if (!idle)
             mark_ready(s);
     }
@@ -632,14 +515,14 @@ int zev_stream_close(zev_stream_t *s, int flags)
     }
     s->closed = true;
     s->close_socket = flags & ZEV_CLOSE_SOCKET;
-    if ((flags & ZEV_CLOSE_FLUSH) && !s->err && !flush_done(s)) {
+    if ((flags & ZEV_CLOSE_FLUSH) && !s->err && !zev__sendq_flush_done(s)) {
         int linger = 0;
         size_t len = sizeof linger;
         if (zmq_getsockopt(s->sock, ZMQ_LINGER, &linger, &len) == 0 && linger != 0) {
             s->flushing = true;
             if (linger > 0)
-                s->linger_timer = zev_timer_start(s->loop, (uint64_t)linger * 1000u, 0,
-                                                  linger_fire, s);
+                s->linger_timer =
+                    zev_timer_start(s->loop, (uint64_t)linger * 1000u, 0, linger_fire, s);
             mark_ready(s);
             return 0;
         }
@@ -653,7 +536,7 @@ void zev__streams_reap(zev_loop_t *loop)
     zev__list_t *node;
     while ((node = zev__list_pop_head(&loop->closing_streams))) {
         zev_stream_t *s = zev__container_of(node, zev_stream_t, node);
-        deliver_reports(s);
+        zev__reports_deliver(s);
         if (s->on_close)
             s->on_close(s, s->close_arg);
         zev__frames_detach(s);

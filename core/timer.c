@@ -22,8 +22,7 @@
 
 static int before(const zev_timer_t *a, const zev_timer_t *b)
 {
-    return a->deadline_ns < b->deadline_ns ||
-           (a->deadline_ns == b->deadline_ns && a->seq < b->seq);
+    return a->deadline_ns < b->deadline_ns || (a->deadline_ns == b->deadline_ns && a->seq < b->seq);
 }
 
 static void place(zev_loop_t *loop, size_t i, zev_timer_t *t)

@@ -115,8 +115,8 @@ int zev_stream_send_zc(zev_stream_t *s, void *data, size_t len, zev_free_fn free
     zmq_msg_t msg;
     bool copied = len <= ZEV_ZC_COPY_MAX;
     ZEV_HB_RELEASE(t);
-    int rc = copied ? zmq_msg_init_size(&msg, len)
-                    : zmq_msg_init_data(&msg, data, len, trampoline, t);
+    int rc =
+        copied ? zmq_msg_init_size(&msg, len) : zmq_msg_init_data(&msg, data, len, trampoline, t);
     if (rc < 0) {
         int err = errno;
         atomic_init(&t->refs, 1);

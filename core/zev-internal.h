@@ -43,11 +43,11 @@ typedef struct zev__hub {
     zev__qnode_t *tail;           /* consumer only */
     zev__qnode_t stub;
     atomic_int refs;
-    atomic_int wake_pending; /* 1 while a wakeup is written and not yet read */
-    int wake_rfd, wake_wfd;  /* eventfd (both the same) or a pipe */
-    zev__kind_t wake_kind;   /* registered with the backend as a handle */
-    zev_frame_t *frame_free;     /* pool of frame handles (loop thread / last ref) */
-    struct zev__chunk *chunks;   /* allocation chunks of the pool */
+    atomic_int wake_pending;   /* 1 while a wakeup is written and not yet read */
+    int wake_rfd, wake_wfd;    /* eventfd (both the same) or a pipe */
+    zev__kind_t wake_kind;     /* registered with the backend as a handle */
+    zev_frame_t *frame_free;   /* pool of frame handles (loop thread / last ref) */
+    struct zev__chunk *chunks; /* allocation chunks of the pool */
 } zev__hub_t;
 
 ZEV_INTERNAL zev__hub_t *zev__hub_new(void);
@@ -55,7 +55,7 @@ ZEV_INTERNAL void zev__hub_ref(zev__hub_t *hub);
 ZEV_INTERNAL void zev__hub_unref(zev__hub_t *hub);
 ZEV_INTERNAL void zev__hub_push(zev__hub_t *hub, zev__qnode_t *n); /* any thread */
 ZEV_INTERNAL void zev__hub_wake(zev__hub_t *hub);                  /* any thread */
-ZEV_INTERNAL void zev__hub_clear_wake(zev__hub_t *hub);           /* loop thread */
+ZEV_INTERNAL void zev__hub_clear_wake(zev__hub_t *hub);            /* loop thread */
 ZEV_INTERNAL int zev__hub_pending(zev__hub_t *hub);                /* loop thread */
 /* Runs what was queued when the call began; returns the number run. */
 ZEV_INTERNAL size_t zev__hub_drain(zev__hub_t *hub, zev_loop_t *loop);
@@ -67,7 +67,7 @@ typedef struct zev__fdmap {
     struct zev__fdslot {
         int fd; /* -1 empty, -2 deleted */
         void *obj;
-    } *slots;
+    } * slots;
     size_t cap, used, tombs;
 } zev__fdmap_t;
 
@@ -172,15 +172,15 @@ struct zev_stream {
     size_t ring_cap;
     zev_msg_t msg;
 
-    int err;          /* ENOTSOCK/ETERM once the socket is gone */
-    bool closed;      /* zev_stream_close was called */
-    bool flushing;    /* closed with ZEV_CLOSE_FLUSH, queue still draining */
-    bool finalized;   /* unregistered; waiting for the close callback */
+    int err;        /* ENOTSOCK/ETERM once the socket is gone */
+    bool closed;    /* zev_stream_close was called */
+    bool flushing;  /* closed with ZEV_CLOSE_FLUSH, queue still draining */
+    bool finalized; /* unregistered; waiting for the close callback */
     bool close_socket;
-    bool blocked;     /* POLLOUT was reported but the head message got EAGAIN */
-    bool in_pass;     /* stream_work is on the stack */
-    bool in_recv_cb;  /* on_recv is on the stack: the ring is borrowed */
-    int recv_hint;    /* ZMQ_POLLIN: try recv before reading ZMQ_EVENTS */
+    bool blocked;        /* POLLOUT was reported but the head message got EAGAIN */
+    bool in_pass;        /* stream_work is on the stack */
+    bool in_recv_cb;     /* on_recv is on the stack: the ring is borrowed */
+    int recv_hint;       /* ZMQ_POLLIN: try recv before reading ZMQ_EVENTS */
     unsigned touches;    /* zmq calls zev made on the socket */
     unsigned drained_at; /* `touches` when a recv last found nothing */
     uint64_t backoff_ns;
@@ -224,7 +224,7 @@ ZEV_INTERNAL uint64_t zev__clock_ns(void);
 ZEV_INTERNAL void zev__embedded_signal(zev_loop_t *loop);
 
 /* timer.c */
-ZEV_INTERNAL size_t zev__timers_run(zev_loop_t *loop); /* returns timers run */
+ZEV_INTERNAL size_t zev__timers_run(zev_loop_t *loop);          /* returns timers run */
 ZEV_INTERNAL uint64_t zev__timers_next(const zev_loop_t *loop); /* UINT64_MAX if none */
 ZEV_INTERNAL void zev__timers_free(zev_loop_t *loop);
 
@@ -238,8 +238,22 @@ ZEV_INTERNAL void zev__stream_fired(zev_stream_t *s);
 ZEV_INTERNAL size_t zev__streams_process(zev_loop_t *loop); /* messages handled */
 ZEV_INTERNAL void zev__streams_reap(zev_loop_t *loop);
 ZEV_INTERNAL void zev__streams_close_all(zev_loop_t *loop);
-ZEV_INTERNAL void zev__stream_kick(zev_stream_t *s); /* put it on the ready-list */
+ZEV_INTERNAL void zev__stream_kick(zev_stream_t *s);        /* put it on the ready-list */
 ZEV_INTERNAL int zev__stream_usable(const zev_stream_t *s); /* 0 with EINVAL/EBADF */
+
+/* sendq.c: the send queue and on_send reports of a stream */
+static inline zev__sendpart_t *zev__sendq_at(zev_stream_t *s, size_t i)
+{
+    return &s->q[(s->qhead + i) & (s->qcap - 1)];
+}
+ZEV_INTERNAL void zev__report_add(zev_stream_t *s, int status);
+ZEV_INTERNAL void zev__reports_deliver(zev_stream_t *s);
+ZEV_INTERNAL int zev__sendq_reserve(zev_stream_t *s, size_t n);                /* -1/ENOMEM */
+ZEV_INTERNAL void zev__sendq_push(zev_stream_t *s, zmq_msg_t *msg, bool more); /* reserved */
+ZEV_INTERNAL void zev__sendq_pop(zev_stream_t *s);
+ZEV_INTERNAL void zev__sendq_drop_head(zev_stream_t *s, int status);
+ZEV_INTERNAL void zev__sendq_cancel(zev_stream_t *s, int status);
+ZEV_INTERNAL int zev__sendq_flush_done(const zev_stream_t *s);
 
 /* msg.c */
 ZEV_INTERNAL int zev__ring_reserve(zev_stream_t *s, size_t n);

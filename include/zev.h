@@ -95,8 +95,8 @@ ZEV_API int zev_loop_run(zev_loop_t *loop);
  * fds). timeout_ms bounds the wait: -1 blocks until something happens, 0
  * does not wait; if timers, queued callbacks or streams already ran
  * callbacks in this iteration it does not block at all, so
- * `while (!done) zev_loop_run_once(loop, -1);` always makes progress. Returns 1 if the loop still has work pending (as
- * zev_loop_timeout == 0 would say), 0 otherwise, -1 with EINVAL / EBUSY. */
+ * `while (!done) zev_loop_run_once(loop, -1);` always makes progress. Returns 1 if the loop still
+ * has work pending (as zev_loop_timeout == 0 would say), 0 otherwise, -1 with EINVAL / EBUSY. */
 ZEV_API int zev_loop_run_once(zev_loop_t *loop, int timeout_ms);
 
 /* Asks the loop to stop: zev_loop_run returns after the current iteration.
@@ -265,10 +265,10 @@ ZEV_API int zev_stream_set_max_frames(zev_stream_t *s, size_t n);
 
 /* Counters for tests and monitoring. */
 typedef struct zev_stream_stats {
-    size_t ring_size;     /* receive ring slots (grows only for more parts) */
-    size_t frames_kept;   /* kept frames not yet released */
-    size_t queued_msgs;   /* messages waiting in the send queue */
-    size_t queued_parts;  /* their parts */
+    size_t ring_size;    /* receive ring slots (grows only for more parts) */
+    size_t frames_kept;  /* kept frames not yet released */
+    size_t queued_msgs;  /* messages waiting in the send queue */
+    size_t queued_parts; /* their parts */
 } zev_stream_stats_t;
 ZEV_API int zev_stream_stats(const zev_stream_t *s, zev_stream_stats_t *out);
 

@@ -1,0 +1,133 @@
+/*
+ * A stream's send queue and its on_send reports.
+ *
+ * Design notes
+ * - The queue is a ring of zmq_msg_t parts (power-of-two capacity, grown by
+ *   doubling, never per message). `qmsgs` counts messages that have parts in
+ *   it, each counted at its first queued part and uncounted at its last, so
+ *   the bound (max_queue) is checked in messages; `open` remembers whether
+ *   the user is still building a multipart message and which path (direct
+ *   or queued) its first part took.
+ * - on_send statuses are run-length encoded (status, count): a firehose of
+ *   successful sends costs one counter, and delivery keeps send order.
+ * - Every message given to zev gets exactly one status: 0 when handed to
+ *   libzmq, the errno libzmq gave, or ECANCELED / ENOTSOCK / ETERM from
+ *   zev__sendq_cancel when it never went out.
+ */
+#include "zev-internal.h"
+
+#include <errno.h>
+#include <stdlib.h>
+#include <string.h>
+
+/* ------------------------------------------------------------ on_send reports */
+
+void zev__report_add(zev_stream_t *s, int status)
+{
+    if (!s->on_send)
+        return;
+    if (s->rep_len > s->rep_head && s->rep[s->rep_len - 1].status == status) {
+        s->rep[s->rep_len - 1].count++;
+        return;
+    }
+    if (s->rep_len == s->rep_cap) {
+        size_t cap = s->rep_cap ? s->rep_cap * 2 : 8;
+        zev__report_t *rep = realloc(s->rep, cap * sizeof *rep);
+        if (!rep)
+            return; /* out of memory: this status cannot be reported */
+        s->rep = rep;
+        s->rep_cap = cap;
+    }
+    s->rep[s->rep_len++] = (zev__report_t){status, 1};
+}
+
+void zev__reports_deliver(zev_stream_t *s)
+{
+    while (s->rep_head < s->rep_len) {
+        zev__report_t *r = &s->rep[s->rep_head];
+        int status = r->status;
+        if (--r->count == 0)
+            s->rep_head++;
+        if (s->on_send)
+            s->on_send(s, status, s->send_arg); /* may add reports: r is stale now */
+    }
+    s->rep_head = s->rep_len = 0;
+}
+
+/* ---------------------------------------------------------------- send queue */
+
+int zev__sendq_reserve(zev_stream_t *s, size_t n)
+{
+    if (s->qlen + n <= s->qcap)
+        return 0;
+    size_t cap = s->qcap ? s->qcap : 16;
+    while (cap < s->qlen + n)
+        cap *= 2;
+    zev__sendpart_t *q = malloc(cap * sizeof *q);
+    if (!q) {
+        errno = ENOMEM;
+        return -1;
+    }
+    /* zmq_msg_t is moved bitwise here, as libzmq's own pipes move it. */
+    for (size_t i = 0; i < s->qlen; i++)
+        memcpy(&q[i], zev__sendq_at(s, i), sizeof *q);
+    free(s->q);
+    s->q = q;
+    s->qcap = cap;
+    s->qhead = 0;
+    return 0;
+}
+
+/* Moves msg into the queue (space must be reserved). */
+void zev__sendq_push(zev_stream_t *s, zmq_msg_t *msg, bool more)
+{
+    zev__sendpart_t *p = zev__sendq_at(s, s->qlen++);
+    zmq_msg_init(&p->msg);
+    zmq_msg_move(&p->msg, msg);
+    p->more = more;
+    p->first = s->open != OPEN_QUEUED;
+    if (p->first)
+        s->qmsgs++;
+    s->open = more ? OPEN_QUEUED : OPEN_NONE;
+}
+
+void zev__sendq_pop(zev_stream_t *s)
+{
+    zmq_msg_close(&zev__sendq_at(s, 0)->msg);
+    s->qhead = (s->qhead + 1) & (s->qcap - 1);
+    s->qlen--;
+}
+
+/* Drops the rest of the head message and reports it once with status. */
+void zev__sendq_drop_head(zev_stream_t *s, int status)
+{
+    bool more = true;
+    while (s->qlen && more) {
+        more = zev__sendq_at(s, 0)->more;
+        zev__sendq_pop(s);
+    }
+    if (more) /* its last part has not been given yet */
+        s->open = OPEN_DISCARD;
+    s->qmsgs--;
+    zev__report_add(s, status);
+}
+
+/* Every message given and not yet handed over gets status, once. */
+void zev__sendq_cancel(zev_stream_t *s, int status)
+{
+    while (s->qlen)
+        zev__sendq_drop_head(s, status);
+    if (s->open == OPEN_QUEUED) /* its queued parts were all sent */
+        s->qmsgs--;
+    if (s->open == OPEN_QUEUED || s->open == OPEN_DIRECT)
+        zev__report_add(s, status);
+    s->open = OPEN_NONE;
+    s->qmsgs = 0;
+}
+
+/* With ZEV_CLOSE_FLUSH: done when only a message the user never finished
+ * (it can no longer be finished) is left. */
+int zev__sendq_flush_done(const zev_stream_t *s)
+{
+    return s->qmsgs == (s->open == OPEN_QUEUED ? 1u : 0u);
+}
