@@ -52,9 +52,12 @@ static int socket_gone(int err)
     return err == ENOTSOCK || err == ETERM;
 }
 
+/* A stream whose socket is gone is only scheduled while it still owes
+ * on_send statuses: its next pass delivers them and finds s->err. */
 static void mark_ready(zev_stream_t *s)
 {
-    if (!s->finalized && !s->err && !zev__list_linked(&s->ready))
+    bool owes_reports = s->rep_len > s->rep_head;
+    if (!s->finalized && (!s->err || owes_reports) && !zev__list_linked(&s->ready))
         zev__list_push_tail(&s->loop->ready, &s->ready);
 }
 
@@ -142,11 +145,8 @@ static void stream_fail(zev_stream_t *s, int err)
     stop_timers(s);
     if (s->flushing)
         finalize(s);
-    else if (s->rep_len > s->rep_head)
-        /* the statuses just recorded (err for every queued message) are
-         * delivered by the next pass; stream_work then finds s->err and
-         * the stream leaves the ready-list for good */
-        zev__list_push_tail(&s->loop->ready, &s->ready);
+    else
+        mark_ready(s); /* to deliver the statuses just recorded */
 }
 
 /* ------------------------------------------------------------------- sending */
@@ -549,12 +549,10 @@ void zev__streams_reap(zev_loop_t *loop)
 
 void zev__streams_close_all(zev_loop_t *loop)
 {
-    zev__list_t *node;
-    while ((node = zev__list_pop_head(&loop->streams))) {
-        zev__list_push_tail(&loop->streams, node); /* finalize moves it */
-        zev_stream_t *s = zev__container_of(node, zev_stream_t, node);
+    while (!zev__list_empty(&loop->streams)) {
+        zev_stream_t *s = zev__container_of(loop->streams.next, zev_stream_t, node);
         s->closed = true;
-        finalize(s);
+        finalize(s); /* moves it to closing_streams */
     }
 }
 
