@@ -22,13 +22,15 @@ import sys
 import tempfile
 import time
 
+from report import DASH, SIZES, TRANSPORTS, Results, cell, num, si, table, xr
+from targets import measure, read_history, record, sec_targets, sec_why
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 PY = "/usr/bin/python3"  # Debian's, with python3-zmq and python3-tornado
-DASH = "—"
 
 STEPS = ["thr", "lat", "scale", "fair", "loop", "alloc", "zcsend", "pyzmq_thr", "pyzmq_lat",
-         "hyperfine"]
+         "syscalls", "hyperfine"]
 
 
 # --------------------------------------------------------------------- running
@@ -100,103 +102,11 @@ def hyperfine_step(thr, full, logdir):
     return lines, total, "; ".join(fails) or None
 
 
-# --------------------------------------------------------------------- parsing
-
-class Results:
-    def __init__(self):
-        self.results, self.ratios, self.deltas, self.fails, self.info = [], [], [], [], []
-
-    def feed(self, lines):
-        for ln in lines:
-            kind, _, rest = ln.partition(" ")
-            if kind == "INFO":
-                self.info.append(rest)
-                continue
-            if kind not in ("RESULT", "RATIO", "DELTA", "FAIL", "RUNFAIL"):
-                continue
-            kv = {}
-            for f in rest.split():
-                k, eq, v = f.partition("=")
-                if eq:
-                    kv[k] = v
-            for k in ("median", "min", "max", "ratio", "delta", "mean", "stddev"):
-                if k in kv:
-                    try:
-                        kv[k] = float(kv[k])
-                    except ValueError:
-                        kv[k] = None
-            {"RESULT": self.results, "RATIO": self.ratios, "DELTA": self.deltas,
-             "FAIL": self.fails, "RUNFAIL": self.fails}[kind].append(kv)
-
-    @staticmethod
-    def _match(rec, want):
-        return all(str(rec.get(k)) == str(v) for k, v in want.items())
-
-    def get(self, **want):
-        for r in self.results:
-            if self._match(r, want):
-                return r
-        return None
-
-    def ratio(self, **want):
-        for r in self.ratios:
-            if self._match(r, want):
-                return r["ratio"]
-        return None
-
-    def delta(self, **want):
-        for r in self.deltas:
-            if self._match(r, want):
-                return r["delta"]
-        return None
-
-
-# ------------------------------------------------------------------ formatting
-
-def si(v, unit=""):
-    if v is None:
-        return DASH
-    a = abs(v)
-    for div, suf in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
-        if a >= div:
-            return f"{v / div:.3g} {suf}{unit}".strip()
-    return f"{v:.3g} {unit}".strip()
-
-
-def num(v, digits=3):
-    if v is None:
-        return DASH
-    if abs(v) >= 10 ** digits:
-        return f"{v:,.0f}"
-    return f"{v:.{digits}g}"
-
-
-def cell(rec, fmt=num, spread=True):
-    if not rec or rec.get("median") is None:
-        return DASH
-    s = fmt(rec["median"])
-    if spread and rec.get("runs", "1") != "1":
-        s += f" ({fmt(rec['min'])}–{fmt(rec['max'])})"
-    return s
-
-
-def xr(v):
-    return DASH if v is None else f"{v:.2f}×"
-
-
-def table(head, rows):
-    out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    out += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
-    return "\n".join(out) + "\n"
-
-
 # --------------------------------------------------------------------- tables
 
 THR_IMPLS = ["raw", "zev_borrowed", "zev_kept", "zev_copy", "zloop"]
 LAT_IMPLS = ["raw", "zev", "zloop", "raw_spin", "zev_spin"]
 SCALE_IMPLS = ["zev_epoll", "zev_poll", "zmq_poll", "zloop"]
-TRANSPORTS = ["inproc", "ipc", "tcp"]
-SIZES = ["64", "1024", "65536"]
 
 
 def sec_thr(R):
@@ -305,9 +215,10 @@ def sec_fair(R):
 def sec_loop(R):
     s = ["## Loop overheads (perf/loop.c)\n",
          "\nEmpty iteration (`zev_loop_run_once(loop, 0)`, one idle stream) against `zmq_poll` "
-         "on the same socket and the bare syscalls, ns:\n\n"]
+         "on the same socket and the bare syscalls (`getpid` is libzmq's fork check before each "
+         "poll of a socket's mailbox), ns:\n\n"]
     rows = [[i, cell(R.get(bench="loop_iter", impl=i, metric="ns_per_iter"))]
-            for i in ("zev_epoll", "zev_poll", "zmq_poll", "epoll_wait", "poll")]
+            for i in ("zev_epoll", "zev_poll", "zmq_poll", "epoll_wait", "poll", "getpid")]
     s.append(table(["impl", "ns / iteration"], rows))
     s.append("\n`zev_loop_add_callback` throughput against the same calls sent over inproc "
              "PUSH → PULL to a blocking receive loop, calls/s:\n\n")
@@ -427,6 +338,25 @@ def sec_pyzmq(R):
     return "".join(s)
 
 
+def sec_syscalls(R):
+    s = ["## Syscalls per round trip (perf/syscalls.py)\n",
+         "The echo server of the latency row (`lat --server-only`, ipc, REQ ↔ REP, 64 B) under "
+         "`strace -f`, the client outside it; calls per round trip, median over runs. `server` "
+         "is the thread running the echo loop, `io` libzmq's I/O thread. strace slows every "
+         "call down: only the counts mean anything here.\n\n"]
+    impls = ("raw", "zev", "zloop")
+    for thread in ("server", "io"):
+        names = sorted({r["syscall"] for r in R.results if r.get("bench") == "syscalls"
+                        and r.get("thread") == thread and r["syscall"] != "all"})
+        if not names:
+            continue
+        rows = [[n] + [cell(R.get(bench="syscalls", impl=i, thread=thread, syscall=n),
+                            spread=False) for i in impls] for n in names + ["all"]]
+        s.append(f"\n**{thread} thread**\n\n")
+        s.append(table(["syscall"] + list(impls), rows))
+    return "".join(s)
+
+
 def sec_hyperfine(R):
     s = ["## Whole process (hyperfine)\n",
          "`hyperfine -N --export-json` over `thr --once --impl I --transport T --size 64 "
@@ -441,85 +371,6 @@ def sec_hyperfine(R):
                      xr(rel)])
     s.append(table(["transport", "messages", "receiver", "seconds", "vs raw"], rows))
     return "".join(s)
-
-
-# ---------------------------------------------------------------------- targets
-
-def verdict(ok, have_all):
-    if ok is None or not have_all:
-        return "not measured"
-    return "**met**" if ok else "**not met**"
-
-
-def sec_targets(R):
-    rows = []
-    # 1. throughput >= 0.95x raw, 64 B
-    vals = {t: R.ratio(bench="thr", transport=t, size="64", metric="msgs_per_s",
-                       num="zev_borrowed", den="raw") for t in TRANSPORTS}
-    have = all(v is not None for v in vals.values())
-    worst = min((v for v in vals.values() if v is not None), default=None)
-    rows.append(["stream throughput ≥ 0.95× raw (64 B)",
-                 ", ".join(f"{t} {xr(v)}" for t, v in vals.items()),
-                 verdict(worst is not None and worst >= 0.95, have),
-                 f"worst {xr(worst)}; gap {max(0.0, 0.95 - worst):.2f}" if worst is not None else DASH])
-    # 2. latency overhead
-    d50 = {t: R.delta(bench="lat", transport=t, metric="p50_us", num="zev", den="raw")
-           for t in TRANSPORTS}
-    d999 = {t: R.delta(bench="lat", transport=t, metric="p999_us", num="zev", den="raw")
-            for t in TRANSPORTS}
-    have = all(v is not None for v in list(d50.values()) + list(d999.values()))
-    w50 = max((v for v in d50.values() if v is not None), default=None)
-    w999 = max((v for v in d999.values() if v is not None), default=None)
-    rows.append(["RTT overhead ≤ 1 µs at p50 over raw",
-                 ", ".join(f"{t} {num(v)} µs" for t, v in d50.items()),
-                 verdict(w50 is not None and w50 <= 1.0, have),
-                 f"worst {num(w50)} µs; gap {max(0.0, w50 - 1):.2f} µs" if w50 is not None else DASH])
-    rows.append(["RTT overhead ≤ 5 µs at p99.9 over raw",
-                 ", ".join(f"{t} {num(v)} µs" for t, v in d999.items()),
-                 verdict(w999 is not None and w999 <= 5.0, have),
-                 f"worst {num(w999)} µs; gap {max(0.0, w999 - 5):.1f} µs" if w999 is not None else DASH])
-    sp = R.ratio(bench="lat", transport="inproc", metric="p50_us", num="zev_spin", den="raw_spin")
-    rows.append(["busy-poll p50 within 1.1× of two raw spinning ends (inproc)", xr(sp),
-                 verdict(sp is not None and sp <= 1.1, sp is not None),
-                 f"gap {max(0.0, sp - 1.1):.2f}×" if sp is not None else DASH])
-    # 3. zloop and PyZMQ
-    zl = {t: R.ratio(bench="thr", transport=t, size="64", metric="msgs_per_s", num="zev_borrowed",
-                     den="zloop") for t in TRANSPORTS}
-    have = all(v is not None for v in zl.values())
-    worst = min((v for v in zl.values() if v is not None), default=None)
-    rows.append(["≥ 2× CZMQ zloop (throughput, 64 B)",
-                 ", ".join(f"{t} {xr(v)}" for t, v in zl.items()),
-                 verdict(worst is not None and worst >= 2, have),
-                 f"worst {xr(worst)}" if worst is not None else DASH])
-    py = {t: R.ratio(bench="pyzmq_thr", transport=t, size="64", metric="msgs_per_s", num="c_zev",
-                     den="pyzmq_stream") for t in ("ipc", "tcp")}
-    have = all(v is not None for v in py.values())
-    worst = min((v for v in py.values() if v is not None), default=None)
-    rows.append(["≥ 50× PyZMQ ZMQStream (throughput, 64 B)",
-                 ", ".join(f"{t} {xr(v)}" for t, v in py.items()),
-                 verdict(worst is not None and worst >= 50, have),
-                 (f"worst {xr(worst)}; gap {max(0.0, 50 - worst):.0f}×" if worst is not None
-                  else DASH)])
-    # 4. scale
-    g = R.ratio(bench="scale_growth", impl="zev_epoll", metric="srv_cpu_ns", num="n10000", den="n10")
-    rows.append(["wake-to-callback CPU at 10,000 sockets ≤ 1.2× at 10 (epoll)", xr(g),
-                 verdict(g is not None and g <= 1.2, g is not None),
-                 f"gap {max(0.0, g - 1.2):.2f}×" if g is not None else DASH])
-    # 5. allocations
-    al = {(t, i): R.get(bench="alloc", transport=t, impl=i, metric="allocs_per_msg")
-          for t in TRANSPORTS for i in ("raw", "zev_borrowed", "zev_kept")}
-    have = all(al.values())
-    ok = have and all(al[t, i]["median"] <= max(al[t, "raw"]["median"], 0.0) + 1e-4
-                      for t in TRANSPORTS for i in ("zev_borrowed", "zev_kept"))
-    worst = max((al[t, i]["median"] for t in TRANSPORTS for i in ("zev_borrowed", "zev_kept")
-                 if al[t, i]), default=None)
-    rows.append(["0 heap allocations per message (borrowed, kept)",
-                 f"worst {worst:.2g} per message" if worst is not None else DASH,
-                 verdict(ok, have),
-                 "none beyond libzmq's own (raw row)" if ok else
-                 (f"{worst:.2g} per message" if worst is not None else DASH)])
-    return ("## Targets (../shared/DESIGN.md)\n\n"
-            + table(["target", "measured", "verdict", "gap"], rows))
 
 
 # ------------------------------------------------------------------------ plots
@@ -680,10 +531,10 @@ README_BEGIN = "<!-- perf:begin (written by perf/compare.py) -->"
 README_END = "<!-- perf:end -->"
 
 
-def update_readme(head, targets, thr, plots_made):
-    """Puts the targets verdict and the throughput table of this run into the
-    top-level README between its markers, so the README never shows a
-    number that no program printed."""
+def update_readme(head, sections, plots_made):
+    """Puts this run's sections (the targets verdict, why the missed ones are
+    missed, the throughput table) into the top-level README between its
+    markers, so the README never shows a number that no program printed."""
     path = os.path.join(ROOT, "README.md")
     try:
         with open(path) as f:
@@ -696,7 +547,7 @@ def update_readme(head, targets, thr, plots_made):
                                                       "- Load"))]
     pics = " ".join(f"![{m}](perf/{m})" for m in plots_made)
     demote = lambda sec: re.sub(r"(?m)^## ", "### ", sec)  # README nests them under ## Benchmarks
-    section = "\n".join([README_BEGIN, "", *meta, "", demote(targets), demote(thr), pics, "",
+    section = "\n".join([README_BEGIN, "", *meta, "", *map(demote, sections), pics, "",
                          README_END])
     before = text.split(README_BEGIN)[0]
     after = text.split(README_END, 1)[1]
@@ -727,6 +578,9 @@ def main():
     for step in steps:
         if step == "hyperfine":
             lines, secs, fail = hyperfine_step(os.path.join(bindir, "thr"), a.full, logdir)
+        elif step == "syscalls":
+            lines, secs, fail = run_step(step, [PY, os.path.join(HERE, "syscalls.py"), "--lat",
+                                                os.path.join(bindir, "lat")] + mode, timeout, logdir)
         elif step.startswith("pyzmq_"):
             prog = os.path.join(bindir, "thr" if step == "pyzmq_thr" else "lat")
             flag = "--thr" if step == "pyzmq_thr" else "--lat"
@@ -740,6 +594,16 @@ def main():
         R.feed(lines)
         ran.append((step, secs, fail))
     finished = datetime.datetime.now(datetime.timezone.utc)
+    # a complete run joins the history that the targets table and the README's
+    # "why" quote ranges from; a partial one (--only) is shown against it
+    history_path = os.path.join(a.out, "history.jsonl")
+    mode_name = "full" if a.full else "quick"
+    history = read_history(history_path, mode_name)
+    entry = {"date": f"{started:%Y-%m-%d %H:%M}", "mode": mode_name, "rev": git_rev(),
+             "load": load0, "figures": measure(R)}
+    if not a.only:
+        record(history_path, entry)
+    history.append(entry)
 
     with tempfile.TemporaryDirectory() as tmp:
         made, plot_errs = plots(R, a.out, tmp)
@@ -758,8 +622,9 @@ def main():
             ""]
     if made:
         head.append(" ".join(f"![{m}]({m})" for m in made) + "\n")
-    body = [sec_targets(R), sec_thr(R), sec_lat(R), sec_scale(R), sec_fair(R), sec_loop(R),
-            sec_alloc(R), sec_zcsend(R), sec_pyzmq(R), sec_hyperfine(R)]
+    targets, why = sec_targets(R, history), sec_why(R, history)
+    body = [targets, why, sec_thr(R), sec_lat(R), sec_syscalls(R), sec_scale(R), sec_fair(R),
+            sec_loop(R), sec_alloc(R), sec_zcsend(R), sec_pyzmq(R), sec_hyperfine(R)]
     fails = [f for f in R.fails]
     tail = ["## Failures, skipped rows and empty cells\n"]
     if not fails and not any(f for _, _, f in ran) and not plot_errs:
@@ -777,7 +642,7 @@ def main():
     with open(results_md, "w") as f:
         f.write(md + kept_history(results_md + ".prev"))
     if not a.only:
-        update_readme(head, sec_targets(R), sec_thr(R), made)
+        update_readme(head, [targets, why, sec_thr(R)], made)
     print(md)
     print(f"perf: wrote {os.path.join(a.out, 'RESULTS.md')}"
           + (f" and {', '.join(made)}" if made else ""), file=sys.stderr)

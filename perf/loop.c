@@ -4,7 +4,10 @@
  * bench=loop_iter   one zev_loop_run_once(loop, 0) with nothing ready (one
  *                   idle stream registered), per backend; baselines on the
  *                   same idle socket: zmq_poll(1 item, 0), and the bare
- *                   syscalls epoll_wait(0) and poll(1 fd, 0) on its ZMQ_FD.
+ *                   syscalls epoll_wait(0) and poll(1 fd, 0) on its ZMQ_FD,
+ *                   and getpid() (libzmq calls it before each poll of a
+ *                   socket's mailbox: its fork check), so the cost of the
+ *                   syscalls perf/syscalls.py counts is known.
  * bench=callbacks   zev_loop_add_callback throughput with 1 and 2 producer
  *                   threads (clock from the producers' start to the last
  *                   callback run); baseline: the same calls sent as 16-byte
@@ -39,6 +42,7 @@
 #include <string.h>
 #include <sys/epoll.h>
 #include <sys/eventfd.h>
+#include <sys/syscall.h>
 #include <unistd.h>
 #ifdef PERF_HAVE_CZMQ
 #include <czmq.h>
@@ -55,9 +59,9 @@ int zmq_timers_execute(void *timers);
 
 /* ---------------------------------------------------------- empty iteration */
 
-enum { I_ZEV_EPOLL, I_ZEV_POLL, I_ZMQ_POLL, I_EPOLL_WAIT, I_POLL, I__N };
-static const char *const iter_names[I__N] = {"zev_epoll", "zev_poll", "zmq_poll", "epoll_wait",
-                                             "poll"};
+enum { I_ZEV_EPOLL, I_ZEV_POLL, I_ZMQ_POLL, I_EPOLL_WAIT, I_POLL, I_GETPID, I__N };
+static const char *const iter_names[I__N] = {"zev_epoll",  "zev_poll", "zmq_poll",
+                                             "epoll_wait", "poll",     "getpid"};
 
 static double iter_once(int impl, void *sock, long k)
 {
@@ -112,6 +116,12 @@ static double iter_once(int impl, void *sock, long k)
         t1 = perf_now_ns();
         break;
     }
+    case I_GETPID: /* syscall(): glibc may one day cache getpid() again */
+        t0 = perf_now_ns();
+        for (long i = 0; i < k; i++)
+            syscall(SYS_getpid);
+        t1 = perf_now_ns();
+        break;
     }
     return (double)(t1 - t0) / (double)k;
 }
