@@ -175,7 +175,7 @@ def _why_rtt(R, m, history):
     raw, zev, zloop = (_syscalls(R, i) for i in ("raw", "zev", "zloop"))
     d = {t: m[f"rtt_p50_{t}"] for t in TRANSPORTS}
     lo, hi, n = worst_range(history, "rtt_p50")
-    s = [f"- **Round-trip overhead (target ≤ 1 µs at p50)**: "
+    s = ["- **Round-trip overhead (target ≤ 1 µs at p50)**: "
          + ", ".join(f"{t} {_us(v)}" for t, v in d.items()) + " over raw in this run"
          + (f" (worst {_us(lo)} – {_us(hi)} over {n} recorded runs)" if n > 1 else "") + ". "
          "A reactor cannot sleep inside libzmq: before it sleeps, libzmq must have processed "
@@ -207,7 +207,7 @@ def _why_rtt(R, m, history):
 
 def _why_thr(R, m, history):
     lo, hi, n = worst_range(history, "thr")
-    s = [f"- **Throughput (target ≥ 0.95× raw at 64 B)**: "
+    s = ["- **Throughput (target ≥ 0.95× raw at 64 B)**: "
          + ", ".join(f"{t} {xr(m[f'thr_{t}'])}" for t in TRANSPORTS) + " in this run"
          + (f" (worst {xr(lo)} – {xr(hi)} over {n} recorded runs)" if n > 1 else "") + ". "]
     busy = []
@@ -239,7 +239,7 @@ def _why_thr(R, m, history):
 def _why_p999(R, m, history):
     n_rt = R.info_value("lat", "round_trips")
     lo, hi, n = worst_range(history, "rtt_p999")
-    s = [f"- **RTT p99.9 (target ≤ 5 µs over raw)**: "
+    s = ["- **RTT p99.9 (target ≤ 5 µs over raw)**: "
          + ", ".join(f"{t} {_us(m[f'rtt_p999_{t}'])}" for t in TRANSPORTS) + " in this run"
          + (f" (worst {_us(lo)} – {_us(hi)} over {n} recorded runs)" if n > 1 else "") + "."]
     if n_rt:
@@ -277,7 +277,7 @@ def _why_pyzmq(R, m, history):
             rows.append(f"{t}: raw {c['c_raw']['median'] / 1e6:.2f} M, zev "
                         f"{c['c_zev']['median'] / 1e6:.2f} M, ZMQStream "
                         f"{c['pyzmq_stream']['median'] / 1e3:.1f} k msg/s")
-    return (f"- **PyZMQ (target ≥ 50× ZMQStream)**: "
+    return ("- **PyZMQ (target ≥ 50× ZMQStream)**: "
             + ", ".join(f"{t} {xr(m[f'pyzmq_{t}'])}" for t in ("ipc", "tcp")) + " in this run"
             + (f" (worst {xr(lo)} – {xr(hi)} over {n} recorded runs)" if n > 1 else "") + "; "
             + "; ".join(rows) + ". Each receiver runs in its own process fed by the same C "
