@@ -339,11 +339,13 @@ def sec_pyzmq(R):
 
 
 def sec_syscalls(R):
+    tracer = R.info_value("syscalls", "tracer") or "perf or strace"
     s = ["## Syscalls per round trip (perf/syscalls.py)\n",
-         "The echo server of the latency row (`lat --server-only`, ipc, REQ ↔ REP, 64 B) under "
-         "`strace -f`, the client outside it; calls per round trip, median over runs. `server` "
-         "is the thread running the echo loop, `io` libzmq's I/O thread. strace slows every "
-         "call down: only the counts mean anything here.\n\n"]
+         "The echo server of the latency row (`lat --server-only`, ipc, REQ ↔ REP, 64 B) "
+         f"counted with {tracer} (`perf stat --per-thread` on the syscall tracepoints, or "
+         "`strace -f`), the client outside it; calls per round trip, median over runs. "
+         "`server` is the thread running the echo loop, `io` libzmq's threads. The tracer slows "
+         "every call down: only the counts mean anything here.\n\n"]
     impls = ("raw", "zev", "zloop")
     for thread in ("server", "io"):
         names = sorted({r["syscall"] for r in R.results if r.get("bench") == "syscalls"

@@ -1,21 +1,28 @@
 #!/usr/bin/python3
-"""Syscalls per round trip of a REQ/REP echo server, counted with strace.
+"""Syscalls per round trip of a REQ/REP echo server.
 
 Why: the round-trip overhead of a reactor over a blocking zmq_recv is mostly
 the system calls it makes in addition (see the README's "where the targets
 are missed"). This step counts them instead of asserting them: the server is
-`lat --server-only EP --impl I` under `strace -f`, the client the usual
-`lat --client-only EP` outside strace. Calls are split by thread: `server`
-is the thread that runs the echo loop (the process's main thread), `io` is
-libzmq's I/O thread(s). Counts are per round trip (warm-up included in the
-divisor), median over runs; strace slows every call down, so only the
-counts mean anything here, never the times.
+`lat --server-only EP --impl I`, the client the usual `lat --client-only EP`.
+Calls are split by thread: `server` is the thread that runs the echo loop,
+`io` libzmq's own threads (ZMQbg/...). Counts are per round trip (warm-up
+included in the divisor), median over runs.
+
+Counter: `perf stat --per-thread` on the syscall tracepoints, attached to
+the server once it is listening (the calls it makes while starting up are
+not counted). Without a usable perf, `strace -f` (every call of the whole
+process, but strace slows each call so much that libzmq's time-throttled
+command checks inside zmq_send run on more round trips than they would).
+Either way the tracer slows the server down: only the counts mean anything
+here, never the times.
 
 Usage: perf/syscalls.py --lat BUILD/perf/lat [--full] [--runs N] [--impls raw,zev,zloop]
-Output: RESULT/RATIO/FAIL lines in the grammar of perf/common.h:
+       [--tracer perf|strace]
+Output: RESULT/DELTA/FAIL lines in the grammar of perf/common.h:
   RESULT bench=syscalls transport=ipc impl=I thread=server|io syscall=NAME
          metric=calls_per_rt unit=calls median=.. min=.. max=.. runs=N
-  (syscall=all is the thread's total)
+  (syscall=all is the thread's total, syscall=other what the named ones leave)
 """
 import argparse
 import collections
@@ -26,56 +33,99 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 
 TIMEOUT = 120
+# the calls a reactor and libzmq make per message; the rest shows as "other"
+NAMED = ["epoll_wait", "epoll_pwait", "epoll_ctl", "poll", "ppoll", "getpid", "read", "write",
+         "recvfrom", "sendto", "futex"]
+
 # "1234 poll([...], 1, 0) = 0": the start of a call. An interrupted call shows
 # again as "1234 <... poll resumed>": not matched, so each call counts once.
-LINE = re.compile(r"^(\d+)\s+([a-z_0-9]+)\(")
+STRACE_LINE = re.compile(r"^(\d+)\s+([a-z_0-9]+)\(")
 
 
-def count_trace(path, main_pid):
-    """{(thread, syscall): calls} from an `strace -f -o` file."""
+def perf_works(perf):
+    ev = ",".join(f"syscalls:sys_enter_{n}" for n in NAMED)
+    try:
+        return subprocess.run([perf, "stat", "-x,", "-e", "raw_syscalls:sys_enter," + ev, "true"],
+                              capture_output=True, timeout=20).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+def perf_counts(path):
+    """{(thread, syscall): calls} from `perf stat --per-thread -x,` output."""
     counts = collections.Counter()
     with open(path) as f:
         for ln in f:
-            m = LINE.match(ln)
-            if m:
-                thread = "server" if int(m.group(1)) == main_pid else "io"
-                counts[thread, m.group(2)] += 1
+            fields = ln.strip().split(",")
+            if len(fields) < 4 or not fields[1].isdigit():
+                continue
+            thread = "io" if fields[0].startswith("ZMQbg") else "server"
+            ev = fields[3]
+            name = "all" if ev == "raw_syscalls:sys_enter" else ev.rpartition("sys_enter_")[2]
+            counts[thread, name] += int(fields[1])
+    for thread in ("server", "io"):
+        counts[thread, "other"] = counts[thread, "all"] - sum(counts[thread, n] for n in NAMED)
+        del counts[thread, "all"]
     return counts
 
 
-def one_run(strace, lat, impl, n, warmup, tmp, tag):
+def strace_counts(path):
+    """{(thread, syscall): calls} from an `strace -f -o` file; the traced
+    program's own pid is the first one in the file."""
+    counts = collections.Counter()
+    main_pid = None
+    with open(path) as f:
+        for ln in f:
+            m = STRACE_LINE.match(ln)
+            if m:
+                main_pid = main_pid or int(m.group(1))
+                thread = "server" if int(m.group(1)) == main_pid else "io"
+                name = m.group(2) if m.group(2) in NAMED else "other"
+                counts[thread, name] += 1
+    return counts
+
+
+def one_run(tracer, lat, impl, n, warmup, tmp, tag):
     ep = f"ipc://{tmp}/s-{tag}.sock"
-    trace = os.path.join(tmp, f"trace-{tag}")
+    out = os.path.join(tmp, f"trace-{tag}")
     total = n + warmup
-    srv = subprocess.Popen([strace, "-f", "-qq", "-o", trace, lat, "--server-only", ep, "--impl",
-                            impl, "--count", str(total)], stdout=subprocess.PIPE, text=True)
+    cmd = [lat, "--server-only", ep, "--impl", impl, "--count", str(total)]
+    name, prog = tracer
+    if name == "strace":
+        cmd = [prog, "-f", "-qq", "-o", out] + cmd
+    srv = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+    mon = None
     try:
         if srv.stdout.readline().strip() != "READY":
             return None, "server_not_ready"
+        if name == "perf":
+            ev = ",".join(["raw_syscalls:sys_enter"] + [f"syscalls:sys_enter_{s}" for s in NAMED])
+            mon = subprocess.Popen([prog, "stat", "--per-thread", "-x,", "-o", out, "-e", ev, "-p",
+                                    str(srv.pid)], stderr=subprocess.DEVNULL)
+            time.sleep(0.3)  # attached before the warm-up ends; its calls are in the divisor
         cli = subprocess.run([lat, "--client-only", ep, "--count", str(n), "--warmup", str(warmup)],
                              capture_output=True, text=True, timeout=TIMEOUT)
         if cli.returncode != 0:
             return None, "client_failed"
         srv.wait(timeout=TIMEOUT)
+        if mon:
+            mon.wait(timeout=TIMEOUT)
     except subprocess.TimeoutExpired:
         return None, "timeout"
     finally:
-        if srv.poll() is None:
-            srv.kill()
-            srv.wait()
+        for p in (srv, mon):
+            if p and p.poll() is None:
+                p.kill()
+                p.wait()
     if srv.returncode != 0:
         return None, f"server_exit_{srv.returncode}"
-    # strace -f names the traced program's pid on its own lines: the first pid in the file
-    with open(trace) as f:
-        first = LINE.match(f.readline())
-    if not first:
+    counts = perf_counts(out) if name == "perf" else strace_counts(out)
+    os.unlink(out)
+    if not counts:
         return None, "empty_trace"
-    counts = count_trace(trace, int(first.group(1)))
-    os.unlink(trace)
-    # setup and teardown calls (mmap, clone, bind, ...) are spread over all round trips;
-    # they are a few dozen against tens of thousands
     return {k: v / total for k, v in counts.items()}, None
 
 
@@ -86,24 +136,30 @@ def main():
     ap.add_argument("--runs", type=int)
     ap.add_argument("--count", type=int)
     ap.add_argument("--impls", default="raw,zev,zloop")
+    ap.add_argument("--tracer", choices=["perf", "strace"])
     a = ap.parse_args()
     keys = "bench=syscalls transport=ipc size=64"
-    strace = shutil.which("strace")
     impls = a.impls.split(",")
-    if not strace:
+    perf, strace = shutil.which("perf"), shutil.which("strace")
+    tracer = None
+    if a.tracer != "strace" and perf and perf_works(perf):
+        tracer = ("perf", perf)
+    elif a.tracer != "perf" and strace:
+        tracer = ("strace", strace)
+    if not tracer:
         for i in impls:
-            print(f"FAIL {keys} impl={i} metric=calls_per_rt reason=strace_not_installed")
+            print(f"FAIL {keys} impl={i} metric=calls_per_rt reason=no_usable_perf_or_strace")
         return 1
     runs = a.runs or (5 if a.full else 2)  # counts barely move between runs
     n = a.count or (10000 if a.full else 2000)
     warmup = max(100, n // 10)
-    print(f"INFO syscalls runs={runs} round_trips={n} warmup={warmup} tracer=strace")
+    print(f"INFO syscalls runs={runs} round_trips={n} warmup={warmup} tracer={tracer[0]}")
     per = {i: [] for i in impls}
     fails = 0
     with tempfile.TemporaryDirectory(prefix="zev-perf-sys-") as tmp:
         for r in range(runs):
             for impl in impls:
-                res, why = one_run(strace, a.lat, impl, n, warmup, tmp, f"{r}-{impl}")
+                res, why = one_run(tracer, a.lat, impl, n, warmup, tmp, f"{r}-{impl}")
                 if res is None:
                     fails += 1
                     print(f"RUNFAIL {keys} impl={impl} run={r} reason={why}")

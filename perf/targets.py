@@ -186,7 +186,7 @@ def _why_rtt(R, m, history):
         names = sorted({k for k in zev if k != "all"} | {k for k in raw if k != "all"})
         extra = {k: zev.get(k, 0.0) - raw.get(k, 0.0) for k in names}
         extra = {k: v for k, v in extra.items() if abs(v) >= 0.05}
-        s.append(f" Counted with strace (`perf/syscalls.py`, ipc, the echo server's thread): "
+        s.append(f" Counted by `perf/syscalls.py` (ipc, the echo server's thread): "
                  f"raw makes {raw['all']:.1f} syscalls per round trip, zev {zev['all']:.1f} ("
                  + ", ".join(f"{k} {v:+.2f}" for k, v in sorted(extra.items())) + ")"
                  + (f", zloop {zloop['all']:.1f}" if zloop.get("all") else "") + ". "
