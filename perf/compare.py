@@ -30,7 +30,7 @@ ROOT = os.path.dirname(HERE)
 PY = "/usr/bin/python3"  # Debian's, with python3-zmq and python3-tornado
 
 STEPS = ["thr", "lat", "scale", "fair", "loop", "alloc", "zcsend", "pyzmq_thr", "pyzmq_lat",
-         "syscalls", "hyperfine"]
+         "pyzmq_fair", "syscalls", "hyperfine"]
 
 
 # --------------------------------------------------------------------- running
@@ -192,23 +192,33 @@ def sec_scale(R):
 
 
 def sec_fair(R):
+    def rows(bench, transports, impls):
+        out = []
+        for t in transports:
+            for i in impls:
+                k = dict(bench=bench, transport=t, impl=i)
+                if not R.get(metric="delay_p50_us", **k):
+                    continue
+                out.append([t, i] + [cell(R.get(metric=m, **k), spread=False) for m in
+                                     ("delay_p50_us", "delay_p99_us", "delay_max_us", "msgs_p50",
+                                      "msgs_p99", "msgs_max")] +
+                           [cell(R.get(metric="fire_rate", **k), si, spread=False)])
+        return out
+
+    head = ["transport", "reactor", "delay p50 µs", "p99 µs", "max µs", "msgs p50", "msgs p99",
+            "msgs max", "firehose msg/s"]
     s = ["## Fairness: a quiet socket under a firehose (perf/fair.c)\n",
          "One reactor reads a flooded PULL socket and a quiet one (one message per ms). Delay of "
          "the quiet messages in µs and in firehose messages handled meanwhile (median over runs "
          "of each run's p50 / p99 / max), and the firehose rate the reactor sustained meanwhile. "
          "`raw` is a zmq_poll loop reading one message per readable socket per round.\n"]
-    rows = []
-    for t in TRANSPORTS:
-        for i in ("raw", "zev", "zloop"):
-            k = dict(bench="fair", transport=t, impl=i)
-            if not R.get(metric="delay_p50_us", **k):
-                continue
-            rows.append([t, i] + [cell(R.get(metric=m, **k), spread=False) for m in
-                                  ("delay_p50_us", "delay_p99_us", "delay_max_us", "msgs_p50",
-                                   "msgs_p99", "msgs_max")] +
-                        [cell(R.get(metric="fire_rate", **k), si, spread=False)])
-    s.append("\n" + table(["transport", "reactor", "delay p50 µs", "p99 µs", "max µs",
-                           "msgs p50", "msgs p99", "msgs max", "firehose msg/s"], rows))
+    s.append("\n" + table(head, rows("fair", TRANSPORTS, ("raw", "zev", "zloop"))))
+    s.append("\nEach reactor in its own process, with PyZMQ (perf/pyzmq_fair.py): the same feeder "
+             "threads run in `fair --feed-only`, the reactors are `fair --react-only` (C) and two "
+             "ZMQStreams on tornado's IOLoop (`pyzmq_stream`), and the reactor's handled count is "
+             "shared through a mapped file so that msgs counts the same thing:\n")
+    s.append("\n" + table(head, rows("pyzmq_fair", ("ipc", "tcp"),
+                                     ("c_raw", "c_zev", "c_zloop", "pyzmq_stream"))))
     return "".join(s)
 
 
@@ -584,8 +594,8 @@ def main():
             lines, secs, fail = run_step(step, [PY, os.path.join(HERE, "syscalls.py"), "--lat",
                                                 os.path.join(bindir, "lat")] + mode, timeout, logdir)
         elif step.startswith("pyzmq_"):
-            prog = os.path.join(bindir, "thr" if step == "pyzmq_thr" else "lat")
-            flag = "--thr" if step == "pyzmq_thr" else "--lat"
+            name = step[len("pyzmq_"):]  # the C program the script drives: thr, lat, fair
+            prog, flag = os.path.join(bindir, name), "--" + name
             if not os.path.exists(PY):
                 lines, secs, fail = [], 0.0, f"{PY} not found"
             else:
