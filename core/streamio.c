@@ -126,7 +126,8 @@ static int send_part(zev_stream_t *s, zmq_msg_t *msg, bool more)
             }
             zmq_msg_close(msg);
             zmq_msg_init(msg);
-            zev__report_add(s, err);
+            if (!socket_gone(err)) /* else zev__stream_fail reported the message */
+                zev__report_add(s, err);
             s->open = more ? OPEN_DISCARD : OPEN_NONE;
             return 0;
         }
