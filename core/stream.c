@@ -1,101 +1,37 @@
 /*
- * Streams: one libzmq socket on a loop (PyZMQ's ZMQStream for C).
+ * Streams: one libzmq socket on a loop (PyZMQ's ZMQStream for C), and here
+ * its lifetime: creation, the setters and getters, closing and failure.
+ * What a stream does with its socket (the ZMQ_FD readiness pass, recv,
+ * send, flush) is in streamio.c; its send queue and on_send reports are in
+ * sendq.c.
  *
  * Design notes
- * - ZMQ_FD is edge-triggered and any zmq_send, zmq_recv or ZMQ_EVENTS read
- *   may consume its edge. One function, stream_work, owns that fact: it reads
- *   ZMQ_EVENTS, handles up to its budget of messages, and repeats. A stream
- *   leaves the ready-list only when stream_work returns `idle`, which it
- *   does only right after ZMQ_EVENTS reported nothing the stream wants, or
- *   right after a recv found nothing while no send is queued (that recv
- *   made libzmq process its commands unthrottled: for POLLIN it is the same
- *   read, and it saves a getpid + poll per wakeup). Out of budget it stays
- *   on the ready-list (tail), so the next iteration serves it without
- *   waiting for an edge that is gone.
- * - Everything that touches the socket outside the stream's own pass (a
- *   send from another callback, a timer or user code, a flush) and every
- *   change of interest (on_recv set, frames returned under max_frames, a
- *   message queued) puts the stream on the ready-list: mark_ready. That is a
- *   list insert, not a syscall; the pass re-reads ZMQ_EVENTS.
- * - Sends go straight to libzmq while the queue is empty; once libzmq says
- *   EAGAIN (HWM, or EFSM: REQ/REP state) the message and all after it wait
- *   in the stream's FIFO of parts, so order is kept. A multipart message
- *   follows the path its first part took. The queue is bounded in messages.
- * - on_send statuses are recorded run-length encoded and delivered from the
- *   loop (the pass, flush, or the close phase), never inside a send call.
- * - POLLOUT with EAGAIN on the head message (ROUTER_MANDATORY, one peer's
- *   pipe full) sets `blocked`: POLLOUT stops counting as work until the next
- *   ZMQ_FD edge or a back-off timer (doubling up to BACKOFF_MAX), because a
- *   ZMQ_EVENTS read right after the EAGAIN may have swallowed the edge that
- *   says there is room again. One blocked peer holds the messages behind it.
+ * - A new stream is registered for ZEV_READ on its ZMQ_FD and put on the
+ *   ready-list at once: messages pending before registration signal
+ *   nothing (inproc signals nothing until its command queue is drained).
  * - Closing is deferred as in libuv: zev_stream_close unregisters at once
  *   (or after the flush with ZEV_CLOSE_FLUSH) and the close phase at the end
  *   of the iteration delivers the last on_send statuses, runs the close
- *   callback once and frees the stream.
+ *   callback once and frees the stream. So a stream may be closed from
+ *   inside any callback, its own included, and stays valid until its close
+ *   callback has returned.
+ * - zev__stream_finalize is the one way from open to closing, idempotent:
+ *   what is still queued is reported ECANCELED, the timers stop and the
+ *   stream moves from loop->streams to loop->closing_streams. A flushing
+ *   close reaches it when its queue drains (the pass), when ZMQ_LINGER runs
+ *   out (linger timer), when the socket fails, or when the loop is destroyed.
+ * - A socket that is gone (ENOTSOCK: zmq_closed under us; ETERM: its
+ *   context terminated) fails the stream once, in zev__stream_fail: it is
+ *   unregistered, its queue reported with that errno, and later sends and
+ *   flushes answer that errno. The stream stays open until the user closes
+ *   it; after ENOTSOCK zev never calls zmq_close on the socket.
  */
 #include "zev-internal.h"
 
 #include <errno.h>
 #include <stdlib.h>
-#include <string.h>
 
-#define BACKOFF_MIN_NS 100000u   /* 100 µs */
-#define BACKOFF_MAX_NS 20000000u /* 20 ms */
-
-static int would_block(int err)
-{
-    return err == EAGAIN || err == EFSM;
-}
-
-static int socket_gone(int err)
-{
-    return err == ENOTSOCK || err == ETERM;
-}
-
-/* A stream whose socket is gone is only scheduled while it still owes
- * on_send statuses: its next pass delivers them and finds s->err. */
-static void mark_ready(zev_stream_t *s)
-{
-    bool owes_reports = s->rep_len > s->rep_head;
-    if (!s->finalized && (!s->err || owes_reports) && !zev__list_linked(&s->ready))
-        zev__list_push_tail(&s->loop->ready, &s->ready);
-}
-
-/* Validates a stream argument for the public setters: EINVAL, EBADF. */
-int zev__stream_usable(const zev_stream_t *s)
-{
-    if (!s) {
-        errno = EINVAL;
-        return 0;
-    }
-    if (s->closed) {
-        errno = EBADF;
-        return 0;
-    }
-    return 1;
-}
-
-/* ------------------------------------------------------------- state changes */
-
-static void backoff_fire(zev_timer_t *t, void *arg)
-{
-    (void)t;
-    zev_stream_t *s = arg;
-    s->backoff_timer = NULL;
-    s->blocked = false;
-    mark_ready(s);
-}
-
-static void set_blocked(zev_stream_t *s)
-{
-    s->blocked = true;
-    if (s->backoff_timer)
-        return;
-    s->backoff_ns = s->backoff_ns ? s->backoff_ns * 2 : BACKOFF_MIN_NS;
-    if (s->backoff_ns > BACKOFF_MAX_NS)
-        s->backoff_ns = BACKOFF_MAX_NS;
-    s->backoff_timer = zev_timer_start(s->loop, s->backoff_ns / 1000u, 0, backoff_fire, s);
-}
+/* ------------------------------------------------------- closing and failure */
 
 static void stop_timers(zev_stream_t *s)
 {
@@ -106,18 +42,16 @@ static void stop_timers(zev_stream_t *s)
     s->backoff_timer = s->linger_timer = NULL;
 }
 
-static void finalize(zev_stream_t *s);
-
 static void linger_fire(zev_timer_t *t, void *arg)
 {
     (void)t;
     zev_stream_t *s = arg;
     s->linger_timer = NULL;
-    finalize(s); /* what is still queued is ECANCELED */
+    zev__stream_finalize(s); /* what is still queued is ECANCELED */
 }
 
 /* Unregisters and hands the stream to the close phase. Idempotent. */
-static void finalize(zev_stream_t *s)
+void zev__stream_finalize(zev_stream_t *s)
 {
     if (s->finalized)
         return;
@@ -134,7 +68,7 @@ static void finalize(zev_stream_t *s)
 }
 
 /* The socket is gone (closed under us, or its context terminated). */
-static void stream_fail(zev_stream_t *s, int err)
+void zev__stream_fail(zev_stream_t *s, int err)
 {
     if (s->err || s->finalized)
         return;
@@ -144,330 +78,12 @@ static void stream_fail(zev_stream_t *s, int err)
     zev__list_remove(&s->ready);
     stop_timers(s);
     if (s->flushing)
-        finalize(s);
+        zev__stream_finalize(s);
     else
-        mark_ready(s); /* to deliver the statuses just recorded */
+        zev__stream_kick(s); /* to deliver the statuses just recorded */
 }
 
-/* ------------------------------------------------------------------- sending */
-
-/* Hands one part to libzmq now, or queues it. Returns 0 when the part was
- * taken (sent, queued, or discarded with its failed message), -1 with errno
- * when it was not, which only happens at the first part of a message. The
- * caller reserved queue space. */
-static int send_part(zev_stream_t *s, zmq_msg_t *msg, bool more)
-{
-    bool first = s->open == OPEN_NONE;
-    if (s->open == OPEN_DISCARD) {
-        zmq_msg_close(msg);
-        zmq_msg_init(msg);
-        if (!more)
-            s->open = OPEN_NONE;
-        return 0;
-    }
-    if (first ? s->qlen == 0 : s->open == OPEN_DIRECT) {
-        s->touches++;
-        int rc = zmq_msg_send(msg, s->sock, ZMQ_DONTWAIT | (more ? ZMQ_SNDMORE : 0));
-        int err = errno;
-        if (!s->in_pass)
-            mark_ready(s); /* the send may have consumed the ZMQ_FD edge */
-        if (rc >= 0) {
-            s->open = more ? OPEN_DIRECT : OPEN_NONE;
-            if (!more)
-                zev__report_add(s, 0);
-            return 0;
-        }
-        if (!would_block(err)) {
-            if (socket_gone(err))
-                stream_fail(s, err);
-            if (first) {
-                errno = err;
-                return -1;
-            }
-            zmq_msg_close(msg);
-            zmq_msg_init(msg);
-            zev__report_add(s, err);
-            s->open = more ? OPEN_DISCARD : OPEN_NONE;
-            return 0;
-        }
-    } else if (first && s->max_queue && s->qmsgs >= s->max_queue) {
-        errno = EAGAIN;
-        return -1;
-    }
-    zev__sendq_push(s, msg, more);
-    mark_ready(s);
-    return 0;
-}
-
-/* Checks the state and the flags shared by the send functions. */
-static int send_allowed(const zev_stream_t *s, int flags)
-{
-    if (!zev__stream_usable(s))
-        return 0;
-    if (flags & ~(ZMQ_SNDMORE | ZMQ_DONTWAIT)) {
-        errno = EINVAL;
-        return 0;
-    }
-    if (s->err) {
-        errno = s->err;
-        return 0;
-    }
-    return 1;
-}
-
-int zev_stream_send(zev_stream_t *s, const void *data, size_t len, int flags)
-{
-    if (!send_allowed(s, flags))
-        return -1;
-    if (!data && len) {
-        errno = EINVAL;
-        return -1;
-    }
-    if (zev__sendq_reserve(s, 1) < 0)
-        return -1;
-    zmq_msg_t msg;
-    if (zmq_msg_init_size(&msg, len) < 0)
-        return -1;
-    if (len)
-        memcpy(zmq_msg_data(&msg), data, len);
-    int rc = send_part(s, &msg, flags & ZMQ_SNDMORE);
-    zmq_msg_close(&msg);
-    return rc;
-}
-
-int zev_stream_send_msg(zev_stream_t *s, zmq_msg_t *parts, size_t nparts, int flags)
-{
-    if (!send_allowed(s, flags))
-        return -1;
-    if (!parts || !nparts) {
-        errno = EINVAL;
-        return -1;
-    }
-    if (zev__sendq_reserve(s, nparts) < 0)
-        return -1;
-    for (size_t i = 0; i < nparts; i++) {
-        bool more = i + 1 < nparts || (flags & ZMQ_SNDMORE);
-        if (send_part(s, &parts[i], more) < 0)
-            return -1; /* only the first part can fail: nothing was taken */
-    }
-    return 0;
-}
-
-/* Sends queued parts while libzmq takes them; returns messages handled. */
-static size_t send_some(zev_stream_t *s, size_t room)
-{
-    size_t n = 0;
-    while (s->qlen && n < room) {
-        /* A message the closed user can never finish stays out of libzmq. */
-        if (s->closed && s->open == OPEN_QUEUED && s->qmsgs == 1)
-            break;
-        zev__sendpart_t *p = zev__sendq_at(s, 0);
-        bool more = p->more;
-        s->touches++;
-        if (zmq_msg_send(&p->msg, s->sock, ZMQ_DONTWAIT | (more ? ZMQ_SNDMORE : 0)) < 0) {
-            int err = errno;
-            if (err == EINTR)
-                continue;
-            if (would_block(err)) {
-                /* Only when POLLOUT was reported and not even one message
-                 * went out (ROUTER_MANDATORY, one peer full) is POLLOUT
-                 * untrustworthy. After n > 0 sends this is plain HWM: the
-                 * pass re-reads ZMQ_EVENTS, which either shows room again
-                 * or leaves the next activate_write to signal a new edge. */
-                if (n == 0)
-                    set_blocked(s);
-                break;
-            }
-            if (socket_gone(err)) {
-                stream_fail(s, err);
-                break;
-            }
-            zev__sendq_drop_head(s, err);
-            n++;
-            continue;
-        }
-        zev__sendq_pop(s);
-        if (!more) {
-            s->qmsgs--;
-            s->backoff_ns = 0;
-            zev__report_add(s, 0);
-            n++;
-        }
-    }
-    return n;
-}
-
-/* ----------------------------------------------------------------- receiving */
-
-static int frames_allow(const zev_stream_t *s)
-{
-    return !s->max_frames || s->frames_out < s->max_frames;
-}
-
-/* Receives one whole message into the ring: 1, 0 (nothing there), -1. */
-static int recv_message(zev_stream_t *s)
-{
-    size_t i = 0;
-    for (;;) {
-        if (i == s->ring_cap && zev__ring_reserve(s, i + 1) < 0)
-            return -1;
-        s->touches++;
-        if (zmq_msg_recv(&s->ring[i], s->sock, ZMQ_DONTWAIT) < 0) {
-            if (errno == EINTR)
-                continue;
-            if (i == 0 && errno == EAGAIN)
-                return 0;
-            return -1;
-        }
-        if (!zmq_msg_more(&s->ring[i++]))
-            break;
-    }
-    s->msg.n = i;
-    return 1;
-}
-
-/* Receives and dispatches up to `room` messages. *drained says the last
- * socket operation was a recv that found nothing: libzmq processed every
- * pending command for it, unthrottled, so for POLLIN it is as good as a
- * ZMQ_EVENTS read (and consumed the same edge). */
-static size_t recv_some(zev_stream_t *s, size_t room, bool *drained)
-{
-    size_t n = 0;
-    while (n < room && s->on_recv && !s->closed && frames_allow(s)) {
-        int rc = recv_message(s);
-        if (rc <= 0) {
-            if (rc < 0 && socket_gone(errno))
-                stream_fail(s, errno);
-            *drained = rc == 0;
-            s->drained_at = s->touches;
-            break;
-        }
-        s->in_recv_cb = true;
-        s->on_recv(s, &s->msg, s->recv_arg);
-        s->in_recv_cb = false;
-        zev__ring_recycle(s);
-        n++;
-    }
-    return n;
-}
-
-/* ------------------------------------------------------------- the one pass */
-
-static int wants(const zev_stream_t *s)
-{
-    int w = 0;
-    if (s->on_recv && !s->closed && frames_allow(s))
-        w |= ZMQ_POLLIN;
-    if (s->qlen && !s->blocked)
-        w |= ZMQ_POLLOUT;
-    return w;
-}
-
-/* Handles up to `limit` messages (0 = no limit) of the kinds in `mask`
- * (ZMQ_POLLIN / ZMQ_POLLOUT). Sets *idle when it stopped because ZMQ_EVENTS
- * reported nothing the stream wants (or the stream is finished). */
-static size_t stream_work(zev_stream_t *s, int mask, size_t limit, bool *idle)
-{
-    bool outer = s->in_pass;
-    size_t done = 0;
-    /* An edge on ZMQ_FD, or a pass that ran out of budget while receiving,
-     * leaves a hint: try recv first and read ZMQ_EVENTS only when needed.
-     * Only a fresh read, or a recv that found nothing while no send waits,
-     * may end the pass as idle: the hint can cost a syscall, never an edge. */
-    int hint = s->recv_hint;
-    s->recv_hint = 0;
-    *idle = false;
-    s->in_pass = true;
-    zev__reports_deliver(s);
-    for (;;) {
-        if (s->finalized || s->err) {
-            *idle = true;
-            break;
-        }
-        if (limit && done >= limit)
-            break;
-        int events = hint;
-        bool fresh = !hint;
-        size_t len = sizeof events;
-        hint = 0;
-        if (fresh && (s->touches++, zmq_getsockopt(s->sock, ZMQ_EVENTS, &events, &len) < 0)) {
-            if (socket_gone(errno))
-                stream_fail(s, errno);
-            *idle = true;
-            break;
-        }
-        int act = events & wants(s) & mask;
-        if (!act) {
-            *idle = fresh;
-            if (fresh)
-                break;
-            continue;
-        }
-        size_t room = limit ? limit - done : SIZE_MAX, n = 0;
-        bool was_blocked = s->blocked, drained = false;
-        if (act & ZMQ_POLLIN)
-            n += recv_some(s, room, &drained);
-        if ((act & ZMQ_POLLOUT) && n < room)
-            n += send_some(s, room - n);
-        zev__reports_deliver(s);
-        done += n;
-        if (s->flushing && zev__sendq_flush_done(s)) {
-            finalize(s);
-        } else if (drained && s->touches == s->drained_at && !(wants(s) & ZMQ_POLLOUT)) {
-            /* DESIGN's rule: a recv that ended in EAGAIN with no sends
-             * queued may end the pass; the ZMQ_EVENTS read would only
-             * repeat what that recv's command processing just did. */
-            *idle = true;
-            break;
-        } else if (n == 0 && s->blocked == was_blocked && fresh)
-            break; /* ZMQ_EVENTS promised work libzmq did not give: retry next iteration */
-        else if (limit && done >= limit)
-            s->recv_hint = act & ZMQ_POLLIN;
-    }
-    s->in_pass = outer;
-    return done;
-}
-
-void zev__stream_kick(zev_stream_t *s)
-{
-    mark_ready(s);
-}
-
-void zev__stream_fired(zev_stream_t *s)
-{
-    s->blocked = false; /* a new edge: POLLOUT may be true again */
-    if (s->on_recv)
-        s->recv_hint = ZMQ_POLLIN; /* most edges bring a message: try recv first */
-    mark_ready(s);
-}
-
-size_t zev__streams_process(zev_loop_t *loop)
-{
-    /* Only the streams ready when the phase began; those made ready during
-     * it (and those out of budget) wait at the tail for the next iteration. */
-    zev__list_t batch;
-    size_t handled = 0;
-    zev__list_init(&batch);
-    if (zev__list_empty(&loop->ready))
-        return 0;
-    batch.next = loop->ready.next;
-    batch.prev = loop->ready.prev;
-    batch.next->prev = batch.prev->next = &batch;
-    zev__list_init(&loop->ready);
-
-    zev__list_t *node;
-    while ((node = zev__list_pop_head(&batch))) {
-        zev_stream_t *s = zev__container_of(node, zev_stream_t, ready);
-        bool idle;
-        handled +=
-            stream_work(s, ZMQ_POLLIN | ZMQ_POLLOUT, s->batch ? s->batch : loop->batch, &idle);
-        if (!idle)
-            mark_ready(s);
-    }
-    return handled;
-}
-
-/* ----------------------------------------------------------------- lifetime */
+/* ------------------------------------------------------------ new and close */
 
 zev_stream_t *zev_stream_new(zev_loop_t *loop, void *sock)
 {
@@ -501,7 +117,7 @@ zev_stream_t *zev_stream_new(zev_loop_t *loop, void *sock)
         return NULL;
     }
     zev__list_push_tail(&loop->streams, &s->node);
-    mark_ready(s); /* messages pending before registration signal nothing */
+    zev__stream_kick(s); /* messages pending before registration signal nothing */
     return s;
 }
 
@@ -523,11 +139,11 @@ int zev_stream_close(zev_stream_t *s, int flags)
             if (linger > 0)
                 s->linger_timer =
                     zev_timer_start(s->loop, (uint64_t)linger * 1000u, 0, linger_fire, s);
-            mark_ready(s);
+            zev__stream_kick(s);
             return 0;
         }
     }
-    finalize(s);
+    zev__stream_finalize(s);
     return 0;
 }
 
@@ -552,7 +168,7 @@ void zev__streams_close_all(zev_loop_t *loop)
     while (!zev__list_empty(&loop->streams)) {
         zev_stream_t *s = zev__container_of(loop->streams.next, zev_stream_t, node);
         s->closed = true;
-        finalize(s); /* moves it to closing_streams */
+        zev__stream_finalize(s); /* moves it to closing_streams */
     }
 }
 
@@ -565,7 +181,7 @@ int zev_stream_on_recv(zev_stream_t *s, zev_recv_fn fn, void *arg)
     s->on_recv = fn;
     s->recv_arg = arg;
     if (fn)
-        mark_ready(s); /* messages may already wait in libzmq */
+        zev__stream_kick(s); /* messages may already wait in libzmq */
     return 0;
 }
 
@@ -601,31 +217,6 @@ int zev_stream_set_batch(zev_stream_t *s, unsigned n)
         return -1;
     s->batch = n;
     return 0;
-}
-
-int zev_stream_flush(zev_stream_t *s, int flags, size_t limit)
-{
-    if (!zev__stream_usable(s))
-        return -1;
-    if (!flags || (flags & ~(ZEV_READ | ZEV_WRITE))) {
-        errno = EINVAL;
-        return -1;
-    }
-    if (s->err) {
-        errno = s->err;
-        return -1;
-    }
-    int mask = (flags & ZEV_WRITE) ? ZMQ_POLLOUT : 0;
-    if ((flags & ZEV_READ) && !s->in_recv_cb) /* its frames are still borrowed */
-        mask |= ZMQ_POLLIN;
-    bool idle;
-    size_t n = mask ? stream_work(s, mask, limit, &idle) : 0;
-    if (n == 0 && s->err) { /* the socket turned out to be gone: say so */
-        errno = s->err;
-        return -1;
-    }
-    mark_ready(s); /* the socket was touched outside the stream's pass */
-    return n > INT32_MAX ? INT32_MAX : (int)n;
 }
 
 int zev_stream_sending(const zev_stream_t *s)

@@ -10,6 +10,7 @@
 #include "../backends/backend.h"
 #include "list.h"
 
+#include <errno.h>
 #include <stdatomic.h>
 #include <stdbool.h>
 #include <stddef.h>
@@ -233,13 +234,31 @@ ZEV_INTERNAL void zev__io_dispatch(zev_io_t *io, int events);
 ZEV_INTERNAL void zev__io_reap(zev_loop_t *loop);
 ZEV_INTERNAL void zev__io_free_all(zev_loop_t *loop);
 
-/* stream.c */
-ZEV_INTERNAL void zev__stream_fired(zev_stream_t *s);
-ZEV_INTERNAL size_t zev__streams_process(zev_loop_t *loop); /* messages handled */
+/* Validates a stream argument for the public setters and sends: 0 with
+ * EINVAL or EBADF. Inline because every send checks it. */
+static inline int zev__stream_usable(const zev_stream_t *s)
+{
+    if (!s) {
+        errno = EINVAL;
+        return 0;
+    }
+    if (s->closed) {
+        errno = EBADF;
+        return 0;
+    }
+    return 1;
+}
+
+/* stream.c: a stream's lifetime */
 ZEV_INTERNAL void zev__streams_reap(zev_loop_t *loop);
 ZEV_INTERNAL void zev__streams_close_all(zev_loop_t *loop);
+ZEV_INTERNAL void zev__stream_finalize(zev_stream_t *s);      /* to the close phase; idempotent */
+ZEV_INTERNAL void zev__stream_fail(zev_stream_t *s, int err); /* socket gone: ENOTSOCK/ETERM */
+
+/* streamio.c: the ZMQ_FD readiness pass, recv and send */
+ZEV_INTERNAL void zev__stream_fired(zev_stream_t *s);
+ZEV_INTERNAL size_t zev__streams_process(zev_loop_t *loop); /* messages handled */
 ZEV_INTERNAL void zev__stream_kick(zev_stream_t *s);        /* put it on the ready-list */
-ZEV_INTERNAL int zev__stream_usable(const zev_stream_t *s); /* 0 with EINVAL/EBADF */
 
 /* sendq.c: the send queue and on_send reports of a stream */
 static inline zev__sendpart_t *zev__sendq_at(zev_stream_t *s, size_t i)
@@ -263,7 +282,7 @@ ZEV_INTERNAL void zev__ring_free(zev_stream_t *s);
 ZEV_INTERNAL void zev__frames_detach(zev_stream_t *s);
 ZEV_INTERNAL void zev__frame_pool_free(zev__hub_t *hub);
 
-/* registration helpers shared by io.c and stream.c (loop.c) */
+/* registration helpers shared by io.c and the stream files (loop.c) */
 ZEV_INTERNAL int zev__register(zev_loop_t *loop, int fd, int events, void *obj);
 ZEV_INTERNAL void zev__unregister(zev_loop_t *loop, int fd);
 

@@ -1284,6 +1284,41 @@ Test(stream_bad_input, socket_closed_under_stream_enotsock, .timeout = 20)
 }
 
 /*
+ * A socket zmq_closed under the stream in the middle of a multipart message
+ * whose first part went straight to libzmq: the next part is taken (as any
+ * part after the first is), the whole message gets exactly one on_send
+ * status, ENOTSOCK, and the stream then refuses sends with ENOTSOCK. The
+ * failure cancels the open message; the part's own failure must not report
+ * that message a second time. Same caveat as above: no new socket is
+ * created after the zmq_close.
+ */
+Test(stream_bad_input, socket_closed_mid_multipart_one_status, .timeout = 20)
+{
+    void *ctx = test_ctx_new();
+    zev_loop_t *loop = test_loop_new();
+    void *push = test_socket(ctx, ZMQ_PUSH), *pull = test_socket(ctx, ZMQ_PULL);
+    test_bind_connect(pull, push, "inproc");
+    zev_stream_t *s = test_stream_new(loop, push);
+    send_count_t sc = {.expect = ENOTSOCK};
+    cr_assert_eq(zev_stream_on_send(s, count_send, &sc), 0);
+    cr_assert_eq(zev_stream_send(s, "a", 1, ZMQ_SNDMORE), 0);
+
+    test_close(push);
+    cr_assert_eq(zev_stream_send(s, "b", 1, 0), 0, "a later part is taken: %s",
+                 zmq_strerror(errno));
+    test_run_until_count(loop, &sc.count, 1, 5000);
+    test_spin(loop, 3, 1); /* room for a second, wrong, status */
+    cr_assert_eq(sc.count, 1, "one message, %zu on_send statuses", sc.count);
+    cr_assert_eq(sc.bad, 0, "status %s, expected ENOTSOCK", zmq_strerror(sc.first_bad));
+    EXPECT_ERR(zev_stream_send(s, "c", 1, 0), ENOTSOCK);
+
+    cr_assert_eq(zev_stream_close(s, 0), 0);
+    zev_loop_destroy(loop);
+    test_close(pull);
+    zmq_ctx_term(ctx);
+}
+
+/*
  * zmq_ctx_shutdown under streams: the next call on each fails with ETERM
  * (also a flush, which must not answer "0 handled" as if all were well),
  * and a stream on another context keeps being served.
