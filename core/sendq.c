@@ -41,17 +41,31 @@ void zev__report_add(zev_stream_t *s, int status)
     s->rep[s->rep_len++] = (zev__report_t){status, 1};
 }
 
+/* Delivers the statuses owed when it was called, no more: an on_send that
+ * sends again adds statuses that wait for the stream's next pass (STYLE:
+ * every drain is bounded; otherwise a callback that sends on each success
+ * runs until libzmq says EAGAIN, and timers and other streams wait). */
 void zev__reports_deliver(zev_stream_t *s)
 {
-    while (s->rep_head < s->rep_len) {
+    size_t end = s->rep_len;
+    if (s->rep_head == end)
+        return;
+    size_t last = s->rep[end - 1].count; /* later merges into it wait */
+    while (s->rep_head < end) {
         zev__report_t *r = &s->rep[s->rep_head];
+        if (s->rep_head == end - 1 && last-- == 0)
+            break;
         int status = r->status;
         if (--r->count == 0)
             s->rep_head++;
         if (s->on_send)
             s->on_send(s, status, s->send_arg); /* may add reports: r is stale now */
     }
-    s->rep_head = s->rep_len = 0;
+    size_t left = s->rep_len - s->rep_head;
+    if (s->rep_head)
+        memmove(s->rep, s->rep + s->rep_head, left * sizeof *s->rep);
+    s->rep_head = 0;
+    s->rep_len = left;
 }
 
 /* ---------------------------------------------------------------- send queue */

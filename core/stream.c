@@ -129,20 +129,25 @@ int zev_stream_close(zev_stream_t *s, int flags)
         errno = EINVAL;
         return -1;
     }
-    s->closed = true;
-    s->close_socket = flags & ZEV_CLOSE_SOCKET;
     if ((flags & ZEV_CLOSE_FLUSH) && !s->err && !zev__sendq_flush_done(s)) {
         int linger = 0;
         size_t len = sizeof linger;
         if (zmq_getsockopt(s->sock, ZMQ_LINGER, &linger, &len) == 0 && linger != 0) {
-            s->flushing = true;
-            if (linger > 0)
+            if (linger > 0) { /* without its timer the flush could outlive ZMQ_LINGER */
                 s->linger_timer =
                     zev_timer_start(s->loop, (uint64_t)linger * 1000u, 0, linger_fire, s);
+                if (!s->linger_timer)
+                    return -1; /* ENOMEM; the stream stays open */
+            }
+            s->closed = true;
+            s->close_socket = flags & ZEV_CLOSE_SOCKET;
+            s->flushing = true;
             zev__stream_kick(s);
             return 0;
         }
     }
+    s->closed = true;
+    s->close_socket = flags & ZEV_CLOSE_SOCKET;
     zev__stream_finalize(s);
     return 0;
 }

@@ -87,6 +87,8 @@ static void set_blocked(zev_stream_t *s)
     if (s->backoff_ns > BACKOFF_MAX_NS)
         s->backoff_ns = BACKOFF_MAX_NS;
     s->backoff_timer = zev_timer_start(s->loop, s->backoff_ns / 1000u, 0, backoff_fire, s);
+    if (!s->backoff_timer)
+        s->blocked = false; /* no timer would end the wait: keep trying rather than stall */
 }
 
 /* ------------------------------------------------------------------- sending */
@@ -106,9 +108,13 @@ static int send_part(zev_stream_t *s, zmq_msg_t *msg, bool more)
         return 0;
     }
     if (first ? s->qlen == 0 : s->open == OPEN_DIRECT) {
-        s->touches++;
-        int rc = zmq_msg_send(msg, s->sock, ZMQ_DONTWAIT | (more ? ZMQ_SNDMORE : 0));
-        int err = errno;
+        int rc, err;
+        do { /* EINTR took nothing: a later part given up here would leave
+              * libzmq holding the earlier ones with SNDMORE set */
+            s->touches++;
+            rc = zmq_msg_send(msg, s->sock, ZMQ_DONTWAIT | (more ? ZMQ_SNDMORE : 0));
+            err = errno;
+        } while (rc < 0 && err == EINTR);
         if (!s->in_pass)
             mark_ready(s); /* the send may have consumed the ZMQ_FD edge */
         if (rc >= 0) {
@@ -365,6 +371,8 @@ static size_t stream_work(zev_stream_t *s, int mask, size_t limit, bool *idle)
         else if (limit && done >= limit)
             s->recv_hint = act & ZMQ_POLLIN;
     }
+    if (s->rep_len > s->rep_head)
+        *idle = false; /* statuses added by on_send itself: the next pass reports them */
     s->in_pass = outer;
     return done;
 }

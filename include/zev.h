@@ -187,7 +187,10 @@ ZEV_API int zev_stream_on_recv(zev_stream_t *s, zev_recv_fn fn, void *arg);
 /* Sets the send callback: called once per message given to a send function
  * (after it is set), in send order, with 0 when handed to libzmq or the
  * errno (ECANCELED if never sent). Runs from the loop, never nested inside a
- * send call; zev_stream_flush reports what it sent before it returns.
+ * send call; zev_stream_flush reports what it sent before it returns. A pass
+ * reports the statuses owed when it began: those of messages sent from
+ * inside on_send come in the stream's next pass, so an on_send that sends
+ * again on every success cannot hold the loop.
  * Errors: EINVAL, EBADF. */
 ZEV_API int zev_stream_on_send(zev_stream_t *s, zev_send_fn fn, void *arg);
 
@@ -243,7 +246,9 @@ ZEV_API int zev_stream_flush(zev_stream_t *s, int flags, size_t limit);
  * ZMQ_LINGER (-1: until drained or the loop is destroyed); the rest is then
  * ECANCELED; the socket is the stream's until its close callback has run.
  * ZEV_CLOSE_SOCKET also zmq_closes the socket. The close callback runs once,
- * from the loop. Errors: EINVAL (NULL, bad flags), EBADF (already closed). */
+ * from the loop. Errors: EINVAL (NULL, bad flags), EBADF (already closed),
+ * ENOMEM (flush: the linger timer could not be started; the stream stays
+ * open and nothing was cancelled). */
 ZEV_API int zev_stream_close(zev_stream_t *s, int flags);
 
 ZEV_API int zev_stream_sending(const zev_stream_t *s);   /* 1 if the queue is non-empty */

@@ -1473,3 +1473,59 @@ Test(stream_bad_input, socket_closed_queued_reported_enotsock, .timeout = 20)
     cr_assert_eq(sc.count, want);
     zmq_ctx_term(ctx);
 }
+
+/*
+ * on_send that sends the next message on every success (a common way to
+ * pace a producer): each pass reports only the statuses owed when it began,
+ * so one iteration cannot turn into a drain that runs until libzmq's HWM
+ * (timers and other streams would wait). Nothing is lost or reordered.
+ */
+typedef struct {
+    zev_stream_t *s;
+    uint64_t next, total;
+    size_t calls, bad;
+} chain_t;
+
+static void chain_send(zev_stream_t *s, int status, void *arg)
+{
+    chain_t *c = arg;
+    c->calls++;
+    if (status != 0)
+        c->bad++;
+    if (c->next < c->total) {
+        cr_assert_eq(zev_stream_send(s, &c->next, sizeof c->next, 0), 0);
+        c->next++;
+    }
+}
+
+Test(stream_send, on_send_chain_bounded_per_iteration, .timeout = 30)
+{
+    void *ctx = test_ctx_new();
+    zev_loop_t *loop = test_loop_new();
+    void *push = test_socket(ctx, ZMQ_PUSH), *pull = test_socket(ctx, ZMQ_PULL);
+    test_set_int(pull, ZMQ_RCVTIMEO, 5000);
+    test_bind_connect(pull, push, "inproc");
+    chain_t c = {.total = 1500}; /* fits in the two HWMs: no EAGAIN */
+    c.s = test_stream_new(loop, push);
+    cr_assert_eq(zev_stream_on_send(c.s, chain_send, &c), 0);
+    for (; c.next < 10; c.next++)
+        cr_assert_eq(zev_stream_send(c.s, &c.next, sizeof c.next, 0), 0);
+
+    cr_assert_geq(zev_loop_run_once(loop, 0), 0);
+    cr_assert_eq(c.calls, 10, "first iteration reported %zu statuses, want the 10 owed", c.calls);
+    cr_assert_geq(zev_loop_run_once(loop, 0), 0);
+    cr_assert_eq(c.calls, 20, "second iteration: %zu", c.calls);
+
+    test_run_until_count(loop, &c.calls, c.total, 10000);
+    cr_assert_eq(c.bad, 0);
+    for (uint64_t i = 0; i < c.total; i++)
+        cr_assert_eq(raw_recv_seq(pull), i);
+    test_spin(loop, 3, 1);
+    cr_assert_eq(c.calls, c.total, "one status per message");
+
+    cr_assert_eq(zev_stream_close(c.s, 0), 0);
+    zev_loop_destroy(loop);
+    test_close(push);
+    test_close(pull);
+    cr_assert_eq(zmq_ctx_term(ctx), 0);
+}
