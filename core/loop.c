@@ -193,6 +193,28 @@ static int wait_timeout(zev_loop_t *loop, int max_ms)
     return ms;
 }
 
+/* A wait with timeout 0 only polls for edges. It can find nothing the next
+ * iteration would not handle anyway when every registered fd but the hub's
+ * (callbacks are read from memory) belongs to a stream already on the
+ * ready-list: an edge left unread stays pending in the backend for the next
+ * wait. A blocked stream needs its edge (it clears `blocked`), so it keeps
+ * the wait; so does an embedded loop, whose host watches the hub and timer
+ * fds through zev_loop_fd. Saves an epoll_wait per batch for a lone
+ * firehose stream. */
+static int wait_is_useless(zev_loop_t *loop)
+{
+    if (loop->embedded)
+        return 0;
+    size_t others = loop->fds.used - 1, n = 0;
+    for (zev__list_t *p = loop->ready.next; p != &loop->ready && n <= others; p = p->next) {
+        const zev_stream_t *s = zev__container_of(p, zev_stream_t, ready);
+        if (s->err || s->blocked)
+            return 0; /* unregistered, or waiting for its edge */
+        n++;
+    }
+    return n == others;
+}
+
 /* Phase 4. Busy-poll first when asked to, then block. */
 static int backend_wait(zev_loop_t *loop, int timeout_ms)
 {
@@ -283,7 +305,8 @@ static int loop_iterate(zev_loop_t *loop, int max_wait_ms, bool once)
     progress += zev__streams_process(loop);      /* 3 */
     if (once && progress)
         max_wait_ms = 0;
-    int n = backend_wait(loop, wait_timeout(loop, max_wait_ms)); /* 4 */
+    int timeout = wait_timeout(loop, max_wait_ms);
+    int n = timeout == 0 && wait_is_useless(loop) ? 0 : backend_wait(loop, timeout); /* 4 */
     int err = errno;
     if (n > 0) {
         loop->now_ns = zev__clock_ns();
