@@ -18,6 +18,10 @@
  *   the size of the fired array.
  * - stop_requested is the only loop field other threads write (plus the
  *   hub's queue); it is consumed by zev_loop_run when it returns.
+ * - Phase 4 skips a timeout-0 wait that could only report edges of streams
+ *   already on the ready-list (a lone firehose stream out of budget), and
+ *   busy-polls a lone receiving stream with ZMQ_EVENTS reads instead of the
+ *   backend: on this VM each saved syscall is about 1.2 µs.
  */
 #include "zev-internal.h"
 
