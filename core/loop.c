@@ -18,6 +18,10 @@
  *   the size of the fired array.
  * - stop_requested is the only loop field other threads write (plus the
  *   hub's queue); it is consumed by zev_loop_run when it returns.
+ * - Phase 4 skips a timeout-0 wait that could only report edges of streams
+ *   already on the ready-list (a lone firehose stream out of budget), and
+ *   busy-polls a lone receiving stream with ZMQ_EVENTS reads instead of the
+ *   backend: on this VM each saved syscall is about 1.2 µs.
  */
 #include "zev-internal.h"
 
@@ -193,11 +197,65 @@ static int wait_timeout(zev_loop_t *loop, int max_ms)
     return ms;
 }
 
+/* A wait with timeout 0 only polls for edges. It can find nothing the next
+ * iteration would not handle anyway when every registered fd but the hub's
+ * (callbacks are read from memory) belongs to a stream already on the
+ * ready-list: an edge left unread stays pending in the backend for the next
+ * wait. A blocked stream needs its edge (it clears `blocked`), so it keeps
+ * the wait; so does an embedded loop, whose host watches the hub and timer
+ * fds through zev_loop_fd. Saves an epoll_wait per batch for a lone
+ * firehose stream. */
+static int wait_is_useless(zev_loop_t *loop)
+{
+    if (loop->embedded)
+        return 0;
+    size_t others = loop->fds.used - 1, n = 0;
+    for (zev__list_t *p = loop->ready.next; p != &loop->ready && n <= others; p = p->next) {
+        const zev_stream_t *s = zev__container_of(p, zev_stream_t, ready);
+        if (s->err || s->blocked)
+            return 0; /* unregistered, or waiting for its edge */
+        n++;
+    }
+    return n == others;
+}
+
+/* The stream to busy-poll through ZMQ_EVENTS instead of the backend: the
+ * loop's only fd besides the hub, registered, receiving, no send queued and
+ * not blocked (so POLLIN is all it waits for, and no edge it needs to see is
+ * consumed). NULL when the backend must be polled. */
+static zev_stream_t *spin_stream(zev_loop_t *loop)
+{
+    if (loop->fds.used != 2 || zev__list_empty(&loop->streams) ||
+        loop->streams.next->next != &loop->streams)
+        return NULL;
+    zev_stream_t *s = zev__container_of(loop->streams.next, zev_stream_t, node);
+    bool receiving = s->on_recv && !s->closed && (!s->max_frames || s->frames_out < s->max_frames);
+    return receiving && !s->err && !s->qlen && !s->blocked ? s : NULL;
+}
+
+/* One busy-poll turn for a lone stream: a ZMQ_EVENTS read. An epoll_wait
+ * reporting the edge would be followed by libzmq's own poll of the same
+ * mailbox fd inside zmq_msg_recv; the ZMQ_EVENTS read is that poll, and it
+ * leaves the message ready for the recv (2 syscalls less from arrival to
+ * the callback). Returns 1 when the stream has a message (or an error for
+ * its pass to find): it is then on the ready-list. */
+static int spin_turn(zev_stream_t *s)
+{
+    int events = 0;
+    size_t len = sizeof events;
+    s->touches++;
+    if (zmq_getsockopt(s->sock, ZMQ_EVENTS, &events, &len) == 0 && !(events & ZMQ_POLLIN))
+        return 0;
+    zev__stream_fired(s); /* recv first; an error is found by the pass */
+    return 1;
+}
+
 /* Phase 4. Busy-poll first when asked to, then block. */
 static int backend_wait(zev_loop_t *loop, int timeout_ms)
 {
     const int max = (int)(sizeof loop->fired / sizeof loop->fired[0]);
     if (loop->spin_us && timeout_ms != 0) {
+        zev_stream_t *s = spin_stream(loop);
         uint64_t start = zev__clock_ns();
         uint64_t until = start + (uint64_t)loop->spin_us * 1000u;
         uint64_t next_timer = zev__timers_next(loop);
@@ -206,7 +264,9 @@ static int backend_wait(zev_loop_t *loop, int timeout_ms)
         if (next_timer < until)
             until = next_timer;
         for (uint64_t now = start; now < until; now = zev__clock_ns()) {
-            int n = loop->ops->wait(loop->be, 0, loop->fired, max);
+            if (s && (spin_turn(s) || zev__hub_pending(loop->hub)))
+                return 0; /* phase 2 or 3 of the next iteration has work */
+            int n = s ? 0 : loop->ops->wait(loop->be, 0, loop->fired, max);
             if (n != 0 || atomic_load_explicit(&loop->stop_requested, memory_order_relaxed))
                 return n;
         }
@@ -283,7 +343,8 @@ static int loop_iterate(zev_loop_t *loop, int max_wait_ms, bool once)
     progress += zev__streams_process(loop);      /* 3 */
     if (once && progress)
         max_wait_ms = 0;
-    int n = backend_wait(loop, wait_timeout(loop, max_wait_ms)); /* 4 */
+    int timeout = wait_timeout(loop, max_wait_ms);
+    int n = timeout == 0 && wait_is_useless(loop) ? 0 : backend_wait(loop, timeout); /* 4 */
     int err = errno;
     if (n > 0) {
         loop->now_ns = zev__clock_ns();
