@@ -197,57 +197,15 @@ static int wait_timeout(zev_loop_t *loop, int max_ms)
     return ms;
 }
 
-/* A wait with timeout 0 only polls for edges. It can find nothing the next
+/* A wait with timeout 0 only polls for edges. It finds nothing the next
  * iteration would not handle anyway when every registered fd but the hub's
- * (callbacks are read from memory) belongs to a stream already on the
- * ready-list: an edge left unread stays pending in the backend for the next
- * wait. A blocked stream needs its edge (it clears `blocked`), so it keeps
- * the wait; so does an embedded loop, whose host watches the hub and timer
- * fds through zev_loop_fd. Saves an epoll_wait per batch for a lone
- * firehose stream. */
+ * (callbacks are read from memory) belongs to a stream that will run then;
+ * an edge left unread stays pending in the backend for the next wait. An
+ * embedded loop keeps the wait: its host watches the hub and timer fds
+ * through zev_loop_fd. Saves an epoll_wait per batch for a firehose. */
 static int wait_is_useless(zev_loop_t *loop)
 {
-    if (loop->embedded)
-        return 0;
-    size_t others = loop->fds.used - 1, n = 0;
-    for (zev__list_t *p = loop->ready.next; p != &loop->ready && n <= others; p = p->next) {
-        const zev_stream_t *s = zev__container_of(p, zev_stream_t, ready);
-        if (s->err || s->blocked)
-            return 0; /* unregistered, or waiting for its edge */
-        n++;
-    }
-    return n == others;
-}
-
-/* The stream to busy-poll through ZMQ_EVENTS instead of the backend: the
- * loop's only fd besides the hub, registered, receiving, no send queued and
- * not blocked (so POLLIN is all it waits for, and no edge it needs to see is
- * consumed). NULL when the backend must be polled. */
-static zev_stream_t *spin_stream(zev_loop_t *loop)
-{
-    if (loop->fds.used != 2 || zev__list_empty(&loop->streams) ||
-        loop->streams.next->next != &loop->streams)
-        return NULL;
-    zev_stream_t *s = zev__container_of(loop->streams.next, zev_stream_t, node);
-    bool receiving = s->on_recv && !s->closed && (!s->max_frames || s->frames_out < s->max_frames);
-    return receiving && !s->err && !s->qlen && !s->blocked ? s : NULL;
-}
-
-/* One busy-poll turn for a lone stream: a ZMQ_EVENTS read. An epoll_wait
- * reporting the edge would be followed by libzmq's own poll of the same
- * mailbox fd inside zmq_msg_recv; the ZMQ_EVENTS read is that poll, and it
- * leaves the message ready for the recv (2 syscalls less from arrival to
- * the callback). Returns 1 when the stream has a message (or an error for
- * its pass to find): it is then on the ready-list. */
-static int spin_turn(zev_stream_t *s)
-{
-    int events = 0;
-    size_t len = sizeof events;
-    s->touches++;
-    if (zmq_getsockopt(s->sock, ZMQ_EVENTS, &events, &len) == 0 && !(events & ZMQ_POLLIN))
-        return 0;
-    zev__stream_fired(s); /* recv first; an error is found by the pass */
-    return 1;
+    return !loop->embedded && zev__streams_all_ready(loop, loop->fds.used - 1);
 }
 
 /* Phase 4. Busy-poll first when asked to, then block. */
@@ -255,7 +213,7 @@ static int backend_wait(zev_loop_t *loop, int timeout_ms)
 {
     const int max = (int)(sizeof loop->fired / sizeof loop->fired[0]);
     if (loop->spin_us && timeout_ms != 0) {
-        zev_stream_t *s = spin_stream(loop);
+        zev_stream_t *s = loop->fds.used == 2 ? zev__stream_spin_candidate(loop) : NULL;
         uint64_t start = zev__clock_ns();
         uint64_t until = start + (uint64_t)loop->spin_us * 1000u;
         uint64_t next_timer = zev__timers_next(loop);
@@ -264,7 +222,7 @@ static int backend_wait(zev_loop_t *loop, int timeout_ms)
         if (next_timer < until)
             until = next_timer;
         for (uint64_t now = start; now < until; now = zev__clock_ns()) {
-            if (s && (spin_turn(s) || zev__hub_pending(loop->hub)))
+            if (s && (zev__stream_spin_turn(s) || zev__hub_pending(loop->hub)))
                 return 0; /* phase 2 or 3 of the next iteration has work */
             int n = s ? 0 : loop->ops->wait(loop->be, 0, loop->fired, max);
             if (n != 0 || atomic_load_explicit(&loop->stop_requested, memory_order_relaxed))

@@ -385,6 +385,45 @@ void zev__stream_fired(zev_stream_t *s)
     mark_ready(s);
 }
 
+int zev__streams_all_ready(zev_loop_t *loop, size_t nfds)
+{
+    size_t n = 0;
+    for (zev__list_t *p = loop->ready.next; p != &loop->ready && n <= nfds; p = p->next) {
+        const zev_stream_t *s = zev__container_of(p, zev_stream_t, ready);
+        if (s->err || s->blocked)
+            return 0; /* unregistered, or waiting for its edge (which clears blocked) */
+        n++;
+    }
+    return n == nfds;
+}
+
+/* Busy-polling a lone receiving stream through ZMQ_EVENTS instead of the
+ * backend: an epoll_wait reporting its edge would be followed by libzmq's
+ * own poll of the same mailbox fd inside zmq_msg_recv; the ZMQ_EVENTS read
+ * is that poll, and leaves the message ready for the recv (two syscalls
+ * fewer between a message's arrival and its callback). Reading ZMQ_EVENTS
+ * consumes the edge, so only a stream that waits for nothing but POLLIN
+ * qualifies: queuing a send later puts it on the ready-list anyway. */
+zev_stream_t *zev__stream_spin_candidate(zev_loop_t *loop)
+{
+    zev__list_t *first = loop->streams.next;
+    if (first == &loop->streams || first->next != &loop->streams)
+        return NULL;
+    zev_stream_t *s = zev__container_of(first, zev_stream_t, node);
+    return !s->err && !s->qlen && !s->blocked && (wants(s) & ZMQ_POLLIN) ? s : NULL;
+}
+
+int zev__stream_spin_turn(zev_stream_t *s)
+{
+    int events = 0;
+    size_t len = sizeof events;
+    s->touches++;
+    if (zmq_getsockopt(s->sock, ZMQ_EVENTS, &events, &len) == 0 && !(events & ZMQ_POLLIN))
+        return 0;
+    zev__stream_fired(s); /* recv first; an error is for the pass to find */
+    return 1;
+}
+
 size_t zev__streams_process(zev_loop_t *loop)
 {
     /* Only the streams ready when the phase began; those made ready during

@@ -259,6 +259,14 @@ ZEV_INTERNAL void zev__stream_fail(zev_stream_t *s, int err); /* socket gone: EN
 ZEV_INTERNAL void zev__stream_fired(zev_stream_t *s);
 ZEV_INTERNAL size_t zev__streams_process(zev_loop_t *loop); /* messages handled */
 ZEV_INTERNAL void zev__stream_kick(zev_stream_t *s);        /* put it on the ready-list */
+/* 1 when the ready-list holds `nfds` streams, none failed or blocked: then
+ * every one of the loop's nfds registered fds will be served next iteration. */
+ZEV_INTERNAL int zev__streams_all_ready(zev_loop_t *loop, size_t nfds);
+/* The loop's only stream if busy-polling it through ZMQ_EVENTS is enough:
+ * receiving, no send queued, not blocked (POLLIN is all it waits for). */
+ZEV_INTERNAL zev_stream_t *zev__stream_spin_candidate(zev_loop_t *loop);
+/* One busy-poll turn on it: 1 when it is now on the ready-list. */
+ZEV_INTERNAL int zev__stream_spin_turn(zev_stream_t *s);
 
 /* sendq.c: the send queue and on_send reports of a stream */
 static inline zev__sendpart_t *zev__sendq_at(zev_stream_t *s, size_t i)
