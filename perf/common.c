@@ -126,8 +126,8 @@ double perf_report(const char *keys, const char *impl, const char *metric, const
     return med;
 }
 
-void perf_ratio(const char *keys, const char *metric, const char *num, double vnum,
-                const char *den, double vden)
+void perf_ratio(const char *keys, const char *metric, const char *num, double vnum, const char *den,
+                double vden)
 {
     if (isnan(vnum) || isnan(vden) || vden == 0)
         return;
@@ -135,8 +135,8 @@ void perf_ratio(const char *keys, const char *metric, const char *num, double vn
     fflush(stdout);
 }
 
-void perf_delta(const char *keys, const char *metric, const char *num, double vnum,
-                const char *den, double vden)
+void perf_delta(const char *keys, const char *metric, const char *num, double vnum, const char *den,
+                double vden)
 {
     if (isnan(vnum) || isnan(vden))
         return;
@@ -200,8 +200,8 @@ long perf_raise_nofile(long want)
     if (getrlimit(RLIMIT_NOFILE, &rl) < 0)
         return -1;
     if ((long)rl.rlim_cur < want) {
-        rl.rlim_cur = rl.rlim_max == RLIM_INFINITY || (long)rl.rlim_max > want ? (rlim_t)want
-                                                                               : rl.rlim_max;
+        rl.rlim_cur =
+            rl.rlim_max == RLIM_INFINITY || (long)rl.rlim_max > want ? (rlim_t)want : rl.rlim_max;
         setrlimit(RLIMIT_NOFILE, &rl);
         getrlimit(RLIMIT_NOFILE, &rl);
     }
@@ -222,4 +222,43 @@ void perf_fill(void *buf, size_t len)
     unsigned char *p = buf;
     for (size_t i = 0; i < len; i++)
         p[i] = (unsigned char)(i * 31u + 7u);
+}
+
+int perf_rate_rows(const char *keys, const char *cpu_metric, int nrows, const char *const *names,
+                   const int *on, int runs, long count, perf_row_fn fn, void *arg, double *med,
+                   double *cmed)
+{
+    perf_series_t *rate = calloc((size_t)nrows, sizeof *rate);
+    perf_series_t *cpu = calloc((size_t)nrows, sizeof *cpu);
+    int fails = 0;
+    if (!rate || !cpu) {
+        fprintf(stderr, "perf: out of memory\n");
+        exit(1);
+    }
+    for (int r = 0; r < runs; r++)
+        for (int i = 0; i < nrows; i++) {
+            if (!on[i])
+                continue;
+            perf_sample_t s = fn(i, arg);
+            perf_series_add(&rate[i], s.msgs_per_s);
+            perf_series_add(&cpu[i], s.cpu_ns);
+            if (s.ok)
+                printf("RUN %s impl=%s run=%d count=%ld msgs_per_s=%.6g %s=%.6g\n", keys, names[i],
+                       r, count, s.msgs_per_s, cpu_metric, s.cpu_ns);
+            else {
+                printf("RUNFAIL %s impl=%s run=%d reason=%s\n", keys, names[i], r, s.why);
+                fails++;
+            }
+            fflush(stdout);
+        }
+    for (int i = 0; i < nrows; i++) {
+        med[i] = cmed[i] = NAN;
+        if (!on[i])
+            continue;
+        med[i] = perf_report(keys, names[i], "msgs_per_s", "msg/s", &rate[i]);
+        cmed[i] = perf_report(keys, names[i], cpu_metric, "ns/msg", &cpu[i]);
+    }
+    free(rate);
+    free(cpu);
+    return fails;
 }

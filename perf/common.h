@@ -57,12 +57,31 @@ int perf_series_stats(const perf_series_t *s, double *med, double *min, double *
 double perf_report(const char *keys, const char *impl, const char *metric, const char *unit,
                    const perf_series_t *s);
 /* Prints a RATIO line num/den of two medians (nothing if either is NAN). */
-void perf_ratio(const char *keys, const char *metric, const char *num, double vnum,
-                const char *den, double vden);
+void perf_ratio(const char *keys, const char *metric, const char *num, double vnum, const char *den,
+                double vden);
 
 /* Prints a DELTA line num - den of two medians (nothing if either is NAN). */
-void perf_delta(const char *keys, const char *metric, const char *num, double vnum,
-                const char *den, double vden);
+void perf_delta(const char *keys, const char *metric, const char *num, double vnum, const char *den,
+                double vden);
+
+/* One run of one row of a rate benchmark: messages per second and the
+ * measured thread's CPU ns per message; ok == 0 with why on failure. */
+typedef struct perf_sample {
+    int ok;
+    double msgs_per_s;
+    double cpu_ns;
+    const char *why;
+} perf_sample_t;
+
+/* Runs the rows whose on[i] is set, `runs` times, the rows interleaved run
+ * by run so drift hits them all; prints a RUN line per run (count,
+ * msgs_per_s and the CPU figure as `cpu_metric`) or RUNFAIL, then RESULT
+ * lines. med[i] / cmed[i] get the medians (NAN for rows not run). Returns
+ * the number of failed runs. */
+typedef perf_sample_t (*perf_row_fn)(int row, void *arg);
+int perf_rate_rows(const char *keys, const char *cpu_metric, int nrows, const char *const *names,
+                   const int *on, int runs, long count, perf_row_fn fn, void *arg, double *med,
+                   double *cmed);
 
 /* Percentiles of n samples (sorted in place). p in [0, 100]. */
 void perf_sort_u64(uint64_t *v, size_t n);

@@ -51,7 +51,7 @@ static const char *const impl_names[R__N] = {"raw", "zev_borrowed", "zev_kept", 
                                              "zloop"};
 
 static const char *backend_name; /* --backend, NULL = zev's default */
-static unsigned batch;            /* --batch, 0 = zev's default (64) */
+static unsigned batch;           /* --batch, 0 = zev's default (64) */
 
 /* ------------------------------------------------------------------ sender */
 
@@ -61,8 +61,8 @@ typedef struct sender {
     size_t size;
     long count;
     int rc;
-    atomic_int *hold;  /* if set: stay connected until it is 0 */
-    int hold_stdin;    /* stay connected until stdin reaches EOF */
+    atomic_int *hold; /* if set: stay connected until it is 0 */
+    int hold_stdin;   /* stay connected until stdin reaches EOF */
 } sender_t;
 
 static void *sender_main(void *arg)
@@ -274,12 +274,7 @@ static void *watchdog_main(void *arg)
 }
 
 /* One receive of rx->count messages with the given impl on a bound PULL. */
-typedef struct sample {
-    int ok;
-    double msgs_per_s;
-    double cpu_ns;
-    const char *why;
-} sample_t;
+typedef perf_sample_t sample_t;
 
 static sample_t receive(int impl, void *ctx, void *pull, const char *ep, long count, size_t size)
 {
@@ -318,8 +313,7 @@ static sample_t receive(int impl, void *ctx, void *pull, const char *ep, long co
         out.why = "stalled";
         fprintf(stderr, "thr: %s stalled after %ld of %ld messages\n", impl_names[impl], rx->got,
                 count);
-    }
-    else if (rc == 0 && rx->got == count && count > 1 && rx->t_last > rx->t_first) {
+    } else if (rc == 0 && rx->got == count && count > 1 && rx->t_last > rx->t_first) {
         out.ok = 1;
         out.why = NULL;
         out.msgs_per_s = (double)(count - 1) * 1e9 / (double)(rx->t_last - rx->t_first);
@@ -375,6 +369,19 @@ static int impl_from_name(const char *name)
         if (name && strcmp(name, impl_names[i]) == 0)
             return i;
     return -1;
+}
+
+/* The case perf_rate_rows runs the rows of. */
+typedef struct row {
+    const char *transport;
+    size_t size;
+    long count;
+} row_t;
+
+static sample_t run_row(int impl, void *arg)
+{
+    const row_t *r = arg;
+    return run_once(impl, r->transport, r->size, r->count);
 }
 
 static void print_sample(const char *impl, size_t size, sample_t s)
@@ -479,7 +486,6 @@ int main(int argc, char **argv)
             long count = perf_opt_long(&a, "--count", default_count(sizes[z], a.full));
             char keys[128];
             snprintf(keys, sizeof keys, "bench=thr transport=%s size=%zu", transports[t], sizes[z]);
-            perf_series_t rate[R__N] = {0}, cpu[R__N] = {0};
             int on[R__N];
             for (int i = 0; i < R__N; i++)
                 on[i] = perf_selected(&a, "--impls", impl_names[i]);
@@ -489,32 +495,10 @@ int main(int argc, char **argv)
                 on[R_ZLOOP] = 0;
             }
 #endif
-            for (int r = 0; r < a.runs; r++) {
-                for (int i = 0; i < R__N; i++) {
-                    if (!on[i])
-                        continue;
-                    sample_t s = run_once(i, transports[t], sizes[z], count);
-                    perf_series_add(&rate[i], s.msgs_per_s);
-                    perf_series_add(&cpu[i], s.cpu_ns);
-                    if (s.ok)
-                        printf("RUN %s impl=%s run=%d count=%ld msgs_per_s=%.6g rx_cpu_ns=%.6g\n",
-                               keys, impl_names[i], r, count, s.msgs_per_s, s.cpu_ns);
-                    else {
-                        printf("RUNFAIL %s impl=%s run=%d reason=%s\n", keys, impl_names[i], r,
-                               s.why);
-                        fails++;
-                    }
-                    fflush(stdout);
-                }
-            }
+            row_t row = {transports[t], sizes[z], count};
             double med[R__N], cmed[R__N];
-            for (int i = 0; i < R__N; i++) {
-                med[i] = cmed[i] = NAN;
-                if (!on[i])
-                    continue;
-                med[i] = perf_report(keys, impl_names[i], "msgs_per_s", "msg/s", &rate[i]);
-                cmed[i] = perf_report(keys, impl_names[i], "rx_cpu_ns", "ns/msg", &cpu[i]);
-            }
+            fails += perf_rate_rows(keys, "rx_cpu_ns", R__N, impl_names, on, a.runs, count, run_row,
+                                    &row, med, cmed);
             for (int i = R_ZEV_BORROWED; i <= R_ZEV_COPY; i++) {
                 perf_ratio(keys, "msgs_per_s", impl_names[i], med[i], "raw", med[R_RAW]);
                 perf_ratio(keys, "msgs_per_s", impl_names[i], med[i], "zloop", med[R_ZLOOP]);

@@ -317,9 +317,9 @@ typedef struct zsend {
 
 static void zs_check_done(zsend_t *zs)
 {
-    if (zs->failed || (zs->zc ? atomic_load_explicit(&zs->completions, memory_order_relaxed)
-                                    == zs->count
-                              : zs->handed == zs->count))
+    if (zs->failed ||
+        (zs->zc ? atomic_load_explicit(&zs->completions, memory_order_relaxed) == zs->count
+                : zs->handed == zs->count))
         zev_loop_stop(zs->loop);
 }
 
@@ -388,12 +388,7 @@ static void on_done(zev_tracker_t *t, void *arg)
 
 /* ---------------------------------------------------------------------- run */
 
-typedef struct sample {
-    int ok;
-    double msgs_per_s;
-    double cpu_ns;
-    const char *why;
-} sample_t;
+typedef perf_sample_t sample_t;
 
 static sample_t run_once(int impl, const char *transport, pool_t *pool, long count, int hwm)
 {
@@ -468,7 +463,8 @@ static sample_t run_once(int impl, const char *transport, pool_t *pool, long cou
     pthread_join(rth, NULL);
     /* The zc buffers of the last messages may come back after the receiver
      * counted them (inproc: at its final zmq_msg_close): all must return. */
-    if (rc == 0 && (impl == S_RAW_ZC || impl == S_ZEV_ZC) && pool_wait(pool, freed_reached, count) < 0)
+    if (rc == 0 && (impl == S_RAW_ZC || impl == S_ZEV_ZC) &&
+        pool_wait(pool, freed_reached, count) < 0)
         rc = -1;
     atomic_store(&w.done, 1);
     pthread_join(w.th, NULL);
@@ -476,8 +472,8 @@ static sample_t run_once(int impl, const char *transport, pool_t *pool, long cou
     if (atomic_load(&w.abort)) {
         out.why = "stalled";
         fprintf(stderr, "zcsend: %s stalled: received %ld, freed %ld, completed %ld of %ld\n",
-                impl_names[impl], rx.got, atomic_load(&pool->freed),
-                atomic_load(&zs.completions), count);
+                impl_names[impl], rx.got, atomic_load(&pool->freed), atomic_load(&zs.completions),
+                count);
     } else if (rc != 0 || rx.rc != 0)
         out.why = "error";
     else if ((impl == S_RAW_ZC || impl == S_ZEV_ZC) && atomic_load(&pool->freed) != count)
@@ -514,6 +510,20 @@ static long default_count(size_t size, int full)
     return full ? n * 10 : n;
 }
 
+/* The case perf_rate_rows runs the rows of. */
+typedef struct row {
+    const char *transport;
+    pool_t *pool;
+    long count;
+    int hwm;
+} row_t;
+
+static sample_t run_row(int impl, void *arg)
+{
+    const row_t *r = arg;
+    return run_once(impl, r->transport, r->pool, r->count, r->hwm);
+}
+
 int main(int argc, char **argv)
 {
     perf_args_t a;
@@ -545,36 +555,13 @@ int main(int argc, char **argv)
             char keys[128];
             snprintf(keys, sizeof keys, "bench=zcsend transport=%s size=%zu", transports[t],
                      sizes[z]);
-            perf_series_t rate[S__N] = {0}, cpu[S__N] = {0};
             int on[S__N];
             for (int i = 0; i < S__N; i++)
                 on[i] = perf_selected(&a, "--impls", impl_names[i]);
-            for (int r = 0; r < a.runs; r++) {
-                for (int i = 0; i < S__N; i++) {
-                    if (!on[i])
-                        continue;
-                    sample_t s = run_once(i, transports[t], &pool, count, hwm);
-                    perf_series_add(&rate[i], s.msgs_per_s);
-                    perf_series_add(&cpu[i], s.cpu_ns);
-                    if (s.ok)
-                        printf("RUN %s impl=%s run=%d count=%ld msgs_per_s=%.6g tx_cpu_ns=%.6g\n",
-                               keys, impl_names[i], r, count, s.msgs_per_s, s.cpu_ns);
-                    else {
-                        printf("RUNFAIL %s impl=%s run=%d reason=%s\n", keys, impl_names[i], r,
-                               s.why);
-                        fails++;
-                    }
-                    fflush(stdout);
-                }
-            }
+            row_t row = {transports[t], &pool, count, hwm};
             double med[S__N], cmed[S__N];
-            for (int i = 0; i < S__N; i++) {
-                med[i] = cmed[i] = NAN;
-                if (!on[i])
-                    continue;
-                med[i] = perf_report(keys, impl_names[i], "msgs_per_s", "msg/s", &rate[i]);
-                cmed[i] = perf_report(keys, impl_names[i], "tx_cpu_ns", "ns/msg", &cpu[i]);
-            }
+            fails += perf_rate_rows(keys, "tx_cpu_ns", S__N, impl_names, on, a.runs, count, run_row,
+                                    &row, med, cmed);
             static const int pairs[][2] = {{S_ZEV_ZC, S_RAW_ZC},
                                            {S_ZEV_ZC, S_ZEV_COPY},
                                            {S_ZEV_COPY, S_RAW_COPY},
