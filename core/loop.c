@@ -319,16 +319,24 @@ static int loop_iterate(zev_loop_t *loop, int max_wait_ms, bool once)
 
 /* ---------------------------------------------------------- public entry */
 
-int zev_loop_run(zev_loop_t *loop)
+/* Both run functions: a loop, and not from inside one of its callbacks. */
+static int can_run(const zev_loop_t *loop)
 {
     if (!loop) {
         errno = EINVAL;
-        return -1;
+        return 0;
     }
     if (loop->depth) {
         errno = EBUSY;
-        return -1;
+        return 0;
     }
+    return 1;
+}
+
+int zev_loop_run(zev_loop_t *loop)
+{
+    if (!can_run(loop))
+        return -1;
     while (!atomic_exchange(&loop->stop_requested, 0))
         if (loop_iterate(loop, -1, false) < 0)
             return -1;
@@ -337,14 +345,8 @@ int zev_loop_run(zev_loop_t *loop)
 
 int zev_loop_run_once(zev_loop_t *loop, int timeout_ms)
 {
-    if (!loop) {
-        errno = EINVAL;
+    if (!can_run(loop))
         return -1;
-    }
-    if (loop->depth) {
-        errno = EBUSY;
-        return -1;
-    }
     if (loop_iterate(loop, timeout_ms < 0 ? -1 : timeout_ms, true) < 0)
         return -1;
     return has_pending_work(loop);
