@@ -108,9 +108,11 @@ def read_history(path, mode):
 
 
 def record(path, entry):
-    """Appends one complete run to the history file."""
+    """Appends one complete run to the history file (figures to 4 digits)."""
+    figures = {k: (None if v is None else float(f"{v:.4g}"))
+               for k, v in entry.get("figures", {}).items()}
     with open(path, "a") as f:
-        f.write(json.dumps(entry, sort_keys=True) + "\n")
+        f.write(json.dumps(dict(entry, figures=figures), sort_keys=True) + "\n")
 
 
 def worst_range(history, tid):
