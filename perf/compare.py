@@ -295,7 +295,10 @@ def sec_zcsend(R):
          "their free function ran; HWM = 4 MiB / size (at least 8). Messages per second at the "
          "receiver, first to last; median of the runs (min–max). The copy rows are dominated by "
          "libzmq allocating each message body (malloc and first-touch page faults of 64 KiB – "
-         "1 MiB blocks).\n"]
+         "1 MiB blocks). zev_copy at 1 MiB pays most: when the receiver stalls, the stream "
+         "copies up to its max_queue (the HWM here) bodies in a row, the receiver frees them "
+         "together and glibc trims the heap, so the next burst faults its pages in again "
+         "(profile in the history section below).\n"]
     transports = [t for t in TRANSPORTS
                   if any(R.get(bench="zcsend", transport=t, size=z, impl=i, metric="msgs_per_s")
                          for z in ZC_SIZES for i in ZC_IMPLS)] or ["inproc", "tcp"]
