@@ -173,13 +173,18 @@ def _cost(R, syscall):
     return r["median"] if r else None
 
 
+def _opening(title, m, prefix, where, fmt, history, tid, suffix=" in this run"):
+    """'- **title**: <figure per transport> in this run (worst a – b over n recorded runs)'."""
+    lo, hi, n = worst_range(history, tid)
+    return (f"- **{title}**: " + ", ".join(f"{t} {fmt(m[f'{prefix}_{t}'])}" for t in where)
+            + suffix + (f" (worst {fmt(lo)} – {fmt(hi)} over {n} recorded runs)" if n > 1 else ""))
+
+
 def _why_rtt(R, m, history):
     raw, zev, zloop = (_syscalls(R, i) for i in ("raw", "zev", "zloop"))
     d = {t: m[f"rtt_p50_{t}"] for t in TRANSPORTS}
-    lo, hi, n = worst_range(history, "rtt_p50")
-    s = ["- **Round-trip overhead (target ≤ 1 µs at p50)**: "
-         + ", ".join(f"{t} {_us(v)}" for t, v in d.items()) + " over raw in this run"
-         + (f" (worst {_us(lo)} – {_us(hi)} over {n} recorded runs)" if n > 1 else "") + ". "
+    s = [_opening("Round-trip overhead (target ≤ 1 µs at p50)", m, "rtt_p50", TRANSPORTS, _us,
+                  history, "rtt_p50", " over raw in this run") + ". "
          "A reactor cannot sleep inside libzmq: before it sleeps, libzmq must have processed "
          "the socket's commands (a recv that finds nothing, which polls the socket's mailbox "
          "after libzmq's fork check, a `getpid`), and then it sleeps in `epoll_wait`, where a "
@@ -208,10 +213,8 @@ def _why_rtt(R, m, history):
 
 
 def _why_thr(R, m, history):
-    lo, hi, n = worst_range(history, "thr")
-    s = ["- **Throughput (target ≥ 0.95× raw at 64 B)**: "
-         + ", ".join(f"{t} {xr(m[f'thr_{t}'])}" for t in TRANSPORTS) + " in this run"
-         + (f" (worst {xr(lo)} – {xr(hi)} over {n} recorded runs)" if n > 1 else "") + ". "]
+    s = [_opening("Throughput (target ≥ 0.95× raw at 64 B)", m, "thr", TRANSPORTS, xr, history,
+                  "thr") + ". "]
     busy = []
     for t in TRANSPORTS:
         cells = []
@@ -240,10 +243,8 @@ def _why_thr(R, m, history):
 
 def _why_p999(R, m, history):
     n_rt = R.info_value("lat", "round_trips")
-    lo, hi, n = worst_range(history, "rtt_p999")
-    s = ["- **RTT p99.9 (target ≤ 5 µs over raw)**: "
-         + ", ".join(f"{t} {_us(m[f'rtt_p999_{t}'])}" for t in TRANSPORTS) + " in this run"
-         + (f" (worst {_us(lo)} – {_us(hi)} over {n} recorded runs)" if n > 1 else "") + "."]
+    s = [_opening("RTT p99.9 (target ≤ 5 µs over raw)", m, "rtt_p999", TRANSPORTS, _us, history,
+                  "rtt_p999") + "."]
     shape = []
     for t in TRANSPORTS:
         raw = {p: R.get(bench="lat", transport=t, impl="raw", metric=f"{p}_us")
@@ -285,7 +286,6 @@ def _why_spin(R, m, history):
 
 
 def _why_pyzmq(R, m, history):
-    lo, hi, n = worst_range(history, "pyzmq")
     rows, ceiling, spread = [], [], []
     for t in ("ipc", "tcp"):
         k = dict(bench="pyzmq_thr", transport=t, size="64", metric="msgs_per_s")
@@ -300,9 +300,8 @@ def _why_pyzmq(R, m, history):
             ceiling.append(f"{t} {xr(raw)}")
             spread.append((t, *(f"{c[i]['min'] / 1e6:.2f}–{c[i]['max'] / 1e6:.2f} M"
                                 for i in ("c_raw", "c_zev"))))
-    s = ["- **PyZMQ (target ≥ 50× ZMQStream)**: "
-         + ", ".join(f"{t} {xr(m[f'pyzmq_{t}'])}" for t in ("ipc", "tcp")) + " in this run"
-         + (f" (worst {xr(lo)} – {xr(hi)} over {n} recorded runs)" if n > 1 else "") + "; "
+    s = [_opening("PyZMQ (target ≥ 50× ZMQStream)", m, "pyzmq", ("ipc", "tcp"), xr, history,
+                  "pyzmq") + "; "
          + "; ".join(rows) + ". Each receiver runs in its own process fed by the same C "
          "sender, and ZMQStream's rate is steady, so the ratio follows the C rows, whose rate "
          "between processes swings from run to run for raw and zev alike"
