@@ -262,3 +262,45 @@ int perf_rate_rows(const char *keys, const char *cpu_metric, int nrows, const ch
     free(cpu);
     return fails;
 }
+
+static void *watchdog_main(void *arg)
+{
+    perf_watchdog_t *w = arg;
+    long last = -1;
+    uint64_t since = perf_now_ns();
+    while (!atomic_load(&w->done)) {
+        usleep(20000);
+        int started = 0;
+        long p = w->progress(w->arg, &started);
+        uint64_t now = perf_now_ns();
+        if (p != last) {
+            last = p;
+            since = now;
+            continue;
+        }
+        if (now - since > (started ? 5000000000u : 10000000000u)) {
+            w->fire(w->arg);
+            break;
+        }
+    }
+    return NULL;
+}
+
+void perf_watchdog_start(perf_watchdog_t *w, long (*progress)(void *, int *), void (*fire)(void *),
+                         void *arg)
+{
+    w->progress = progress;
+    w->fire = fire;
+    w->arg = arg;
+    atomic_init(&w->done, 0);
+    if (pthread_create(&w->th, NULL, watchdog_main, w) != 0) {
+        fprintf(stderr, "perf: cannot start the watchdog thread\n");
+        exit(1);
+    }
+}
+
+void perf_watchdog_stop(perf_watchdog_t *w)
+{
+    atomic_store(&w->done, 1);
+    pthread_join(w->th, NULL);
+}

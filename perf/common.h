@@ -14,6 +14,8 @@
 #ifndef ZEV_PERF_COMMON_H
 #define ZEV_PERF_COMMON_H
 
+#include <pthread.h>
+#include <stdatomic.h>
 #include <stddef.h>
 #include <stdint.h>
 #include <zmq.h>
@@ -82,6 +84,21 @@ typedef perf_sample_t (*perf_row_fn)(int row, void *arg);
 int perf_rate_rows(const char *keys, const char *cpu_metric, int nrows, const char *const *names,
                    const int *on, int runs, long count, perf_row_fn fn, void *arg, double *med,
                    double *cmed);
+
+/* A thread that aborts a stuck run: every 20 ms it reads progress(arg),
+ * any figure that changes while work goes on, which sets *started once the
+ * run is under way. When the figure has not changed for 5 s (10 s before
+ * the run started) it calls fire(arg) once and ends. */
+typedef struct perf_watchdog {
+    long (*progress)(void *arg, int *started);
+    void (*fire)(void *arg);
+    void *arg;
+    atomic_int done;
+    pthread_t th;
+} perf_watchdog_t;
+void perf_watchdog_start(perf_watchdog_t *w, long (*progress)(void *, int *), void (*fire)(void *),
+                         void *arg);
+void perf_watchdog_stop(perf_watchdog_t *w); /* joins the thread */
 
 /* Percentiles of n samples (sorted in place). p in [0, 100]. */
 void perf_sort_u64(uint64_t *v, size_t n);

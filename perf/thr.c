@@ -237,40 +237,31 @@ static int recv_zloop(void *pull, rx_t *rx)
 
 /* --------------------------------------------------------------- watchdog */
 
-typedef struct watchdog {
+/* What the watchdog of a receive needs: a stuck receiver is woken with the
+ * empty poison message. */
+typedef struct stall {
     void *ctx;
     const char *ep;
     rx_t *rx;
-    atomic_int done;
-    pthread_t th;
-} watchdog_t;
+} stall_t;
 
-static void *watchdog_main(void *arg)
+static long rx_progress(void *arg, int *started)
 {
-    watchdog_t *w = arg;
-    long last = -1;
-    uint64_t since = perf_now_ns();
-    while (!atomic_load(&w->done)) {
-        usleep(20000);
-        long p = atomic_load_explicit(&w->rx->progress, memory_order_relaxed);
-        uint64_t now = perf_now_ns();
-        if (p != last) {
-            last = p;
-            since = now;
-            continue;
-        }
-        uint64_t limit = p > 0 ? 5000000000u : 10000000000u;
-        if (now - since > limit) {
-            void *s = zmq_socket(w->ctx, ZMQ_PUSH);
-            int linger = 1000;
-            zmq_setsockopt(s, ZMQ_LINGER, &linger, sizeof linger);
-            zmq_connect(s, w->ep);
-            zmq_send(s, "", 0, 0);
-            zmq_close(s);
-            break;
-        }
-    }
-    return NULL;
+    const stall_t *st = arg;
+    long p = atomic_load_explicit(&st->rx->progress, memory_order_relaxed);
+    *started = p > 0;
+    return p;
+}
+
+static void rx_poison(void *arg)
+{
+    const stall_t *st = arg;
+    void *s = zmq_socket(st->ctx, ZMQ_PUSH);
+    int linger = 1000;
+    zmq_setsockopt(s, ZMQ_LINGER, &linger, sizeof linger);
+    zmq_connect(s, st->ep);
+    zmq_send(s, "", 0, 0);
+    zmq_close(s);
 }
 
 /* One receive of rx->count messages with the given impl on a bound PULL. */
@@ -282,10 +273,10 @@ static sample_t receive(int impl, void *ctx, void *pull, const char *ep, long co
     rx_t *rx = calloc(1, sizeof *rx);
     rx->count = count;
     rx->copybuf = malloc(size ? size : 1);
-    watchdog_t w = {.ctx = ctx, .ep = ep, .rx = rx};
-    atomic_init(&w.done, 0);
+    stall_t st = {.ctx = ctx, .ep = ep, .rx = rx};
+    perf_watchdog_t w;
     atomic_init(&rx->progress, 0);
-    pthread_create(&w.th, NULL, watchdog_main, &w);
+    perf_watchdog_start(&w, rx_progress, rx_poison, &st);
 
     int rc = -1;
     switch (impl) {
@@ -306,8 +297,7 @@ static sample_t receive(int impl, void *ctx, void *pull, const char *ep, long co
         out.why = "not_built";
         break;
     }
-    atomic_store(&w.done, 1);
-    pthread_join(w.th, NULL);
+    perf_watchdog_stop(&w);
 
     if (rx->poisoned) {
         out.why = "stalled";

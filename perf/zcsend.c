@@ -229,43 +229,33 @@ static void *rx_main(void *arg)
 
 /* ---------------------------------------------------------------- watchdog */
 
-typedef struct watchdog {
+/* What the watchdog of a run needs: progress is anything received, freed
+ * or completed; a stuck run is aborted through the context and the loop. */
+typedef struct stall {
     void *ctx;
     rx_t *rx;
     pool_t *pool;
     atomic_long *completions;
     _Atomic(zev_loop_t *) loop;
-    atomic_int done;
     atomic_int abort;
-    pthread_t th;
-} watchdog_t;
+} stall_t;
 
-static void *watchdog_main(void *arg)
+static long run_progress(void *arg, int *started)
 {
-    watchdog_t *w = arg;
-    long last = -1;
-    uint64_t since = perf_now_ns();
-    while (!atomic_load(&w->done)) {
-        usleep(20000);
-        long got = atomic_load_explicit(&w->rx->progress, memory_order_relaxed);
-        long p = got + atomic_load(&w->pool->freed) + atomic_load(w->completions);
-        uint64_t now = perf_now_ns();
-        if (p != last) {
-            last = p;
-            since = now;
-            continue;
-        }
-        uint64_t limit = got > 0 ? 5000000000u : 10000000000u;
-        if (now - since > limit) {
-            atomic_store(&w->abort, 1);
-            zev_loop_t *loop = atomic_load(&w->loop);
-            if (loop)
-                zev_loop_stop(loop);
-            zmq_ctx_shutdown(w->ctx);
-            break;
-        }
-    }
-    return NULL;
+    stall_t *st = arg;
+    long got = atomic_load_explicit(&st->rx->progress, memory_order_relaxed);
+    *started = got > 0;
+    return got + atomic_load(&st->pool->freed) + atomic_load(st->completions);
+}
+
+static void run_abort(void *arg)
+{
+    stall_t *st = arg;
+    atomic_store(&st->abort, 1);
+    zev_loop_t *loop = atomic_load(&st->loop);
+    if (loop)
+        zev_loop_stop(loop);
+    zmq_ctx_shutdown(st->ctx);
 }
 
 /* ------------------------------------------------------------------ senders */
@@ -417,11 +407,10 @@ static sample_t run_once(int impl, const char *transport, pool_t *pool, long cou
     atomic_init(&rx.progress, 0);
     zsend_t zs = {.zc = impl == S_ZEV_ZC, .pool = pool, .count = count, .max_queue = (size_t)hwm};
     atomic_init(&zs.completions, 0);
-    watchdog_t w = {.ctx = ctx, .rx = &rx, .pool = pool, .completions = &zs.completions};
-    atomic_init(&w.loop, NULL);
-    atomic_init(&w.done, 0);
-    atomic_init(&w.abort, 0);
-    pool_reset(pool, &w.abort);
+    stall_t st = {.ctx = ctx, .rx = &rx, .pool = pool, .completions = &zs.completions};
+    atomic_init(&st.loop, NULL);
+    atomic_init(&st.abort, 0);
+    pool_reset(pool, &st.abort);
 
     int rc = -1;
     if (impl == S_ZEV_COPY || impl == S_ZEV_ZC) {
@@ -439,18 +428,19 @@ static sample_t run_once(int impl, const char *transport, pool_t *pool, long cou
         }
         zev_stream_set_max_queue(zs.s, (size_t)hwm);
         zev_stream_on_send(zs.s, on_send, &zs);
-        atomic_store(&w.loop, zs.loop);
+        atomic_store(&st.loop, zs.loop);
     }
 
     pthread_t rth;
     pthread_create(&rth, NULL, rx_main, &rx);
-    pthread_create(&w.th, NULL, watchdog_main, &w);
+    perf_watchdog_t w;
+    perf_watchdog_start(&w, run_progress, run_abort, &st);
 
     uint64_t cpu0 = perf_thread_cpu_ns();
     if (zs.loop) {
         pump(&zs);
         rc = zev_loop_run(zs.loop);
-        if (zs.failed || atomic_load(&w.abort))
+        if (zs.failed || atomic_load(&st.abort))
             rc = -1;
         else if (zs.zc && atomic_load(&zs.completions) != count)
             rc = -1;
@@ -466,10 +456,9 @@ static sample_t run_once(int impl, const char *transport, pool_t *pool, long cou
     if (rc == 0 && (impl == S_RAW_ZC || impl == S_ZEV_ZC) &&
         pool_wait(pool, freed_reached, count) < 0)
         rc = -1;
-    atomic_store(&w.done, 1);
-    pthread_join(w.th, NULL);
+    perf_watchdog_stop(&w);
 
-    if (atomic_load(&w.abort)) {
+    if (atomic_load(&st.abort)) {
         out.why = "stalled";
         fprintf(stderr, "zcsend: %s stalled: received %ld, freed %ld, completed %ld of %ld\n",
                 impl_names[impl], rx.got, atomic_load(&pool->freed), atomic_load(&zs.completions),
