@@ -1,7 +1,8 @@
 """What perf/pyzmq_thr.py, pyzmq_lat.py and pyzmq_fair.py share: the PyZMQ
 import, endpoints, the C helper processes they drive (a peer held open until
 its stdin closes, a peer that prints READY and then a SAMPLE line) and the
-RUN / RESULT / RATIO / DELTA / FAIL lines of perf/common.h.
+RUN / RESULT / RATIO / DELTA / FAIL lines of perf/common.h. perf/syscalls.py
+uses the peer and output helpers too.
 
 The scripts run as `/usr/bin/python3 perf/X.py`, which puts perf/ first on
 sys.path, so they import this module by name. Standard library only: PyZMQ is

@@ -35,6 +35,8 @@ import sys
 import tempfile
 import time
 
+from pyzmq_common import delta, finish, print_run, report, start_ready
+
 TIMEOUT = 120
 # the calls a reactor and libzmq make per message; the rest shows as "other"
 NAMED = ["epoll_wait", "epoll_pwait", "epoll_ctl", "poll", "ppoll", "getpid", "read", "write",
@@ -96,32 +98,27 @@ def one_run(tracer, lat, impl, n, warmup, tmp, tag):
     name, prog = tracer
     if name == "strace":
         cmd = [prog, "-f", "-qq", "-o", out] + cmd
-    srv = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+    srv, why = start_ready(cmd, "server")
+    if not srv:
+        return None, why
     mon = None
+    if name == "perf":
+        ev = ",".join(["raw_syscalls:sys_enter"] + [f"syscalls:sys_enter_{s}" for s in NAMED])
+        mon = subprocess.Popen([prog, "stat", "--per-thread", "-x,", "-o", out, "-e", ev, "-p",
+                                str(srv.pid)], stderr=subprocess.DEVNULL)
+        time.sleep(0.3)  # attached before the client starts; all its calls count
     try:
-        if srv.stdout.readline().strip() != "READY":
-            return None, "server_not_ready"
-        if name == "perf":
-            ev = ",".join(["raw_syscalls:sys_enter"] + [f"syscalls:sys_enter_{s}" for s in NAMED])
-            mon = subprocess.Popen([prog, "stat", "--per-thread", "-x,", "-o", out, "-e", ev, "-p",
-                                    str(srv.pid)], stderr=subprocess.DEVNULL)
-            time.sleep(0.3)  # attached before the warm-up ends; its calls are in the divisor
         cli = subprocess.run([lat, "--client-only", ep, "--count", str(n), "--warmup", str(warmup)],
                              capture_output=True, text=True, timeout=TIMEOUT)
-        if cli.returncode != 0:
-            return None, "client_failed"
-        srv.wait(timeout=TIMEOUT)
-        if mon:
-            mon.wait(timeout=TIMEOUT)
     except subprocess.TimeoutExpired:
-        return None, "timeout"
-    finally:
-        for p in (srv, mon):
-            if p and p.poll() is None:
-                p.kill()
-                p.wait()
-    if srv.returncode != 0:
-        return None, f"server_exit_{srv.returncode}"
+        cli = None
+    _, why = finish(srv, TIMEOUT)
+    if mon:
+        finish(mon, TIMEOUT)
+    if cli is None or cli.returncode != 0:
+        return None, "client_failed" if cli else "timeout"
+    if why or srv.returncode != 0:
+        return None, why or f"server_exit_{srv.returncode}"
     counts = perf_counts(out) if name == "perf" else strace_counts(out)
     os.unlink(out)
     if not counts:
@@ -162,16 +159,15 @@ def main():
                 res, why = one_run(tracer, a.lat, impl, n, warmup, tmp, f"{r}-{impl}")
                 if res is None:
                     fails += 1
-                    print(f"RUNFAIL {keys} impl={impl} run={r} reason={why}")
+                    print_run(keys, impl, r, None, why)
                     continue
                 per[impl].append(res)
                 tot = {t: sum(v for (th, _), v in res.items() if th == t) for t in ("server", "io")}
-                print(f"RUN {keys} impl={impl} run={r} server={tot['server']:.3g} io={tot['io']:.3g}")
-                sys.stdout.flush()
+                print_run(keys, impl, r, f"server={tot['server']:.3g} io={tot['io']:.3g}")
     totals = {}
     for impl in impls:
         if not per[impl]:
-            print(f"FAIL {keys} impl={impl} metric=calls_per_rt reason=no_successful_run")
+            report(keys, impl, "calls_per_rt", "calls", [None])
             continue
         names = sorted({k for res in per[impl] for k in res})
         for thread in ("server", "io"):
@@ -180,19 +176,16 @@ def main():
             rows.append(("all", [sum(res.get((thread, s), 0.0) for s, _ in rows)
                                  for res in per[impl]]))
             for sc, vals in rows:
-                med = statistics.median(vals)
-                if med < 0.05 and sc != "all":
-                    continue  # setup and teardown calls, not per round trip
-                print(f"RESULT {keys} impl={impl} thread={thread} syscall={sc} "
-                      f"metric=calls_per_rt unit=calls median={med:.4g} min={min(vals):.4g} "
-                      f"max={max(vals):.4g} runs={len(vals)}")
-                if sc == "all":
-                    totals[impl, thread] = med
+                if statistics.median(vals) >= 0.05 or sc == "all":  # else set-up/teardown
+                    med = report(f"{keys} thread={thread} syscall={sc}", impl, "calls_per_rt",
+                                 "calls", vals)
+                    if sc == "all":
+                        totals[impl, thread] = med
     for impl in impls:
         for thread in ("server", "io"):
-            if impl != "raw" and (impl, thread) in totals and ("raw", thread) in totals:
-                print(f"DELTA {keys} thread={thread} metric=calls_per_rt num={impl} den=raw "
-                      f"delta={totals[impl, thread] - totals['raw', thread]:.4g}")
+            if impl != "raw":
+                delta(f"{keys} thread={thread}", "calls_per_rt", impl, totals.get((impl, thread)),
+                      "raw", totals.get(("raw", thread)))
     return 1 if fails else 0
 
 
