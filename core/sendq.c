@@ -26,7 +26,7 @@ void zev__report_add(zev_stream_t *s, int status)
 {
     if (!s->on_send)
         return;
-    if (s->rep_len > s->rep_head && s->rep[s->rep_len - 1].status == status) {
+    if (zev__reports_owed(s) && s->rep[s->rep_len - 1].status == status) {
         s->rep[s->rep_len - 1].count++;
         return;
     }

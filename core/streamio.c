@@ -57,8 +57,7 @@ static int socket_gone(int err)
  * on_send statuses: its next pass delivers them and finds s->err. */
 static void mark_ready(zev_stream_t *s)
 {
-    bool owes_reports = s->rep_len > s->rep_head;
-    if (!s->finalized && (!s->err || owes_reports) && !zev__list_linked(&s->ready))
+    if (!s->finalized && (!s->err || zev__reports_owed(s)) && !zev__list_linked(&s->ready))
         zev__list_push_tail(&s->loop->ready, &s->ready);
 }
 
@@ -371,7 +370,7 @@ static size_t stream_work(zev_stream_t *s, int mask, size_t limit, bool *idle)
         else if (limit && done >= limit)
             s->recv_hint = act & ZMQ_POLLIN;
     }
-    if (s->rep_len > s->rep_head)
+    if (zev__reports_owed(s))
         *idle = false; /* statuses added by on_send itself: the next pass reports them */
     s->in_pass = outer;
     return done;

@@ -274,6 +274,11 @@ static inline zev__sendpart_t *zev__sendq_at(zev_stream_t *s, size_t i)
     return &s->q[(s->qhead + i) & (s->qcap - 1)];
 }
 ZEV_INTERNAL void zev__report_add(zev_stream_t *s, int status);
+/* 1 while on_send statuses wait to be delivered. */
+static inline int zev__reports_owed(const zev_stream_t *s)
+{
+    return s->rep_len > s->rep_head;
+}
 ZEV_INTERNAL void zev__reports_deliver(zev_stream_t *s);
 ZEV_INTERNAL int zev__sendq_reserve(zev_stream_t *s, size_t n);                /* -1/ENOMEM */
 ZEV_INTERNAL void zev__sendq_push(zev_stream_t *s, zmq_msg_t *msg, bool more); /* reserved */
