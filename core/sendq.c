@@ -12,7 +12,9 @@
  *   successful sends costs one counter, and delivery keeps send order.
  * - Every message given to zev gets exactly one status: 0 when handed to
  *   libzmq, the errno libzmq gave, or ECANCELED / ENOTSOCK / ETERM from
- *   zev__sendq_cancel when it never went out.
+ *   zev__sendq_cancel when it never went out. The room for that status is
+ *   reserved when the message is given (zev__report_reserve), so running
+ *   out of memory later cannot lose it.
  */
 #include "zev-internal.h"
 
@@ -22,23 +24,31 @@
 
 /* ------------------------------------------------------------ on_send reports */
 
+/* Grows the status array to `need` entries (zev__report_reserve). */
+int zev__report_grow(zev_stream_t *s, size_t need)
+{
+    size_t cap = s->rep_cap ? s->rep_cap : 8;
+    while (cap < need)
+        cap *= 2;
+    zev__report_t *rep = realloc(s->rep, cap * sizeof *rep);
+    if (!rep) {
+        errno = ENOMEM;
+        return -1;
+    }
+    s->rep = rep;
+    s->rep_cap = cap;
+    return 0;
+}
+
+/* Records the status of one message; zev__report_reserve made the room. */
 void zev__report_add(zev_stream_t *s, int status)
 {
     if (!s->on_send)
         return;
-    if (zev__reports_owed(s) && s->rep[s->rep_len - 1].status == status) {
+    if (zev__reports_owed(s) && s->rep[s->rep_len - 1].status == status)
         s->rep[s->rep_len - 1].count++;
-        return;
-    }
-    if (s->rep_len == s->rep_cap) {
-        size_t cap = s->rep_cap ? s->rep_cap * 2 : 8;
-        zev__report_t *rep = realloc(s->rep, cap * sizeof *rep);
-        if (!rep)
-            return; /* out of memory: this status cannot be reported */
-        s->rep = rep;
-        s->rep_cap = cap;
-    }
-    s->rep[s->rep_len++] = (zev__report_t){status, 1};
+    else
+        s->rep[s->rep_len++] = (zev__report_t){status, 1};
 }
 
 /* Delivers the statuses owed when it was called, no more: an on_send that

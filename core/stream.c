@@ -194,7 +194,12 @@ int zev_stream_on_send(zev_stream_t *s, zev_send_fn fn, void *arg)
 {
     if (!zev__stream_usable(s))
         return -1;
+    zev_send_fn was = s->on_send;
     s->on_send = fn;
+    if (zev__report_reserve(s, 0) < 0) { /* room for the messages already given */
+        s->on_send = was;
+        return -1;
+    }
     s->send_arg = arg;
     return 0;
 }

@@ -99,6 +99,8 @@ static void set_blocked(zev_stream_t *s)
 static int send_part(zev_stream_t *s, zmq_msg_t *msg, bool more)
 {
     bool first = s->open == OPEN_NONE;
+    if (first && zev__report_reserve(s, 1) < 0)
+        return -1;
     if (s->open == OPEN_DISCARD) {
         zmq_msg_close(msg);
         zmq_msg_init(msg);

@@ -273,6 +273,18 @@ static inline zev__sendpart_t *zev__sendq_at(zev_stream_t *s, size_t i)
 {
     return &s->q[(s->qhead + i) & (s->qcap - 1)];
 }
+ZEV_INTERNAL int zev__report_grow(zev_stream_t *s, size_t need); /* -1/ENOMEM */
+/* Room for a status of every message given to zev and not yet reported,
+ * plus `extra` messages about to be given. Each status adds at most one
+ * entry and settles one such message, so after this succeeds
+ * zev__report_add never needs memory: a status cannot be lost to a failed
+ * allocation, which shows at once instead, as ENOMEM from the call that
+ * gives the message (or sets on_send). Without on_send no status is kept. */
+static inline int zev__report_reserve(zev_stream_t *s, size_t extra)
+{
+    size_t need = s->rep_len + s->qmsgs + (s->open == OPEN_DIRECT) + extra;
+    return !s->on_send || need <= s->rep_cap ? 0 : zev__report_grow(s, need);
+}
 ZEV_INTERNAL void zev__report_add(zev_stream_t *s, int status);
 /* 1 while on_send statuses wait to be delivered. */
 static inline int zev__reports_owed(const zev_stream_t *s)

@@ -190,8 +190,10 @@ ZEV_API int zev_stream_on_recv(zev_stream_t *s, zev_recv_fn fn, void *arg);
  * send call; zev_stream_flush reports what it sent before it returns. A pass
  * reports the statuses owed when it began: those of messages sent from
  * inside on_send come in the stream's next pass, so an on_send that sends
- * again on every success cannot hold the loop.
- * Errors: EINVAL, EBADF. */
+ * again on every success cannot hold the loop. The memory for the statuses
+ * is reserved when a message is given (ENOMEM there), so none is lost later.
+ * Errors: EINVAL, EBADF, ENOMEM (no room for the statuses of messages
+ * already queued; the previous callback stays). */
 ZEV_API int zev_stream_on_send(zev_stream_t *s, zev_send_fn fn, void *arg);
 
 /* Sets the close callback, run once after zev_stream_close (or destroy). */
@@ -202,7 +204,8 @@ ZEV_API int zev_stream_on_close(zev_stream_t *s, zev_close_fn fn, void *arg);
  * stream's FIFO queue. Returns 0, or -1 with EAGAIN (the queue already holds
  * max_queue messages; nothing taken), EINVAL (NULL, data NULL with len > 0,
  * flags other than ZMQ_SNDMORE/ZMQ_DONTWAIT), EBADF (closed), ENOTSOCK/ETERM
- * (the socket is gone) or another errno libzmq gave at once. */
+ * (the socket is gone), ENOMEM (no room to queue it or for its on_send
+ * status; nothing taken) or another errno libzmq gave at once. */
 ZEV_API int zev_stream_send(zev_stream_t *s, const void *data, size_t len, int flags);
 
 /* Sends nparts messages as one multipart message (ZMQ_SNDMORE in flags: more

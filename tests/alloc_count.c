@@ -9,7 +9,8 @@
  * definition (the C library's, found with dlsym(RTLD_NEXT)); while counting
  * is on, every allocating call (malloc, calloc, realloc, the aligned
  * variants) adds one to a global atomic counter, every free of a non-NULL
- * pointer one to another. No LD_PRELOAD needed.
+ * pointer one to another. No LD_PRELOAD needed. For out-of-memory tests,
+ * realloc can be made to fail on one thread (alloc_count_fail_realloc).
  *
  * dlsym itself may allocate before the real functions are known: those few
  * early calls are served from a static arena and never freed.
@@ -69,10 +70,10 @@ static void *boot_alloc(size_t n)
 
 /* dlsym returns an object pointer; ISO C has no cast to a function pointer,
  * so the bits are copied (POSIX guarantees they mean the function). */
-#define RESOLVE(var, name)                       \
-    do {                                         \
-        void *sym_ = dlsym(RTLD_NEXT, name);     \
-        memcpy(&(var), &sym_, sizeof(var));      \
+#define RESOLVE(var, name)                                                                         \
+    do {                                                                                           \
+        void *sym_ = dlsym(RTLD_NEXT, name);                                                       \
+        memcpy(&(var), &sym_, sizeof(var));                                                        \
     } while (0)
 
 static void resolve(void)
@@ -132,8 +133,14 @@ void *calloc(size_t n, size_t m)
     return real_calloc(n, m);
 }
 
+static _Thread_local bool fail_realloc_here;
+
 void *realloc(void *p, size_t n)
 {
+    if (fail_realloc_here) {
+        errno = ENOMEM;
+        return NULL;
+    }
     if (!ready() || in_boot(p)) {
         void *q = ready() ? real_malloc(n) : boot_alloc(n);
         if (q && p) {
@@ -232,4 +239,9 @@ size_t alloc_count_frees(void)
 int alloc_count_interposed(void)
 {
     return ready();
+}
+
+void alloc_count_fail_realloc(int on)
+{
+    fail_realloc_here = on != 0;
 }

@@ -15,5 +15,8 @@ size_t alloc_count_allocs(void);
 size_t alloc_count_frees(void);
 /* Non-zero when this allocator really interposes the C library's. */
 int alloc_count_interposed(void);
+/* While on, realloc fails with ENOMEM on the calling thread only (libzmq's
+ * I/O threads are unaffected); counting is independent of it. */
+void alloc_count_fail_realloc(int on);
 
 #endif

@@ -20,6 +20,10 @@
  * reach their steady size). The check: zev's count <= raw's count over the
  * whole phase (margin 0), i.e. zev adds no allocation per message.
  *
+ * The same allocator also makes realloc fail, for the out-of-memory test of
+ * on_send statuses at the end (every message given gets its status even when
+ * memory runs out after it was given).
+ *
  * Not built with sanitizers (they own malloc): see tests/alloc.cmake.
  */
 #ifndef _GNU_SOURCE
@@ -50,11 +54,12 @@ static uint8_t payload[1024];
 
 static void report(const char *what, size_t sz, counts_t raw, counts_t zev)
 {
-    fprintf(stderr,
-            "alloc: %-30s %4zu B  raw %.3f allocs/msg (%zu frees)  zev %.3f allocs/msg (%zu frees)  "
-            "zev-raw %+ld allocs in %u msgs\n",
-            what, sz, (double)raw.allocs / MEASURE, raw.frees, (double)zev.allocs / MEASURE,
-            zev.frees, (long)zev.allocs - (long)raw.allocs, MEASURE);
+    fprintf(
+        stderr,
+        "alloc: %-30s %4zu B  raw %.3f allocs/msg (%zu frees)  zev %.3f allocs/msg (%zu frees)  "
+        "zev-raw %+ld allocs in %u msgs\n",
+        what, sz, (double)raw.allocs / MEASURE, raw.frees, (double)zev.allocs / MEASURE, zev.frees,
+        (long)zev.allocs - (long)raw.allocs, MEASURE);
 }
 
 static void *sock(void *ctx, int type, int hwm)
@@ -420,4 +425,143 @@ Test(alloc, queued_send_msg_64)
 Test(alloc, queued_send_msg_1k)
 {
     check_send(1024);
+}
+
+/* ------------------------------------------- on_send under out-of-memory */
+
+#define OOM_FILL 20u   /* messages the ROUTER -> DEALER pipe takes (HWM 10 + 10) */
+#define OOM_QUEUED 40u /* alternating: to the DEALER (sent later), to nobody */
+
+typedef struct {
+    size_t n;
+    int status[4 * (OOM_FILL + OOM_QUEUED)];
+} statuses_t;
+
+static void record_status(zev_stream_t *s, int status, void *arg)
+{
+    (void)s;
+    statuses_t *st = arg;
+    if (st->n < sizeof st->status / sizeof st->status[0])
+        st->status[st->n] = status;
+    st->n++;
+}
+
+/* Gives one ROUTER message to the stream: identity, then an 8-byte seq. */
+static int router_send(zev_stream_t *s, const char *peer, uint64_t seq)
+{
+    if (zev_stream_send(s, peer, strlen(peer), ZMQ_SNDMORE) < 0)
+        return -1;
+    return zev_stream_send(s, &seq, sizeof seq, 0);
+}
+
+/* Receives what the DEALER has; returns how many messages were not the
+ * next 8-byte sequence number. Asserts nothing: it runs while realloc fails,
+ * and Criterion's assertion reports allocate. */
+static size_t dealer_drain(void *dealer, size_t *got)
+{
+    size_t bad = 0;
+    zmq_msg_t m;
+    zmq_msg_init(&m);
+    while (zmq_msg_recv(&m, dealer, ZMQ_DONTWAIT) >= 0) {
+        uint64_t v = UINT64_MAX;
+        if (zmq_msg_size(&m) == sizeof v)
+            memcpy(&v, zmq_msg_data(&m), sizeof v);
+        bad += v != *got;
+        (*got)++;
+    }
+    zmq_msg_close(&m);
+    return bad;
+}
+
+/*
+ * on_send statuses need memory (an entry per run of equal statuses), and a
+ * status must never be lost to a failed allocation after its message was
+ * accepted: zev reserves the room when the message is given. Here a
+ * ROUTER_MANDATORY stream queues 40 messages alternating between a
+ * connected DEALER whose pipe is full and an identity nobody has; when the
+ * DEALER drains, one pass sends the first kind (status 0) and fails the
+ * second (EHOSTUNREACH), 40 runs of statuses, while every realloc on this
+ * thread fails. Every status must arrive, in order; then a message the
+ * stream cannot reserve a status for is refused with ENOMEM, not taken.
+ */
+Test(alloc, on_send_status_survives_out_of_memory)
+{
+    void *ctx = test_ctx_new();
+    zev_loop_t *loop = test_loop_new();
+    void *router = test_socket(ctx, ZMQ_ROUTER), *dealer = test_socket(ctx, ZMQ_DEALER);
+    test_set_int(router, ZMQ_ROUTER_MANDATORY, 1);
+    test_set_int(router, ZMQ_SNDHWM, OOM_FILL / 2);
+    test_set_int(dealer, ZMQ_RCVHWM, OOM_FILL / 2);
+    cr_assert_eq(zmq_setsockopt(dealer, ZMQ_ROUTING_ID, "P", 1), 0);
+    test_bind_connect(router, dealer, "inproc");
+    zev_stream_t *s = test_stream_new(loop, router);
+    statuses_t st = {0};
+    cr_assert_eq(zev_stream_on_send(s, record_status, &st), 0);
+
+    /* Fill the DEALER's pipe with direct sends (the first may race the
+     * ROUTER learning the peer: EHOSTUNREACH, not accepted). */
+    uint64_t seq = 0;
+    uint64_t end = test_ms() + 5000;
+    while (!zev_stream_sending(s)) {
+        if (router_send(s, "P", seq) == 0)
+            seq++;
+        else
+            cr_assert_eq(errno, EHOSTUNREACH, "errno %d", errno);
+        cr_assert(test_ms() < end, "the DEALER's pipe never filled");
+    }
+    size_t accepted = seq; /* the last one is queued */
+    for (unsigned i = 0; i < OOM_QUEUED; i++) {
+        bool to_peer = i % 2 == 0;
+        cr_assert_eq(router_send(s, to_peer ? "P" : "nobody", to_peer ? seq : UINT64_MAX), 0);
+        seq += to_peer;
+        accepted++;
+    }
+    test_spin(loop, 2, 1); /* the pipe is still full: nothing moves */
+
+    alloc_count_fail_realloc(1);
+    size_t got = 0, bad = 0;
+    end = test_ms() + 10000;
+    while (got < seq && test_ms() < end) { /* the stream's passes send the rest */
+        bad += dealer_drain(dealer, &got);
+        zev_loop_run_once(loop, 0);
+    }
+    for (int i = 0; i < 3; i++)
+        zev_loop_run_once(loop, 1);
+    alloc_count_fail_realloc(0); /* before asserting: Criterion's reports allocate */
+    cr_assert_eq(got, seq, "only %zu of %lu messages arrived", got, (unsigned long)seq);
+    cr_assert_eq(bad, 0, "messages out of order");
+    cr_assert_eq(st.n, accepted, "%zu statuses for %zu messages given", st.n, accepted);
+    size_t fails = 0;
+    for (size_t i = 0; i < st.n; i++) {
+        size_t q = i - (accepted - OOM_QUEUED); /* index among the alternating ones */
+        int want = i >= accepted - OOM_QUEUED && q % 2 ? EHOSTUNREACH : 0;
+        cr_assert_eq(st.status[i], want, "status %zu is %d, expected %d", i, st.status[i], want);
+        fails += st.status[i] != 0;
+    }
+    cr_assert_eq(fails, OOM_QUEUED / 2);
+
+    /* Queue messages until the room for their statuses would have to grow
+     * (realloc still fails): that send is refused and takes nothing. */
+    size_t before = st.n;
+    alloc_count_fail_realloc(1);
+    while (seq < 100000 && router_send(s, "P", seq) == 0)
+        seq++;
+    int err = errno;
+    alloc_count_fail_realloc(0);
+    cr_assert_eq(err, ENOMEM, "errno %d after %lu messages", err, (unsigned long)seq);
+    cr_assert_eq(router_send(s, "P", seq++), 0, "room again once memory is back");
+    end = test_ms() + 10000;
+    while (got < seq && test_ms() < end) {
+        bad += dealer_drain(dealer, &got);
+        zev_loop_run_once(loop, 0);
+    }
+    cr_assert_eq(got, seq, "after ENOMEM: %zu of %lu messages arrived", got, (unsigned long)seq);
+    cr_assert_eq(bad, 0, "after ENOMEM: messages out of order");
+    test_spin(loop, 3, 1);
+    cr_assert_eq(st.n - before, seq - (accepted - OOM_QUEUED / 2), "one status per message");
+
+    zev_loop_destroy(loop);
+    test_close(dealer);
+    test_close(router);
+    zmq_ctx_term(ctx);
 }
