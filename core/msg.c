@@ -4,9 +4,11 @@
  * Design notes
  * - Each stream receives into a ring of zmq_msg_t that grows only when a
  *   message has more parts than it holds, and never shrinks; the recv
- *   callback borrows those frames. After the callback each part that was
- *   not kept is closed and re-initialised, so a large buffer is not held
- *   until the next message arrives.
+ *   callback borrows those frames. A slot's old content is freed by the
+ *   next zmq_msg_recv into it (libzmq closes what a zmq_msg_t holds, as in
+ *   a plain recv loop), and when the pass stops receiving the slots used
+ *   are closed (zev__ring_recycle), so a large buffer is not held while the
+ *   stream waits.
  * - zev_msg_keep moves a part (no copy) into a frame handle taken from a
  *   pool that belongs to the loop's hub; the pool grows by chunks during
  *   warm-up and recycles handles afterwards, so steady-state keeping
@@ -66,14 +68,12 @@ int zev__ring_reserve(zev_stream_t *s, size_t n)
 
 void zev__ring_recycle(zev_stream_t *s)
 {
-    for (size_t i = 0; i < s->msg.n; i++) {
-        if (s->kept[i]) {
-            s->kept[i] = NULL; /* its slot was re-initialised by keep */
-        } else if (zmq_msg_size(&s->ring[i]) > 0) {
-            zmq_msg_close(&s->ring[i]);
-            zmq_msg_init(&s->ring[i]);
-        }
+    for (size_t i = 0; i < s->ring_used; i++) {
+        zmq_msg_close(&s->ring[i]); /* a kept part's slot is already empty */
+        zmq_msg_init(&s->ring[i]);
+        s->kept[i] = NULL;
     }
+    s->ring_used = 0;
     s->msg.n = 0;
 }
 
@@ -167,21 +167,25 @@ size_t zev_msg_parts(const zev_msg_t *m)
     return m ? m->n : 0;
 }
 
+/* Part i, wherever it is: its ring slot or the frame it was kept in. */
+static zmq_msg_t *part_at(const zev_msg_t *m, size_t i)
+{
+    return m->kept[i] ? &m->kept[i]->msg : &m->parts[i];
+}
+
 zmq_msg_t *zev_msg_frame(zev_msg_t *m, size_t i)
 {
-    if (!part_ok(m, i))
-        return NULL;
-    return m->kept[i] ? &m->kept[i]->msg : &m->parts[i];
+    return part_ok(m, i) ? part_at(m, i) : NULL;
 }
 
 const void *zev_msg_data(const zev_msg_t *m, size_t i)
 {
-    return part_ok(m, i) ? zmq_msg_data(zev_msg_frame((zev_msg_t *)m, i)) : NULL;
+    return part_ok(m, i) ? zmq_msg_data(part_at(m, i)) : NULL;
 }
 
 size_t zev_msg_size(const zev_msg_t *m, size_t i)
 {
-    return part_ok(m, i) ? zmq_msg_size(zev_msg_frame((zev_msg_t *)m, i)) : 0;
+    return part_ok(m, i) ? zmq_msg_size(part_at(m, i)) : 0;
 }
 
 int zev_msg_more(const zev_msg_t *m, size_t i)

@@ -259,6 +259,9 @@ static int recv_message(zev_stream_t *s)
     for (;;) {
         if (i == s->ring_cap && zev__ring_reserve(s, i + 1) < 0)
             return -1;
+        if (i == s->ring_used)
+            s->ring_used++; /* its old content goes in the recv, its last in recycle */
+        s->kept[i] = NULL;
         s->touches++;
         if (zmq_msg_recv(&s->ring[i], s->sock, ZMQ_DONTWAIT) < 0) {
             if (errno == EINTR)
@@ -293,9 +296,9 @@ static size_t recv_some(zev_stream_t *s, size_t room, bool *drained)
         s->in_recv_cb = true;
         s->on_recv(s, &s->msg, s->recv_arg);
         s->in_recv_cb = false;
-        zev__ring_recycle(s);
         n++;
     }
+    zev__ring_recycle(s); /* nothing borrowed is held while the stream waits */
     return n;
 }
 

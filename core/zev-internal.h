@@ -171,6 +171,7 @@ struct zev_stream {
     zmq_msg_t *ring;
     zev_frame_t **kept;
     size_t ring_cap;
+    size_t ring_used; /* leading slots that may hold content (zev__ring_recycle) */
     zev_msg_t msg;
 
     int err;        /* ENOTSOCK/ETERM once the socket is gone */
