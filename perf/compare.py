@@ -30,7 +30,7 @@ ROOT = os.path.dirname(HERE)
 PY = "/usr/bin/python3"  # Debian's, with python3-zmq and python3-tornado
 
 STEPS = ["thr", "lat", "scale", "fair", "loop", "alloc", "zcsend", "pyzmq_thr", "pyzmq_lat",
-         "pyzmq_fair", "syscalls", "hyperfine"]
+         "pyzmq_fair", "syscalls", "instructions", "hyperfine"]
 
 
 # --------------------------------------------------------------------- running
@@ -377,6 +377,30 @@ def sec_syscalls(R):
     return "".join(s)
 
 
+def sec_instr(R):
+    s = ["## Instructions per message (perf/instructions.py)\n",
+         "valgrind's callgrind counts the user-space instructions of `thr --recv-only` (64 B, "
+         "fed from another process by the same sender as the throughput rows); per message = "
+         "the difference between a run of N and of N/5 messages, so start-up cancels; median "
+         "over runs. Under callgrind the receiver never waits, so this is the per-message path "
+         "alone: the calls made to sleep and wake are in the syscall table, and no kernel time "
+         "counts here. `receiver` is the receiving thread, `others` libzmq's I/O thread and the "
+         "rest of the process.\n\n"]
+    impls = ("raw", "zev_borrowed", "zev_kept", "zev_copy")
+    rows = []
+    for t in TRANSPORTS:
+        for th in ("receiver", "others"):
+            k = dict(bench="instr", transport=t, thread=th, metric="instr_per_msg")
+            if not R.get(impl="raw", **k):
+                continue
+            rows.append([t, th] + [cell(R.get(impl=i, **k), fmt=lambda v: f"{v:.0f}",
+                                        spread=False) for i in impls] +
+                        [(lambda d: DASH if d is None else f"{d:+.0f}")(
+                            R.delta(num="zev_borrowed", den="raw", **k))])
+    s.append(table(["transport", "thread"] + list(impls) + ["zev_borrowed − raw"], rows))
+    return "".join(s)
+
+
 def sec_hyperfine(R):
     s = ["## Whole process (hyperfine)\n",
          "`hyperfine -N --export-json` over `thr --once --impl I --transport T --size 64 "
@@ -598,9 +622,10 @@ def main():
     for step in steps:
         if step == "hyperfine":
             lines, secs, fail = hyperfine_step(os.path.join(bindir, "thr"), a.full, logdir)
-        elif step == "syscalls":
-            lines, secs, fail = run_step(step, [PY, os.path.join(HERE, "syscalls.py"), "--lat",
-                                                os.path.join(bindir, "lat")] + mode, timeout, logdir)
+        elif step in ("syscalls", "instructions"):  # scripts that drive lat / thr
+            prog = "lat" if step == "syscalls" else "thr"
+            lines, secs, fail = run_step(step, [PY, os.path.join(HERE, step + ".py"), "--" + prog,
+                                                os.path.join(bindir, prog)] + mode, timeout, logdir)
         elif step.startswith("pyzmq_"):
             name = step[len("pyzmq_"):]  # the C program the script drives: thr, lat, fair
             prog, flag = os.path.join(bindir, name), "--" + name
@@ -643,7 +668,7 @@ def main():
     if made:
         head.append(" ".join(f"![{m}]({m})" for m in made) + "\n")
     targets, why = sec_targets(R, history), sec_why(R, history)
-    body = [targets, why, sec_thr(R), sec_lat(R), sec_syscalls(R), sec_scale(R), sec_fair(R),
+    body = [targets, why, sec_thr(R), sec_lat(R), sec_syscalls(R), sec_instr(R), sec_scale(R), sec_fair(R),
             sec_loop(R), sec_alloc(R), sec_zcsend(R), sec_pyzmq(R), sec_hyperfine(R)]
     fails = [f for f in R.fails]
     tail = ["## Failures, skipped rows and empty cells\n"]

@@ -39,6 +39,9 @@ def measure(R):
             a = R.get(bench="alloc", transport=t, impl=i, metric="allocs_per_msg")
             extra.append(a["median"] if a else None)
         m[f"alloc_{t}"] = (None if None in extra else max(extra[1:]) - extra[0])
+    for t in ("ipc", "tcp"):
+        m[f"instr_{t}"] = R.delta(bench="instr", transport=t, thread="receiver",
+                                  metric="instr_per_msg", num="zev_borrowed", den="raw")
     m["spin_inproc"] = R.ratio(bench="lat", transport="inproc", metric="p50_us", num="zev_spin",
                                den="raw_spin")
     for t in ("ipc", "tcp"):
@@ -238,6 +241,21 @@ def _why_thr(R, m, history):
                  + "".join(f"; {t} over {k} recorded runs: {a:+.0f} to {b:+.0f} ns"
                            for t, (a, b, k) in ((t, figure_range(history, f"rxcpu_{t}"))
                                                 for t, _ in cpu) if k > 1) + ".")
+    instr = []
+    for t in ("ipc", "tcp"):
+        k = dict(bench="instr", transport=t, metric="instr_per_msg")
+        rx = {i: R.get(thread="receiver", impl=i, **k) for i in ("raw", "zev_borrowed")}
+        others = R.delta(thread="others", num="zev_borrowed", den="raw", **k)
+        if all(rx.values()) and others is not None:
+            instr.append(f"{t} {rx['raw']['median']:.0f} → {rx['zev_borrowed']['median']:.0f} "
+                         f"({m[f'instr_{t}']:+.0f}; libzmq's threads {others:+.0f})")
+    if instr:
+        s.append(" Counted instead of timed (`perf/instructions.py`, callgrind, the receiver "
+                 "never waiting), zev's receiving thread executes per message "
+                 + "; ".join(instr) + " user-space instructions against raw: that is the "
+                 "stream's own per-message path (the recv loop, the callback and its "
+                 "accessors); the rest of the CPU difference is going to sleep and waking up, "
+                 "which callgrind does not see.")
     return "".join(s)
 
 
