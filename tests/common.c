@@ -133,6 +133,40 @@ void test_send_seq(void *sock, uint64_t seq)
                  zmq_strerror(errno));
 }
 
+test_pair_t test_pair_open_opts(int type_a, int type_b, const char *transport, unsigned batch,
+                                unsigned spin_us)
+{
+    test_pair_t p = {.ctx = test_ctx_new()};
+    p.loop = test_loop_new_opts(batch, spin_us);
+    if (type_a != TEST_NO_SOCKET)
+        p.a = test_socket(p.ctx, type_a);
+    if (type_b != TEST_NO_SOCKET)
+        p.b = test_socket(p.ctx, type_b);
+    if (transport) {
+        cr_assert(p.a && p.b, "test_pair_open: %s needs two sockets", transport);
+        test_bind_connect(p.a, p.b, transport);
+    }
+    return p;
+}
+
+test_pair_t test_pair_open(int type_a, int type_b, const char *transport)
+{
+    return test_pair_open_opts(type_a, type_b, transport, 0, 0);
+}
+
+int test_pair_close(test_pair_t *p)
+{
+    if (p->loop)
+        zev_loop_destroy(p->loop);
+    if (p->b)
+        test_close(p->b);
+    if (p->a)
+        test_close(p->a);
+    int rc = zmq_ctx_term(p->ctx);
+    *p = (test_pair_t){0};
+    return rc;
+}
+
 uint64_t test_clock_ns(void)
 {
     struct timespec ts;

@@ -44,6 +44,48 @@ void test_bind_connect(void *bind_sock, void *conn_sock, const char *transport);
 void test_close(void *sock);
 
 /* ------------------------------------------------------------------------
+ * The fixture most stream tests share: a context, a loop on the backend
+ * under test and two sockets, `a` bound and `b` connected to it.
+ *
+ *     test_pair_t p = test_pair_open(ZMQ_PULL, ZMQ_PUSH, "inproc");
+ *     zev_stream_t *s = test_stream_new(p.loop, p.a);
+ *     ...
+ *     test_pair_close(&p);
+ */
+typedef struct test_pair {
+    void *ctx;
+    zev_loop_t *loop;
+    void *a; /* bound */
+    void *b; /* connected to a */
+} test_pair_t;
+
+/* A socket type for test_pair_open that makes no socket (the field stays
+ * NULL): for tests with one socket, or whose peer comes later. */
+#define TEST_NO_SOCKET (-1)
+
+/* Creates the context, the loop (test_loop_new), a socket of type_a and one
+ * of type_b, then binds a and connects b on transport ("inproc", "ipc" or
+ * "tcp"). With transport NULL the sockets are made but not joined, so the
+ * test can set options first (HWMs apply only to pipes made afterwards) and
+ * then join them itself, e.g. with test_bind_connect(p.a, p.b, transport).
+ * Asserts on failure. */
+test_pair_t test_pair_open(int type_a, int type_b, const char *transport);
+
+/* The same on a loop made by test_loop_new_opts(batch, spin_us). */
+test_pair_t test_pair_open_opts(int type_a, int type_b, const char *transport, unsigned batch,
+                                unsigned spin_us);
+
+/* Tears the fixture down in the order the tests rely on: destroys the loop
+ * (which closes the streams still open on it), then closes b and a with
+ * linger 0, then terminates the context. Returns zmq_ctx_term's result for
+ * the tests that assert on it. A field the test has already released itself
+ * (a socket it closed, a loop it destroyed) must be set to NULL first: it is
+ * skipped. Every field is NULL afterwards. A test that makes more sockets
+ * on p->ctx must close them after the loop is destroyed and before the
+ * context is terminated, so it writes its tear-down out instead. */
+int test_pair_close(test_pair_t *p);
+
+/* ------------------------------------------------------------------------
  * Helpers shared by several test programs (each used to carry its own copy).
  */
 

@@ -265,12 +265,10 @@ static void run_kept(uint32_t n, size_t max_frames, unsigned hold_us, int timeou
 {
     ref_init();
     const unsigned parts = 3;
-    void *ctx = zmq_ctx_new();
-    cr_assert_not_null(ctx);
-    void *pull = zmq_socket(ctx, ZMQ_PULL);
-    cr_assert_not_null(pull);
+    test_pair_t p = test_pair_open(ZMQ_PULL, TEST_NO_SOCKET, NULL); /* the sender is a thread */
+    void *pull = p.a;
 
-    sender_t sd = {.ctx = ctx, .n = n, .parts = parts, .size = mixed_size};
+    sender_t sd = {.ctx = p.ctx, .n = n, .parts = parts, .size = mixed_size};
     atomic_init(&sd.published, 0);
     test_endpoint(sd.ep, sizeof sd.ep, "inproc");
     cr_assert_eq(zmq_bind(pull, sd.ep), 0, "bind: %s", zmq_strerror(errno));
@@ -289,8 +287,7 @@ static void run_kept(uint32_t n, size_t max_frames, unsigned hold_us, int timeou
     cr_assert_not_null(wq.items);
     c.wq = &wq;
 
-    zev_loop_t *loop = test_loop_new();
-    zev_stream_t *s = zev_stream_new(loop, pull);
+    zev_stream_t *s = zev_stream_new(p.loop, pull);
     cr_assert_not_null(s, "zev_stream_new: %s", zmq_strerror(errno));
     cr_assert_eq(zev_stream_on_frame_release(s, kept_released, &c), 0);
     if (max_frames)
@@ -303,8 +300,8 @@ static void run_kept(uint32_t n, size_t max_frames, unsigned hold_us, int timeou
     cr_assert_eq(pthread_create(&sender, NULL, sender_main, &sd), 0);
 
     test_watchdog_t wd;
-    test_watchdog_start(&wd, loop, timeout_ms);
-    cr_assert_eq(zev_loop_run(loop), 0, "zev_loop_run: %s", zmq_strerror(errno));
+    test_watchdog_start(&wd, p.loop, timeout_ms);
+    cr_assert_eq(zev_loop_run(p.loop), 0, "zev_loop_run: %s", zmq_strerror(errno));
     cr_assert_not(test_watchdog_stop(&wd),
                   "watchdog after %d ms: %zu of %u messages received, %zu of %zu frames "
                   "released back to the loop, %zu not yet handed to release",
@@ -352,9 +349,7 @@ static void run_kept(uint32_t n, size_t max_frames, unsigned hold_us, int timeou
     }
 
     cr_assert_eq(zev_stream_close(s, 0), 0);
-    zev_loop_destroy(loop);
-    test_close(pull);
-    cr_assert_eq(zmq_ctx_term(ctx), 0);
+    cr_assert_eq(test_pair_close(&p), 0);
     free(wq.items);
     pthread_mutex_destroy(&wq.mu);
     pthread_cond_destroy(&wq.cv);
@@ -475,17 +470,15 @@ static size_t one_more_than_ring(uint32_t seq)
 Test(frames, ring_recycled_grows_once_never_shrinks)
 {
     ref_init();
-    void *ctx = zmq_ctx_new();
-    void *pull = zmq_socket(ctx, ZMQ_PULL);
-    void *push = zmq_socket(ctx, ZMQ_PUSH);
+    test_pair_t p = test_pair_open(ZMQ_PULL, ZMQ_PUSH, NULL); /* HWMs first */
+    void *pull = p.a, *push = p.b;
     /* A non-blocking sender sees the reader's progress only when it gets
      * round to processing commands: no HWM, so batches never hit EAGAIN. */
     int hwm = 0;
     zmq_setsockopt(pull, ZMQ_RCVHWM, &hwm, sizeof hwm);
     zmq_setsockopt(push, ZMQ_SNDHWM, &hwm, sizeof hwm);
     test_bind_connect(pull, push, "inproc");
-    zev_loop_t *loop = test_loop_new();
-    zev_stream_t *s = zev_stream_new(loop, pull);
+    zev_stream_t *s = zev_stream_new(p.loop, pull);
     cr_assert_not_null(s);
 
     zev_stream_stats_t st;
@@ -494,12 +487,12 @@ Test(frames, ring_recycled_grows_once_never_shrinks)
     cr_assert_geq(r1, 1);
     cr_assert_lt(r1, MAX_PARTS, "test assumes a small initial ring (%zu)", r1);
 
-    rctx_t c = {.ring_expect = r1, .nparts = parts_up_to_ring, .keep_every = 97, .loop = loop};
+    rctx_t c = {.ring_expect = r1, .nparts = parts_up_to_ring, .keep_every = 97, .loop = p.loop};
     ring_cap_now = r1;
     cr_assert_eq(zev_stream_on_recv(s, ring_recv, &c), 0);
 
     /* 10,000 messages of 1..ring parts: the ring never changes. */
-    ring_phase(loop, push, &c, 10000);
+    ring_phase(p.loop, push, &c, 10000);
     cr_expect_eq(c.bad, 0);
     cr_expect_eq(c.ring_bad, 0, "ring size changed in %zu callbacks", c.ring_bad);
     cr_expect_eq(c.slot_moved, 0, "borrowed frames moved in %zu callbacks", c.slot_moved);
@@ -510,12 +503,12 @@ Test(frames, ring_recycled_grows_once_never_shrinks)
     /* One message with more parts than the ring: it grows, once. */
     c.ring_expect = 0;
     c.nparts = one_more_than_ring;
-    ring_phase(loop, push, &c, 1);
+    ring_phase(p.loop, push, &c, 1);
     cr_assert_eq(zev_stream_stats(s, &st), 0);
     size_t r2 = st.ring_size;
     cr_expect_gt(r2, r1);
     cr_assert_leq(r2 + 1, MAX_PARTS + 1);
-    ring_phase(loop, push, &c, 1); /* the same size again: no second growth */
+    ring_phase(p.loop, push, &c, 1); /* the same size again: no second growth */
     cr_assert_eq(zev_stream_stats(s, &st), 0);
     cr_expect_eq(st.ring_size, r2, "ring grew twice for the same message size");
     cr_expect_eq(c.bad, 0);
@@ -526,9 +519,9 @@ Test(frames, ring_recycled_grows_once_never_shrinks)
     c.max_ring = 0;
     c.nparts = parts_up_to_ring;
     ring_cap_now = r1 + 1;
-    ring_phase(loop, push, &c, 10000);
+    ring_phase(p.loop, push, &c, 10000);
     ring_cap_now = 1; /* and 1,000 single-part messages */
-    ring_phase(loop, push, &c, 1000);
+    ring_phase(p.loop, push, &c, 1000);
     cr_expect_eq(c.bad, 0);
     cr_expect_eq(c.ring_bad, 0, "ring size changed in %zu callbacks", c.ring_bad);
     cr_expect_eq(c.slot_moved, 0);
@@ -541,13 +534,10 @@ Test(frames, ring_recycled_grows_once_never_shrinks)
     /* Kept-and-released frames all came back to the loop. */
     size_t spins = 0;
     while (zev_stream_stats(s, &st) == 0 && st.frames_kept && spins++ < 1000)
-        zev_loop_run_once(loop, 10);
+        zev_loop_run_once(p.loop, 10);
     cr_expect_eq(st.frames_kept, 0);
 
-    zev_loop_destroy(loop);
-    test_close(push);
-    test_close(pull);
-    cr_assert_eq(zmq_ctx_term(ctx), 0);
+    cr_assert_eq(test_pair_close(&p), 0);
     test_expect_no_leaks();
 }
 
@@ -675,19 +665,16 @@ Test(frames, released_after_close_and_after_destroy)
 {
     ref_init();
     atomic_store(&ffn_freed, 0);
-    void *ctx = zmq_ctx_new();
-    void *pull = zmq_socket(ctx, ZMQ_PULL);
-    void *push = zmq_socket(ctx, ZMQ_PUSH);
-    test_bind_connect(pull, push, "inproc");
-    zev_loop_t *loop = test_loop_new();
-    zev_stream_t *s = zev_stream_new(loop, pull);
+    test_pair_t p = test_pair_open(ZMQ_PULL, ZMQ_PUSH, "inproc");
+    void *pull = p.a, *push = p.b;
+    zev_stream_t *s = zev_stream_new(p.loop, pull);
     cr_assert_not_null(s);
     octx_t *c = octx_new();
     octx_watch(s, c);
     cr_assert_eq(zev_stream_on_close(s, on_close_flag, (void *)&c->closed), 0);
 
     send_tracked(push, 0, 8, MIB);
-    test_run_until_count(loop, &c->nkept, 16, 10000);
+    test_run_until_count(p.loop, &c->nkept, 16, 10000);
     cr_expect_eq(atomic_load(&ffn_freed), 0, "kept frames must hold libzmq's buffers");
     for (size_t i = 0; i < 16; i++)
         cr_expect(part_ok(zev_frame_data(c->f[i]), zev_frame_size(c->f[i]), (uint32_t)(i / 2),
@@ -701,23 +688,24 @@ Test(frames, released_after_close_and_after_destroy)
     cr_expect_eq(zev_frame_release(c->f[1]), -1, "second release of one handle");
     cr_expect_eq(errno, EINVAL);
     cr_expect_eq(atomic_load(&ffn_freed), 2);
-    test_run_until_count(loop, &c->released_cb, 2, 10000);
+    test_run_until_count(p.loop, &c->released_cb, 2, 10000);
 
     /* Stream closed: four released from another thread; the buffers are
      * freed, the callback no longer runs. */
     cr_assert_eq(zev_stream_close(s, 0), 0);
-    test_run_until(loop, &c->closed, 10000);
+    test_run_until(p.loop, &c->closed, 10000);
     rel_job_t j1 = {.f = &c->f[2], .n = 4};
     pthread_t t1;
     cr_assert_eq(pthread_create(&t1, NULL, release_main, &j1), 0);
     pthread_join(t1, NULL);
     cr_expect_eq(j1.fail, 0);
     cr_expect_eq(atomic_load(&ffn_freed), 6);
-    loop_settle(loop);
+    loop_settle(p.loop);
     cr_expect_eq(c->released_cb, 2, "frame-release callback ran after the close callback");
 
     /* Loop destroyed: the last ten released from two threads afterwards. */
-    zev_loop_destroy(loop);
+    zev_loop_destroy(p.loop);
+    p.loop = NULL; /* test_pair_close must not destroy it again */
     cr_expect_eq(atomic_load(&ffn_freed), 6);
     rel_job_t j2 = {.f = &c->f[6], .n = 5}, j3 = {.f = &c->f[11], .n = 5};
     pthread_t t2, t3;
@@ -731,9 +719,7 @@ Test(frames, released_after_close_and_after_destroy)
     cr_expect_eq(c->released_cb, 2);
     cr_expect_eq(atomic_load(&c->bad_thread), 0);
 
-    test_close(push);
-    test_close(pull);
-    cr_assert_eq(zmq_ctx_term(ctx), 0);
+    cr_assert_eq(test_pair_close(&p), 0);
     free(c);
     test_expect_no_leaks();
 }
@@ -742,23 +728,20 @@ Test(frames, released_after_destroy_with_stream_open)
 {
     ref_init();
     atomic_store(&ffn_freed, 0);
-    void *ctx = zmq_ctx_new();
-    void *pull = zmq_socket(ctx, ZMQ_PULL);
-    void *push = zmq_socket(ctx, ZMQ_PUSH);
-    test_bind_connect(pull, push, "inproc");
-    zev_loop_t *loop = test_loop_new();
-    zev_stream_t *s = zev_stream_new(loop, pull);
+    test_pair_t p = test_pair_open(ZMQ_PULL, ZMQ_PUSH, "inproc");
+    void *pull = p.a, *push = p.b;
+    zev_stream_t *s = zev_stream_new(p.loop, pull);
     cr_assert_not_null(s);
     octx_t *c = octx_new();
     octx_watch(s, c);
     cr_assert_eq(zev_stream_on_close(s, on_close_flag, (void *)&c->closed), 0);
 
     send_tracked(push, 0, 50, 4096);
-    test_run_until_count(loop, &c->nkept, 100, 10000);
+    test_run_until_count(p.loop, &c->nkept, 100, 10000);
 
     /* The stream is still open: destroy closes it (close callback once) and
      * the frames stay the application's. */
-    zev_loop_destroy(loop);
+    zev_loop_destroy(p.loop);
     cr_expect_eq(c->closed, 1);
     cr_expect_eq(atomic_load(&ffn_freed), 0);
     for (size_t i = 0; i < 100; i++)
@@ -777,7 +760,7 @@ Test(frames, released_after_destroy_with_stream_open)
     cr_expect_eq(j1.fail + j2.fail, 0);
     cr_expect_eq(atomic_load(&ffn_freed), 100);
     cr_expect_eq(c->released_cb, 0);
-    cr_assert_eq(zmq_ctx_term(ctx), 0);
+    cr_assert_eq(zmq_ctx_term(p.ctx), 0);
     free(c);
     test_expect_no_leaks();
 }
@@ -788,21 +771,19 @@ Test(frames, released_while_loop_is_destroyed)
      * stream and destroys the loop: every buffer freed once, no race. */
     ref_init();
     atomic_store(&ffn_freed, 0);
-    void *ctx = zmq_ctx_new();
-    void *pull = zmq_socket(ctx, ZMQ_PULL);
-    void *push = zmq_socket(ctx, ZMQ_PUSH);
+    test_pair_t p = test_pair_open(ZMQ_PULL, ZMQ_PUSH, NULL); /* HWMs first */
+    void *pull = p.a, *push = p.b;
     int hwm = 0;
     zmq_setsockopt(pull, ZMQ_RCVHWM, &hwm, sizeof hwm);
     zmq_setsockopt(push, ZMQ_SNDHWM, &hwm, sizeof hwm);
     test_bind_connect(pull, push, "inproc");
-    zev_loop_t *loop = test_loop_new();
-    zev_stream_t *s = zev_stream_new(loop, pull);
+    zev_stream_t *s = zev_stream_new(p.loop, pull);
     cr_assert_not_null(s);
     octx_t *c = octx_new();
     octx_watch(s, c);
 
     send_tracked(push, 0, 1000, 64);
-    test_run_until_count(loop, &c->nkept, 2000, 10000);
+    test_run_until_count(p.loop, &c->nkept, 2000, 10000);
 
     rel_job_t j1 = {.f = &c->f[0], .n = 1000, .pause_every = 50};
     rel_job_t j2 = {.f = &c->f[1000], .n = 1000, .pause_every = 50};
@@ -810,8 +791,9 @@ Test(frames, released_while_loop_is_destroyed)
     cr_assert_eq(pthread_create(&t1, NULL, release_main, &j1), 0);
     cr_assert_eq(pthread_create(&t2, NULL, release_main, &j2), 0);
     for (int i = 0; i < 20; i++)
-        zev_loop_run_once(loop, 0);
-    zev_loop_destroy(loop);
+        zev_loop_run_once(p.loop, 0);
+    zev_loop_destroy(p.loop);
+    p.loop = NULL; /* test_pair_close must not destroy it again */
     pthread_join(t1, NULL);
     pthread_join(t2, NULL);
     cr_expect_eq(j1.fail + j2.fail, 0);
@@ -819,9 +801,7 @@ Test(frames, released_while_loop_is_destroyed)
     cr_expect_leq(c->released_cb, 2000);
     cr_expect_eq(atomic_load(&c->bad_thread), 0);
 
-    test_close(push);
-    test_close(pull);
-    cr_assert_eq(zmq_ctx_term(ctx), 0);
+    cr_assert_eq(test_pair_close(&p), 0);
     free(c);
     test_expect_no_leaks();
 }
@@ -830,12 +810,9 @@ Test(frames, max_frames_stops_reading_and_resumes)
 {
     /* Single-part messages on one thread: the bound is exact. */
     ref_init();
-    void *ctx = zmq_ctx_new();
-    void *pull = zmq_socket(ctx, ZMQ_PULL);
-    void *push = zmq_socket(ctx, ZMQ_PUSH);
-    test_bind_connect(pull, push, "inproc");
-    zev_loop_t *loop = test_loop_new();
-    zev_stream_t *s = zev_stream_new(loop, pull);
+    test_pair_t p = test_pair_open(ZMQ_PULL, ZMQ_PUSH, "inproc");
+    void *pull = p.a, *push = p.b;
+    zev_stream_t *s = zev_stream_new(p.loop, pull);
     cr_assert_not_null(s);
     octx_t *c = octx_new();
     cr_assert_eq(zev_stream_set_max_frames(s, 4), 0);
@@ -845,18 +822,18 @@ Test(frames, max_frames_stops_reading_and_resumes)
     zev_stream_stats_t st;
 
     /* At the bound the stream stops reading; the rest waits in libzmq. */
-    test_run_until_count(loop, &c->nkept, 4, 10000);
+    test_run_until_count(p.loop, &c->nkept, 4, 10000);
     for (int i = 0; i < 20; i++)
-        zev_loop_run_once(loop, i < 10 ? 0 : 2);
+        zev_loop_run_once(p.loop, i < 10 ? 0 : 2);
     cr_expect_eq(c->nkept, 4, "read past max_frames=4");
     cr_assert_eq(zev_stream_stats(s, &st), 0);
     cr_expect_eq(st.frames_kept, 4);
 
     /* A higher bound lets it read on, up to the new bound. */
     cr_assert_eq(zev_stream_set_max_frames(s, 10), 0);
-    test_run_until_count(loop, &c->nkept, 10, 10000);
+    test_run_until_count(p.loop, &c->nkept, 10, 10000);
     for (int i = 0; i < 20; i++)
-        zev_loop_run_once(loop, i < 10 ? 0 : 2);
+        zev_loop_run_once(p.loop, i < 10 ? 0 : 2);
     cr_expect_eq(c->nkept, 10);
     for (size_t i = 0; i < 8; i++)
         cr_expect(part_ok(zev_frame_data(c->f[i]), zev_frame_size(c->f[i]), (uint32_t)i, 0),
@@ -865,35 +842,32 @@ Test(frames, max_frames_stops_reading_and_resumes)
     /* Frames coming back (loop thread, then another thread) resume it. */
     for (int i = 0; i < 3; i++)
         cr_assert_eq(zev_frame_release(c->f[i]), 0);
-    test_run_until_count(loop, &c->nkept, 13, 10000);
+    test_run_until_count(p.loop, &c->nkept, 13, 10000);
     for (int i = 0; i < 20; i++)
-        zev_loop_run_once(loop, i < 10 ? 0 : 2);
+        zev_loop_run_once(p.loop, i < 10 ? 0 : 2);
     cr_expect_eq(c->nkept, 13);
     cr_expect_eq(c->released_cb, 3);
     rel_job_t j = {.f = &c->f[3], .n = 5};
     pthread_t t;
     cr_assert_eq(pthread_create(&t, NULL, release_main, &j), 0);
     pthread_join(t, NULL);
-    test_run_until_count(loop, &c->nkept, 18, 10000);
+    test_run_until_count(p.loop, &c->nkept, 18, 10000);
     cr_expect_eq(c->released_cb, 8);
 
     /* 0 = unbounded: the rest. */
     cr_assert_eq(zev_stream_set_max_frames(s, 0), 0);
-    test_run_until_count(loop, &c->nkept, 20, 10000);
+    test_run_until_count(p.loop, &c->nkept, 20, 10000);
     for (size_t i = 8; i < 20; i++)
         cr_expect(part_ok(zev_frame_data(c->f[i]), zev_frame_size(c->f[i]), (uint32_t)i, 0),
                   "frame %zu", i);
     for (size_t i = 8; i < 20; i++)
         cr_assert_eq(zev_frame_release(c->f[i]), 0);
-    test_run_until_count(loop, &c->released_cb, 20, 10000);
+    test_run_until_count(p.loop, &c->released_cb, 20, 10000);
     cr_assert_eq(zev_stream_stats(s, &st), 0);
     cr_expect_eq(st.frames_kept, 0);
     cr_expect_eq(atomic_load(&c->bad_thread), 0);
 
-    zev_loop_destroy(loop);
-    test_close(push);
-    test_close(pull);
-    cr_assert_eq(zmq_ctx_term(ctx), 0);
+    cr_assert_eq(test_pair_close(&p), 0);
     free(c);
     test_expect_no_leaks();
 }

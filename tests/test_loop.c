@@ -1136,11 +1136,12 @@ static void *lone_client(void *arg)
 
 static void lone_stream_run(const char *transport)
 {
-    lone_t l = {.ctx = test_ctx_new()};
+    /* spin 1 ms; the REQ client is a thread */
+    test_pair_t p = test_pair_open_opts(ZMQ_REP, TEST_NO_SOCKET, NULL, 0, 1000);
+    lone_t l = {.ctx = p.ctx, .loop = p.loop};
     atomic_init(&l.client_done, 0);
     spin_lone = &l;
-    l.loop = test_loop_new_opts(0, 1000);
-    void *rep = test_socket(l.ctx, ZMQ_REP);
+    void *rep = p.a;
     test_bind_ep(rep, transport, l.ep, sizeof l.ep);
     l.s = test_stream_new(l.loop, rep);
     cr_assert_eq(zev_stream_on_recv(l.s, lone_echo, &l), 0);
@@ -1160,9 +1161,7 @@ static void lone_stream_run(const char *transport)
     cr_assert_gt(l.ticks, 0);
     cr_assert_eq(zev_timer_cancel(tick), 0);
     cr_assert_eq(zev_stream_close(l.s, 0), 0);
-    zev_loop_destroy(l.loop);
-    test_close(rep);
-    cr_assert_eq(zmq_ctx_term(l.ctx), 0);
+    cr_assert_eq(test_pair_close(&p), 0);
 }
 
 Test(loop, busy_poll_lone_stream_inproc, .timeout = 90)

@@ -157,29 +157,23 @@ static void echo_client(zev_stream_t *s, zev_msg_t *m, void *arg)
 
 static void echo_run(const char *transport, uint64_t n)
 {
-    void *ctx = test_ctx_new();
-    zev_loop_t *loop = test_loop_new();
-    void *rep = test_socket(ctx, ZMQ_REP), *req = test_socket(ctx, ZMQ_REQ);
-    test_bind_connect(rep, req, transport);
+    test_pair_t p = test_pair_open(ZMQ_REP, ZMQ_REQ, transport);
 
-    zev_stream_t *srv = test_stream_new(loop, rep);
+    zev_stream_t *srv = test_stream_new(p.loop, p.a);
     cr_assert_eq(zev_stream_on_recv(srv, echo_server, NULL), 0);
-    echo_t e = {.req = test_stream_new(loop, req), .target = n};
+    echo_t e = {.req = test_stream_new(p.loop, p.b), .target = n};
     cr_assert_eq(zev_stream_on_recv(e.req, echo_client, &e), 0);
 
     echo_send_next(&e);
-    test_run_until_count(loop, (const volatile size_t *)&e.replies, n, 90000);
+    test_run_until_count(p.loop, (const volatile size_t *)&e.replies, n, 90000);
     cr_assert_eq(e.bad, 0, "%zu bad replies; first: %s", e.bad, e.why);
-    test_spin(loop, 3, 1);
+    test_spin(p.loop, 3, 1);
     cr_assert_eq(e.sent, n);
     cr_assert_eq(e.replies, n);
     cr_assert_eq(zev_stream_sending(srv), 0);
     cr_assert_eq(zev_stream_sending(e.req), 0);
 
-    zev_loop_destroy(loop);
-    test_close(req);
-    test_close(rep);
-    zmq_ctx_term(ctx);
+    test_pair_close(&p);
 }
 
 Test(stream_echo, inproc_100k, .timeout = 150)
@@ -421,12 +415,9 @@ static void mp_raw_check(void *sock, size_t k)
 
 static void multipart_run(const char *transport)
 {
-    void *ctx = test_ctx_new();
-    zev_loop_t *loop = test_loop_new();
-    void *a = test_socket(ctx, ZMQ_PAIR), *b = test_socket(ctx, ZMQ_PAIR);
-    test_set_int(b, ZMQ_RCVTIMEO, 5000);
-    test_bind_connect(a, b, transport);
-    zev_stream_t *s = test_stream_new(loop, a);
+    test_pair_t p = test_pair_open(ZMQ_PAIR, ZMQ_PAIR, transport);
+    test_set_int(p.b, ZMQ_RCVTIMEO, 5000);
+    zev_stream_t *s = test_stream_new(p.loop, p.a);
     mp_rx_t rx = {0};
     cr_assert_eq(zev_stream_on_recv(s, mp_check, &rx), 0);
     send_count_t sc = {0};
@@ -434,24 +425,21 @@ static void multipart_run(const char *transport)
 
     /* raw -> stream, three rounds of every shape */
     for (size_t r = 0; r < 3 * MP_N; r++)
-        mp_raw_send(b, r % MP_N);
-    test_run_until_count(loop, &rx.count, 3 * MP_N, 10000);
+        mp_raw_send(p.b, r % MP_N);
+    test_run_until_count(p.loop, &rx.count, 3 * MP_N, 10000);
     cr_assert_eq(rx.bad, 0, "%zu bad; first: %s", rx.bad, rx.why);
 
     /* stream -> raw: each message reported once, status 0 */
     for (size_t r = 0; r < 3 * MP_N; r++)
         mp_stream_send(s, r % MP_N);
-    test_run_until_count(loop, &sc.count, 3 * MP_N, 10000);
+    test_run_until_count(p.loop, &sc.count, 3 * MP_N, 10000);
     for (size_t r = 0; r < 3 * MP_N; r++)
-        mp_raw_check(b, r % MP_N);
+        mp_raw_check(p.b, r % MP_N);
     cr_assert_eq(sc.bad, 0, "status %d", sc.first_bad);
-    test_spin(loop, 3, 1);
+    test_spin(p.loop, 3, 1);
     cr_assert_eq(sc.count, 3 * MP_N, "on_send once per message, not per part");
 
-    zev_loop_destroy(loop);
-    test_close(a);
-    test_close(b);
-    zmq_ctx_term(ctx);
+    test_pair_close(&p);
 }
 
 Test(stream_multipart, inproc, .timeout = 30)
@@ -477,10 +465,8 @@ Test(stream_multipart, tcp, .timeout = 30)
  */
 Test(stream_pending, before_registration_inproc_1000, .timeout = 30)
 {
-    void *ctx = test_ctx_new();
-    zev_loop_t *loop = test_loop_new();
-    void *pull = test_socket(ctx, ZMQ_PULL), *push = test_socket(ctx, ZMQ_PUSH);
-    test_bind_connect(pull, push, "inproc");
+    test_pair_t p = test_pair_open(ZMQ_PULL, ZMQ_PUSH, "inproc");
+    void *pull = p.a, *push = p.b;
     for (uint64_t i = 0; i < 1000; i++)
         test_send_seq(push, i);
     int ev = 0;
@@ -488,18 +474,15 @@ Test(stream_pending, before_registration_inproc_1000, .timeout = 30)
     cr_assert_eq(zmq_getsockopt(pull, ZMQ_EVENTS, &ev, &len), 0);
     cr_assert(ev & ZMQ_POLLIN, "the messages are in the PULL's pipe");
 
-    zev_stream_t *s = test_stream_new(loop, pull);
+    zev_stream_t *s = test_stream_new(p.loop, pull);
     seq_rx_t rx = {0};
     cr_assert_eq(zev_stream_on_recv(s, seq_recv, &rx), 0);
-    test_run_until_count(loop, &rx.count, 1000, 5000);
+    test_run_until_count(p.loop, &rx.count, 1000, 5000);
     cr_assert_eq(rx.out_of_order, 0);
-    test_spin(loop, 3, 5);
+    test_spin(p.loop, 3, 5);
     cr_assert_eq(rx.count, 1000);
 
-    zev_loop_destroy(loop);
-    test_close(push);
-    test_close(pull);
-    zmq_ctx_term(ctx);
+    test_pair_close(&p);
 }
 
 /*
@@ -510,12 +493,10 @@ Test(stream_pending, before_registration_inproc_1000, .timeout = 30)
  */
 static void pending_on_recv_run(const char *transport)
 {
-    void *ctx = test_ctx_new();
-    zev_loop_t *loop = test_loop_new();
-    void *pull = test_socket(ctx, ZMQ_PULL), *push = test_socket(ctx, ZMQ_PUSH);
-    test_bind_connect(pull, push, transport);
-    zev_stream_t *s = test_stream_new(loop, pull);
-    test_spin(loop, 3, 5);
+    test_pair_t p = test_pair_open(ZMQ_PULL, ZMQ_PUSH, transport);
+    void *pull = p.a, *push = p.b;
+    zev_stream_t *s = test_stream_new(p.loop, pull);
+    test_spin(p.loop, 3, 5);
     cr_assert_eq(zev_stream_receiving(s), 0);
 
     for (uint64_t i = 0; i < 1000; i++)
@@ -525,23 +506,20 @@ static void pending_on_recv_run(const char *transport)
     int ev = 0;
     uint64_t end = test_ms() + 5000;
     do {
-        test_spin(loop, 1, 5);
+        test_spin(p.loop, 1, 5);
         size_t len = sizeof ev;
         cr_assert_eq(zmq_getsockopt(pull, ZMQ_EVENTS, &ev, &len), 0);
         cr_assert(test_ms() < end);
     } while (!(ev & ZMQ_POLLIN));
-    test_spin(loop, 5, 10);
+    test_spin(p.loop, 5, 10);
 
     seq_rx_t rx = {0};
     cr_assert_eq(zev_stream_on_recv(s, seq_recv, &rx), 0);
     cr_assert_eq(zev_stream_receiving(s), 1);
-    test_run_until_count(loop, &rx.count, 1000, 5000);
+    test_run_until_count(p.loop, &rx.count, 1000, 5000);
     cr_assert_eq(rx.out_of_order, 0);
 
-    zev_loop_destroy(loop);
-    test_close(push);
-    test_close(pull);
-    zmq_ctx_term(ctx);
+    test_pair_close(&p);
 }
 
 Test(stream_pending, before_on_recv_inproc, .timeout = 30)
@@ -557,11 +535,9 @@ Test(stream_pending, before_on_recv_tcp, .timeout = 30)
 
 Test(stream_recv, stop_on_recv_keeps_messages, .timeout = 30)
 {
-    void *ctx = test_ctx_new();
-    zev_loop_t *loop = test_loop_new();
-    void *pull = test_socket(ctx, ZMQ_PULL), *push = test_socket(ctx, ZMQ_PUSH);
-    test_bind_connect(pull, push, "inproc");
-    zev_stream_t *s = test_stream_new(loop, pull);
+    test_pair_t p = test_pair_open(ZMQ_PULL, ZMQ_PUSH, "inproc");
+    void *pull = p.a, *push = p.b;
+    zev_stream_t *s = test_stream_new(p.loop, pull);
     seq_rx_t rx = {.stop_at = 50};
     cr_assert_eq(zev_stream_on_recv(s, seq_recv, &rx), 0);
     cr_assert_eq(zev_stream_receiving(s), 1);
@@ -569,8 +545,8 @@ Test(stream_recv, stop_on_recv_keeps_messages, .timeout = 30)
     /* 1. stop from inside the callback at the 50th of 100 */
     for (uint64_t i = 0; i < 100; i++)
         test_send_seq(push, i);
-    test_run_until_count(loop, &rx.count, 50, 5000);
-    test_spin(loop, 10, 5);
+    test_run_until_count(p.loop, &rx.count, 50, 5000);
+    test_spin(p.loop, 10, 5);
     cr_assert_eq(rx.count, 50, "no delivery while stopped");
     cr_assert_eq(zev_stream_receiving(s), 0);
 
@@ -578,7 +554,7 @@ Test(stream_recv, stop_on_recv_keeps_messages, .timeout = 30)
     rx.stop_at = 0;
     cr_assert_eq(zev_stream_on_recv(s, seq_recv, &rx), 0);
     cr_assert_eq(zev_stream_receiving(s), 1);
-    test_run_until_count(loop, &rx.count, 100, 5000);
+    test_run_until_count(p.loop, &rx.count, 100, 5000);
     cr_assert_eq(rx.out_of_order, 0);
 
     /* 2. stop from outside, between iterations; messages arrive meanwhile */
@@ -586,21 +562,18 @@ Test(stream_recv, stop_on_recv_keeps_messages, .timeout = 30)
     cr_assert_eq(zev_stream_receiving(s), 0);
     for (uint64_t i = 100; i < 200; i++)
         test_send_seq(push, i);
-    test_spin(loop, 10, 5);
+    test_spin(p.loop, 10, 5);
     cr_assert_eq(rx.count, 100);
     int ev = 0;
     size_t len = sizeof ev;
     cr_assert_eq(zmq_getsockopt(pull, ZMQ_EVENTS, &ev, &len), 0);
     cr_assert(ev & ZMQ_POLLIN, "the messages wait in libzmq");
     cr_assert_eq(zev_stream_on_recv(s, seq_recv, &rx), 0);
-    test_run_until_count(loop, &rx.count, 200, 5000);
+    test_run_until_count(p.loop, &rx.count, 200, 5000);
     cr_assert_eq(rx.out_of_order, 0);
     cr_assert_eq(rx.next, 200);
 
-    zev_loop_destroy(loop);
-    test_close(push);
-    test_close(pull);
-    zmq_ctx_term(ctx);
+    test_pair_close(&p);
 }
 
 /* ============================================================== queue bound */
@@ -613,12 +586,11 @@ Test(stream_recv, stop_on_recv_keeps_messages, .timeout = 30)
  */
 static void queue_bound_run(const char *transport)
 {
-    void *ctx = test_ctx_new();
-    zev_loop_t *loop = test_loop_new();
-    void *push = test_socket(ctx, ZMQ_PUSH);
+    test_pair_t p = test_pair_open(ZMQ_PUSH, ZMQ_PULL, NULL); /* the PULL connects later */
+    void *push = p.a, *pull = p.b;
     char ep[256];
     test_bind_ep(push, transport, ep, sizeof ep);
-    zev_stream_t *s = test_stream_new(loop, push);
+    zev_stream_t *s = test_stream_new(p.loop, push);
     cr_assert_eq(zev_stream_set_max_queue(s, 1000), 0);
     send_count_t sc = {0};
     cr_assert_eq(zev_stream_on_send(s, count_send, &sc), 0);
@@ -649,25 +621,21 @@ static void queue_bound_run(const char *transport)
     cr_assert_eq(st.queued_msgs, 1000);
 
     /* still no peer: nothing handed over, nothing reported */
-    test_spin(loop, 5, 5);
+    test_spin(p.loop, 5, 5);
     cr_assert_eq(sc.count, 0);
     cr_assert_eq(zev_stream_sending(s), 1);
 
-    void *pull = test_socket(ctx, ZMQ_PULL);
     test_set_int(pull, ZMQ_RCVTIMEO, 5000);
     cr_assert_eq(zmq_connect(pull, ep), 0, "connect %s: %s", ep, zmq_strerror(errno));
-    test_run_until_count(loop, &sc.count, 1000, 10000);
+    test_run_until_count(p.loop, &sc.count, 1000, 10000);
     cr_assert_eq(sc.bad, 0, "status %d", sc.first_bad);
     cr_assert_eq(zev_stream_sending(s), 0);
     for (uint64_t i = 0; i < 1000; i++)
         cr_assert_eq(raw_recv_seq(pull), i);
-    test_spin(loop, 3, 1);
+    test_spin(p.loop, 3, 1);
     cr_assert_eq(sc.count, 1000);
 
-    zev_loop_destroy(loop);
-    test_close(pull);
-    test_close(push);
-    zmq_ctx_term(ctx);
+    test_pair_close(&p);
 }
 
 Test(stream_queue, bound_1000_inproc, .timeout = 30)
@@ -687,12 +655,11 @@ Test(stream_queue, bound_1000_tcp, .timeout = 30)
  * at its first part: later parts are taken even at the bound. */
 Test(stream_queue, multipart_counts_once, .timeout = 30)
 {
-    void *ctx = test_ctx_new();
-    zev_loop_t *loop = test_loop_new();
-    void *push = test_socket(ctx, ZMQ_PUSH);
+    test_pair_t p = test_pair_open(ZMQ_PUSH, ZMQ_PULL, NULL); /* the PULL connects later */
+    void *push = p.a, *pull = p.b;
     char ep[256];
     test_bind_ep(push, "inproc", ep, sizeof ep);
-    zev_stream_t *s = test_stream_new(loop, push);
+    zev_stream_t *s = test_stream_new(p.loop, push);
     cr_assert_eq(zev_stream_set_max_queue(s, 3), 0);
     send_count_t sc = {0};
     cr_assert_eq(zev_stream_on_send(s, count_send, &sc), 0);
@@ -711,10 +678,9 @@ Test(stream_queue, multipart_counts_once, .timeout = 30)
     cr_assert_eq(st.queued_msgs, 3);
     cr_assert_eq(st.queued_parts, 5);
 
-    void *pull = test_socket(ctx, ZMQ_PULL);
     test_set_int(pull, ZMQ_RCVTIMEO, 5000);
     cr_assert_eq(zmq_connect(pull, ep), 0);
-    test_run_until_count(loop, &sc.count, 3, 5000);
+    test_run_until_count(p.loop, &sc.count, 3, 5000);
     cr_assert_eq(sc.bad, 0);
     char buf[8];
     int more;
@@ -734,10 +700,7 @@ Test(stream_queue, multipart_counts_once, .timeout = 30)
     test_set_int(pull, ZMQ_RCVTIMEO, 50);
     cr_assert_eq(zmq_recv(pull, buf, sizeof buf, 0), -1, "the refused message never went out");
 
-    zev_loop_destroy(loop);
-    test_close(pull);
-    test_close(push);
-    zmq_ctx_term(ctx);
+    test_pair_close(&p);
 }
 
 /* ===================================================================== HWM */
@@ -788,17 +751,16 @@ static void hwm_recv(zev_stream_t *s, zev_msg_t *m, void *arg)
 
 static void hwm_run(const char *transport, uint64_t n)
 {
-    void *ctx = test_ctx_new();
-    zev_loop_t *loop = test_loop_new();
-    void *pull = test_socket(ctx, ZMQ_PULL), *push = test_socket(ctx, ZMQ_PUSH);
+    test_pair_t p = test_pair_open(ZMQ_PULL, ZMQ_PUSH, NULL); /* HWMs first */
+    void *pull = p.a, *push = p.b;
     test_set_int(push, ZMQ_SNDHWM, 1);
     test_set_int(pull, ZMQ_RCVHWM, 1);
     test_bind_connect(pull, push, transport);
-    zev_stream_t *tx = test_stream_new(loop, push), *rxs = test_stream_new(loop, pull);
+    zev_stream_t *tx = test_stream_new(p.loop, push), *rxs = test_stream_new(p.loop, pull);
     cr_assert_eq(zev_stream_set_max_queue(tx, 0), 0);
     send_count_t sc = {0};
     cr_assert_eq(zev_stream_on_send(tx, count_send, &sc), 0);
-    hwm_rx_t h = {.s = rxs, .loop = loop};
+    hwm_rx_t h = {.s = rxs, .loop = p.loop};
     cr_assert_eq(zev_stream_on_recv(rxs, hwm_recv, &h), 0);
 
     for (uint64_t i = 0; i < n; i++)
@@ -806,22 +768,19 @@ static void hwm_run(const char *transport, uint64_t n)
             cr_assert_fail("send %llu: %s", (unsigned long long)i, zmq_strerror(errno));
     cr_assert_eq(zev_stream_sending(tx), 1, "SNDHWM=1: the rest waits in the queue");
 
-    test_run_until_count(loop, &h.rx.count, n, 60000);
-    test_run_until_count(loop, &sc.count, n, 10000);
+    test_run_until_count(p.loop, &h.rx.count, n, 60000);
+    test_run_until_count(p.loop, &sc.count, n, 10000);
     cr_assert_eq(h.resumed, 1);
     cr_assert_eq(h.during_pause, 0, "delivered while stopped");
     cr_assert_eq(h.rx.out_of_order, 0);
     cr_assert_eq(h.rx.next, n);
     cr_assert_eq(sc.bad, 0, "status %d", sc.first_bad);
-    test_spin(loop, 3, 5);
+    test_spin(p.loop, 3, 5);
     cr_assert_eq(sc.count, n, "on_send exactly once per message");
     cr_assert_eq(h.rx.count, n);
     cr_assert_eq(zev_stream_sending(tx), 0);
 
-    zev_loop_destroy(loop);
-    test_close(push);
-    test_close(pull);
-    zmq_ctx_term(ctx);
+    test_pair_close(&p);
 }
 
 Test(stream_hwm, pause_inproc_100k, .timeout = 120)
@@ -841,11 +800,9 @@ Test(stream_hwm, pause_tcp_20k, .timeout = 120)
 
 Test(stream_flush, read_limit_exact_counts, .timeout = 30)
 {
-    void *ctx = test_ctx_new();
-    zev_loop_t *loop = test_loop_new();
-    void *pull = test_socket(ctx, ZMQ_PULL), *push = test_socket(ctx, ZMQ_PUSH);
-    test_bind_connect(pull, push, "inproc");
-    zev_stream_t *s = test_stream_new(loop, pull);
+    test_pair_t p = test_pair_open(ZMQ_PULL, ZMQ_PUSH, "inproc");
+    void *pull = p.a, *push = p.b;
+    zev_stream_t *s = test_stream_new(p.loop, pull);
     seq_rx_t rx = {0};
     cr_assert_eq(zev_stream_on_recv(s, seq_recv, &rx), 0);
     cr_assert_eq(zev_stream_flush(s, ZEV_READ, 0), 0, "nothing pending yet");
@@ -862,10 +819,10 @@ Test(stream_flush, read_limit_exact_counts, .timeout = 30)
     cr_assert_eq(zev_stream_flush(s, ZEV_WRITE, 0), 0, "no send queued");
 
     /* the loop has nothing left either, and still serves new messages */
-    test_spin(loop, 3, 5);
+    test_spin(p.loop, 3, 5);
     cr_assert_eq(rx.count, 10);
     test_send_seq(push, 10);
-    test_run_until_count(loop, &rx.count, 11, 5000);
+    test_run_until_count(p.loop, &rx.count, 11, 5000);
     cr_assert_eq(rx.out_of_order, 0);
 
     /* READ while on_recv is unset handles nothing: the message stays */
@@ -876,22 +833,18 @@ Test(stream_flush, read_limit_exact_counts, .timeout = 30)
     cr_assert_eq(zev_stream_flush(s, ZEV_READ, 0), 1);
     cr_assert_eq(rx.count, 12);
 
-    zev_loop_destroy(loop);
-    test_close(push);
-    test_close(pull);
-    zmq_ctx_term(ctx);
+    test_pair_close(&p);
 }
 
 /* flush(WRITE) sends queued messages and reports them through on_send
  * before it returns; with a limit it handles exactly that many. */
 Test(stream_flush, write_reports_before_return, .timeout = 30)
 {
-    void *ctx = test_ctx_new();
-    zev_loop_t *loop = test_loop_new();
-    void *push = test_socket(ctx, ZMQ_PUSH);
+    test_pair_t p = test_pair_open(ZMQ_PUSH, ZMQ_PULL, NULL); /* the PULL connects later */
+    void *push = p.a, *pull = p.b;
     char ep[256];
     test_bind_ep(push, "inproc", ep, sizeof ep);
-    zev_stream_t *s = test_stream_new(loop, push);
+    zev_stream_t *s = test_stream_new(p.loop, push);
     send_count_t sc = {0};
     cr_assert_eq(zev_stream_on_send(s, count_send, &sc), 0);
     for (uint64_t i = 0; i < 5; i++)
@@ -900,7 +853,6 @@ Test(stream_flush, write_reports_before_return, .timeout = 30)
     cr_assert_eq(sc.count, 0);
     cr_assert_eq(zev_stream_sending(s), 1);
 
-    void *pull = test_socket(ctx, ZMQ_PULL);
     test_set_int(pull, ZMQ_RCVTIMEO, 5000);
     cr_assert_eq(zmq_connect(pull, ep), 0);
     cr_assert_eq(zev_stream_flush(s, ZEV_WRITE, 2), 2);
@@ -912,13 +864,10 @@ Test(stream_flush, write_reports_before_return, .timeout = 30)
     cr_assert_eq(zev_stream_flush(s, ZEV_WRITE, 0), 0, "nothing pending");
     for (uint64_t i = 0; i < 5; i++)
         cr_assert_eq(raw_recv_seq(pull), i);
-    test_spin(loop, 3, 1);
+    test_spin(p.loop, 3, 1);
     cr_assert_eq(sc.count, 5, "not reported twice");
 
-    zev_loop_destroy(loop);
-    test_close(pull);
-    test_close(push);
-    zmq_ctx_term(ctx);
+    test_pair_close(&p);
 }
 
 /* ========================================================== on_send semantics */
@@ -954,12 +903,10 @@ static void ons_cb(zev_stream_t *s, int status, void *arg)
 
 Test(stream_send, on_send_once_in_order_never_nested, .timeout = 30)
 {
-    void *ctx = test_ctx_new();
-    zev_loop_t *loop = test_loop_new();
-    void *push = test_socket(ctx, ZMQ_PUSH), *pull = test_socket(ctx, ZMQ_PULL);
+    test_pair_t p = test_pair_open(ZMQ_PULL, ZMQ_PUSH, "inproc");
+    void *pull = p.a, *push = p.b;
     test_set_int(pull, ZMQ_RCVTIMEO, 5000);
-    test_bind_connect(pull, push, "inproc");
-    zev_stream_t *s = test_stream_new(loop, push);
+    zev_stream_t *s = test_stream_new(p.loop, push);
     ons_t o = {.s = s, .target = 30};
     cr_assert_eq(zev_stream_on_send(s, ons_cb, &o), 0);
 
@@ -969,8 +916,8 @@ Test(stream_send, on_send_once_in_order_never_nested, .timeout = 30)
         cr_assert_eq(o.count, 0, "on_send must not run inside the send call");
     }
     cr_assert_eq(zev_stream_sending(s), 0, "went straight to libzmq");
-    test_run_until_count(loop, &o.count, 30, 5000);
-    test_spin(loop, 3, 1);
+    test_run_until_count(p.loop, &o.count, 30, 5000);
+    test_spin(p.loop, 3, 1);
     cr_assert_eq(o.count, 30, "once per message");
     cr_assert_eq(o.nested, 0);
     cr_assert_eq(o.bad, 0);
@@ -982,7 +929,7 @@ Test(stream_send, on_send_once_in_order_never_nested, .timeout = 30)
      * is set") */
     cr_assert_eq(zev_stream_on_send(s, NULL, NULL), 0);
     cr_assert_eq(zev_stream_send(s, "x", 1, 0), 0);
-    test_spin(loop, 2, 1);
+    test_spin(p.loop, 2, 1);
     send_count_t sc = {.in_send = &o.in_send};
     cr_assert_eq(zev_stream_on_send(s, count_send, &sc), 0);
     o.in_send = 1;
@@ -991,16 +938,13 @@ Test(stream_send, on_send_once_in_order_never_nested, .timeout = 30)
     cr_assert_eq(zev_stream_send(s, "c", 1, 0), 0);
     o.in_send = 0;
     cr_assert_eq(sc.count, 0);
-    test_run_until_count(loop, &sc.count, 1, 5000);
-    test_spin(loop, 3, 1);
+    test_run_until_count(p.loop, &sc.count, 1, 5000);
+    test_spin(p.loop, 3, 1);
     cr_assert_eq(sc.count, 1);
     cr_assert_eq(sc.bad, 0);
     cr_assert_eq(sc.nested, 0);
 
-    zev_loop_destroy(loop);
-    test_close(push);
-    test_close(pull);
-    zmq_ctx_term(ctx);
+    test_pair_close(&p);
 }
 
 /* =============================================================== bad input */
@@ -1060,14 +1004,13 @@ Test(stream_bad_input, null_stream, .timeout = 10)
     cr_assert_null(zev_stream_loop(NULL));
     cr_assert_eq(errno, EINVAL);
 
-    void *ctx = test_ctx_new();
-    zev_loop_t *loop = test_loop_new();
-    void *sock = test_socket(ctx, ZMQ_PULL);
+    test_pair_t p = test_pair_open(ZMQ_PULL, TEST_NO_SOCKET, NULL);
+    void *sock = p.a;
     errno = 0;
     cr_assert_null(zev_stream_new(NULL, sock));
     cr_assert_eq(errno, EINVAL);
     errno = 0;
-    cr_assert_null(zev_stream_new(loop, NULL));
+    cr_assert_null(zev_stream_new(p.loop, NULL));
     cr_assert_eq(errno, EINVAL);
     /* A pointer that is not a socket is caught only as far as libzmq's own
      * tag check goes: it reads the object, so an arbitrary pointer is
@@ -1075,23 +1018,19 @@ Test(stream_bad_input, null_stream, .timeout = 10)
      * is safe to read and fails the check. */
     static uint64_t not_a_socket[8192];
     errno = 0;
-    cr_assert_null(zev_stream_new(loop, not_a_socket));
+    cr_assert_null(zev_stream_new(p.loop, not_a_socket));
     cr_assert_eq(errno, ENOTSOCK);
-    zev_stream_t *s = test_stream_new(loop, sock);
+    zev_stream_t *s = test_stream_new(p.loop, sock);
     EXPECT_ERR(zev_stream_stats(s, NULL), EINVAL);
-    zev_loop_destroy(loop);
-    test_close(sock);
-    zmq_ctx_term(ctx);
+    test_pair_close(&p);
 }
 
 Test(stream_bad_input, bad_flags_and_args, .timeout = 10)
 {
-    void *ctx = test_ctx_new();
-    zev_loop_t *loop = test_loop_new();
-    void *push = test_socket(ctx, ZMQ_PUSH), *pull = test_socket(ctx, ZMQ_PULL);
+    test_pair_t p = test_pair_open(ZMQ_PULL, ZMQ_PUSH, "inproc");
+    void *pull = p.a, *push = p.b;
     test_set_int(pull, ZMQ_RCVTIMEO, 5000);
-    test_bind_connect(pull, push, "inproc");
-    zev_stream_t *s = test_stream_new(loop, push);
+    zev_stream_t *s = test_stream_new(p.loop, push);
     send_count_t sc = {0};
     cr_assert_eq(zev_stream_on_send(s, count_send, &sc), 0);
     zmq_msg_t part;
@@ -1115,7 +1054,7 @@ Test(stream_bad_input, bad_flags_and_args, .timeout = 10)
     /* NULL data with len 0 is an empty message, not an error */
     cr_assert_eq(zev_stream_send(s, NULL, 0, 0), 0);
     cr_assert_eq(zev_stream_send_msg(s, &part, 1, 0), 0);
-    test_run_until_count(loop, &sc.count, 2, 5000);
+    test_run_until_count(p.loop, &sc.count, 2, 5000);
     char buf[8];
     cr_assert_eq(zmq_recv(pull, buf, sizeof buf, 0), 0);
     cr_assert_eq(zmq_recv(pull, buf, sizeof buf, 0), 3);
@@ -1123,10 +1062,7 @@ Test(stream_bad_input, bad_flags_and_args, .timeout = 10)
     zmq_msg_close(&part);
     cr_assert_eq(sc.count, 2, "refused sends are never reported");
 
-    zev_loop_destroy(loop);
-    test_close(push);
-    test_close(pull);
-    zmq_ctx_term(ctx);
+    test_pair_close(&p);
 }
 
 typedef struct {
@@ -1147,11 +1083,9 @@ static void probe_close(zev_stream_t *s, void *arg)
  * valid: setters, sends, flush and close give EBADF. */
 Test(stream_bad_input, closed_stream_ebadf, .timeout = 10)
 {
-    void *ctx = test_ctx_new();
-    zev_loop_t *loop = test_loop_new();
-    void *sock = test_socket(ctx, ZMQ_DEALER), *peer = test_socket(ctx, ZMQ_ROUTER);
-    test_bind_connect(peer, sock, "inproc");
-    zev_stream_t *s = test_stream_new(loop, sock);
+    test_pair_t pair = test_pair_open(ZMQ_ROUTER, ZMQ_DEALER, "inproc");
+    void *sock = pair.b; /* the stream's DEALER; pair.a is its ROUTER peer */
+    zev_stream_t *s = test_stream_new(pair.loop, sock);
     cr_assert_eq(zev_stream_on_recv(s, noop_recv, NULL), 0);
     close_probe_t p = {0};
     cr_assert_eq(zev_stream_on_close(s, probe_close, &p), 0);
@@ -1161,7 +1095,7 @@ Test(stream_bad_input, closed_stream_ebadf, .timeout = 10)
     cr_assert_eq(zev_stream_receiving(s), 0);
     cr_assert_eq(zev_stream_sending(s), 0);
     cr_assert_eq(zev_stream_socket(s), sock);
-    cr_assert_eq(zev_stream_loop(s), loop);
+    cr_assert_eq(zev_stream_loop(s), pair.loop);
 
     zmq_msg_t part;
     zmq_msg_init_size(&part, 1);
@@ -1184,43 +1118,35 @@ Test(stream_bad_input, closed_stream_ebadf, .timeout = 10)
     EXPECT_ERR(zev_stream_close(s, ZEV_CLOSE_SOCKET), EBADF);
     zmq_msg_close(&part);
 
-    test_spin(loop, 2, 1);
+    test_spin(pair.loop, 2, 1);
     cr_assert_eq(p.calls, 1);
     cr_assert_eq(p.closed_seen, 1);
     cr_assert_eq(p.ebadf_ok, 1, "inside the close callback the stream is still closed");
 
     /* the socket is the user's again: a new stream on it works */
-    zev_stream_t *s2 = test_stream_new(loop, sock);
+    zev_stream_t *s2 = test_stream_new(pair.loop, sock);
     cr_assert_eq(zev_stream_close(s2, 0), 0);
-    zev_loop_destroy(loop);
+    test_pair_close(&pair);
     cr_assert_eq(p.calls, 1);
-    test_close(sock);
-    test_close(peer);
-    zmq_ctx_term(ctx);
 }
 
 Test(stream_bad_input, second_stream_on_socket_eexist, .timeout = 10)
 {
-    void *ctx = test_ctx_new();
-    zev_loop_t *loop = test_loop_new();
-    void *pull = test_socket(ctx, ZMQ_PULL), *push = test_socket(ctx, ZMQ_PUSH);
-    test_bind_connect(pull, push, "inproc");
-    zev_stream_t *s = test_stream_new(loop, pull);
+    test_pair_t p = test_pair_open(ZMQ_PULL, ZMQ_PUSH, "inproc");
+    void *pull = p.a, *push = p.b;
+    zev_stream_t *s = test_stream_new(p.loop, pull);
     errno = 0;
-    cr_assert_null(zev_stream_new(loop, pull));
+    cr_assert_null(zev_stream_new(p.loop, pull));
     cr_assert_eq(errno, EEXIST);
     /* the first stream is unharmed */
     seq_rx_t rx = {0};
     cr_assert_eq(zev_stream_on_recv(s, seq_recv, &rx), 0);
     test_send_seq(push, 0);
     test_send_seq(push, 1);
-    test_run_until_count(loop, &rx.count, 2, 5000);
+    test_run_until_count(p.loop, &rx.count, 2, 5000);
     cr_assert_eq(rx.out_of_order, 0);
 
-    zev_loop_destroy(loop);
-    test_close(push);
-    test_close(pull);
-    zmq_ctx_term(ctx);
+    test_pair_close(&p);
 }
 
 /*
@@ -1294,28 +1220,25 @@ Test(stream_bad_input, socket_closed_under_stream_enotsock, .timeout = 20)
  */
 Test(stream_bad_input, socket_closed_mid_multipart_one_status, .timeout = 20)
 {
-    void *ctx = test_ctx_new();
-    zev_loop_t *loop = test_loop_new();
-    void *push = test_socket(ctx, ZMQ_PUSH), *pull = test_socket(ctx, ZMQ_PULL);
-    test_bind_connect(pull, push, "inproc");
-    zev_stream_t *s = test_stream_new(loop, push);
+    test_pair_t p = test_pair_open(ZMQ_PULL, ZMQ_PUSH, "inproc");
+    void *push = p.b;
+    zev_stream_t *s = test_stream_new(p.loop, push);
     send_count_t sc = {.expect = ENOTSOCK};
     cr_assert_eq(zev_stream_on_send(s, count_send, &sc), 0);
     cr_assert_eq(zev_stream_send(s, "a", 1, ZMQ_SNDMORE), 0);
 
     test_close(push);
+    p.b = NULL; /* test_pair_close must not close it again */
     cr_assert_eq(zev_stream_send(s, "b", 1, 0), 0, "a later part is taken: %s",
                  zmq_strerror(errno));
-    test_run_until_count(loop, &sc.count, 1, 5000);
-    test_spin(loop, 3, 1); /* room for a second, wrong, status */
+    test_run_until_count(p.loop, &sc.count, 1, 5000);
+    test_spin(p.loop, 3, 1); /* room for a second, wrong, status */
     cr_assert_eq(sc.count, 1, "one message, %zu on_send statuses", sc.count);
     cr_assert_eq(sc.bad, 0, "status %s, expected ENOTSOCK", zmq_strerror(sc.first_bad));
     EXPECT_ERR(zev_stream_send(s, "c", 1, 0), ENOTSOCK);
 
     cr_assert_eq(zev_stream_close(s, 0), 0);
-    zev_loop_destroy(loop);
-    test_close(pull);
-    zmq_ctx_term(ctx);
+    test_pair_close(&p);
 }
 
 /*
@@ -1380,25 +1303,19 @@ Test(stream_bad_input, context_terminated_eterm, .timeout = 20)
  * it must say so (-1/ETERM), not "0 handled" as if nothing were wrong. */
 Test(stream_bad_input, context_terminated_flush_first_eterm, .timeout = 20)
 {
-    void *ctx = test_ctx_new();
-    zev_loop_t *loop = test_loop_new();
-    void *pull = test_socket(ctx, ZMQ_PULL), *push = test_socket(ctx, ZMQ_PUSH);
-    test_bind_connect(pull, push, "inproc");
-    zev_stream_t *s = test_stream_new(loop, pull);
+    test_pair_t p = test_pair_open(ZMQ_PULL, ZMQ_PUSH, "inproc");
+    zev_stream_t *s = test_stream_new(p.loop, p.a);
     seq_rx_t rx = {0};
     cr_assert_eq(zev_stream_on_recv(s, seq_recv, &rx), 0);
-    test_send_seq(push, 0);
-    test_run_until_count(loop, &rx.count, 1, 5000);
-    test_spin(loop, 2, 1);
+    test_send_seq(p.b, 0);
+    test_run_until_count(p.loop, &rx.count, 1, 5000);
+    test_spin(p.loop, 2, 1);
 
-    cr_assert_eq(zmq_ctx_shutdown(ctx), 0);
+    cr_assert_eq(zmq_ctx_shutdown(p.ctx), 0);
     EXPECT_ERR(zev_stream_flush(s, ZEV_READ, 0), ETERM);
     EXPECT_ERR(zev_stream_flush(s, ZEV_READ, 0), ETERM);
     cr_assert_eq(zev_stream_close(s, 0), 0);
-    zev_loop_destroy(loop);
-    test_close(push);
-    test_close(pull);
-    cr_assert_eq(zmq_ctx_term(ctx), 0);
+    cr_assert_eq(test_pair_close(&p), 0);
 }
 
 /*
@@ -1408,32 +1325,29 @@ Test(stream_bad_input, context_terminated_flush_first_eterm, .timeout = 20)
  */
 Test(stream_bad_input, context_terminated_queued_reported_eterm, .timeout = 20)
 {
-    void *ctx = test_ctx_new();
-    zev_loop_t *loop = test_loop_new();
-    void *lonely = test_socket(ctx, ZMQ_PUSH); /* no peer: its sends queue */
+    test_pair_t p = test_pair_open(ZMQ_PUSH, TEST_NO_SOCKET, NULL);
+    void *lonely = p.a; /* no peer: its sends queue */
     char ep[256];
     test_bind_ep(lonely, "inproc", ep, sizeof ep);
-    zev_stream_t *sq = test_stream_new(loop, lonely);
+    zev_stream_t *sq = test_stream_new(p.loop, lonely);
     send_count_t sc = {.expect = ETERM};
     cr_assert_eq(zev_stream_on_send(sq, count_send, &sc), 0);
     for (uint64_t i = 0; i < 3; i++)
         cr_assert_eq(zev_stream_send(sq, &i, sizeof i, 0), 0);
-    test_spin(loop, 3, 2);
+    test_spin(p.loop, 3, 2);
     cr_assert_eq(sc.count, 0);
 
-    cr_assert_eq(zmq_ctx_shutdown(ctx), 0);
-    test_run_until_count(loop, &sc.count, 3, 3000);
+    cr_assert_eq(zmq_ctx_shutdown(p.ctx), 0);
+    test_run_until_count(p.loop, &sc.count, 3, 3000);
     cr_assert_eq(sc.bad, 0, "queued message reported with %d, want ETERM", sc.first_bad);
     cr_assert_eq(zev_stream_sending(sq), 0);
     EXPECT_ERR(zev_stream_send(sq, "y", 1, 0), ETERM);
-    test_spin(loop, 3, 1);
+    test_spin(p.loop, 3, 1);
     cr_assert_eq(sc.count, 3, "reported once");
 
     cr_assert_eq(zev_stream_close(sq, 0), 0);
-    zev_loop_destroy(loop);
+    cr_assert_eq(test_pair_close(&p), 0);
     cr_assert_eq(sc.count, 3);
-    test_close(lonely);
-    cr_assert_eq(zmq_ctx_term(ctx), 0);
 }
 
 /*
@@ -1444,34 +1358,34 @@ Test(stream_bad_input, context_terminated_queued_reported_eterm, .timeout = 20)
  */
 Test(stream_bad_input, socket_closed_queued_reported_enotsock, .timeout = 20)
 {
-    void *ctx = test_ctx_new();
-    zev_loop_t *loop = test_loop_new();
-    void *lonely = test_socket(ctx, ZMQ_PUSH);
+    test_pair_t p = test_pair_open(ZMQ_PUSH, TEST_NO_SOCKET, NULL);
+    void *lonely = p.a;
     char ep[256];
     test_bind_ep(lonely, "inproc", ep, sizeof ep);
-    zev_stream_t *sq = test_stream_new(loop, lonely);
+    zev_stream_t *sq = test_stream_new(p.loop, lonely);
     send_count_t sc = {.expect = ENOTSOCK};
     cr_assert_eq(zev_stream_on_send(sq, count_send, &sc), 0);
     for (uint64_t i = 0; i < 3; i++)
         cr_assert_eq(zev_stream_send(sq, &i, sizeof i, 0), 0);
-    test_spin(loop, 3, 2);
+    test_spin(p.loop, 3, 2);
     cr_assert_eq(sc.count, 0);
 
     test_close(lonely);
+    p.a = NULL; /* test_pair_close must not close it again */
+
     int rc = zev_stream_send(sq, "z", 1, 0); /* queues, or fails ENOTSOCK */
     size_t want = rc == 0 ? 4 : 3;
     if (rc != 0)
         cr_assert_eq(errno, ENOTSOCK);
-    test_run_until_count(loop, &sc.count, want, 3000);
+    test_run_until_count(p.loop, &sc.count, want, 3000);
     cr_assert_eq(sc.bad, 0, "queued message reported with %d, want ENOTSOCK", sc.first_bad);
     EXPECT_ERR(zev_stream_send(sq, "y", 1, 0), ENOTSOCK);
-    test_spin(loop, 3, 1);
+    test_spin(p.loop, 3, 1);
     cr_assert_eq(sc.count, want, "reported once");
 
     cr_assert_eq(zev_stream_close(sq, 0), 0);
-    zev_loop_destroy(loop);
+    test_pair_close(&p);
     cr_assert_eq(sc.count, want);
-    zmq_ctx_term(ctx);
 }
 
 /*
@@ -1500,32 +1414,27 @@ static void chain_send(zev_stream_t *s, int status, void *arg)
 
 Test(stream_send, on_send_chain_bounded_per_iteration, .timeout = 30)
 {
-    void *ctx = test_ctx_new();
-    zev_loop_t *loop = test_loop_new();
-    void *push = test_socket(ctx, ZMQ_PUSH), *pull = test_socket(ctx, ZMQ_PULL);
+    test_pair_t p = test_pair_open(ZMQ_PULL, ZMQ_PUSH, "inproc");
+    void *pull = p.a, *push = p.b;
     test_set_int(pull, ZMQ_RCVTIMEO, 5000);
-    test_bind_connect(pull, push, "inproc");
     chain_t c = {.total = 1500}; /* fits in the two HWMs: no EAGAIN */
-    c.s = test_stream_new(loop, push);
+    c.s = test_stream_new(p.loop, push);
     cr_assert_eq(zev_stream_on_send(c.s, chain_send, &c), 0);
     for (; c.next < 10; c.next++)
         cr_assert_eq(zev_stream_send(c.s, &c.next, sizeof c.next, 0), 0);
 
-    cr_assert_geq(zev_loop_run_once(loop, 0), 0);
+    cr_assert_geq(zev_loop_run_once(p.loop, 0), 0);
     cr_assert_eq(c.calls, 10, "first iteration reported %zu statuses, want the 10 owed", c.calls);
-    cr_assert_geq(zev_loop_run_once(loop, 0), 0);
+    cr_assert_geq(zev_loop_run_once(p.loop, 0), 0);
     cr_assert_eq(c.calls, 20, "second iteration: %zu", c.calls);
 
-    test_run_until_count(loop, &c.calls, c.total, 10000);
+    test_run_until_count(p.loop, &c.calls, c.total, 10000);
     cr_assert_eq(c.bad, 0);
     for (uint64_t i = 0; i < c.total; i++)
         cr_assert_eq(raw_recv_seq(pull), i);
-    test_spin(loop, 3, 1);
+    test_spin(p.loop, 3, 1);
     cr_assert_eq(c.calls, c.total, "one status per message");
 
     cr_assert_eq(zev_stream_close(c.s, 0), 0);
-    zev_loop_destroy(loop);
-    test_close(push);
-    test_close(pull);
-    cr_assert_eq(zmq_ctx_term(ctx), 0);
+    cr_assert_eq(test_pair_close(&p), 0);
 }

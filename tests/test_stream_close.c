@@ -180,20 +180,18 @@ static void self_close_recv(zev_stream_t *s, zev_msg_t *m, void *arg)
 
 static void self_close_run(int flags)
 {
-    void *ctx = test_ctx_new();
-    zev_loop_t *loop = test_loop_new();
-    void *pull = test_socket(ctx, ZMQ_PULL), *push = test_socket(ctx, ZMQ_PUSH);
+    test_pair_t p = test_pair_open(ZMQ_PULL, ZMQ_PUSH, "inproc");
+    void *pull = p.a, *push = p.b;
     test_set_int(pull, ZMQ_RCVTIMEO, 2000);
-    test_bind_connect(pull, push, "inproc");
     for (uint64_t i = 0; i < 10; i++)
         test_send_seq(push, i);
-    zev_stream_t *s = test_stream_new(loop, pull);
+    zev_stream_t *s = test_stream_new(p.loop, pull);
     self_close_t c = {.close_at = 3, .flags = flags};
     cr_assert_eq(zev_stream_on_recv(s, self_close_recv, &c), 0);
     cr_assert_eq(zev_stream_on_close(s, track_close, &c.t), 0);
 
-    test_run_until(loop, &c.t.close_calls, 5000);
-    test_spin(loop, 3, 2);
+    test_run_until(p.loop, &c.t.close_calls, 5000);
+    test_spin(p.loop, 3, 2);
     cr_assert_eq(c.close_rc, 0);
     cr_assert_eq(c.second_rc, -1);
     cr_assert_eq(c.second_errno, EBADF);
@@ -208,19 +206,16 @@ static void self_close_run(int flags)
     cr_assert_eq(seq, 2);
 
     if (flags & ZEV_CLOSE_SOCKET) {
-        zev_loop_destroy(loop);
+        zev_loop_destroy(p.loop);
         test_close(push);
-        ctx_term_or_fail(ctx, "ZEV_CLOSE_SOCKET did not close the socket");
+        ctx_term_or_fail(p.ctx, "ZEV_CLOSE_SOCKET did not close the socket");
         return;
     }
     /* zev no longer touches the socket: the rest is still in libzmq */
     for (uint64_t i = 3; i < 10; i++)
         cr_assert_eq(raw_try_recv_seq(pull), (int64_t)i);
-    zev_loop_destroy(loop);
+    test_pair_close(&p);
     cr_assert_eq(c.t.close_calls, 1);
-    test_close(push);
-    test_close(pull);
-    zmq_ctx_term(ctx);
 }
 
 Test(stream_close, inside_own_recv_callback, .timeout = 20)
@@ -236,12 +231,10 @@ Test(stream_close, inside_own_recv_callback_close_socket, .timeout = 20)
  * handled, and the stream is then closed (EBADF). */
 Test(stream_close, inside_recv_callback_during_flush, .timeout = 20)
 {
-    void *ctx = test_ctx_new();
-    zev_loop_t *loop = test_loop_new();
-    void *pull = test_socket(ctx, ZMQ_PULL), *push = test_socket(ctx, ZMQ_PUSH);
+    test_pair_t p = test_pair_open(ZMQ_PULL, ZMQ_PUSH, "inproc");
+    void *pull = p.a, *push = p.b;
     test_set_int(pull, ZMQ_RCVTIMEO, 2000);
-    test_bind_connect(pull, push, "inproc");
-    zev_stream_t *s = test_stream_new(loop, pull);
+    zev_stream_t *s = test_stream_new(p.loop, pull);
     self_close_t c = {.close_at = 1};
     cr_assert_eq(zev_stream_on_recv(s, self_close_recv, &c), 0);
     cr_assert_eq(zev_stream_on_close(s, track_close, &c.t), 0);
@@ -253,15 +246,12 @@ Test(stream_close, inside_recv_callback_during_flush, .timeout = 20)
     errno = 0;
     cr_assert_eq(zev_stream_flush(s, ZEV_READ, 0), -1);
     cr_assert_eq(errno, EBADF);
-    test_run_until(loop, &c.t.close_calls, 5000);
-    test_spin(loop, 2, 1);
+    test_run_until(p.loop, &c.t.close_calls, 5000);
+    test_spin(p.loop, 2, 1);
     cr_assert_eq(c.t.close_calls, 1);
     for (uint64_t i = 1; i < 5; i++)
         cr_assert_eq(raw_try_recv_seq(pull), (int64_t)i);
-    zev_loop_destroy(loop);
-    test_close(push);
-    test_close(pull);
-    zmq_ctx_term(ctx);
+    test_pair_close(&p);
 }
 
 /* ======================================= close from another stream's callback */
@@ -407,12 +397,10 @@ Test(stream_close, from_close_callback_and_timer, .timeout = 20)
 
 Test(stream_close, twice_ebadf, .timeout = 20)
 {
-    void *ctx = test_ctx_new();
-    zev_loop_t *loop = test_loop_new();
-    void *push = test_socket(ctx, ZMQ_PUSH), *pull = test_socket(ctx, ZMQ_PULL);
+    test_pair_t p = test_pair_open(ZMQ_PULL, ZMQ_PUSH, "inproc");
+    void *pull = p.a, *push = p.b;
     test_set_int(pull, ZMQ_RCVTIMEO, 2000);
-    test_bind_connect(pull, push, "inproc");
-    zev_stream_t *s = test_stream_new(loop, push);
+    zev_stream_t *s = test_stream_new(p.loop, push);
     track_t t = {0};
     track(s, &t, 0, 1);
     do_close(s, &t, 0);
@@ -422,18 +410,15 @@ Test(stream_close, twice_ebadf, .timeout = 20)
     errno = 0;
     cr_assert_eq(zev_stream_close(s, ZEV_CLOSE_SOCKET), -1, "a refused close takes nothing");
     cr_assert_eq(errno, EBADF);
-    test_run_until(loop, &t.close_calls, 5000);
-    test_spin(loop, 3, 1);
+    test_run_until(p.loop, &t.close_calls, 5000);
+    test_spin(p.loop, 3, 1);
     cr_assert_eq(t.close_calls, 1);
     cr_assert_eq(t.sends, 0);
     /* the second close (with ZEV_CLOSE_SOCKET) was refused: socket still open */
     test_send_seq(push, 42);
     cr_assert_eq(raw_try_recv_seq(pull), 42);
-    zev_loop_destroy(loop);
+    test_pair_close(&p);
     cr_assert_eq(t.close_calls, 1);
-    test_close(push);
-    test_close(pull);
-    zmq_ctx_term(ctx);
 }
 
 /* ====================================================== close with queued sends */
@@ -445,13 +430,12 @@ Test(stream_close, twice_ebadf, .timeout = 20)
  */
 static void queued_close_run(const char *transport, int flags)
 {
-    void *ctx = test_ctx_new();
-    zev_loop_t *loop = test_loop_new();
-    void *push = test_socket(ctx, ZMQ_PUSH);
+    test_pair_t p = test_pair_open(ZMQ_PUSH, TEST_NO_SOCKET, NULL);
+    void *push = p.a;
     test_set_int(push, ZMQ_LINGER, 0);
     char ep[256];
     test_bind_ep(push, transport, ep, sizeof ep);
-    zev_stream_t *s = test_stream_new(loop, push);
+    zev_stream_t *s = test_stream_new(p.loop, push);
     cr_assert_eq(zev_stream_set_max_queue(s, 0), 0);
     track_t t = {0};
     track(s, &t, 0, 1);
@@ -459,34 +443,34 @@ static void queued_close_run(const char *transport, int flags)
         cr_assert_eq(zev_stream_send(s, &i, sizeof i, 0), 0);
     cr_assert_eq(zev_stream_send(s, "a", 1, ZMQ_SNDMORE), 0);
     cr_assert_eq(zev_stream_send(s, "b", 1, ZMQ_SNDMORE), 0); /* never finished */
-    test_spin(loop, 3, 2);
+    test_spin(p.loop, 3, 2);
     cr_assert_eq(t.sends, 0);
     cr_assert_eq(zev_stream_sending(s), 1);
 
     do_close(s, &t, flags);
     cr_assert_eq(t.sends, 0, "on_send runs from the loop, not inside close");
-    test_run_until(loop, &t.close_calls, 5000);
-    test_spin(loop, 3, 1);
+    test_run_until(p.loop, &t.close_calls, 5000);
+    test_spin(p.loop, 3, 1);
     cr_assert_eq(t.close_calls, 1);
     cr_assert_eq(t.sends, 1501, "1500 messages + the unfinished one, each once");
     cr_assert_eq(t.sends_at_close_cb, 1501, "all reported before the close callback");
     cr_assert_eq(t.sends_after_close_cb, 0);
     expect_statuses(&t, 0, ECANCELED);
 
-    zev_loop_destroy(loop);
+    zev_loop_destroy(p.loop);
     cr_assert_eq(t.close_calls, 1);
     if (flags & ZEV_CLOSE_SOCKET) {
-        ctx_term_or_fail(ctx, "ZEV_CLOSE_SOCKET did not close the socket");
+        ctx_term_or_fail(p.ctx, "ZEV_CLOSE_SOCKET did not close the socket");
         return;
     }
     /* ECANCELED means never handed over: a late peer gets nothing */
-    void *pull = test_socket(ctx, ZMQ_PULL);
+    void *pull = test_socket(p.ctx, ZMQ_PULL);
     test_set_int(pull, ZMQ_RCVTIMEO, 100);
     cr_assert_eq(zmq_connect(pull, ep), 0);
     cr_assert_eq(raw_try_recv_seq(pull), -1);
     test_close(pull);
     test_close(push);
-    zmq_ctx_term(ctx);
+    zmq_ctx_term(p.ctx);
 }
 
 Test(stream_close, queued_sends_ecanceled_inproc, .timeout = 20)
@@ -507,14 +491,13 @@ Test(stream_close, queued_sends_ecanceled_close_socket, .timeout = 20)
  * the peer got exactly the 0-status ones. */
 Test(stream_close, queued_sends_mixed_statuses_in_order, .timeout = 20)
 {
-    void *ctx = test_ctx_new();
-    zev_loop_t *loop = test_loop_new();
-    void *push = test_socket(ctx, ZMQ_PUSH), *pull = test_socket(ctx, ZMQ_PULL);
+    test_pair_t p = test_pair_open(ZMQ_PULL, ZMQ_PUSH, NULL); /* HWMs first */
+    void *pull = p.a, *push = p.b;
     test_set_int(push, ZMQ_SNDHWM, 10);
     test_set_int(pull, ZMQ_RCVHWM, 10);
     test_set_int(pull, ZMQ_RCVTIMEO, 200);
     test_bind_connect(pull, push, "inproc");
-    zev_stream_t *s = test_stream_new(loop, push);
+    zev_stream_t *s = test_stream_new(p.loop, push);
     track_t t = {0};
     track(s, &t, 0, 1);
     for (uint64_t i = 0; i < 200; i++)
@@ -523,7 +506,7 @@ Test(stream_close, queued_sends_mixed_statuses_in_order, .timeout = 20)
     cr_assert_eq(zev_stream_stats(s, &st), 0);
     cr_assert(st.queued_msgs > 0 && st.queued_msgs < 200, "%zu queued", st.queued_msgs);
     do_close(s, &t, 0);
-    test_run_until(loop, &t.close_calls, 5000);
+    test_run_until(p.loop, &t.close_calls, 5000);
     cr_assert_eq(t.sends, 200);
     cr_assert_eq(t.sends_at_close_cb, 200);
     size_t ok = ok_prefix(&t);
@@ -532,10 +515,7 @@ Test(stream_close, queued_sends_mixed_statuses_in_order, .timeout = 20)
     for (uint64_t i = 0; i < ok; i++)
         cr_assert_eq(raw_try_recv_seq(pull), (int64_t)i);
     cr_assert_eq(raw_try_recv_seq(pull), -1, "nothing cancelled went out");
-    zev_loop_destroy(loop);
-    test_close(push);
-    test_close(pull);
-    zmq_ctx_term(ctx);
+    test_pair_close(&p);
 }
 
 /* Closing from inside on_send: every message is still reported exactly
@@ -557,21 +537,20 @@ static void send_closer(zev_stream_t *s, int status, void *arg)
 
 Test(stream_close, inside_on_send, .timeout = 20)
 {
-    void *ctx = test_ctx_new();
-    zev_loop_t *loop = test_loop_new();
-    void *push = test_socket(ctx, ZMQ_PUSH), *pull = test_socket(ctx, ZMQ_PULL);
+    test_pair_t p = test_pair_open(ZMQ_PULL, ZMQ_PUSH, NULL); /* HWMs first */
+    void *pull = p.a, *push = p.b;
     test_set_int(push, ZMQ_SNDHWM, 5);
     test_set_int(pull, ZMQ_RCVHWM, 5);
     test_set_int(pull, ZMQ_RCVTIMEO, 200);
     test_bind_connect(pull, push, "inproc");
-    zev_stream_t *s = test_stream_new(loop, push);
+    zev_stream_t *s = test_stream_new(p.loop, push);
     send_closer_t c = {.close_at = 3};
     cr_assert_eq(zev_stream_on_send(s, send_closer, &c), 0);
     cr_assert_eq(zev_stream_on_close(s, track_close, &c.t), 0);
     for (uint64_t i = 0; i < 50; i++)
         cr_assert_eq(zev_stream_send(s, &i, sizeof i, 0), 0);
-    test_run_until(loop, &c.t.close_calls, 5000);
-    test_spin(loop, 3, 1);
+    test_run_until(p.loop, &c.t.close_calls, 5000);
+    test_spin(p.loop, 3, 1);
     cr_assert_eq(c.t.close_calls, 1);
     cr_assert_eq(c.t.sends, 50, "each message reported once");
     cr_assert_eq(c.t.sends_after_close_cb, 0);
@@ -581,32 +560,26 @@ Test(stream_close, inside_on_send, .timeout = 20)
     for (uint64_t i = 0; i < ok; i++)
         cr_assert_eq(raw_try_recv_seq(pull), (int64_t)i);
     cr_assert_eq(raw_try_recv_seq(pull), -1);
-    zev_loop_destroy(loop);
-    test_close(push);
-    test_close(pull);
-    zmq_ctx_term(ctx);
+    test_pair_close(&p);
 }
 
 /* ====================================================== ZEV_CLOSE_SOCKET */
 
 Test(stream_close, close_socket_closes_it, .timeout = 20)
 {
-    void *ctx = test_ctx_new();
-    zev_loop_t *loop = test_loop_new();
-    void *pull = test_socket(ctx, ZMQ_PULL), *push = test_socket(ctx, ZMQ_PUSH);
-    test_bind_connect(pull, push, "tcp");
-    zev_stream_t *s = test_stream_new(loop, pull);
+    test_pair_t p = test_pair_open(ZMQ_PULL, ZMQ_PUSH, "tcp");
+    zev_stream_t *s = test_stream_new(p.loop, p.a);
     track_t t = {0};
     track(s, &t, 1, 0);
-    test_send_seq(push, 0);
-    test_run_until_count(loop, &t.recvs, 1, 5000);
+    test_send_seq(p.b, 0);
+    test_run_until_count(p.loop, &t.recvs, 1, 5000);
     do_close(s, &t, ZEV_CLOSE_SOCKET);
-    test_run_until(loop, &t.close_calls, 5000);
-    zev_loop_destroy(loop);
+    test_run_until(p.loop, &t.close_calls, 5000);
+    zev_loop_destroy(p.loop);
     cr_assert_eq(t.close_calls, 1);
-    test_close(push);
+    test_close(p.b);
     /* no zmq_close(pull): zev owns and closed it; ctx_term must return */
-    ctx_term_or_fail(ctx, "ZEV_CLOSE_SOCKET did not close the socket");
+    ctx_term_or_fail(p.ctx, "ZEV_CLOSE_SOCKET did not close the socket");
 }
 
 /* ======================================================= ZEV_CLOSE_FLUSH */
@@ -692,21 +665,20 @@ Test(stream_close, flush_and_close_socket_late_peer_tcp, .timeout = 30)
  * message is reported ECANCELED, then the close callback runs once. */
 Test(stream_close, flush_linger_100_no_peer, .timeout = 20)
 {
-    void *ctx = test_ctx_new();
-    zev_loop_t *loop = test_loop_new();
-    void *push = test_socket(ctx, ZMQ_PUSH);
+    test_pair_t p = test_pair_open(ZMQ_PUSH, TEST_NO_SOCKET, NULL);
+    void *push = p.a;
     test_set_int(push, ZMQ_LINGER, 100);
     char ep[256];
     test_bind_ep(push, "tcp", ep, sizeof ep);
-    zev_stream_t *s = test_stream_new(loop, push);
+    zev_stream_t *s = test_stream_new(p.loop, push);
     track_t t = {0};
     track(s, &t, 0, 1);
     for (uint64_t i = 0; i < 300; i++)
         cr_assert_eq(zev_stream_send(s, &i, sizeof i, 0), 0);
     uint64_t t0 = test_ms();
     do_close(s, &t, ZEV_CLOSE_FLUSH);
-    test_run_until(loop, &t.close_calls, 5000);
-    test_spin(loop, 3, 1);
+    test_run_until(p.loop, &t.close_calls, 5000);
+    test_spin(p.loop, 3, 1);
     /* a lower bound only (the linger is a deadline, never early); 1 ms of
      * slack for the ms-truncated clock */
     cr_assert_geq(t.close_cb_ms - t0, 99, "closed after %llu ms, before the linger",
@@ -715,34 +687,29 @@ Test(stream_close, flush_linger_100_no_peer, .timeout = 20)
     cr_assert_eq(t.sends, 300);
     cr_assert_eq(t.sends_at_close_cb, 300);
     expect_statuses(&t, 0, ECANCELED);
-    zev_loop_destroy(loop);
+    test_pair_close(&p);
     cr_assert_eq(t.close_calls, 1);
-    test_close(push);
-    zmq_ctx_term(ctx);
 }
 
 /* Linger 0 with ZEV_CLOSE_FLUSH is a plain close: ECANCELED at once. */
 Test(stream_close, flush_linger_0_is_immediate, .timeout = 20)
 {
-    void *ctx = test_ctx_new();
-    zev_loop_t *loop = test_loop_new();
-    void *push = test_socket(ctx, ZMQ_PUSH);
+    test_pair_t p = test_pair_open(ZMQ_PUSH, TEST_NO_SOCKET, NULL);
+    void *push = p.a;
     test_set_int(push, ZMQ_LINGER, 0);
     char ep[256];
     test_bind_ep(push, "inproc", ep, sizeof ep);
-    zev_stream_t *s = test_stream_new(loop, push);
+    zev_stream_t *s = test_stream_new(p.loop, push);
     track_t t = {0};
     track(s, &t, 0, 1);
     for (uint64_t i = 0; i < 10; i++)
         cr_assert_eq(zev_stream_send(s, &i, sizeof i, 0), 0);
     do_close(s, &t, ZEV_CLOSE_FLUSH);
-    cr_assert_eq(zev_loop_run_once(loop, 0) >= 0, 1);
+    cr_assert_eq(zev_loop_run_once(p.loop, 0) >= 0, 1);
     cr_assert_eq(t.close_calls, 1, "closed in the first iteration");
     cr_assert_eq(t.sends, 10);
     expect_statuses(&t, 0, ECANCELED);
-    zev_loop_destroy(loop);
-    test_close(push);
-    zmq_ctx_term(ctx);
+    test_pair_close(&p);
 }
 
 /* ================================================ loop destroy, open streams */

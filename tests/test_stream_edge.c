@@ -274,18 +274,16 @@ static void echo_recv(zev_stream_t *s, zev_msg_t *m, void *arg)
 static void torture(const char *transport)
 {
     const size_t n = TORTURE_N;
-    void *ctx = zmq_ctx_new();
-    cr_assert_not_null(ctx);
-    zev_loop_t *loop = test_loop_new();
-    void *sock = test_socket(ctx, ZMQ_DEALER);
+    test_pair_t p = test_pair_open(ZMQ_DEALER, TEST_NO_SOCKET, NULL); /* the peer is a thread */
+    void *sock = p.a;
     /* Small HWMs: the pipes fill constantly, so the stream's own queue, the
      * POLLOUT edges and the pause/resume path are all exercised. */
     test_set_int(sock, ZMQ_SNDHWM, 300);
     test_set_int(sock, ZMQ_RCVHWM, 300);
-    blaster_t b = {.ctx = ctx, .n = n, .hwm = 300, .loop = loop};
+    blaster_t b = {.ctx = p.ctx, .n = n, .hwm = 300, .loop = p.loop};
     test_bind_ep(sock, transport, b.ep, sizeof b.ep);
 
-    zev_stream_t *s = zev_stream_new(loop, sock);
+    zev_stream_t *s = zev_stream_new(p.loop, sock);
     cr_assert_not_null(s, "zev_stream_new: %s", zmq_strerror(errno));
     echoer_t e = {.s = s};
     cr_assert_eq(zev_stream_on_recv(s, echo_recv, &e), 0);
@@ -294,9 +292,9 @@ static void torture(const char *transport)
     pthread_t th;
     cr_assert_eq(pthread_create(&th, NULL, blaster_main, &b), 0);
     uint64_t deadline = test_ms() + WATCHDOG_MS;
-    run_until_count_by(loop, &e.recvd, n, deadline, "stream received");
-    run_until_flag_by(loop, &b.done, deadline, "peer did not get every echo");
-    run_until_count_by(loop, &e.reported, n, deadline, "on_send reports");
+    run_until_count_by(p.loop, &e.recvd, n, deadline, "stream received");
+    run_until_flag_by(p.loop, &b.done, deadline, "peer did not get every echo");
+    run_until_count_by(p.loop, &e.reported, n, deadline, "on_send reports");
     pthread_join(th, NULL);
 
     cr_log_info("torture %s: %zu messages, send queue peak %zu, %zu pauses", transport, n,
@@ -313,9 +311,7 @@ static void torture(const char *transport)
     cr_assert_eq(e.report_bad, 0);
     cr_assert_eq(zev_stream_sending(s), 0);
 
-    zev_loop_destroy(loop);
-    test_close(sock);
-    zmq_ctx_term(ctx);
+    test_pair_close(&p);
 }
 
 Test(stream_edge, torture_inproc, .timeout = 60)
@@ -459,18 +455,16 @@ static void relay_recv(zev_stream_t *a, zev_msg_t *m, void *arg)
 static void relay(const char *transport)
 {
     const size_t n = RELAY_N;
-    void *ctx = zmq_ctx_new();
-    zev_loop_t *loop = test_loop_new();
-    void *pull = test_socket(ctx, ZMQ_PULL);
-    void *push = test_socket(ctx, ZMQ_PUSH);
+    test_pair_t pair = test_pair_open(ZMQ_PULL, ZMQ_PUSH, NULL); /* both bound, for the peer */
+    void *pull = pair.a, *push = pair.b;
     test_set_int(push, ZMQ_SNDHWM, 4); /* B's pipe is tiny: its queue is used all the time */
-    relay_peer_t p = {.ctx = ctx, .n = n, .loop = loop};
+    relay_peer_t p = {.ctx = pair.ctx, .n = n, .loop = pair.loop};
     test_bind_ep(pull, transport, p.a_ep, sizeof p.a_ep);
     test_bind_ep(push, transport, p.b_ep, sizeof p.b_ep);
 
     relay_t r = {0};
-    r.a = zev_stream_new(loop, pull);
-    r.b = zev_stream_new(loop, push);
+    r.a = zev_stream_new(pair.loop, pull);
+    r.b = zev_stream_new(pair.loop, push);
     cr_assert(r.a && r.b, "zev_stream_new: %s", zmq_strerror(errno));
     cr_assert_eq(zev_stream_on_recv(r.a, relay_recv, &r), 0);
     cr_assert_eq(zev_stream_on_send(r.b, relay_sent, &r), 0);
@@ -478,9 +472,9 @@ static void relay(const char *transport)
     pthread_t th;
     cr_assert_eq(pthread_create(&th, NULL, relay_peer_main, &p), 0);
     uint64_t deadline = test_ms() + WATCHDOG_MS;
-    run_until_count_by(loop, &r.recvd, n, deadline, "A received");
-    run_until_flag_by(loop, &p.done, deadline, "B's peer did not receive everything");
-    run_until_count_by(loop, &r.reported, n, deadline, "B's on_send reports");
+    run_until_count_by(pair.loop, &r.recvd, n, deadline, "A received");
+    run_until_flag_by(pair.loop, &p.done, deadline, "B's peer did not receive everything");
+    run_until_count_by(pair.loop, &r.reported, n, deadline, "B's on_send reports");
     pthread_join(th, NULL);
 
     assert_peer_ok(&p.pe);
@@ -493,10 +487,7 @@ static void relay(const char *transport)
     cr_assert_eq(r.reported, n);
     cr_assert_eq(r.report_bad, 0);
 
-    zev_loop_destroy(loop);
-    test_close(pull);
-    test_close(push);
-    zmq_ctx_term(ctx);
+    test_pair_close(&pair);
 }
 
 Test(stream_edge, cross_stream_send_inproc, .timeout = 60)
@@ -616,16 +607,15 @@ typedef enum { FROM_TIMER, FROM_USER } ping_mode_t;
 static void ping_echo(const char *transport, ping_mode_t mode)
 {
     const size_t n = ECHO_N;
-    void *ctx = zmq_ctx_new();
-    zev_loop_t *loop = test_loop_new();
-    void *sock = test_socket(ctx, ZMQ_DEALER);
+    test_pair_t pair = test_pair_open(ZMQ_DEALER, TEST_NO_SOCKET, NULL); /* the peer is a thread */
+    void *sock = pair.a;
     test_set_int(sock, ZMQ_SNDHWM, 8);
     test_set_int(sock, ZMQ_RCVHWM, 8);
-    echo_peer_t peer = {.ctx = ctx, .n = n, .hwm = 8};
+    echo_peer_t peer = {.ctx = pair.ctx, .n = n, .hwm = 8};
     test_bind_ep(sock, transport, peer.ep, sizeof peer.ep);
 
     pinger_t p = {.n = n};
-    p.s = zev_stream_new(loop, sock);
+    p.s = zev_stream_new(pair.loop, sock);
     cr_assert_not_null(p.s);
     cr_assert_eq(zev_stream_on_recv(p.s, ping_recv, &p), 0);
     cr_assert_eq(zev_stream_on_send(p.s, ping_sent, &p), 0);
@@ -634,7 +624,7 @@ static void ping_echo(const char *transport, ping_mode_t mode)
     cr_assert_eq(pthread_create(&th, NULL, echo_peer_main, &peer), 0);
     uint64_t deadline = test_ms() + WATCHDOG_MS;
     if (mode == FROM_TIMER) {
-        p.timer = zev_timer_start(loop, 200, 200, ping_tick, &p);
+        p.timer = zev_timer_start(pair.loop, 200, 200, ping_tick, &p);
         cr_assert_not_null(p.timer);
     } else {
         /* User code between iterations. A wait that the stream should not
@@ -643,11 +633,11 @@ static void ping_echo(const char *transport, ping_mode_t mode)
             cr_assert(test_ms() < deadline, "watchdog: user sends stuck at %zu of %zu (got %zu)",
                       p.sent, n, p.got);
             ping_burst(&p, 300);
-            cr_assert_geq(zev_loop_run_once(loop, 100), 0);
+            cr_assert_geq(zev_loop_run_once(pair.loop, 100), 0);
         }
     }
-    run_until_count_by(loop, &p.got, n, deadline, "echoes received");
-    run_until_count_by(loop, &p.reported, n, deadline, "on_send reports");
+    run_until_count_by(pair.loop, &p.got, n, deadline, "echoes received");
+    run_until_count_by(pair.loop, &p.reported, n, deadline, "on_send reports");
     pthread_join(th, NULL);
 
     assert_peer_ok(&peer.pe);
@@ -661,9 +651,7 @@ static void ping_echo(const char *transport, ping_mode_t mode)
     cr_assert_eq(p.report_bad, 0);
     cr_assert_null(p.timer);
 
-    zev_loop_destroy(loop);
-    test_close(sock);
-    zmq_ctx_term(ctx);
+    test_pair_close(&pair);
 }
 
 Test(stream_edge, timer_send_inproc, .timeout = 60)
@@ -974,10 +962,8 @@ static void filtered_recv(zev_stream_t *s, zev_msg_t *m, void *arg)
  * inside ZMQ_EVENTS / zmq_recv: the fd fires, ZMQ_EVENTS says 0. */
 static void events_zero(const char *transport)
 {
-    void *ctx = zmq_ctx_new();
-    zev_loop_t *loop = test_loop_new();
-    void *pub = test_socket(ctx, ZMQ_XPUB);
-    void *sub = test_socket(ctx, ZMQ_SUB);
+    test_pair_t p = test_pair_open(ZMQ_XPUB, ZMQ_SUB, NULL); /* options first */
+    void *pub = p.a, *sub = p.b;
     test_set_int(pub, ZMQ_XPUB_MANUAL, 1);
     test_set_int(pub, ZMQ_SNDHWM, 0); /* nothing may be dropped at the HWM, "A" least of all */
     test_set_int(pub, ZMQ_RCVTIMEO, 5000);
@@ -986,7 +972,7 @@ static void events_zero(const char *transport)
     test_bind_connect(pub, sub, transport);
 
     filtered_t t = {0};
-    zev_stream_t *s = zev_stream_new(loop, sub);
+    zev_stream_t *s = zev_stream_new(p.loop, sub);
     cr_assert_not_null(s);
     cr_assert_eq(zev_stream_on_recv(s, filtered_recv, &t), 0);
 
@@ -1003,7 +989,7 @@ static void events_zero(const char *transport)
             int len = snprintf(b, sizeof b, "B%zu-%d", r, k);
             cr_assert_eq(zmq_send(pub, b, (size_t)len, 0), len);
         }
-        int iters = run_until_idle(loop, 2000);
+        int iters = run_until_idle(p.loop, 2000);
         if (strcmp(transport, "inproc") == 0) /* everything was there at once */
             cr_assert_leq(iters, 10, "%d iterations to go idle after filtered-out traffic",
                           iters);
@@ -1011,16 +997,13 @@ static void events_zero(const char *transport)
         char a[32];
         int len = snprintf(a, sizeof a, "A%zu", r);
         cr_assert_eq(zmq_send(pub, a, (size_t)len, 0), len);
-        test_run_until_count(loop, &t.a, r + 1, 5000);
-        run_until_idle(loop, 2000);
+        test_run_until_count(p.loop, &t.a, r + 1, 5000);
+        run_until_idle(p.loop, 2000);
     }
     cr_assert_eq(t.a, rounds);
     cr_assert_eq(t.bad, 0, "%zu wrong messages delivered", t.bad);
 
-    zev_loop_destroy(loop);
-    test_close(pub);
-    test_close(sub);
-    zmq_ctx_term(ctx);
+    test_pair_close(&p);
 }
 
 Test(stream_edge, events_zero_inproc, .timeout = 30)
@@ -1237,14 +1220,11 @@ static void req_sent(zev_stream_t *s, int status, void *arg)
 
 static void req_queue(const char *transport)
 {
-    void *ctx = zmq_ctx_new();
-    zev_loop_t *loop = test_loop_new();
-    void *rep = test_socket(ctx, ZMQ_REP);
-    void *req = test_socket(ctx, ZMQ_REQ);
-    test_bind_connect(rep, req, transport);
+    test_pair_t p = test_pair_open(ZMQ_REP, ZMQ_REQ, transport);
+    void *rep = p.a, *req = p.b;
 
     reqst_t q = {0};
-    zev_stream_t *s = zev_stream_new(loop, req);
+    zev_stream_t *s = zev_stream_new(p.loop, req);
     cr_assert_not_null(s);
     cr_assert_eq(zev_stream_on_recv(s, req_recv, &q), 0);
     cr_assert_eq(zev_stream_on_send(s, req_sent, &q), 0);
@@ -1281,9 +1261,9 @@ static void req_queue(const char *transport)
         } else {
             cr_assert_eq(errno, EAGAIN);
         }
-        cr_assert_geq(zev_loop_run_once(loop, 1), 0);
+        cr_assert_geq(zev_loop_run_once(p.loop, 1), 0);
     }
-    test_run_until_count(loop, &q.reported, REQ_N, 5000);
+    test_run_until_count(p.loop, &q.reported, REQ_N, 5000);
     cr_assert_eq(served, REQ_N);
     cr_assert_eq(q.got, REQ_N);
     cr_assert_eq(q.bad, 0);
@@ -1291,10 +1271,7 @@ static void req_queue(const char *transport)
     cr_assert_eq(q.report_bad, 0, "EFSM reached on_send: it must be treated like EAGAIN");
     cr_assert_eq(zev_stream_sending(s), 0);
 
-    zev_loop_destroy(loop);
-    test_close(rep);
-    test_close(req);
-    zmq_ctx_term(ctx);
+    test_pair_close(&p);
 }
 
 Test(stream_edge, req_second_send_waits_for_reply_inproc, .timeout = 30)
@@ -1386,17 +1363,15 @@ static void pub_tick(zev_timer_t *t, void *arg)
 
 static void pair_run(const pair_case_t *c, const char *transport)
 {
-    void *ctx = zmq_ctx_new();
-    zev_loop_t *loop = test_loop_new();
-    void *a = test_socket(ctx, c->ta);
-    void *b = test_socket(ctx, c->tb);
+    test_pair_t p = test_pair_open(c->tb, c->ta, NULL); /* the fixture's a binds: here b */
+    void *a = p.b, *b = p.a;
     if (c->tb == ZMQ_SUB)
         cr_assert_eq(zmq_setsockopt(b, ZMQ_SUBSCRIBE, "t", 1), 0);
     test_bind_connect(b, a, transport);
 
     pair_run_t r = {.c = c};
-    r.a = zev_stream_new(loop, a);
-    r.b = zev_stream_new(loop, b);
+    r.a = zev_stream_new(p.loop, a);
+    r.b = zev_stream_new(p.loop, b);
     cr_assert(r.a && r.b, "%s over %s: zev_stream_new: %s", c->name, transport,
               zmq_strerror(errno));
     cr_assert_eq(zev_stream_on_recv(r.b, pair_b_recv, &r), 0);
@@ -1405,17 +1380,17 @@ static void pair_run(const pair_case_t *c, const char *transport)
 
     zev_timer_t *t = NULL;
     if (c->ta == ZMQ_PUB) {
-        t = zev_timer_start(loop, 0, 2000, pub_tick, &r);
+        t = zev_timer_start(p.loop, 0, 2000, pub_tick, &r);
         cr_assert_not_null(t);
     } else {
         cr_assert_eq(zev_stream_send(r.a, c->first, c->first_len, 0), 0, "%s over %s: send: %s",
                      c->name, transport, zmq_strerror(errno));
     }
     uint64_t deadline = test_ms() + 5000;
-    run_until_count_by(loop, &r.b_got, 1, deadline, c->name);
+    run_until_count_by(p.loop, &r.b_got, 1, deadline, c->name);
     if (c->reply)
-        run_until_count_by(loop, &r.a_got, 1, deadline, c->name);
-    run_until_idle(loop, 2000);
+        run_until_count_by(p.loop, &r.a_got, 1, deadline, c->name);
+    run_until_idle(p.loop, 2000);
 
     cr_assert_eq(r.bad, 0, "%s over %s: %s", c->name, transport, r.detail);
     cr_assert_eq(r.a_errno, 0, "%s over %s: a: %s", c->name, transport, zmq_strerror(r.a_errno));
@@ -1427,10 +1402,7 @@ static void pair_run(const pair_case_t *c, const char *transport)
     cr_assert_eq(zev_stream_sending(r.a), 0);
     cr_assert_eq(zev_stream_sending(r.b), 0);
 
-    zev_loop_destroy(loop);
-    test_close(a);
-    test_close(b);
-    zmq_ctx_term(ctx);
+    test_pair_close(&p);
 }
 
 Test(stream_edge, all_socket_types_all_transports, .timeout = 60)

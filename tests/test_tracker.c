@@ -312,25 +312,21 @@ Test(tracker, tcp_100k_each_free_and_tracker_once_on_loop_thread)
 {
     ref_init();
     const size_t n = 100000;
-    void *ctx = zmq_ctx_new();
-    void *push = zmq_socket(ctx, ZMQ_PUSH);
-    void *pull = zmq_socket(ctx, ZMQ_PULL);
-    test_bind_connect(pull, push, "tcp");
-    zev_loop_t *loop = test_loop_new();
+    test_pair_t p = test_pair_open(ZMQ_PULL, ZMQ_PUSH, "tcp");
     tctx_t c;
-    tctx_init(&c, loop, n, size_64_4096);
+    tctx_init(&c, p.loop, n, size_64_4096);
     c.stop_recv = n;
     c.stop_done = n;
 
-    zev_stream_t *rx = zev_stream_new(loop, pull);
-    zev_stream_t *tx = zev_stream_new(loop, push);
+    zev_stream_t *rx = zev_stream_new(p.loop, p.a);
+    zev_stream_t *tx = zev_stream_new(p.loop, p.b);
     cr_assert(rx && tx);
     c.tx = tx;
     cr_assert_eq(zev_stream_on_recv(rx, on_recv_check, &c), 0);
     cr_assert_eq(zev_stream_on_send(tx, on_send_count, &c), 0);
 
     pump(&c); /* fills the queue (1000 by default); on_send refills it */
-    cr_assert_eq(run_loop(loop, 100000), 0,
+    cr_assert_eq(run_loop(p.loop, 100000), 0,
                  "watchdog: sent %zu, received %zu, freed %zu, trackers done %zu of %zu", c.next,
                  (size_t)c.received, atomic_load(&c.freed_total), (size_t)c.done_total, n);
 
@@ -344,10 +340,7 @@ Test(tracker, tcp_100k_each_free_and_tracker_once_on_loop_thread)
     expect_all_once(&c, n, true);
     release_all(&c, n);
 
-    zev_loop_destroy(loop);
-    test_close(push);
-    test_close(pull);
-    cr_assert_eq(zmq_ctx_term(ctx), 0);
+    cr_assert_eq(test_pair_close(&p), 0);
     tctx_free(&c);
     test_expect_no_leaks();
 }
@@ -371,15 +364,14 @@ Test(tracker, small_buffers_copied_large_referenced)
     /* A bound PUSH with no peer yet: every message waits in zev's queue, so
      * a free function that ran before send_zc returned means a copy. */
     ref_init();
-    void *ctx = zmq_ctx_new();
-    void *push = zmq_socket(ctx, ZMQ_PUSH);
+    test_pair_t p = test_pair_open(ZMQ_PUSH, ZMQ_PULL, NULL); /* the PULL connects later */
+    void *push = p.a, *pull = p.b;
     char ep[256];
     cr_assert_eq(zmq_bind(push, "tcp://127.0.0.1:*"), 0);
     test_last_endpoint(push, ep, sizeof ep);
-    zev_loop_t *loop = test_loop_new();
     tctx_t c;
-    tctx_init(&c, loop, 6, size_small_mix);
-    zev_stream_t *tx = zev_stream_new(loop, push);
+    tctx_init(&c, p.loop, 6, size_small_mix);
+    zev_stream_t *tx = zev_stream_new(p.loop, push);
     cr_assert_not_null(tx);
     for (size_t seq = 0; seq < 6; seq++) {
         cr_assert_eq(send_one(&c, tx, seq, new_buf(&c, seq)), 0, "send_zc(%zu B): %s",
@@ -393,14 +385,13 @@ Test(tracker, small_buffers_copied_large_referenced)
     }
 
     /* The peer arrives: everything is delivered with the right contents. */
-    void *pull = zmq_socket(ctx, ZMQ_PULL);
     cr_assert_eq(zmq_connect(pull, ep), 0);
-    zev_stream_t *rx = zev_stream_new(loop, pull);
+    zev_stream_t *rx = zev_stream_new(p.loop, pull);
     cr_assert_not_null(rx);
     cr_assert_eq(zev_stream_on_recv(rx, on_recv_check, &c), 0);
     c.stop_recv = 6;
     c.stop_done = 6;
-    cr_assert_eq(run_loop(loop, 20000), 0, "watchdog: received %zu, trackers done %zu of 6",
+    cr_assert_eq(run_loop(p.loop, 20000), 0, "watchdog: received %zu, trackers done %zu of 6",
                  (size_t)c.received, (size_t)c.done_total);
     cr_expect_eq(c.recv_bad, 0);
     expect_all_once(&c, 6, true);
@@ -411,10 +402,7 @@ Test(tracker, small_buffers_copied_large_referenced)
     cr_expect_eq(late_cb, 1);
     release_all(&c, 6);
 
-    zev_loop_destroy(loop);
-    test_close(push);
-    test_close(pull);
-    cr_assert_eq(zmq_ctx_term(ctx), 0);
+    cr_assert_eq(test_pair_close(&p), 0);
     tctx_free(&c);
     test_expect_no_leaks();
 }
@@ -427,13 +415,12 @@ static size_t size_100_or_10(size_t seq)
 Test(tracker, refused_send_takes_nothing)
 {
     ref_init();
-    void *ctx = zmq_ctx_new();
-    void *push = zmq_socket(ctx, ZMQ_PUSH);
+    test_pair_t p = test_pair_open(ZMQ_PUSH, TEST_NO_SOCKET, NULL);
+    void *push = p.a;
     cr_assert_eq(zmq_bind(push, "tcp://127.0.0.1:*"), 0); /* no peer: all queued */
-    zev_loop_t *loop = test_loop_new();
     tctx_t c;
-    tctx_init(&c, loop, 6, size_100_or_10);
-    zev_stream_t *tx = zev_stream_new(loop, push);
+    tctx_init(&c, p.loop, 6, size_100_or_10);
+    zev_stream_t *tx = zev_stream_new(p.loop, push);
     cr_assert_not_null(tx);
     cr_assert_eq(zev_stream_set_max_queue(tx, 2), 0);
     cr_assert_eq(zev_stream_on_send(tx, on_send_count, &c), 0);
@@ -477,20 +464,18 @@ Test(tracker, refused_send_takes_nothing)
     cr_assert_eq(zev_stream_close(tx, 0), 0);
     c.stop_recv = 0;
     c.stop_done = 2;
-    cr_assert_eq(run_loop(loop, 20000), 0, "watchdog: trackers done %zu of 2",
+    cr_assert_eq(run_loop(p.loop, 20000), 0, "watchdog: trackers done %zu of 2",
                  (size_t)c.done_total);
     cr_expect_eq(atomic_load(&c.freed_total), 2);
     expect_all_once(&c, 2, true);
     cr_expect_eq(c.status_cancelled, 2);
     cr_expect_eq(c.status_ok + c.status_other, 0);
     for (size_t i = 0; i < 100 && !c.closed; i++)
-        zev_loop_run_once(loop, 10);
+        zev_loop_run_once(p.loop, 10);
     cr_expect_eq(c.closed, 1);
     release_all(&c, 2);
 
-    zev_loop_destroy(loop);
-    test_close(push);
-    cr_assert_eq(zmq_ctx_term(ctx), 0);
+    cr_assert_eq(test_pair_close(&p), 0);
     tctx_free(&c);
     test_expect_no_leaks();
 }
@@ -504,13 +489,12 @@ Test(tracker, stream_closed_with_sends_queued_in_zev)
      * nothing. */
     ref_init();
     const size_t n = 5000;
-    void *ctx = zmq_ctx_new();
-    void *push = zmq_socket(ctx, ZMQ_PUSH);
+    test_pair_t p = test_pair_open(ZMQ_PUSH, TEST_NO_SOCKET, NULL);
+    void *push = p.a;
     cr_assert_eq(zmq_bind(push, "tcp://127.0.0.1:*"), 0);
-    zev_loop_t *loop = test_loop_new();
     tctx_t c;
-    tctx_init(&c, loop, n, size_64_4096);
-    zev_stream_t *tx = zev_stream_new(loop, push);
+    tctx_init(&c, p.loop, n, size_64_4096);
+    zev_stream_t *tx = zev_stream_new(p.loop, push);
     cr_assert_not_null(tx);
     cr_assert_eq(zev_stream_set_max_queue(tx, 0), 0);
     cr_assert_eq(zev_stream_on_send(tx, on_send_count, &c), 0);
@@ -519,7 +503,7 @@ Test(tracker, stream_closed_with_sends_queued_in_zev)
         cr_assert_eq(send_one(&c, tx, seq, new_buf(&c, seq)), 0, "send %zu: %s", seq,
                      zmq_strerror(errno));
     for (int i = 0; i < 5; i++)
-        zev_loop_run_once(loop, 0);
+        zev_loop_run_once(p.loop, 0);
     cr_expect_eq(atomic_load(&c.freed_total), 0, "nothing can be sent, nothing freed");
     cr_expect_eq(c.done_total, 0);
     size_t done_early = 0;
@@ -534,10 +518,10 @@ Test(tracker, stream_closed_with_sends_queued_in_zev)
     cr_assert_eq(zev_stream_close(tx, 0), 0);
     c.stop_recv = 0;
     c.stop_done = n / 2;
-    cr_assert_eq(run_loop(loop, 30000), 0, "watchdog: trackers done %zu of %zu",
+    cr_assert_eq(run_loop(p.loop, 30000), 0, "watchdog: trackers done %zu of %zu",
                  (size_t)c.done_total, n / 2);
     for (int i = 0; i < 100 && !c.closed; i++)
-        zev_loop_run_once(loop, 10);
+        zev_loop_run_once(p.loop, 10);
     cr_expect_eq(c.closed, 1);
     cr_expect_eq(c.status_cancelled, n, "on_send ECANCELED %zu of %zu", c.status_cancelled, n);
     cr_expect_eq(c.status_ok + c.status_other, 0);
@@ -554,9 +538,7 @@ Test(tracker, stream_closed_with_sends_queued_in_zev)
     cr_expect_eq(c.done_before_free + c.done_bad, 0);
     release_all(&c, n);
 
-    zev_loop_destroy(loop);
-    test_close(push);
-    cr_assert_eq(zmq_ctx_term(ctx), 0);
+    cr_assert_eq(test_pair_close(&p), 0);
     tctx_free(&c);
     test_expect_no_leaks();
 }
@@ -572,13 +554,12 @@ Test(tracker, peer_never_connects_stream_closed_then_socket)
     const size_t n = 3000;
     char ep[64];
     int port_fd = dead_port(ep, sizeof ep);
-    void *ctx = zmq_ctx_new();
-    void *push = zmq_socket(ctx, ZMQ_PUSH);
+    test_pair_t p = test_pair_open(TEST_NO_SOCKET, ZMQ_PUSH, NULL);
+    void *push = p.b;
     cr_assert_eq(zmq_connect(push, ep), 0);
-    zev_loop_t *loop = test_loop_new();
     tctx_t c;
-    tctx_init(&c, loop, n, size_64_4096);
-    zev_stream_t *tx = zev_stream_new(loop, push);
+    tctx_init(&c, p.loop, n, size_64_4096);
+    zev_stream_t *tx = zev_stream_new(p.loop, push);
     cr_assert_not_null(tx);
     cr_assert_eq(zev_stream_set_max_queue(tx, 0), 0);
     cr_assert_eq(zev_stream_on_send(tx, on_send_count, &c), 0);
@@ -586,7 +567,7 @@ Test(tracker, peer_never_connects_stream_closed_then_socket)
     for (size_t seq = 0; seq < n; seq++)
         cr_assert_eq(send_one(&c, tx, seq, new_buf(&c, seq)), 0);
     for (int i = 0; i < 5; i++)
-        zev_loop_run_once(loop, 0);
+        zev_loop_run_once(p.loop, 0);
     zev_stream_stats_t st;
     cr_assert_eq(zev_stream_stats(tx, &st), 0);
     size_t in_zev = st.queued_msgs;
@@ -595,22 +576,22 @@ Test(tracker, peer_never_connects_stream_closed_then_socket)
 
     cr_assert_eq(zev_stream_close(tx, 0), 0);
     for (int i = 0; i < 100 && !c.closed; i++)
-        zev_loop_run_once(loop, 10);
+        zev_loop_run_once(p.loop, 10);
     cr_expect_eq(c.closed, 1);
     cr_expect_eq(c.status_cancelled, in_zev);
     cr_expect_eq(c.status_ok, n - in_zev);
     cr_expect_eq(atomic_load(&c.freed_total), in_zev, "libzmq still holds its messages");
 
     test_close(push); /* libzmq frees the rest from its reaper thread */
+    p.b = NULL;       /* test_pair_close must not close it again */
     c.stop_recv = 0;
     c.stop_done = n;
-    cr_assert_eq(run_loop(loop, 30000), 0, "watchdog: freed %zu, trackers done %zu of %zu",
+    cr_assert_eq(run_loop(p.loop, 30000), 0, "watchdog: freed %zu, trackers done %zu of %zu",
                  atomic_load(&c.freed_total), (size_t)c.done_total, n);
     expect_all_once(&c, n, true);
     release_all(&c, n);
 
-    zev_loop_destroy(loop);
-    cr_assert_eq(zmq_ctx_term(ctx), 0);
+    cr_assert_eq(test_pair_close(&p), 0);
     close(port_fd);
     tctx_free(&c);
     test_expect_no_leaks();
@@ -626,31 +607,30 @@ Test(tracker, peer_never_connects_loop_destroyed)
     const size_t n = 3000;
     char ep[64];
     int port_fd = dead_port(ep, sizeof ep);
-    void *ctx = zmq_ctx_new();
-    void *push = zmq_socket(ctx, ZMQ_PUSH);
+    test_pair_t p = test_pair_open(TEST_NO_SOCKET, ZMQ_PUSH, NULL);
+    void *push = p.b;
     cr_assert_eq(zmq_connect(push, ep), 0);
-    zev_loop_t *loop = test_loop_new();
     tctx_t c;
-    tctx_init(&c, loop, n, size_64_4096);
-    zev_stream_t *tx = zev_stream_new(loop, push);
+    tctx_init(&c, p.loop, n, size_64_4096);
+    zev_stream_t *tx = zev_stream_new(p.loop, push);
     cr_assert_not_null(tx);
     cr_assert_eq(zev_stream_set_max_queue(tx, 0), 0);
     cr_assert_eq(zev_stream_on_send(tx, on_send_count, &c), 0);
     for (size_t seq = 0; seq < n; seq++)
         cr_assert_eq(send_one(&c, tx, seq, new_buf(&c, seq)), 0);
-    zev_loop_run_once(loop, 0);
+    zev_loop_run_once(p.loop, 0);
     zev_stream_stats_t st;
     cr_assert_eq(zev_stream_stats(tx, &st), 0);
     size_t in_zev = st.queued_msgs;
     cr_expect_gt(in_zev, 0);
 
-    zev_loop_destroy(loop);
+    zev_loop_destroy(p.loop);
+    p.loop = NULL; /* test_pair_close must not destroy it again */
     cr_expect_eq(c.reported, n, "on_send: %zu of %zu reported by destroy", (size_t)c.reported, n);
     cr_expect_eq(c.status_cancelled, in_zev);
     cr_expect_eq(atomic_load(&c.freed_total), in_zev);
 
-    test_close(push);
-    cr_assert_eq(zmq_ctx_term(ctx), 0); /* waits for libzmq to drop everything */
+    cr_assert_eq(test_pair_close(&p), 0); /* waits for libzmq to drop everything */
     expect_all_once(&c, n, false);
     cr_expect_eq(c.done_total, 0, "tracker callbacks ran after zev_loop_destroy");
     release_all(&c, n);
