@@ -54,12 +54,15 @@ void zev__report_add(zev_stream_t *s, int status)
 /* Delivers the statuses owed when it was called, no more: an on_send that
  * sends again adds statuses that wait for the stream's next pass (STYLE:
  * every drain is bounded; otherwise a callback that sends on each success
- * runs until libzmq says EAGAIN, and timers and other streams wait). */
+ * runs until libzmq says EAGAIN, and timers and other streams wait). Not
+ * re-entered: a zev_stream_flush from inside on_send leaves its statuses to
+ * the delivery already running or to the next pass, so the order holds. */
 void zev__reports_deliver(zev_stream_t *s)
 {
     size_t end = s->rep_len;
-    if (s->rep_head == end)
+    if (s->rep_head == end || s->delivering)
         return;
+    s->delivering = true;
     size_t last = s->rep[end - 1].count; /* later merges into it wait */
     while (s->rep_head < end) {
         zev__report_t *r = &s->rep[s->rep_head];
@@ -71,6 +74,7 @@ void zev__reports_deliver(zev_stream_t *s)
         if (s->on_send)
             s->on_send(s, status, s->send_arg); /* may add reports: r is stale now */
     }
+    s->delivering = false;
     size_t left = s->rep_len - s->rep_head;
     if (s->rep_head)
         memmove(s->rep, s->rep + s->rep_head, left * sizeof *s->rep);

@@ -182,6 +182,7 @@ struct zev_stream {
     bool blocked;        /* POLLOUT was reported but the head message got EAGAIN */
     bool in_pass;        /* stream_work is on the stack */
     bool in_recv_cb;     /* on_recv is on the stack: the ring is borrowed */
+    bool delivering;     /* zev__reports_deliver is on the stack */
     int recv_hint;       /* ZMQ_POLLIN: try recv before reading ZMQ_EVENTS */
     unsigned touches;    /* zmq calls zev made on the socket */
     unsigned drained_at; /* `touches` when a recv last found nothing */

@@ -1438,3 +1438,51 @@ Test(stream_send, on_send_chain_bounded_per_iteration, .timeout = 30)
     cr_assert_eq(zev_stream_close(c.s, 0), 0);
     cr_assert_eq(test_pair_close(&p), 0);
 }
+
+/*
+ * zev_stream_flush from inside on_send: the flush sends what is queued but
+ * must not start a second delivery of statuses inside the one running (that
+ * one would then report entries the inner one had already reported and
+ * compacted away: duplicates, or a count wrapping below zero). Every message
+ * still gets exactly one status, in order.
+ */
+typedef struct {
+    uint64_t next, extra;
+    size_t calls, bad, flush_fail;
+} flush_cb_t;
+
+static void flush_in_on_send(zev_stream_t *s, int status, void *arg)
+{
+    flush_cb_t *f = arg;
+    f->calls++;
+    f->bad += status != 0;
+    if (f->extra) { /* give the nested flush something to send and report */
+        f->extra--;
+        cr_assert_eq(zev_stream_send(s, &f->next, sizeof f->next, 0), 0);
+        f->next++;
+    }
+    if (zev_stream_flush(s, ZEV_WRITE, 0) < 0)
+        f->flush_fail++;
+}
+
+Test(stream_send, flush_inside_on_send_reports_once, .timeout = 30)
+{
+    test_pair_t p = test_pair_open(ZMQ_PULL, ZMQ_PUSH, "inproc");
+    test_set_int(p.a, ZMQ_RCVTIMEO, 5000);
+    zev_stream_t *s = test_stream_new(p.loop, p.b);
+    flush_cb_t f = {.extra = 5};
+    cr_assert_eq(zev_stream_on_send(s, flush_in_on_send, &f), 0);
+    for (; f.next < 10; f.next++)
+        cr_assert_eq(zev_stream_send(s, &f.next, sizeof f.next, 0), 0);
+
+    test_run_until_count(p.loop, &f.calls, 15, 5000);
+    test_spin(p.loop, 5, 1);
+    cr_assert_eq(f.calls, 15, "%zu statuses for 15 messages", f.calls);
+    cr_assert_eq(f.bad, 0);
+    cr_assert_eq(f.flush_fail, 0);
+    for (uint64_t i = 0; i < 15; i++)
+        cr_assert_eq(raw_recv_seq(p.a), i);
+
+    cr_assert_eq(zev_stream_close(s, 0), 0);
+    cr_assert_eq(test_pair_close(&p), 0);
+}
