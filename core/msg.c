@@ -50,6 +50,7 @@ int zev__ring_reserve(zev_stream_t *s, size_t n)
         return -1;
     }
     s->ring = ring;
+    s->msg.parts = ring; /* before anything can fail: the old block is gone */
     zev_frame_t **kept = realloc(s->kept, cap * sizeof *kept);
     if (!kept) {
         errno = ENOMEM;
@@ -61,19 +62,19 @@ int zev__ring_reserve(zev_stream_t *s, size_t n)
         kept[i] = NULL;
     }
     s->ring_cap = cap;
-    s->msg.parts = ring;
     s->msg.kept = kept;
     return 0;
 }
 
 void zev__ring_recycle(zev_stream_t *s)
 {
-    for (size_t i = 0; i < s->ring_used; i++) {
+    /* the first rx_parts slots hold a message still being received */
+    for (size_t i = s->rx_parts; i < s->ring_used; i++) {
         zmq_msg_close(&s->ring[i]); /* a kept part's slot is already empty */
         zmq_msg_init(&s->ring[i]);
         s->kept[i] = NULL;
     }
-    s->ring_used = 0;
+    s->ring_used = s->rx_parts;
     s->msg.n = 0;
 }
 

@@ -252,13 +252,19 @@ static int frames_allow(const zev_stream_t *s)
     return !s->max_frames || s->frames_out < s->max_frames;
 }
 
-/* Receives one whole message into the ring: 1, 0 (nothing there), -1. */
+/* Receives one whole message into the ring: 1, 0 (nothing there), -1.
+ * When the ring cannot grow for a long multipart message, the parts already
+ * received stay in it (rx_parts) and the next call goes on from there:
+ * leaving the rest in libzmq would make its tail look like a new message. */
 static int recv_message(zev_stream_t *s)
 {
-    size_t i = 0;
+    size_t i = s->rx_parts;
+    s->rx_parts = 0;
     for (;;) {
-        if (i == s->ring_cap && zev__ring_reserve(s, i + 1) < 0)
+        if (i == s->ring_cap && zev__ring_reserve(s, i + 1) < 0) {
+            s->rx_parts = i;
             return -1;
+        }
         if (i == s->ring_used)
             s->ring_used++; /* its old content goes in the recv, its last in recycle */
         s->kept[i] = NULL;

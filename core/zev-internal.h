@@ -172,6 +172,7 @@ struct zev_stream {
     zev_frame_t **kept;
     size_t ring_cap;
     size_t ring_used; /* leading slots that may hold content (zev__ring_recycle) */
+    size_t rx_parts;  /* parts of a message received before the ring could not grow */
     zev_msg_t msg;
 
     int err;        /* ENOTSOCK/ETERM once the socket is gone */

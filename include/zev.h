@@ -283,7 +283,9 @@ ZEV_API int zev_stream_stats(const zev_stream_t *s, zev_stream_stats_t *out);
 /* --------------------------------------------------- messages and frames */
 
 /* A received message. It and its borrowed frames are valid only during the
- * recv callback; every part not kept is recycled when the callback returns.
+ * recv callback; every part not kept is recycled when the callback returns
+ * (its buffer is freed by the stream's next receive into that slot, at the
+ * latest when the stream's pass ends).
  * Functions given NULL or i >= parts fail with EINVAL (NULL / 0). */
 ZEV_API size_t zev_msg_parts(const zev_msg_t *m);
 ZEV_API const void *zev_msg_data(const zev_msg_t *m, size_t i);

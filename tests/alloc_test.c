@@ -565,3 +565,117 @@ Test(alloc, on_send_status_survives_out_of_memory)
     test_close(router);
     zmq_ctx_term(ctx);
 }
+
+/* ------------------------------------ the receive ring under out-of-memory */
+
+typedef struct {
+    size_t msgs, parts_bad;
+    size_t parts[4];
+} ring_rx_t;
+
+static void ring_recv(zev_stream_t *s, zev_msg_t *m, void *arg)
+{
+    (void)s;
+    ring_rx_t *rx = arg;
+    size_t n = zev_msg_parts(m);
+    if (rx->msgs < 4)
+        rx->parts[rx->msgs] = n;
+    for (size_t i = 0; i < n; i++) { /* part i of message k holds k * 100 + i */
+        uint32_t v = UINT32_MAX;
+        if (zev_msg_size(m, i) == sizeof v)
+            memcpy(&v, zev_msg_data(m, i), sizeof v);
+        rx->parts_bad += v != rx->msgs * 100 + i;
+    }
+    rx->msgs++;
+}
+
+static void send_parts(void *sock, uint32_t k, uint32_t nparts)
+{
+    for (uint32_t i = 0; i < nparts; i++) {
+        uint32_t v = k * 100 + i;
+        cr_assert_eq(zmq_send(sock, &v, sizeof v, i + 1 < nparts ? ZMQ_SNDMORE : 0), sizeof v);
+    }
+}
+
+/*
+ * A message with more parts than the stream's receive ring holds makes the
+ * ring grow; when it cannot (realloc fails on the loop thread), the parts
+ * already received must wait in the ring and the message be completed once
+ * memory is back: leaving its tail in libzmq would deliver that tail as a
+ * message of its own. Nothing is delivered while the ring cannot grow.
+ */
+Test(alloc, ring_growth_out_of_memory_keeps_the_message_whole)
+{
+    void *ctx = test_ctx_new();
+    zev_loop_t *loop = test_loop_new();
+    void *pull = test_socket(ctx, ZMQ_PULL), *push = test_socket(ctx, ZMQ_PUSH);
+    test_bind_connect(pull, push, "inproc");
+    zev_stream_t *s = test_stream_new(loop, pull);
+    ring_rx_t rx = {0};
+    cr_assert_eq(zev_stream_on_recv(s, ring_recv, &rx), 0);
+    send_parts(push, 0, 3);  /* fits the ring as it is */
+    send_parts(push, 1, 10); /* needs it to grow */
+    send_parts(push, 2, 1);
+
+    alloc_count_fail_realloc(1);
+    for (int i = 0; i < 20; i++)
+        zev_loop_run_once(loop, 1);
+    size_t during = rx.msgs;
+    alloc_count_fail_realloc(0); /* before asserting: Criterion's reports allocate */
+    cr_assert_eq(during, 1, "%zu messages delivered while the ring could not grow", during);
+
+    uint64_t end = test_ms() + 5000;
+    while (rx.msgs < 3 && test_ms() < end)
+        zev_loop_run_once(loop, 1);
+    test_spin(loop, 3, 1);
+    cr_assert_eq(rx.msgs, 3, "%zu messages", rx.msgs);
+    cr_assert_eq(rx.parts[0], 3);
+    cr_assert_eq(rx.parts[1], 10, "the long message arrived in %zu parts", rx.parts[1]);
+    cr_assert_eq(rx.parts[2], 1);
+    cr_assert_eq(rx.parts_bad, 0, "parts out of place");
+
+    zev_loop_destroy(loop);
+    test_close(push);
+    test_close(pull);
+    zmq_ctx_term(ctx);
+}
+
+/*
+ * Setting on_send reserves room for the statuses of the messages already
+ * waiting; when that fails the call says ENOMEM and the stream keeps no
+ * callback, and a later call succeeds and reports them.
+ */
+Test(alloc, on_send_set_out_of_memory_is_refused)
+{
+    void *ctx = test_ctx_new();
+    zev_loop_t *loop = test_loop_new();
+    void *push = test_socket(ctx, ZMQ_PUSH);
+    char ep[256];
+    test_bind_ep(push, "inproc", ep, sizeof ep);
+    zev_stream_t *s = test_stream_new(loop, push);
+    for (uint64_t i = 0; i < 3; i++) /* no peer yet: all queued */
+        cr_assert_eq(zev_stream_send(s, &i, sizeof i, 0), 0);
+    cr_assert_eq(zev_stream_sending(s), 1);
+
+    statuses_t st = {0};
+    alloc_count_fail_realloc(1);
+    int rc = zev_stream_on_send(s, record_status, &st);
+    int err = errno;
+    alloc_count_fail_realloc(0);
+    cr_assert_eq(rc, -1);
+    cr_assert_eq(err, ENOMEM);
+
+    cr_assert_eq(zev_stream_on_send(s, record_status, &st), 0);
+    void *pull = test_socket(ctx, ZMQ_PULL);
+    cr_assert_eq(zmq_connect(pull, ep), 0);
+    test_run_until_count(loop, &st.n, 3, 5000);
+    test_spin(loop, 3, 1);
+    cr_assert_eq(st.n, 3);
+    for (size_t i = 0; i < 3; i++)
+        cr_assert_eq(st.status[i], 0);
+
+    zev_loop_destroy(loop);
+    test_close(pull);
+    test_close(push);
+    zmq_ctx_term(ctx);
+}
