@@ -382,10 +382,10 @@ def sec_instr(R):
          "valgrind's callgrind counts the user-space instructions of `thr --recv-only` (64 B, "
          "fed from another process by the same sender as the throughput rows); per message = "
          "the difference between a run of N and of N/5 messages, so start-up cancels; median "
-         "over runs. Under callgrind the receiver never waits, so this is the per-message path "
-         "alone: the calls made to sleep and wake are in the syscall table, and no kernel time "
-         "counts here. `receiver` is the receiving thread, `others` libzmq's I/O thread and the "
-         "rest of the process.\n\n"]
+         "over runs. Under callgrind the receiver is far slower than the sender and mostly finds "
+         "messages waiting, so this is mainly the per-message path, plus the user-space part of "
+         "what waiting it still does; no kernel time counts here. `receiver` is the receiving "
+         "thread, `others` libzmq's I/O thread and the rest of the process.\n\n"]
     impls = ("raw", "zev_borrowed", "zev_kept", "zev_copy")
     rows = []
     for t in TRANSPORTS:

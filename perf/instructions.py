@@ -7,14 +7,15 @@ the receiver executes per message hardly moves. They are counted with
 valgrind's callgrind (--separate-threads) on `thr --recv-only EP --impl I`,
 fed from another process by the same sender as every thr row (`thr
 --send-only EP --hold-stdin`). Under callgrind the receiver is far slower
-than the sender, so it never waits: the figure is the per-message path
-alone (recv, dispatch, the benchmark's own touch of the payload), not the
-cost of going to sleep and waking up (perf/syscalls.py counts those calls).
+than the sender, so it mostly finds messages waiting: the figure is mainly
+the per-message path (recv, dispatch, the benchmark's own touch of the
+payload), plus the user-space part of whatever waiting it still does
+(valgrind runs one thread at a time). Kernel time is not counted at all.
 
 Per message = (count at N - count at N/5) / (N - N/5): start-up and teardown
 cancel. `receiver` is the thread that runs the receive loop (the program's
 main thread), `others` the sum of the rest (libzmq's I/O thread and reaper,
-the program's stall watchdog).
+the program's stall watchdog, whose share follows time, not N).
 
 Usage: perf/instructions.py --thr BUILD/perf/thr [--full] [--runs N] [--count N]
        [--transports ipc,tcp] [--impls raw,zev_borrowed,zev_kept,zev_copy]
@@ -118,7 +119,7 @@ def main():
             med = {(i, th): report(f"{keys} thread={th}", i, "instr_per_msg", "instr",
                                    per[i][th]) for i in impls for th in ("receiver", "others")}
             for i in impls:
-                if i == "raw":
+                if i == "raw" or "raw" not in impls:
                     continue
                 for th in ("receiver", "others"):
                     k = f"{keys} thread={th}"

@@ -248,14 +248,16 @@ def _why_thr(R, m, history):
         others = R.delta(thread="others", num="zev_borrowed", den="raw", **k)
         if all(rx.values()) and others is not None:
             instr.append(f"{t} {rx['raw']['median']:.0f} → {rx['zev_borrowed']['median']:.0f} "
-                         f"({m[f'instr_{t}']:+.0f}; libzmq's threads {others:+.0f})")
+                         f"({m[f'instr_{t}']:+.0f}; the other threads {others:+.0f})")
     if instr:
         s.append(" Counted instead of timed (`perf/instructions.py`, callgrind, the receiver "
-                 "never waiting), zev's receiving thread executes per message "
-                 + "; ".join(instr) + " user-space instructions against raw: that is the "
-                 "stream's own per-message path (the recv loop, the callback and its "
-                 "accessors); the rest of the CPU difference is going to sleep and waking up, "
-                 "which callgrind does not see.")
+                 "slowed down so that it mostly finds messages waiting), zev's receiving thread "
+                 "executes per message " + "; ".join(instr) + " user-space instructions against "
+                 "raw: mainly the stream's own per-message path (the recv loop, the callback "
+                 "and its accessors). Going to sleep and waking up costs zev more system calls "
+                 "than a blocking recv (counted by `perf/syscalls.py`), whose kernel time "
+                 "callgrind does not see; how often that happens per message depends on how "
+                 "the threads share the cores.")
     return "".join(s)
 
 
