@@ -23,7 +23,6 @@ Output: RESULT/DELTA/RATIO/FAIL lines in the grammar of perf/common.h:
   RESULT bench=instr transport=T size=64 thread=receiver|others impl=I
          metric=instr_per_msg unit=instr median=.. min=.. max=.. runs=N
 """
-import argparse
 import glob
 import os
 import shutil
@@ -31,7 +30,7 @@ import subprocess
 import sys
 import tempfile
 
-from pyzmq_common import (delta, endpoint, finish, print_run, ratio, report, start_held,
+from pyzmq_common import (arg_parser, delta, endpoint, finish, print_run, ratio, report, start_held,
                           start_ready, stop_held, unlink_ep)
 
 TIMEOUT = 300
@@ -74,10 +73,7 @@ def count(valgrind, thr, impl, transport, n, tmp, tag):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--thr", required=True, help="path of the built thr program")
-    ap.add_argument("--full", action="store_true")
-    ap.add_argument("--runs", type=int)
+    ap = arg_parser(__doc__, "thr")
     ap.add_argument("--count", type=int)
     ap.add_argument("--transports")
     ap.add_argument("--impls", default="raw,zev_borrowed,zev_kept,zev_copy")

@@ -24,7 +24,6 @@ Output: RESULT/DELTA/FAIL lines in the grammar of perf/common.h:
          metric=calls_per_rt unit=calls median=.. min=.. max=.. runs=N
   (syscall=all is the thread's total, syscall=other what the named ones leave)
 """
-import argparse
 import collections
 import os
 import re
@@ -35,7 +34,7 @@ import sys
 import tempfile
 import time
 
-from pyzmq_common import delta, finish, print_run, report, start_ready
+from pyzmq_common import arg_parser, delta, finish, print_run, report, start_ready
 
 TIMEOUT = 120
 # the calls a reactor and libzmq make per message; the rest shows as "other"
@@ -127,10 +126,7 @@ def one_run(tracer, lat, impl, n, warmup, tmp, tag):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--lat", required=True, help="path of the built lat program")
-    ap.add_argument("--full", action="store_true")
-    ap.add_argument("--runs", type=int)
+    ap = arg_parser(__doc__, "lat")
     ap.add_argument("--count", type=int)
     ap.add_argument("--impls", default="raw,zev,zloop")
     ap.add_argument("--tracer", choices=["perf", "strace"])
