@@ -145,7 +145,8 @@ void zev_loop_destroy(zev_loop_t *loop)
         errno = EBUSY;
         return;
     }
-    loop->depth++; /* closing streams run callbacks: they count as inside */
+    loop->depth++;           /* closing streams run callbacks: they count as inside */
+    loop->destroying = true; /* a stream made by those callbacks would never be closed */
     zev__streams_close_all(loop);
     zev__streams_reap(loop);
     zev__io_free_all(loop);

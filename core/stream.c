@@ -91,6 +91,10 @@ zev_stream_t *zev_stream_new(zev_loop_t *loop, void *sock)
         errno = EINVAL;
         return NULL;
     }
+    if (loop->destroying) { /* a close callback run by zev_loop_destroy */
+        errno = EBUSY;
+        return NULL;
+    }
     int fd;
     size_t len = sizeof fd;
     if (zmq_getsockopt(sock, ZMQ_FD, &fd, &len) < 0)

@@ -202,7 +202,8 @@ struct zev_loop {
     unsigned spin_us;
     uint64_t now_ns;
     atomic_int stop_requested;
-    int depth; /* > 0 while an iteration runs (inside callbacks) */
+    int depth;       /* > 0 while an iteration runs (inside callbacks) */
+    bool destroying; /* zev_loop_destroy runs: no new streams (they would outlive it) */
 
     zev_timer_t **heap; /* binary min-heap on (deadline_ns, seq) */
     size_t heap_len, heap_cap;

@@ -78,7 +78,8 @@ ZEV_API zev_loop_t *zev_loop_new(const zev_loop_opts_t *opts);
  * closed as zev_stream_close(s, 0) would (queued sends reported ECANCELED,
  * close callbacks run once; sockets are closed only for streams closed with
  * ZEV_CLOSE_SOCKET), io watchers and timers are freed, queued callbacks are
- * dropped without running. Kept frames and trackers stay valid and may be
+ * dropped without running; zev_stream_new from those close (or send)
+ * callbacks fails with EBUSY. Kept frames and trackers stay valid and may be
  * released later from any thread. Must not be called from inside one of the
  * loop's callbacks (it is then refused: the loop keeps running; errno EBUSY).
  * NULL is ignored. */
@@ -175,7 +176,9 @@ ZEV_API int zev_io_stop(zev_io_t *io);
  * Lifetime: valid until its close callback has returned (after
  * zev_stream_close or zev_loop_destroy); then freed by the loop.
  * Errors: NULL with EINVAL (NULL), ENOTSOCK, ETERM, EEXIST (the socket
- * already has a stream on this loop), ENOMEM. */
+ * already has a stream on this loop), ENOMEM, EBUSY (called from a callback
+ * that zev_loop_destroy runs, e.g. a close callback: the loop is going away
+ * and the stream would outlive it). */
 ZEV_API zev_stream_t *zev_stream_new(zev_loop_t *loop, void *zmq_socket);
 
 /* Sets the receive callback: fn gets every whole message (always multipart,

@@ -930,6 +930,26 @@ Test(reentry_close, new_stream_inside_on_close, .timeout = 30)
     finish(&p);
 }
 
+/* The same during zev_loop_destroy: a stream made by a close callback that
+ * destroy runs would outlive the loop (it leaked, registered, its close
+ * callback never ran), so zev_stream_new refuses it with EBUSY. */
+Test(reentry_close, new_stream_inside_on_close_during_destroy, .timeout = 30)
+{
+    test_pair_t p = pair_pair();
+    ctx_t c = {0};
+    c.sock2 = p.a;
+    zev_stream_t *s = test_stream_new(p.loop, p.a);
+    cr_assert_eq(zev_stream_on_close(s, new_stream_in_close, &c), 0);
+    test_spin(p.loop, 2, 1);
+    zev_loop_destroy(p.loop);
+    p.loop = NULL;
+    cr_assert_eq(c.closes, 1);
+    cr_assert_null(c.s2, "a stream made during destroy would outlive the loop");
+    cr_assert_eq(c.err, EBUSY, "%s", zmq_strerror(c.err));
+    cr_assert_eq(c.closes2, 0);
+    finish(&p);
+}
+
 /* ------------------------------------------------- more nesting of passes */
 
 static void close_in_status_then_ebadf(zev_stream_t *s, int status, void *arg)
