@@ -1143,3 +1143,103 @@ Test(reentry_recv, socket_closed_under_stream_inside_on_recv, .timeout = 30)
     p.a = NULL;
     finish(&p);
 }
+
+/* --------------------------------------- what must be refused in callbacks */
+
+typedef struct {
+    ctx_t c;
+    zev_loop_t *loop;
+    size_t checks;
+} refuse_t;
+
+static void expect_refused(refuse_t *k)
+{
+    cr_assert_eq(zev_loop_run_once(k->loop, 0), -1);
+    cr_assert_eq(errno, EBUSY);
+    cr_assert_eq(zev_loop_run(k->loop), -1);
+    cr_assert_eq(errno, EBUSY);
+    errno = 0;
+    zev_loop_destroy(k->loop);
+    cr_assert_eq(errno, EBUSY);
+    k->checks++;
+}
+
+static void refuse_recv(zev_stream_t *s, zev_msg_t *m, void *arg)
+{
+    refuse_t *k = arg;
+    k->c.seq[k->c.recvs++] = msg_seq(m);
+    expect_refused(k);
+    uint64_t v = 8;
+    cr_assert_eq(zev_stream_send(s, &v, sizeof v, 0), 0);
+}
+
+static void refuse_send(zev_stream_t *s, int status, void *arg)
+{
+    refuse_t *k = arg;
+    record_status(&k->c, status);
+    expect_refused(k);
+    cr_assert_eq(zev_stream_close(s, 0), 0);
+}
+
+static void refuse_close(zev_stream_t *s, void *arg)
+{
+    refuse_t *k = arg;
+    count_close(s, &k->c);
+    expect_refused(k);
+}
+
+/* Running or destroying the loop from on_recv, on_send or on_close is
+ * refused (EBUSY) and the loop goes on: the reply still goes out. */
+Test(reentry_loop, run_and_destroy_refused_inside_callbacks, .timeout = 30)
+{
+    test_pair_t p = pair_pair();
+    refuse_t k = {.loop = p.loop};
+    zev_stream_t *s = test_stream_new(p.loop, p.a);
+    cr_assert_eq(zev_stream_on_recv(s, refuse_recv, &k), 0);
+    cr_assert_eq(zev_stream_on_send(s, refuse_send, &k), 0);
+    cr_assert_eq(zev_stream_on_close(s, refuse_close, &k), 0);
+    test_send_seq(p.b, 3);
+    test_run_until_count(p.loop, &k.c.closes, 1, 5000);
+    test_spin(p.loop, 3, 1);
+    cr_assert_eq(k.checks, 3);
+    cr_assert_eq(k.c.recvs, 1);
+    check_statuses_then(&k.c, 1, 1, 0);
+    uint64_t v = 0;
+    cr_assert_eq(zmq_recv(p.b, &v, sizeof v, 0), (int)sizeof v);
+    cr_assert_eq(v, 8);
+    finish(&p);
+}
+
+static void half_then_close_flush(zev_stream_t *s, zev_msg_t *m, void *arg)
+{
+    ctx_t *c = arg;
+    c->seq[c->recvs++] = msg_seq(m);
+    cr_assert_eq(zev_stream_send(s, "part1", 5, ZMQ_SNDMORE), 0);
+    c->rc = zev_stream_close(s, ZEV_CLOSE_FLUSH);
+}
+
+/* close(FLUSH) from on_recv while the callback's own multipart message is
+ * unfinished: it can never be finished, so it is reported ECANCELED once
+ * and the peer gets nothing of it. */
+Test(reentry_recv, close_flush_with_unfinished_multipart_inside_on_recv, .timeout = 30)
+{
+    test_pair_t p = pair_pair();
+    test_set_int(p.a, ZMQ_LINGER, 5000);
+    test_set_int(p.b, ZMQ_RCVTIMEO, 100);
+    ctx_t c = {0};
+    zev_stream_t *s = test_stream_new(p.loop, p.a);
+    cr_assert_eq(zev_stream_on_recv(s, half_then_close_flush, &c), 0);
+    cr_assert_eq(zev_stream_on_send(s, status_counter, &c), 0);
+    cr_assert_eq(zev_stream_on_close(s, count_close, &c), 0);
+    test_send_seq(p.b, 0);
+    test_run_until_count(p.loop, &c.closes, 1, 5000);
+    test_spin(p.loop, 3, 1);
+    cr_assert_eq(c.rc, 0);
+    cr_assert_eq(c.recvs, 1);
+    cr_assert_eq(c.closes, 1);
+    check_statuses_then(&c, 1, 0, ECANCELED);
+    char buf[16];
+    cr_assert_eq(zmq_recv(p.b, buf, sizeof buf, 0), -1);
+    cr_assert_eq(errno, EAGAIN);
+    finish(&p);
+}
