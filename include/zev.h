@@ -187,13 +187,18 @@ ZEV_API zev_stream_t *zev_stream_new(zev_loop_t *loop, void *zmq_socket);
  * Errors: EINVAL (NULL stream), EBADF (closed). */
 ZEV_API int zev_stream_on_recv(zev_stream_t *s, zev_recv_fn fn, void *arg);
 
-/* Sets the send callback: called once per message given to a send function
- * (after it is set), in send order, with 0 when handed to libzmq or the
- * errno (ECANCELED if never sent). Runs from the loop, never nested inside a
- * send call; zev_stream_flush reports what it sent before it returns. A pass
- * reports the statuses owed when it began: those of messages sent from
- * inside on_send come in the stream's next pass, so an on_send that sends
- * again on every success cannot hold the loop. The memory for the statuses
+/* Sets the send callback. Every message given to a send function gets one
+ * status, in send order: 0 when handed to libzmq, or the errno (ECANCELED if
+ * never sent). Each status goes to the callback set when it is delivered:
+ * a message given before on_send was set is reported if its status comes
+ * later, a callback set from inside on_send gets the statuses that follow,
+ * and with none set a status is dropped. Runs from the loop, never nested
+ * inside a send call; zev_stream_flush reports what it sent before it
+ * returns, except from inside on_send, where those statuses follow after
+ * that on_send returns, in order. A pass reports the statuses owed when it
+ * began: those of messages sent from inside on_send come in the stream's
+ * next pass, so an on_send that sends again on every success cannot hold
+ * the loop. The memory for the statuses
  * is reserved when a message is given (ENOMEM there), so none is lost later.
  * Errors: EINVAL, EBADF, ENOMEM (no room for the statuses of messages
  * already queued; the previous callback stays). */
@@ -241,8 +246,10 @@ ZEV_API int zev_stream_set_max_queue(zev_stream_t *s, size_t n);
 ZEV_API int zev_stream_set_batch(zev_stream_t *s, unsigned n);
 
 /* Handles pending work now: ZEV_READ receives and dispatches, ZEV_WRITE sends
- * queued messages, at most limit messages (0 = no limit). Returns the count
- * handled, -1 with EINVAL (NULL, bad flags) or EBADF. */
+ * queued messages, at most limit messages (0 = no limit); on_send statuses
+ * of what it sent are reported before it returns (from inside on_send: after
+ * that on_send returns, see zev_stream_on_send). Returns the count handled,
+ * -1 with EINVAL (NULL, bad flags) or EBADF. */
 ZEV_API int zev_stream_flush(zev_stream_t *s, int flags, size_t limit);
 
 /* Closes the stream; safe from inside any callback. closed() is 1 at once.
