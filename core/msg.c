@@ -25,7 +25,6 @@
 
 #include <errno.h>
 #include <stdlib.h>
-#include <string.h>
 
 #define CHUNK_FRAMES 64
 
@@ -211,9 +210,7 @@ zev_frame_t *zev_msg_keep(zev_msg_t *m, size_t i)
     f->stream = s;
     f->size = zmq_msg_size(&m->parts[i]);
     atomic_init(&f->released, 0);
-    /* moved bitwise (as the ring moves it), the slot left empty */
-    memcpy(&f->msg, &m->parts[i], sizeof f->msg);
-    zmq_msg_init(&m->parts[i]);
+    zev__msg_move(&f->msg, &m->parts[i]); /* the slot is left empty */
     zev__list_push_tail(&s->kept_frames, &f->node);
     s->frames_out++;
     zev__hub_ref(hub);

@@ -110,8 +110,7 @@ int zev__sendq_reserve(zev_stream_t *s, size_t n)
 void zev__sendq_push(zev_stream_t *s, zmq_msg_t *msg, bool more)
 {
     zev__sendpart_t *p = zev__sendq_at(s, s->qlen++);
-    zmq_msg_init(&p->msg);
-    zmq_msg_move(&p->msg, msg);
+    zev__msg_move(&p->msg, msg);
     p->more = more;
     p->first = s->open != OPEN_QUEUED;
     if (p->first)

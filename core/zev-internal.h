@@ -15,6 +15,7 @@
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <string.h>
 
 #define ZEV_INTERNAL __attribute__((visibility("hidden")))
 
@@ -304,6 +305,14 @@ ZEV_INTERNAL void zev__sendq_cancel(zev_stream_t *s, int status);
 ZEV_INTERNAL int zev__sendq_flush_done(const zev_stream_t *s);
 
 /* msg.c */
+/* Moves a zmq_msg_t bitwise, as libzmq's own pipes move it (a zmq_msg_t
+ * holds no pointer into itself), and leaves src empty: what zmq_msg_move
+ * does into a fresh dst, without re-checking both. */
+static inline void zev__msg_move(zmq_msg_t *dst, zmq_msg_t *src)
+{
+    memcpy(dst, src, sizeof *dst);
+    zmq_msg_init(src);
+}
 ZEV_INTERNAL int zev__ring_reserve(zev_stream_t *s, size_t n);
 ZEV_INTERNAL int zev__frames_prewarm(zev__hub_t *hub, size_t n);
 ZEV_INTERNAL void zev__ring_recycle(zev_stream_t *s);
