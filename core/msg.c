@@ -39,9 +39,7 @@ int zev__ring_reserve(zev_stream_t *s, size_t n)
 {
     if (n <= s->ring_cap)
         return 0;
-    size_t cap = s->ring_cap ? s->ring_cap : 4;
-    while (cap < n)
-        cap *= 2;
+    size_t cap = zev__grown_cap(s->ring_cap, 4, n);
     /* zmq_msg_t is moved bitwise, as libzmq's own queues move it. */
     zmq_msg_t *ring = realloc(s->ring, cap * sizeof *ring);
     if (!ring) {

@@ -27,9 +27,7 @@
 /* Grows the status array to `need` entries (zev__report_reserve). */
 int zev__report_grow(zev_stream_t *s, size_t need)
 {
-    size_t cap = s->rep_cap ? s->rep_cap : 8;
-    while (cap < need)
-        cap *= 2;
+    size_t cap = zev__grown_cap(s->rep_cap, 8, need);
     zev__report_t *rep = realloc(s->rep, cap * sizeof *rep);
     if (!rep) {
         errno = ENOMEM;
@@ -88,9 +86,7 @@ int zev__sendq_reserve(zev_stream_t *s, size_t n)
 {
     if (s->qlen + n <= s->qcap)
         return 0;
-    size_t cap = s->qcap ? s->qcap : 16;
-    while (cap < s->qlen + n)
-        cap *= 2;
+    size_t cap = zev__grown_cap(s->qcap, 16, s->qlen + n);
     zev__sendpart_t *q = malloc(cap * sizeof *q);
     if (!q) {
         errno = ENOMEM;

@@ -239,6 +239,15 @@ ZEV_INTERNAL void zev__io_dispatch(zev_io_t *io, int events);
 ZEV_INTERNAL void zev__io_reap(zev_loop_t *loop);
 ZEV_INTERNAL void zev__io_free_all(zev_loop_t *loop);
 
+/* A growing array's next capacity: doubled from cap (from first when the
+ * array is empty) until it holds need. */
+static inline size_t zev__grown_cap(size_t cap, size_t first, size_t need)
+{
+    for (cap = cap ? cap : first; cap < need; cap *= 2)
+        ;
+    return cap;
+}
+
 /* Validates a stream argument for the public setters and sends: 0 with
  * EINVAL or EBADF. Inline because every send checks it. */
 static inline int zev__stream_usable(const zev_stream_t *s)
