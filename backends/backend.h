@@ -18,6 +18,10 @@
 #ifndef ZEV_BACKEND_H
 #define ZEV_BACKEND_H
 
+#include <stdbool.h>
+#include <stdint.h>
+#include <time.h>
+
 enum { ZEV_BE_READ = 1, ZEV_BE_WRITE = 2 };
 
 typedef struct zev_fired {
@@ -37,14 +41,37 @@ typedef struct zev_backend_ops {
     int (*modify)(void *state, int fd, int events, void *data);
     /* Stops watching fd. The fd may already be closed: that is not an error. */
     int (*remove)(void *state, int fd);
-    /* Waits up to timeout_ms (-1 = forever, 0 = poll) and fills out[0..max).
-     * Returns the number filled (0 on timeout or EINTR). */
-    int (*wait)(void *state, int timeout_ms, zev_fired_t *out, int max);
+    /* Waits up to timeout_ns (-1 = forever, 0 = poll) and fills out[0..max).
+     * Returns the number filled (0 on timeout or EINTR). The wait keeps the
+     * precision the OS offers (epoll_pwait2, ppoll, kevent take a timespec):
+     * rounding a timeout up to whole milliseconds would make every timer
+     * shorter than that run late by up to a millisecond. */
+    int (*wait)(void *state, int64_t timeout_ns, zev_fired_t *out, int max);
     /* A pollable fd that is readable while some registered fd is ready, for
      * embedding the loop in a host loop; -1 with ENOTSUP if the backend
      * cannot give one on this platform. Owned by the backend. */
     int (*pollable_fd)(void *state);
 } zev_backend_ops_t;
+
+/* timeout_ns as a timespec for the OS's wait; NULL for -1 (forever). */
+static inline struct timespec *zev_be_timespec(int64_t timeout_ns, struct timespec *ts)
+{
+    if (timeout_ns < 0)
+        return NULL;
+    ts->tv_sec = (time_t)(timeout_ns / 1000000000);
+    ts->tv_nsec = (long)(timeout_ns % 1000000000);
+    return ts;
+}
+
+/* timeout_ns in whole milliseconds, rounded up (never early), for OS waits
+ * that take nothing finer. */
+static inline int zev_be_ms(int64_t timeout_ns)
+{
+    if (timeout_ns < 0)
+        return -1;
+    int64_t ms = (timeout_ns + 999999) / 1000000;
+    return ms > INT32_MAX ? INT32_MAX : (int)ms;
+}
 
 /* One per backend file; each is compiled only where the platform has it
  * (ZEV_HAVE_EPOLL, ZEV_HAVE_KQUEUE; poll everywhere). */

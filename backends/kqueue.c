@@ -149,21 +149,17 @@ static int kqueue_modify(void *state, int fd, int events, void *data)
     return kqueue_set(state, fd, events, data, err);
 }
 
-static int kqueue_wait_fired(void *state, int timeout_ms, zev_fired_t *out, int max)
+static int kqueue_wait_fired(void *state, int64_t timeout_ns, zev_fired_t *out, int max)
 {
     kqueue_state_t *st = state;
     const int cap = (int)(sizeof st->events / sizeof st->events[0]);
-    struct timespec ts, *tsp = NULL;
+    struct timespec ts;
     if (max <= 0) {
         errno = EINVAL;
         return -1;
     }
-    if (timeout_ms >= 0) {
-        ts.tv_sec = timeout_ms / 1000;
-        ts.tv_nsec = (long)(timeout_ms % 1000) * 1000000L;
-        tsp = &ts;
-    }
-    int n = kevent(st->kqfd, NULL, 0, st->events, max < cap ? max : cap, tsp);
+    int n = kevent(st->kqfd, NULL, 0, st->events, max < cap ? max : cap,
+                   zev_be_timespec(timeout_ns, &ts));
     if (n < 0)
         return errno == EINTR ? 0 : -1;
     int filled = 0;

@@ -6,7 +6,12 @@
  *     array, so poll() gets it as is and nothing is rebuilt per wait. An
  *     fd -> index map (grown by doubling on demand, -1 = absent) makes add,
  *     modify and remove O(1); remove fills the hole with the last entry.
- *   - An fd watched for nothing is parked as fd = -fd-1 (see park()).
+ *   - An fd watched for nothing is parked as fd = -fd-1 (see park()); so is
+ *     one that poll() reports POLLNVAL for (closed without being removed):
+ *     it then goes silent, as it does in epoll and kqueue, whose kernels
+ *     drop a closed fd, instead of spinning the loop. An update unparks it.
+ *   - Timeouts keep their nanoseconds through ppoll where the platform has
+ *     it; elsewhere they are rounded up to whole milliseconds.
  *   - poll() cannot say which entries fired without a scan; the scan starts
  *     where the last truncated one stopped, so with more than `max` ready fds
  *     every one is reported within a few waits instead of the first `max`
@@ -211,14 +216,19 @@ static int poll_remove(void *state, int fd)
     return 0;
 }
 
-static int poll_wait(void *state, int timeout_ms, zev_fired_t *out, int max)
+static int poll_wait(void *state, int64_t timeout_ns, zev_fired_t *out, int max)
 {
     poll_state_t *st = state;
     if (max <= 0) {
         errno = EINVAL;
         return -1;
     }
-    int ready = poll(st->pfds, (nfds_t)st->count, timeout_ms);
+#ifdef ZEV_HAVE_PPOLL
+    struct timespec ts;
+    int ready = ppoll(st->pfds, (nfds_t)st->count, zev_be_timespec(timeout_ns, &ts), NULL);
+#else
+    int ready = poll(st->pfds, (nfds_t)st->count, zev_be_ms(timeout_ns));
+#endif
     if (ready < 0)
         return errno == EINTR ? 0 : -1;
     int n = 0;
@@ -229,9 +239,13 @@ static int poll_wait(void *state, int timeout_ms, zev_fired_t *out, int max)
         if (!re)
             continue;
         ready--;
+        if (re & POLLNVAL) { /* closed without remove: silent from now on */
+            st->pfds[i].fd = -st->pfds[i].fd - 1;
+            continue;
+        }
         int asked = from_poll(st->pfds[i].events);
         int ev = from_poll(re);
-        if (re & (POLLERR | POLLHUP | POLLNVAL))
+        if (re & (POLLERR | POLLHUP))
             ev |= ZEV_BE_READ | ZEV_BE_WRITE;
         ev &= asked;
         if (!ev)

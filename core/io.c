@@ -48,6 +48,7 @@ zev_io_t *zev_io_start(zev_loop_t *loop, int fd, int events, zev_io_fn fn, void 
         return NULL;
     }
     io->active = true;
+    loop->nios++;
     zev__list_push_tail(&loop->ios, &io->node);
     return io;
 }
@@ -72,6 +73,7 @@ int zev_io_stop(zev_io_t *io)
     }
     zev_loop_t *loop = io->loop;
     zev__unregister(loop, io->fd);
+    loop->nios--;
     io->active = false;
     zev__list_remove(&io->node);
     if (loop->depth)
@@ -101,6 +103,7 @@ void zev__io_free_all(zev_loop_t *loop)
     while ((n = zev__list_pop_head(&loop->ios))) {
         zev_io_t *io = zev__container_of(n, zev_io_t, node);
         zev__unregister(loop, io->fd);
+        loop->nios--;
         free(io);
     }
     zev__io_reap(loop);

@@ -13,15 +13,32 @@
  *   and then frees what was closed during it (io watchers, streams whose
  *   close callbacks are due) — handles closed inside callbacks live until
  *   no fired entry can point at them.
+ *   zev_loop_run_once is one full turn, as libuv's UV_RUN_ONCE: when its
+ *   wait ended at a timer's deadline, that timer runs before it returns
+ *   (the due timers run again after phase 5, bounded as in phase 1).
  * - Every drain is bounded: timers by seq, callbacks by a snapshot, the
  *   ready-list by its length at the start of the phase, the wait by
  *   the size of the fired array.
+ * - Time is kept in nanoseconds and the wait is as precise as the backend
+ *   can make it (epoll_pwait2, ppoll, kevent): a 100 µs timer must not
+ *   become a 1 ms one. Deadlines saturate at UINT64_MAX, "never".
  * - stop_requested is the only loop field other threads write (plus the
- *   hub's queue); it is consumed by zev_loop_run when it returns.
+ *   hub's queue); every zev_loop_run and zev_loop_run_once consumes it when
+ *   it returns, so a stop never outlives the call it was meant for.
+ * - Embedded (zev_loop_fd was asked for): the fd must be readable exactly
+ *   while there is work. An iteration re-arms it when it ends; work made
+ *   outside an iteration (host code sending, creating or closing a stream,
+ *   starting a timer) goes through zev__loop_changed, the one place that
+ *   wakes the host for it.
  * - Phase 4 skips a timeout-0 wait that could only report edges of streams
  *   already on the ready-list (a lone firehose stream out of budget), and
  *   busy-polls a lone receiving stream with ZMQ_EVENTS reads instead of the
  *   backend: on this VM each saved syscall is about 1.2 µs.
+ * - fork: the child shares the parent's epoll or kqueue instance (and
+ *   poll's embedding set). A child may only zev_loop_destroy its copy, and
+ *   that destroy frees memory and closes the loop's own descriptors without
+ *   unregistering anything from the shared kernel objects (which would
+ *   remove the parent's registrations) and without touching any socket.
  */
 #include "zev-internal.h"
 
@@ -78,9 +95,12 @@ int zev__register(zev_loop_t *loop, int fd, int events, void *obj)
     return 0;
 }
 
+/* In a forked child's destroy the backend's kernel object is shared with
+ * the parent: only zev's own table is updated. */
 void zev__unregister(zev_loop_t *loop, int fd)
 {
-    loop->ops->remove(loop->be, fd);
+    if (!loop->forked)
+        loop->ops->remove(loop->be, fd);
     zev__fdmap_del(&loop->fds, fd);
 }
 
@@ -102,6 +122,7 @@ zev_loop_t *zev_loop_new(const zev_loop_opts_t *opts)
     loop->spin_us = opts ? opts->spin_us : 0;
     loop->timer_fd = -1;
     loop->timer_fd_kind = ZEV__H_TIMERFD;
+    loop->pid = getpid();
     atomic_init(&loop->stop_requested, 0);
     zev__list_init(&loop->ready);
     zev__list_init(&loop->streams);
@@ -145,6 +166,7 @@ void zev_loop_destroy(zev_loop_t *loop)
         errno = EBUSY;
         return;
     }
+    loop->forked = getpid() != loop->pid;
     loop->depth++;           /* closing streams run callbacks: they count as inside */
     loop->destroying = true; /* a stream made by those callbacks would never be closed */
     zev__streams_close_all(loop);
@@ -177,7 +199,9 @@ static int has_pending_work(zev_loop_t *loop)
            !zev__list_empty(&loop->closing_streams);
 }
 
-/* ms until the next timer, rounded up so a wakeup never comes early. */
+/* ms until `deadline`, rounded up so a wakeup never comes early; -1 for
+ * none (UINT64_MAX, the end of time). For zev_loop_timeout, whose hosts
+ * count in ms. */
 static int ms_until(uint64_t deadline, uint64_t now)
 {
     if (deadline == UINT64_MAX)
@@ -188,38 +212,51 @@ static int ms_until(uint64_t deadline, uint64_t now)
     return ms > 0x7fffffff ? 0x7fffffff : (int)ms;
 }
 
-static int wait_timeout(zev_loop_t *loop, int max_ms)
+/* Phase 4's timeout in ns (-1: none): 0 while work is pending or a stop is
+ * asked for, else until the next timer, at most max_ns (-1: no bound). */
+static int64_t wait_timeout(zev_loop_t *loop, int64_t max_ns)
 {
     if (has_pending_work(loop) || atomic_load_explicit(&loop->stop_requested, memory_order_relaxed))
         return 0;
-    int ms = ms_until(zev__timers_next(loop), loop->now_ns);
-    if (max_ms >= 0 && (ms < 0 || ms > max_ms))
-        ms = max_ms;
-    return ms;
+    uint64_t next = zev__timers_next(loop);
+    int64_t ns = -1;
+    if (next != UINT64_MAX)
+        ns = next <= loop->now_ns ? 0
+             : next - loop->now_ns > INT64_MAX ? INT64_MAX
+                                               : (int64_t)(next - loop->now_ns);
+    if (max_ns >= 0 && (ns < 0 || ns > max_ns))
+        ns = max_ns;
+    return ns;
 }
 
 /* A wait with timeout 0 only polls for edges. It finds nothing the next
  * iteration would not handle anyway when every registered fd but the hub's
  * (callbacks are read from memory) belongs to a stream that will run then;
- * an edge left unread stays pending in the backend for the next wait. An
- * embedded loop keeps the wait: its host watches the hub and timer fds
- * through zev_loop_fd. Saves an epoll_wait per batch for a firehose. */
+ * an edge left unread stays pending in the backend for the next wait. A
+ * wakeup written to the hub is read by a wait, though: left unread it would
+ * end a later blocking wait at once, for nothing. An embedded loop keeps the
+ * wait: its host watches the hub and timer fds through zev_loop_fd. Saves an
+ * epoll_wait per batch for a firehose. */
 static int wait_is_useless(zev_loop_t *loop)
 {
-    return !loop->embedded && zev__streams_all_ready(loop, loop->fds.used - 1);
+    return !loop->embedded && !loop->nios && !zev__hub_wake_pending(loop->hub) &&
+           zev__streams_all_ready(loop);
 }
 
 /* Phase 4. Busy-poll first when asked to, then block. */
-static int backend_wait(zev_loop_t *loop, int timeout_ms)
+static int backend_wait(zev_loop_t *loop, int64_t timeout_ns)
 {
     const int max = (int)(sizeof loop->fired / sizeof loop->fired[0]);
-    if (loop->spin_us && timeout_ms != 0) {
-        zev_stream_t *s = loop->fds.used == 2 ? zev__stream_spin_candidate(loop) : NULL;
+    if (loop->spin_us && timeout_ns != 0) {
+        /* one stream and nothing else registered: spin on its ZMQ_EVENTS */
+        zev_stream_t *s = loop->nstreams == 1 && !loop->nios && !loop->embedded
+                              ? zev__stream_spin_candidate(loop)
+                              : NULL;
         uint64_t start = zev__clock_ns();
-        uint64_t until = start + (uint64_t)loop->spin_us * 1000u;
+        uint64_t until = zev__sat_add(start, zev__us_to_ns(loop->spin_us));
+        if (timeout_ns > 0 && zev__sat_add(start, (uint64_t)timeout_ns) < until)
+            until = start + (uint64_t)timeout_ns;
         uint64_t next_timer = zev__timers_next(loop);
-        if (timeout_ms > 0 && start + (uint64_t)timeout_ms * 1000000u < until)
-            until = start + (uint64_t)timeout_ms * 1000000u;
         if (next_timer < until)
             until = next_timer;
         for (uint64_t now = start; now < until; now = zev__clock_ns()) {
@@ -230,9 +267,10 @@ static int backend_wait(zev_loop_t *loop, int timeout_ms)
                 return n;
         }
         loop->now_ns = zev__clock_ns();
-        timeout_ms = wait_timeout(loop, timeout_ms);
+        int64_t left = timeout_ns < 0 ? -1 : (int64_t)(start + (uint64_t)timeout_ns - loop->now_ns);
+        timeout_ns = wait_timeout(loop, timeout_ns < 0 ? -1 : left > 0 ? left : 0);
     }
-    return loop->ops->wait(loop->be, timeout_ms, loop->fired, max);
+    return loop->ops->wait(loop->be, timeout_ns, loop->fired, max);
 }
 
 static void timer_fd_read(zev_loop_t *loop)
@@ -265,11 +303,10 @@ static void dispatch(zev_loop_t *loop, int n)
     }
 }
 
-/* While embedded, the loop's fd must stay readable as long as work is left
- * and become readable when the next timer is due. Called at the end of every
- * iteration, and by timer start/cancel outside an iteration (the host may
- * block on the fd next, without running an iteration first). */
-void zev__embedded_signal(zev_loop_t *loop)
+/* While embedded, the loop's fd must be readable while work is left and
+ * become readable when the next timer is due: the hub's wakeup says the
+ * first, the timerfd (Linux) the second. */
+static void embedded_signal(zev_loop_t *loop)
 {
     if (has_pending_work(loop)) {
         zev__hub_wake(loop->hub);
@@ -290,30 +327,42 @@ void zev__embedded_signal(zev_loop_t *loop)
 #endif
 }
 
+void zev__loop_changed(zev_loop_t *loop)
+{
+    /* Inside an iteration its end re-arms the fd; outside, the host may
+     * block on the fd next, without running an iteration first. */
+    if (loop->embedded && !loop->depth)
+        embedded_signal(loop);
+}
+
 /* One iteration. With `once` (zev_loop_run_once) an iteration whose
  * phases 1-3 already ran callbacks does not block in the wait: the caller
- * gets control back after progress, as libuv's UV_RUN_ONCE promises. */
-static int loop_iterate(zev_loop_t *loop, int max_wait_ms, bool once)
+ * gets control back after progress; one that did wait runs the timers that
+ * became due meanwhile before it returns. Both as libuv's UV_RUN_ONCE. */
+static int loop_iterate(zev_loop_t *loop, int64_t max_wait_ns, bool once)
 {
     loop->depth++;
     loop->now_ns = zev__clock_ns();
-    size_t progress = zev__timers_run(loop);     /* 1 */
-    progress += zev__hub_drain(loop->hub, loop); /* 2 */
-    progress += zev__streams_process(loop);      /* 3 */
+    const uint64_t timers_before = loop->timer_seq; /* later ones wait an iteration */
+    size_t progress = zev__timers_run(loop, timers_before); /* 1 */
+    progress += zev__hub_drain(loop->hub, loop);            /* 2 */
+    progress += zev__streams_process(loop);                 /* 3 */
     if (once && progress)
-        max_wait_ms = 0;
-    int timeout = wait_timeout(loop, max_wait_ms);
+        max_wait_ns = 0;
+    int64_t timeout = wait_timeout(loop, max_wait_ns);
     int n = timeout == 0 && wait_is_useless(loop) ? 0 : backend_wait(loop, timeout); /* 4 */
     int err = errno;
-    if (n > 0) {
+    if (n > 0 || (once && !progress))
         loop->now_ns = zev__clock_ns();
+    if (n > 0)
         dispatch(loop, n); /* 5 */
-    }
+    if (once && !progress)
+        zev__timers_run(loop, timers_before); /* the deadline the wait ended at */
     zev__io_reap(loop);
     zev__streams_reap(loop);
     loop->depth--;
     if (loop->embedded)
-        zev__embedded_signal(loop);
+        embedded_signal(loop);
     errno = err;
     return n < 0 ? -1 : 0;
 }
@@ -348,9 +397,9 @@ int zev_loop_run_once(zev_loop_t *loop, int timeout_ms)
 {
     if (!can_run(loop))
         return -1;
-    if (loop_iterate(loop, timeout_ms < 0 ? -1 : timeout_ms, true) < 0)
-        return -1;
-    return has_pending_work(loop);
+    int rc = loop_iterate(loop, timeout_ms < 0 ? -1 : (int64_t)timeout_ms * 1000000, true);
+    atomic_exchange(&loop->stop_requested, 0); /* the stop was for this call */
+    return rc < 0 ? -1 : has_pending_work(loop);
 }
 
 void zev_loop_stop(zev_loop_t *loop)
@@ -370,35 +419,37 @@ const char *zev_loop_backend(const zev_loop_t *loop)
     return loop->ops->name;
 }
 
-int zev_loop_fd(const zev_loop_t *loop)
+/* Switches the loop to embedded mode: from now on it keeps its pollable fd
+ * readable exactly while it has work (a timerfd for due timers on Linux). */
+static int embed(zev_loop_t *loop)
+{
+#ifdef __linux__
+    loop->timer_fd = timerfd_create(CLOCK_MONOTONIC, TFD_NONBLOCK | TFD_CLOEXEC);
+    if (loop->timer_fd < 0)
+        return -1;
+    if (zev__register(loop, loop->timer_fd, ZEV_READ, &loop->timer_fd_kind) < 0) {
+        int err = errno;
+        close(loop->timer_fd);
+        loop->timer_fd = -1;
+        errno = err;
+        return -1;
+    }
+    loop->timer_fd_deadline = UINT64_MAX;
+#endif
+    loop->embedded = true;
+    embedded_signal(loop);
+    return 0;
+}
+
+int zev_loop_fd(zev_loop_t *loop)
 {
     if (!loop) {
         errno = EINVAL;
         return -1;
     }
-    /* Embedding changes how the loop signals, not what it is: the fields it
-     * sets are bookkeeping, so the const handle is cast once, here. */
-    zev_loop_t *l = (zev_loop_t *)loop;
-    int fd = l->ops->pollable_fd(l->be);
-    if (fd < 0)
+    int fd = loop->ops->pollable_fd(loop->be);
+    if (fd < 0 || (!loop->embedded && embed(loop) < 0))
         return -1;
-    if (!l->embedded) {
-#ifdef __linux__
-        l->timer_fd = timerfd_create(CLOCK_MONOTONIC, TFD_NONBLOCK | TFD_CLOEXEC);
-        if (l->timer_fd < 0)
-            return -1;
-        if (zev__register(l, l->timer_fd, ZEV_READ, &l->timer_fd_kind) < 0) {
-            int err = errno;
-            close(l->timer_fd);
-            l->timer_fd = -1;
-            errno = err;
-            return -1;
-        }
-        l->timer_fd_deadline = UINT64_MAX;
-#endif
-        l->embedded = true;
-        zev__embedded_signal(l);
-    }
     return fd;
 }
 

@@ -39,9 +39,9 @@ int zev__ring_reserve(zev_stream_t *s, size_t n)
 {
     if (n <= s->ring_cap)
         return 0;
-    size_t cap = zev__grown_cap(s->ring_cap, 4, n);
+    size_t cap = zev__grown_cap(s->ring_cap, 4, n, sizeof *s->ring); /* the larger element */
     /* zmq_msg_t is moved bitwise, as libzmq's own queues move it. */
-    zmq_msg_t *ring = realloc(s->ring, cap * sizeof *ring);
+    zmq_msg_t *ring = cap ? realloc(s->ring, cap * sizeof *ring) : NULL;
     if (!ring) {
         errno = ENOMEM;
         return -1;
@@ -104,14 +104,6 @@ static int pool_grow(zev__hub_t *hub)
     return 0;
 }
 
-int zev__frames_prewarm(zev__hub_t *hub, size_t n)
-{
-    for (size_t have = 0; have < n; have += CHUNK_FRAMES)
-        if (pool_grow(hub) < 0)
-            return -1;
-    return 0;
-}
-
 void zev__frame_pool_free(zev__hub_t *hub)
 {
     while (hub->chunks) {
@@ -134,7 +126,7 @@ static void frame_returned(zev__qnode_t *n, zev_loop_t *loop)
         if (s->on_frame)
             s->on_frame(s, f->size, s->frame_arg);
         if (was_full)
-            zev__stream_kick(s); /* reading resumes */
+            zev__stream_mark_ready(s); /* reading resumes */
     }
     f->stream = NULL;
     f->next_free = f->hub->frame_free;
@@ -271,6 +263,6 @@ int zev_stream_set_max_frames(zev_stream_t *s, size_t n)
     if (!zev__stream_usable(s))
         return -1;
     s->max_frames = n;
-    zev__stream_kick(s); /* a higher bound may let reading resume */
+    zev__stream_mark_ready(s); /* a higher bound may let reading resume */
     return 0;
 }

@@ -14,10 +14,18 @@
  * - One coalesced wakeup: `wake_pending` is exchanged to 1 by producers and
  *   only the one that saw 0 writes the fd. The loop reads the fd empty, then
  *   clears the flag, and drains the queue after that; a producer links its
- *   node before it exchanges the flag, so either the loop sees the node or
- *   the producer sees 0 and writes (after the clear, so no read eats it).
- *   Every step is seq_cst on the flag, which is what orders "link, then
- *   flag" against "clear flag, then drain".
+ *   node (or sets stop_requested) before it exchanges the flag, so either
+ *   the loop sees the node or the producer sees 0 and writes (after the
+ *   clear, so no read eats it). Both sides use a read-modify-write on the
+ *   flag, which is what makes "either ... or" hold: the two exchanges are
+ *   ordered in the flag's modification order. If the producer's comes
+ *   first, the loop's exchange reads the 1 it wrote and synchronises with
+ *   it, so everything the producer did before (the link, the stop request)
+ *   happens before the loop's drain. If the loop's comes first, the
+ *   producer reads 0 and writes the fd. A plain store for the clear would
+ *   leave the store-buffering pattern (store flag, load head / store head,
+ *   load flag), where C11 allows both sides to miss each other: a lost
+ *   wakeup, real on POWER and recent ARM even if x86 never shows it.
  * - The hub outlives the loop while kept frames or trackers reference it
  *   (they are released from libzmq's threads, perhaps after
  *   zev_loop_destroy). Whoever drops the last reference is the only consumer
@@ -124,7 +132,7 @@ void zev__hub_clear_wake(zev__hub_t *hub)
     char buf[64];
     while (read(hub->wake_rfd, buf, sizeof buf) > 0 && hub->wake_rfd != hub->wake_wfd)
         ;
-    atomic_store(&hub->wake_pending, 0);
+    atomic_exchange(&hub->wake_pending, 0); /* an exchange, not a store: see the notes */
 }
 
 int zev__hub_pending(zev__hub_t *hub)

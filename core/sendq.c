@@ -27,8 +27,8 @@
 /* Grows the status array to `need` entries (zev__report_reserve). */
 int zev__report_grow(zev_stream_t *s, size_t need)
 {
-    size_t cap = zev__grown_cap(s->rep_cap, 8, need);
-    zev__report_t *rep = realloc(s->rep, cap * sizeof *rep);
+    size_t cap = zev__grown_cap(s->rep_cap, 8, need, sizeof *s->rep);
+    zev__report_t *rep = cap ? realloc(s->rep, cap * sizeof *rep) : NULL;
     if (!rep) {
         errno = ENOMEM;
         return -1;
@@ -84,10 +84,10 @@ void zev__reports_deliver(zev_stream_t *s)
 
 int zev__sendq_reserve(zev_stream_t *s, size_t n)
 {
-    if (s->qlen + n <= s->qcap)
+    if (n <= s->qcap - s->qlen)
         return 0;
-    size_t cap = zev__grown_cap(s->qcap, 16, s->qlen + n);
-    zev__sendpart_t *q = malloc(cap * sizeof *q);
+    size_t cap = n > SIZE_MAX - s->qlen ? 0 : zev__grown_cap(s->qcap, 16, s->qlen + n, sizeof *s->q);
+    zev__sendpart_t *q = cap ? malloc(cap * sizeof *q) : NULL;
     if (!q) {
         errno = ENOMEM;
         return -1;
@@ -108,8 +108,7 @@ void zev__sendq_push(zev_stream_t *s, zmq_msg_t *msg, bool more)
     zev__sendpart_t *p = zev__sendq_at(s, s->qlen++);
     zev__msg_move(&p->msg, msg);
     p->more = more;
-    p->first = s->open != OPEN_QUEUED;
-    if (p->first)
+    if (s->open != OPEN_QUEUED) /* its first queued part counts the message */
         s->qmsgs++;
     s->open = more ? OPEN_QUEUED : OPEN_NONE;
 }
@@ -121,8 +120,8 @@ void zev__sendq_pop(zev_stream_t *s)
     s->qlen--;
 }
 
-/* Drops the rest of the head message and reports it once with status. */
-void zev__sendq_drop_head(zev_stream_t *s, int status)
+/* Drops what is left of the head message, unreported. */
+void zev__sendq_drop_rest(zev_stream_t *s)
 {
     bool more = true;
     while (s->qlen && more) {
@@ -132,6 +131,12 @@ void zev__sendq_drop_head(zev_stream_t *s, int status)
     if (more) /* its last part has not been given yet */
         s->open = OPEN_DISCARD;
     s->qmsgs--;
+}
+
+/* Drops what is left of the head message and reports it once with status. */
+void zev__sendq_drop_head(zev_stream_t *s, int status)
+{
+    zev__sendq_drop_rest(s);
     zev__report_add(s, status);
 }
 
@@ -146,6 +151,7 @@ void zev__sendq_cancel(zev_stream_t *s, int status)
         zev__report_add(s, status);
     s->open = OPEN_NONE;
     s->qmsgs = 0;
+    s->broken = 0;
 }
 
 /* With ZEV_CLOSE_FLUSH: done when only a message the user never finished

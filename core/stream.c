@@ -25,6 +25,10 @@
  *   unregistered, its queue reported with that errno, and later sends and
  *   flushes answer that errno. The stream stays open until the user closes
  *   it; after ENOTSOCK zev never calls zmq_close on the socket.
+ * - ZEV_CLOSE_FLUSH | ZEV_CLOSE_SOCKET waits one ZMQ_LINGER in all: zev
+ *   hands libzmq what it can until the linger's end, then sets the socket's
+ *   ZMQ_LINGER to what is left of it before zmq_close, so libzmq's own
+ *   linger for what it still holds does not start the wait over.
  */
 #include "zev-internal.h"
 
@@ -50,6 +54,27 @@ static void linger_fire(zev_timer_t *t, void *arg)
     zev__stream_finalize(s); /* what is still queued is ECANCELED */
 }
 
+static void unregister(zev_stream_t *s)
+{
+    zev__unregister(s->loop, s->fd);
+    s->loop->nstreams--;
+}
+
+/* zmq_close for ZEV_CLOSE_SOCKET, with whatever is left of the flush's
+ * linger as the socket's own (so the two do not add up). Not in a forked
+ * child: the socket belongs to the parent's libzmq. */
+static void close_socket(zev_stream_t *s)
+{
+    if (s->loop->forked)
+        return;
+    if (s->linger_end_ns) {
+        uint64_t now = zev__clock_ns();
+        int left = now >= s->linger_end_ns ? 0 : (int)((s->linger_end_ns - now) / 1000000u);
+        zmq_setsockopt(s->sock, ZMQ_LINGER, &left, sizeof left);
+    }
+    zmq_close(s->sock);
+}
+
 /* Unregisters and hands the stream to the close phase. Idempotent. */
 void zev__stream_finalize(zev_stream_t *s)
 {
@@ -58,29 +83,31 @@ void zev__stream_finalize(zev_stream_t *s)
     s->finalized = true;
     zev__sendq_cancel(s, ECANCELED);
     if (!s->err)
-        zev__unregister(s->loop, s->fd);
+        unregister(s);
     zev__list_remove(&s->ready);
     stop_timers(s);
     if (s->close_socket && s->err != ENOTSOCK)
-        zmq_close(s->sock);
+        close_socket(s);
     zev__list_remove(&s->node);
     zev__list_push_tail(&s->loop->closing_streams, &s->node);
+    zev__loop_changed(s->loop); /* its close callback is due */
 }
 
-/* The socket is gone (closed under us, or its context terminated). */
+/* The socket is gone (closed under us, or its context terminated), or it
+ * cannot be sent on safely any more (streamio.c's part_refused). */
 void zev__stream_fail(zev_stream_t *s, int err)
 {
     if (s->err || s->finalized)
         return;
     s->err = err;
     zev__sendq_cancel(s, err);
-    zev__unregister(s->loop, s->fd);
+    unregister(s);
     zev__list_remove(&s->ready);
     stop_timers(s);
     if (s->flushing)
         zev__stream_finalize(s);
     else
-        zev__stream_kick(s); /* to deliver the statuses just recorded */
+        zev__stream_mark_ready(s); /* to deliver the statuses just recorded */
 }
 
 /* ------------------------------------------------------------ new and close */
@@ -95,9 +122,12 @@ zev_stream_t *zev_stream_new(zev_loop_t *loop, void *sock)
         errno = EBUSY;
         return NULL;
     }
-    int fd;
+    int fd, type;
     size_t len = sizeof fd;
     if (zmq_getsockopt(sock, ZMQ_FD, &fd, &len) < 0)
+        return NULL;
+    len = sizeof type;
+    if (zmq_getsockopt(sock, ZMQ_TYPE, &type, &len) < 0)
         return NULL;
     zev_stream_t *s = calloc(1, sizeof *s);
     if (!s) {
@@ -109,6 +139,8 @@ zev_stream_t *zev_stream_new(zev_loop_t *loop, void *sock)
     s->sock = sock;
     s->fd = fd;
     s->max_queue = 1000;
+    s->lb_socket = type == ZMQ_PUSH || type == ZMQ_DEALER || type == ZMQ_REQ;
+    s->changes = 1; /* libzmq has said nothing yet: the first pass asks */
     s->msg.stream = s;
     zev__list_init(&s->node);
     zev__list_init(&s->ready);
@@ -120,8 +152,9 @@ zev_stream_t *zev_stream_new(zev_loop_t *loop, void *sock)
         errno = err;
         return NULL;
     }
+    loop->nstreams++;
     zev__list_push_tail(&loop->streams, &s->node);
-    zev__stream_kick(s); /* messages pending before registration signal nothing */
+    zev__stream_mark_ready(s); /* messages pending before registration signal nothing */
     return s;
 }
 
@@ -142,11 +175,12 @@ int zev_stream_close(zev_stream_t *s, int flags)
                     zev_timer_start(s->loop, (uint64_t)linger * 1000u, 0, linger_fire, s);
                 if (!s->linger_timer)
                     return -1; /* ENOMEM; the stream stays open */
+                s->linger_end_ns = zev__timer_deadline(s->linger_timer);
             }
             s->closed = true;
             s->close_socket = flags & ZEV_CLOSE_SOCKET;
             s->flushing = true;
-            zev__stream_kick(s);
+            zev__stream_mark_ready(s);
             return 0;
         }
     }
@@ -190,7 +224,7 @@ int zev_stream_on_recv(zev_stream_t *s, zev_recv_fn fn, void *arg)
     s->on_recv = fn;
     s->recv_arg = arg;
     if (fn)
-        zev__stream_kick(s); /* messages may already wait in libzmq */
+        zev__stream_mark_ready(s); /* messages may already wait in libzmq */
     return 0;
 }
 

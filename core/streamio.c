@@ -5,25 +5,61 @@
  * its send queue and on_send reports in sendq.c.
  *
  * Design notes
- * - ZMQ_FD is edge-triggered and any zmq_send, zmq_recv or ZMQ_EVENTS read
- *   may consume its edge. One function, stream_work, owns that fact: it reads
- *   ZMQ_EVENTS, handles up to its budget of messages, and repeats. A stream
- *   leaves the ready-list only when stream_work returns `idle`, which it
- *   does only right after ZMQ_EVENTS reported nothing the stream wants, or
- *   right after a recv found nothing while no send is queued (that recv
- *   made libzmq process its commands unthrottled: for POLLIN it is the same
- *   read, and it saves a getpid + poll per wakeup). Out of budget it stays
- *   on the ready-list (tail), so the next iteration serves it without
- *   waiting for an edge that is gone.
- * - Everything that touches the socket outside the stream's own pass (a
- *   send from another callback, a timer or user code, a flush) and every
- *   change of interest (on_recv set, frames returned under max_frames, a
- *   message queued) puts the stream on the ready-list: mark_ready. That is a
- *   list insert, not a syscall; the pass re-reads ZMQ_EVENTS.
+ * - ZMQ_FD is edge-triggered, and any zmq_send, zmq_recv or ZMQ_EVENTS read
+ *   on the socket can consume its edge. The invariant (DESIGN.md, "Loop
+ *   iteration") is checked in one predicate, may_leave_ready_list(): a
+ *   stream leaves the ready-list only when libzmq's last word on the socket
+ *   is still current and offers nothing the stream wants. Four fields carry
+ *   it:
+ *     changes  counts everything that may have changed the socket's state
+ *              since libzmq last spoke: zev's own sends, recvs and ZMQ_EVENTS
+ *              reads (each goes through sock_send / sock_recv / sock_events,
+ *              the only three places that call libzmq on the socket) and
+ *              edges (zev__stream_fired);
+ *     told     what libzmq last said: a ZMQ_EVENTS read, or a recv that
+ *              found nothing (libzmq processed every pending command for it,
+ *              unthrottled: for POLLIN that is the same read, and saves a
+ *              getpid + poll per wakeup; it says nothing about POLLOUT);
+ *     told_at  `changes` right after it said so: current iff equal;
+ *     hint     an edge came (or a batch ran out while receiving): try recv
+ *              first and ask libzmq only when needed. A hint can cost a
+ *              syscall, never an edge: it never makes told current.
+ *   DESIGN's rules, line by line:
+ *     "leaves the ready-list only right after ZMQ_EVENTS reported nothing
+ *      it wants"                       -> may_leave_ready_list()
+ *     "after a send or recv in its own pass, either stays on the ready-list
+ *      or re-reads ZMQ_EVENTS"         -> every sock_* call bumps changes,
+ *                                         so told is stale until a re-read
+ *     "a send from outside its own pass, a recv that ended in EAGAIN while
+ *      sends are queued, every change of interest: re-read or put on the
+ *      ready-list"                     -> send_part's mark_ready; a drained
+ *                                         recv leaves POLLOUT unknown; the
+ *                                         setters call mark_ready
+ *     "messages pending before the stream existed are found at
+ *      registration"                   -> zev_stream_new marks it ready with
+ *                                         told never current
+ *   Out of budget a stream simply stays on the ready-list (tail), so the
+ *   next iteration serves it without waiting for an edge that is gone.
+ * - mark_ready is a list insert, not a syscall; the pass re-reads the state.
+ *   Outside an iteration it also tells an embedding host (zev__loop_changed).
  * - Sends go straight to libzmq while the queue is empty; once libzmq says
  *   EAGAIN (HWM, or EFSM: REQ/REP state) the message and all after it wait
  *   in the stream's FIFO of parts, so order is kept. A multipart message
  *   follows the path its first part took. The queue is bounded in messages.
+ * - After libzmq took a message's first part, a later part can only fail
+ *   with EINTR (retried: nothing was taken), ENOTSOCK/ETERM (the socket is
+ *   gone: the stream fails), or EAGAIN: the peer's pipe died mid-message and
+ *   libzmq (>= 4.3.1) dropped the parts it had. part_refused() handles that
+ *   one case for both paths: the refused part is never retried (it would
+ *   start a new message and deliver the old one's tail on its own), and the
+ *   message is reported EPIPE once. A load-balancing socket (PUSH, DEALER,
+ *   REQ) drops the rest of such a message itself as it comes, and must be
+ *   given it to leave that state (else it eats the next message); other
+ *   types keep no such state and get nothing more of it. libzmq's remaining
+ *   check before a part, a valid zmq_msg_t, holds for every message zev
+ *   hands it; should any other error come anyway, the message could be
+ *   neither finished nor taken back, and the stream fails with that errno
+ *   rather than let the next message be glued onto it.
  * - on_send statuses are recorded run-length encoded and delivered from the
  *   loop (the pass, flush, or the close phase), never inside a send call.
  * - POLLOUT with EAGAIN on the head message (ROUTER_MANDATORY, one peer's
@@ -55,15 +91,85 @@ static int socket_gone(int err)
 
 /* A stream whose socket is gone is only scheduled while it still owes
  * on_send statuses: its next pass delivers them and finds s->err. */
-static void mark_ready(zev_stream_t *s)
+void zev__stream_mark_ready(zev_stream_t *s)
 {
-    if (!s->finalized && (!s->err || zev__reports_owed(s)) && !zev__list_linked(&s->ready))
+    if (!s->finalized && (!s->err || zev__reports_owed(s)) && !zev__list_linked(&s->ready)) {
         zev__list_push_tail(&s->loop->ready, &s->ready);
+        zev__loop_changed(s->loop);
+    }
+}
+#define mark_ready zev__stream_mark_ready
+
+/* ---------------------------------------------- the socket, and what it said */
+
+/* The events the stream acts on now. */
+static int frames_allow(const zev_stream_t *s)
+{
+    return !s->max_frames || s->frames_out < s->max_frames;
 }
 
-void zev__stream_kick(zev_stream_t *s)
+static int wants(const zev_stream_t *s)
 {
-    mark_ready(s);
+    int w = 0;
+    if (s->on_recv && !s->closed && frames_allow(s))
+        w |= ZMQ_POLLIN;
+    if (s->qlen && !s->blocked)
+        w |= ZMQ_POLLOUT;
+    return w;
+}
+
+/* libzmq's last word is current: nothing since could have consumed an edge. */
+static bool told_is_current(const zev_stream_t *s)
+{
+    return s->told_at == s->changes;
+}
+
+/* The invariant. */
+static bool may_leave_ready_list(const zev_stream_t *s)
+{
+    return told_is_current(s) && !(s->told & wants(s));
+}
+
+/* ZMQ_EVENTS: the events, or -1 with errno. */
+static int sock_events(zev_stream_t *s)
+{
+    int events;
+    size_t len = sizeof events;
+    s->changes++;
+    if (zmq_getsockopt(s->sock, ZMQ_EVENTS, &events, &len) < 0)
+        return -1;
+    s->told = events;
+    s->told_at = s->changes;
+    return events;
+}
+
+/* One part to libzmq without blocking: 0, or the errno (never EINTR: that
+ * took nothing and is retried here). */
+static int sock_send(zev_stream_t *s, zmq_msg_t *msg, bool more)
+{
+    for (;;) {
+        s->changes++;
+        if (zmq_msg_send(msg, s->sock, ZMQ_DONTWAIT | (more ? ZMQ_SNDMORE : 0)) >= 0) {
+            s->out_more = more;
+            return 0;
+        }
+        if (errno != EINTR)
+            return errno;
+    }
+}
+
+/* One part from libzmq without blocking: as zmq_msg_recv. A recv that
+ * found nothing is libzmq's word on POLLIN (none), not on POLLOUT: that one
+ * is left "maybe", so a stream with sends queued still asks. */
+static int sock_recv(zev_stream_t *s, zmq_msg_t *msg)
+{
+    s->changes++;
+    int rc = zmq_msg_recv(msg, s->sock, ZMQ_DONTWAIT);
+    if (rc < 0 && errno == EAGAIN) {
+        s->told = ZMQ_POLLOUT;
+        s->told_at = s->changes;
+    }
+    return rc;
 }
 
 /* ----------------------------------------------------------- POLLOUT back-off */
@@ -92,8 +198,34 @@ static void set_blocked(zev_stream_t *s)
 
 /* ------------------------------------------------------------------- sending */
 
+/* The last part of the message being handed to libzmq went (or was
+ * dropped): its one status. */
+static void message_done(zev_stream_t *s)
+{
+    zev__report_add(s, s->broken);
+    s->broken = 0;
+}
+
+/* A part after the first was refused with err (see the design notes).
+ * Returns true when the rest of the message still goes to libzmq (a
+ * load-balancing socket drops it there), false when zev must drop it. The
+ * caller closes the refused part. */
+static bool part_refused(zev_stream_t *s, int err, bool more)
+{
+    if (err != EAGAIN) {
+        zev__stream_fail(s, err); /* reports the message, and all queued, with err */
+        return false;
+    }
+    s->broken = EPIPE;
+    if (s->lb_socket && more)
+        return true; /* the rest are continuations libzmq drops */
+    s->out_more = false; /* libzmq holds nothing of it any more */
+    message_done(s);
+    return !more;
+}
+
 /* Hands one part to libzmq now, or queues it. Returns 0 when the part was
- * taken (sent, queued, or discarded with its failed message), -1 with errno
+ * taken (sent, queued, or dropped with its broken message), -1 with errno
  * when it was not, which only happens at the first part of a message. The
  * caller reserved queue space. */
 static int send_part(zev_stream_t *s, zmq_msg_t *msg, bool more)
@@ -109,33 +241,28 @@ static int send_part(zev_stream_t *s, zmq_msg_t *msg, bool more)
         return 0;
     }
     if (first ? s->qlen == 0 : s->open == OPEN_DIRECT) {
-        int rc, err;
-        do { /* EINTR took nothing: a later part given up here would leave
-              * libzmq holding the earlier ones with SNDMORE set */
-            s->touches++;
-            rc = zmq_msg_send(msg, s->sock, ZMQ_DONTWAIT | (more ? ZMQ_SNDMORE : 0));
-            err = errno;
-        } while (rc < 0 && err == EINTR);
+        int err = sock_send(s, msg, more);
         if (!s->in_pass)
             mark_ready(s); /* the send may have consumed the ZMQ_FD edge */
-        if (rc >= 0) {
+        if (!err) {
             s->open = more ? OPEN_DIRECT : OPEN_NONE;
             if (!more)
-                zev__report_add(s, 0);
+                message_done(s);
             return 0;
         }
-        if (!would_block(err)) {
+        if (first && !would_block(err)) {
             if (socket_gone(err))
                 zev__stream_fail(s, err);
-            if (first) {
-                errno = err;
-                return -1;
-            }
+            errno = err;
+            return -1;
+        }
+        if (!first) {
             zmq_msg_close(msg);
             zmq_msg_init(msg);
-            if (!socket_gone(err)) /* else zev__stream_fail reported the message */
-                zev__report_add(s, err);
-            s->open = more ? OPEN_DISCARD : OPEN_NONE;
+            bool rest_to_libzmq = part_refused(s, err, more);
+            s->open = !more ? OPEN_NONE : rest_to_libzmq ? OPEN_DIRECT : OPEN_DISCARD;
+            if (s->err) /* failed: the message was reported with the queue */
+                s->open = more ? OPEN_DISCARD : OPEN_NONE;
             return 0;
         }
     } else if (first && s->max_queue && s->qmsgs >= s->max_queue) {
@@ -205,17 +332,14 @@ int zev_stream_send_msg(zev_stream_t *s, zmq_msg_t *parts, size_t nparts, int fl
 static size_t send_some(zev_stream_t *s, size_t room)
 {
     size_t n = 0;
-    while (s->qlen && n < room) {
+    while (s->qlen && n < room && !s->err) {
         /* A message the closed user can never finish stays out of libzmq. */
         if (s->closed && s->open == OPEN_QUEUED && s->qmsgs == 1)
             break;
         zev__sendpart_t *p = zev__sendq_at(s, 0);
-        bool more = p->more;
-        s->touches++;
-        if (zmq_msg_send(&p->msg, s->sock, ZMQ_DONTWAIT | (more ? ZMQ_SNDMORE : 0)) < 0) {
-            int err = errno;
-            if (err == EINTR)
-                continue;
+        bool more = p->more, first = !s->out_more;
+        int err = sock_send(s, &p->msg, more);
+        if (err && first) {
             if (would_block(err)) {
                 /* Only when POLLOUT was reported and not even one message
                  * went out (ROUTER_MANDATORY, one peer full) is POLLOUT
@@ -234,11 +358,18 @@ static size_t send_some(zev_stream_t *s, size_t room)
             n++;
             continue;
         }
-        zev__sendq_pop(s);
+        if (err && !part_refused(s, err, more)) {
+            if (!s->err) /* zev drops the rest of it: reported already */
+                zev__sendq_drop_rest(s);
+            n++;
+            continue;
+        }
+        zev__sendq_pop(s); /* sent, or refused and the rest still goes */
         if (!more) {
             s->qmsgs--;
             s->backoff_ns = 0;
-            zev__report_add(s, 0);
+            if (!err)
+                message_done(s);
             n++;
         }
     }
@@ -246,11 +377,6 @@ static size_t send_some(zev_stream_t *s, size_t room)
 }
 
 /* ----------------------------------------------------------------- receiving */
-
-static int frames_allow(const zev_stream_t *s)
-{
-    return !s->max_frames || s->frames_out < s->max_frames;
-}
 
 /* Receives one whole message into the ring: 1, 0 (nothing there), -1.
  * When the ring cannot grow for a long multipart message, the parts already
@@ -268,8 +394,7 @@ static int recv_message(zev_stream_t *s)
         if (i == s->ring_used)
             s->ring_used++; /* its old content goes in the recv, its last in recycle */
         s->kept[i] = NULL;
-        s->touches++;
-        if (zmq_msg_recv(&s->ring[i], s->sock, ZMQ_DONTWAIT) < 0) {
+        if (sock_recv(s, &s->ring[i]) < 0) {
             if (errno == EINTR)
                 continue;
             if (i == 0 && errno == EAGAIN)
@@ -283,11 +408,8 @@ static int recv_message(zev_stream_t *s)
     return 1;
 }
 
-/* Receives and dispatches up to `room` messages. *drained says the last
- * socket operation was a recv that found nothing: libzmq processed every
- * pending command for it, unthrottled, so for POLLIN it is as good as a
- * ZMQ_EVENTS read (and consumed the same edge). */
-static size_t recv_some(zev_stream_t *s, size_t room, bool *drained)
+/* Receives and dispatches up to `room` messages. */
+static size_t recv_some(zev_stream_t *s, size_t room)
 {
     size_t n = 0;
     while (n < room && s->on_recv && !s->closed && frames_allow(s)) {
@@ -295,8 +417,6 @@ static size_t recv_some(zev_stream_t *s, size_t room, bool *drained)
         if (rc <= 0) {
             if (rc < 0 && socket_gone(errno))
                 zev__stream_fail(s, errno);
-            *drained = rc == 0;
-            s->drained_at = s->touches;
             break;
         }
         s->in_recv_cb = true;
@@ -310,76 +430,62 @@ static size_t recv_some(zev_stream_t *s, size_t room, bool *drained)
 
 /* ------------------------------------------------------------- the one pass */
 
-static int wants(const zev_stream_t *s)
+/* A stream with nothing more to do here: closed for good or failed. */
+static bool finished(const zev_stream_t *s)
 {
-    int w = 0;
-    if (s->on_recv && !s->closed && frames_allow(s))
-        w |= ZMQ_POLLIN;
-    if (s->qlen && !s->blocked)
-        w |= ZMQ_POLLOUT;
-    return w;
+    return s->finalized || s->err;
 }
 
 /* Handles up to `limit` messages (0 = no limit) of the kinds in `mask`
- * (ZMQ_POLLIN / ZMQ_POLLOUT). Sets *idle when it stopped because ZMQ_EVENTS
- * reported nothing the stream wants (or the stream is finished). */
+ * (ZMQ_POLLIN / ZMQ_POLLOUT). Sets *idle when the stream may leave the
+ * ready-list (may_leave_ready_list, or finished). */
 static size_t stream_work(zev_stream_t *s, int mask, size_t limit, bool *idle)
 {
     bool outer = s->in_pass;
     size_t done = 0;
-    /* An edge on ZMQ_FD, or a pass that ran out of budget while receiving,
-     * leaves a hint: try recv first and read ZMQ_EVENTS only when needed.
-     * Only a fresh read, or a recv that found nothing while no send waits,
-     * may end the pass as idle: the hint can cost a syscall, never an edge. */
-    int hint = s->recv_hint;
-    s->recv_hint = 0;
     *idle = false;
     s->in_pass = true;
     zev__reports_deliver(s);
     for (;;) {
-        if (s->finalized || s->err) {
+        if (finished(s)) {
             *idle = true;
             break;
         }
         if (limit && done >= limit)
-            break;
-        int events = hint;
-        bool fresh = !hint;
-        size_t len = sizeof events;
-        hint = 0;
-        if (fresh && (s->touches++, zmq_getsockopt(s->sock, ZMQ_EVENTS, &events, &len) < 0)) {
-            if (socket_gone(errno))
-                zev__stream_fail(s, errno);
+            break; /* out of budget: stays on the ready-list */
+        if (may_leave_ready_list(s)) {
             *idle = true;
             break;
         }
-        int act = events & wants(s) & mask;
-        if (!act) {
-            *idle = fresh;
-            if (fresh)
-                break;
-            continue;
+        int ready = s->hint;
+        s->hint = 0;
+        if (!ready && (ready = sock_events(s)) < 0) {
+            if (socket_gone(errno))
+                zev__stream_fail(s, errno);
+            *idle = true; /* EINTR: libzmq consumed no edge */
+            break;
         }
+        int act = ready & wants(s) & mask;
+        if (!act) {
+            if (!told_is_current(s))
+                continue; /* the hint was wrong: ask libzmq */
+            *idle = may_leave_ready_list(s);
+            break; /* nothing to do in this mask */
+        }
+        const int wanted = wants(s);
         size_t room = limit ? limit - done : SIZE_MAX, n = 0;
-        bool was_blocked = s->blocked, drained = false;
         if (act & ZMQ_POLLIN)
-            n += recv_some(s, room, &drained);
+            n += recv_some(s, room);
         if ((act & ZMQ_POLLOUT) && n < room)
             n += send_some(s, room - n);
         zev__reports_deliver(s);
         done += n;
-        if (s->flushing && zev__sendq_flush_done(s)) {
+        if (s->flushing && zev__sendq_flush_done(s))
             zev__stream_finalize(s);
-        } else if (drained && s->touches == s->drained_at && !(wants(s) & ZMQ_POLLOUT)) {
-            /* DESIGN's rule: a recv that ended in EAGAIN with no sends
-             * queued may end the pass; the ZMQ_EVENTS read would only
-             * repeat what that recv's command processing just did. */
-            *idle = true;
-            break;
-        } else if (n == 0 && s->blocked == was_blocked && fresh)
-            break; /* ZMQ_EVENTS promised work libzmq did not give: retry next iteration */
-        else if (limit && done >= limit)
-            s->recv_hint = act & ZMQ_POLLIN;
+        else if (n == 0 && wants(s) == wanted && !may_leave_ready_list(s))
+            break; /* libzmq promised work it did not give: retry next iteration */
+        else if (limit && done >= limit && (act & ZMQ_POLLIN))
+            s->hint = ZMQ_POLLIN; /* likely more to read: recv first next time */
     }
     if (zev__reports_owed(s))
         *idle = false; /* statuses added by on_send itself: the next pass reports them */
@@ -389,22 +495,24 @@ static size_t stream_work(zev_stream_t *s, int mask, size_t limit, bool *idle)
 
 void zev__stream_fired(zev_stream_t *s)
 {
-    s->blocked = false; /* a new edge: POLLOUT may be true again */
+    s->changes++;       /* an edge: what libzmq said before is stale */
+    s->blocked = false; /* POLLOUT may be true again */
     if (s->on_recv)
-        s->recv_hint = ZMQ_POLLIN; /* most edges bring a message: try recv first */
+        s->hint = ZMQ_POLLIN; /* most edges bring a message: try recv first */
     mark_ready(s);
 }
 
-int zev__streams_all_ready(zev_loop_t *loop, size_t nfds)
+int zev__streams_all_ready(zev_loop_t *loop)
 {
     size_t n = 0;
-    for (zev__list_t *p = loop->ready.next; p != &loop->ready && n <= nfds; p = p->next) {
+    for (zev__list_t *p = loop->ready.next; p != &loop->ready && n <= loop->nstreams;
+         p = p->next) {
         const zev_stream_t *s = zev__container_of(p, zev_stream_t, ready);
         if (s->err || s->blocked)
             return 0; /* unregistered, or waiting for its edge (which clears blocked) */
         n++;
     }
-    return n == nfds;
+    return n == loop->nstreams;
 }
 
 /* Busy-polling a lone receiving stream through ZMQ_EVENTS instead of the
@@ -425,10 +533,8 @@ zev_stream_t *zev__stream_spin_candidate(zev_loop_t *loop)
 
 int zev__stream_spin_turn(zev_stream_t *s)
 {
-    int events = 0;
-    size_t len = sizeof events;
-    s->touches++;
-    if (zmq_getsockopt(s->sock, ZMQ_EVENTS, &events, &len) == 0 && !(events & ZMQ_POLLIN))
+    int events = sock_events(s);
+    if (events >= 0 && !(events & ZMQ_POLLIN))
         return 0;
     zev__stream_fired(s); /* recv first; an error is for the pass to find */
     return 1;
@@ -475,6 +581,7 @@ int zev_stream_flush(zev_stream_t *s, int flags, size_t limit)
     int mask = (flags & ZEV_WRITE) ? ZMQ_POLLOUT : 0;
     if ((flags & ZEV_READ) && !s->in_recv_cb) /* its frames are still borrowed */
         mask |= ZMQ_POLLIN;
+    s->changes++; /* "look now": an edge may wait undispatched in the backend */
     bool idle;
     size_t n = mask ? stream_work(s, mask, limit, &idle) : 0;
     if (n == 0 && s->err) { /* the socket turned out to be gone: say so */

@@ -14,6 +14,13 @@
  *   removes it from the heap, and nothing stale is left to skip.
  * - A timer whose callback is on the stack is not freed by cancel; the run
  *   phase frees it when the callback returns.
+ * - Deadlines are nanoseconds and saturate (zev__sat_add): UINT64_MAX is
+ *   "never", which zev__timers_next reports as nothing scheduled.
+ * - A periodic timer's n-th run is due at start + n x period, as PyZMQ's
+ *   PeriodicCallback schedules it: the next deadline is the previous one
+ *   plus the period, never "now plus the period" (that drifts by every late
+ *   wakeup). A run that fell behind skips the periods it missed rather than
+ *   running them in a burst.
  */
 #include "zev-internal.h"
 
@@ -64,8 +71,8 @@ static void sift_down(zev_loop_t *loop, size_t i)
 static int heap_insert(zev_loop_t *loop, zev_timer_t *t)
 {
     if (loop->heap_len == loop->heap_cap) {
-        size_t cap = loop->heap_cap ? loop->heap_cap * 2 : 64;
-        zev_timer_t **heap = realloc(loop->heap, cap * sizeof *heap);
+        size_t cap = zev__grown_cap(loop->heap_cap, 64, loop->heap_len + 1, sizeof *loop->heap);
+        zev_timer_t **heap = cap ? realloc(loop->heap, cap * sizeof *loop->heap) : NULL;
         if (!heap) {
             errno = ENOMEM;
             return -1;
@@ -109,18 +116,15 @@ zev_timer_t *zev_timer_start(zev_loop_t *loop, uint64_t delay_us, uint64_t repea
     if (!loop->depth)
         loop->now_ns = zev__clock_ns();
     t->loop = loop;
-    t->deadline_ns = loop->now_ns + delay_us * 1000u;
-    t->repeat_ns = repeat_us * 1000u;
+    t->deadline_ns = zev__sat_add(loop->now_ns, zev__us_to_ns(delay_us));
+    t->repeat_ns = zev__us_to_ns(repeat_us);
     t->fn = fn;
     t->arg = arg;
     if (heap_insert(loop, t) < 0) {
         free(t);
         return NULL;
     }
-    /* Inside an iteration its end re-arms the embedding fd; outside, the
-     * host may block on that fd next: arm it for the new deadline now. */
-    if (!loop->depth && loop->embedded)
-        zev__embedded_signal(loop);
+    zev__loop_changed(loop);
     return t;
 }
 
@@ -138,18 +142,36 @@ int zev_timer_cancel(zev_timer_t *t)
     if (t->heap_index != SIZE_MAX)
         heap_remove(loop, t);
     free(t);
-    if (!loop->depth && loop->embedded)
-        zev__embedded_signal(loop); /* do not wake the host for it */
+    zev__loop_changed(loop); /* do not wake the host for it */
     return 0;
 }
 
-size_t zev__timers_run(zev_loop_t *loop)
+uint64_t zev_timer_due(const zev_timer_t *t)
 {
-    const uint64_t started_before = loop->timer_seq;
+    if (!t) {
+        errno = EINVAL;
+        return 0;
+    }
+    return t->heap_index != SIZE_MAX || t->running ? t->deadline_ns : 0;
+}
+
+/* The first deadline on the period's grid after `now`: the period's next
+ * step from `deadline`, or further when that one is already past. */
+static uint64_t next_on_grid(uint64_t deadline, uint64_t period, uint64_t now)
+{
+    uint64_t next = zev__sat_add(deadline, period);
+    if (next > now)
+        return next;
+    uint64_t missed = (now - next) / period + 1;
+    return missed > UINT64_MAX / period ? UINT64_MAX : zev__sat_add(next, missed * period);
+}
+
+size_t zev__timers_run(zev_loop_t *loop, uint64_t seq_bound)
+{
     size_t ran = 0;
     while (loop->heap_len) {
         zev_timer_t *t = loop->heap[0];
-        if (t->deadline_ns > loop->now_ns || t->seq >= started_before)
+        if (t->deadline_ns > loop->now_ns || t->seq >= seq_bound)
             break;
         heap_remove(loop, t);
         ran++;
@@ -160,11 +182,7 @@ size_t zev__timers_run(zev_loop_t *loop)
             free(t);
             continue;
         }
-        /* Keep the period without drift; if the loop fell behind, count from
-         * now rather than firing a burst to catch up. */
-        t->deadline_ns += t->repeat_ns;
-        if (t->deadline_ns <= loop->now_ns)
-            t->deadline_ns = loop->now_ns + t->repeat_ns;
+        t->deadline_ns = next_on_grid(t->deadline_ns, t->repeat_ns, loop->now_ns);
         if (heap_insert(loop, t) < 0)
             free(t); /* ENOMEM growing the heap cannot happen: t just left it */
     }

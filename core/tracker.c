@@ -12,7 +12,13 @@
  * - A tracker has two references: the user's (until zev_tracker_release)
  *   and the completion's (until it has run). It holds a hub reference until
  *   its completion is queued, so completions after zev_loop_destroy are safe
- *   (they then set `done` and call nothing).
+ *   (they then call nothing).
+ * - `done` is set by the trampoline itself, right after the free function,
+ *   on libzmq's thread: zev_tracker_done answers from any thread without
+ *   waiting for the loop to drain the completion, which after
+ *   zev_loop_destroy may take as long as an unrelated kept frame is out.
+ *   `completed` is the loop thread's own flag: the completion ran there, so
+ *   zev_tracker_on_done may call at once without calling twice.
  * - Buffers of at most ZEV_ZC_COPY_MAX bytes are copied: libzmq keeps such
  *   messages inline in the zmq_msg_t, while referencing a user buffer costs
  *   it an allocation; the free function then runs before the send returns.
@@ -47,8 +53,9 @@ struct zev_tracker {
     zev__qnode_t qnode;
     zev__hub_t *hub;
     atomic_int refs;
-    atomic_int done;
-    bool abandoned; /* the send failed: the buffer stays the caller's */
+    atomic_int done; /* the free function ran (any thread) */
+    bool completed;  /* the completion ran on the loop thread */
+    bool abandoned;  /* the send failed: the buffer stays the caller's */
     zev_tracker_fn fn;
     void *arg;
     zev_free_fn free_fn;
@@ -66,9 +73,11 @@ static void tracker_unref(zev_tracker_t *t)
 static void tracker_completed(zev__qnode_t *n, zev_loop_t *loop)
 {
     zev_tracker_t *t = (zev_tracker_t *)n;
-    atomic_store(&t->done, 1);
-    if (loop && t->fn)
-        t->fn(t, t->arg);
+    if (loop) {
+        t->completed = true;
+        if (t->fn)
+            t->fn(t, t->arg);
+    }
     tracker_unref(t);
 }
 
@@ -86,6 +95,7 @@ static void trampoline(void *data, void *hint)
     }
     if (t->free_fn)
         t->free_fn(t->data, t->hint);
+    atomic_store(&t->done, 1);
     zev__hub_push(hub, &t->qnode); /* the loop owns the completion now */
     zev__hub_wake(hub);
     zev__hub_unref(hub);
@@ -163,7 +173,7 @@ int zev_tracker_on_done(zev_tracker_t *t, zev_tracker_fn fn, void *arg)
     }
     t->fn = fn;
     t->arg = arg;
-    if (fn && atomic_load(&t->done))
+    if (fn && t->completed)
         fn(t, arg); /* completed before anyone asked: tell now, on this (loop) thread */
     return 0;
 }

@@ -16,6 +16,7 @@
 #include <stddef.h>
 #include <stdint.h>
 #include <string.h>
+#include <sys/types.h>
 
 #define ZEV_INTERNAL __attribute__((visibility("hidden")))
 
@@ -37,9 +38,13 @@ struct zev__qnode {
 };
 
 /* The part of a loop that may outlive it: the MPSC queue, its wakeup fd and
- * the pool of kept-frame handles. Reference-counted: the loop holds one
- * reference, each kept frame and live tracker one more. Whoever drops the
- * last reference drains what is still queued (loop == NULL) and frees it. */
+ * the pool of kept-frame handles. They live together because kept frames and
+ * trackers come home through the queue, from any thread and possibly after
+ * zev_loop_destroy, and a frame's handle must return to its pool then too:
+ * all three must outlast the loop for exactly as long as one such object is
+ * out. Reference-counted: the loop holds one reference, each kept frame and
+ * live tracker one more. Whoever drops the last reference drains what is
+ * still queued (loop == NULL) and frees it. */
 typedef struct zev__hub {
     _Atomic(zev__qnode_t *) head; /* producers exchange here */
     zev__qnode_t *tail;           /* consumer only */
@@ -59,6 +64,11 @@ ZEV_INTERNAL void zev__hub_push(zev__hub_t *hub, zev__qnode_t *n); /* any thread
 ZEV_INTERNAL void zev__hub_wake(zev__hub_t *hub);                  /* any thread */
 ZEV_INTERNAL void zev__hub_clear_wake(zev__hub_t *hub);            /* loop thread */
 ZEV_INTERNAL int zev__hub_pending(zev__hub_t *hub);                /* loop thread */
+/* 1 while a wakeup is written and not yet read (loop thread). */
+static inline int zev__hub_wake_pending(zev__hub_t *hub)
+{
+    return atomic_load_explicit(&hub->wake_pending, memory_order_relaxed);
+}
 /* Runs what was queued when the call began; returns the number run. */
 ZEV_INTERNAL size_t zev__hub_drain(zev__hub_t *hub, zev_loop_t *loop);
 
@@ -79,6 +89,19 @@ ZEV_INTERNAL void zev__fdmap_del(zev__fdmap_t *m, int fd);
 ZEV_INTERNAL void zev__fdmap_free(zev__fdmap_t *m);
 
 /* --------------------------------------------------------------------- timers */
+
+/* Time arithmetic saturates, as libuv's does: UINT64_MAX is the end of time,
+ * a deadline that never comes (zev_timer_start(loop, UINT64_MAX, ...) is a
+ * common way to say "never"), and no delay or repeat wraps around. */
+static inline uint64_t zev__sat_add(uint64_t a, uint64_t b)
+{
+    return a > UINT64_MAX - b ? UINT64_MAX : a + b;
+}
+
+static inline uint64_t zev__us_to_ns(uint64_t us)
+{
+    return us > UINT64_MAX / 1000u ? UINT64_MAX : us * 1000u;
+}
 
 struct zev_timer {
     zev_loop_t *loop;
@@ -109,8 +132,7 @@ struct zev_io {
 
 typedef struct zev__sendpart {
     zmq_msg_t msg;
-    bool more;  /* more parts of this message follow */
-    bool first; /* first queued part of its message (counts it in qmsgs) */
+    bool more; /* more parts of this message follow */
 } zev__sendpart_t;
 
 /* on_send statuses waiting to be reported, run-length encoded */
@@ -176,21 +198,30 @@ struct zev_stream {
     size_t rx_parts;  /* parts of a message received before the ring could not grow */
     zev_msg_t msg;
 
+    /* What the ZMQ_FD invariant needs (streamio.c): libzmq's last word on
+     * the socket and whether anything could have changed it since. */
+    uint64_t changes; /* zev's sends, recvs and ZMQ_EVENTS reads, and edges */
+    uint64_t told_at; /* `changes` right after libzmq last told the state */
+    int told;         /* what it told: ZMQ_POLLIN | ZMQ_POLLOUT */
+    int hint;         /* ZMQ_POLLIN: an edge came, try recv before asking */
+    bool out_more;    /* libzmq holds the first parts of an unfinished message */
+
     int err;        /* ENOTSOCK/ETERM once the socket is gone */
+    bool lb_socket; /* PUSH, DEALER, REQ: libzmq drops a broken message's rest */
     bool closed;    /* zev_stream_close was called */
     bool flushing;  /* closed with ZEV_CLOSE_FLUSH, queue still draining */
     bool finalized; /* unregistered; waiting for the close callback */
     bool close_socket;
-    bool blocked;        /* POLLOUT was reported but the head message got EAGAIN */
-    bool in_pass;        /* stream_work is on the stack */
-    bool in_recv_cb;     /* on_recv is on the stack: the ring is borrowed */
-    bool delivering;     /* zev__reports_deliver is on the stack */
-    int recv_hint;       /* ZMQ_POLLIN: try recv before reading ZMQ_EVENTS */
-    unsigned touches;    /* zmq calls zev made on the socket */
-    unsigned drained_at; /* `touches` when a recv last found nothing */
+    bool blocked;    /* POLLOUT was reported but the head message got EAGAIN */
+    bool in_pass;    /* stream_work is on the stack */
+    bool in_recv_cb; /* on_recv is on the stack: the ring is borrowed */
+    bool delivering; /* zev__reports_deliver is on the stack */
+    int broken;      /* 0, or the status of the message being sent, which
+                      * libzmq refused after taking its first part */
     uint64_t backoff_ns;
     zev_timer_t *backoff_timer;
     zev_timer_t *linger_timer;
+    uint64_t linger_end_ns; /* ZEV_CLOSE_FLUSH: when ZMQ_LINGER runs out */
 };
 
 /* --------------------------------------------------------------------- loop */
@@ -205,6 +236,10 @@ struct zev_loop {
     atomic_int stop_requested;
     int depth;       /* > 0 while an iteration runs (inside callbacks) */
     bool destroying; /* zev_loop_destroy runs: no new streams (they would outlive it) */
+    bool forked;     /* destroyed in a forked child: leave the parent's kernel objects */
+    pid_t pid;       /* the process that made the loop */
+    size_t nstreams; /* streams registered with the backend */
+    size_t nios;     /* io watchers registered with the backend */
 
     zev_timer_t **heap; /* binary min-heap on (deadline_ns, seq) */
     size_t heap_len, heap_cap;
@@ -226,12 +261,20 @@ struct zev_loop {
 };
 
 ZEV_INTERNAL uint64_t zev__clock_ns(void);
-/* loop.c: re-arms what makes zev_loop_fd readable (no-op unless embedded). */
-ZEV_INTERNAL void zev__embedded_signal(zev_loop_t *loop);
+/* loop.c: the loop's work or its next deadline changed outside an
+ * iteration (host code between run_once calls): make zev_loop_fd say so.
+ * Every place that queues work for the next iteration (the ready-list, the
+ * close list, the timer heap) calls it; it costs a branch unless embedded. */
+ZEV_INTERNAL void zev__loop_changed(zev_loop_t *loop);
 
-/* timer.c */
-ZEV_INTERNAL size_t zev__timers_run(zev_loop_t *loop);          /* returns timers run */
+/* timer.c: runs the due timers started before `seq_bound` (the timer
+ * sequence number when the iteration began); returns timers run. */
+ZEV_INTERNAL size_t zev__timers_run(zev_loop_t *loop, uint64_t seq_bound);
 ZEV_INTERNAL uint64_t zev__timers_next(const zev_loop_t *loop); /* UINT64_MAX if none */
+static inline uint64_t zev__timer_deadline(const zev_timer_t *t)
+{
+    return t->deadline_ns;
+}
 ZEV_INTERNAL void zev__timers_free(zev_loop_t *loop);
 
 /* io.c */
@@ -239,12 +282,16 @@ ZEV_INTERNAL void zev__io_dispatch(zev_io_t *io, int events);
 ZEV_INTERNAL void zev__io_reap(zev_loop_t *loop);
 ZEV_INTERNAL void zev__io_free_all(zev_loop_t *loop);
 
-/* A growing array's next capacity: doubled from cap (from first when the
- * array is empty) until it holds need. */
-static inline size_t zev__grown_cap(size_t cap, size_t first, size_t need)
+/* A growing array's next capacity: doubled from cap (from first, a power of
+ * two, when the array is empty) until it holds need elements of elem bytes.
+ * 0 when that many bytes cannot be counted in a size_t: the caller fails
+ * with ENOMEM instead of doubling forever or allocating a wrapped size. */
+static inline size_t zev__grown_cap(size_t cap, size_t first, size_t need, size_t elem)
 {
+    const size_t max = SIZE_MAX / elem;
     for (cap = cap ? cap : first; cap < need; cap *= 2)
-        ;
+        if (cap > max / 2)
+            return 0;
     return cap;
 }
 
@@ -272,10 +319,11 @@ ZEV_INTERNAL void zev__stream_fail(zev_stream_t *s, int err); /* socket gone: EN
 /* streamio.c: the ZMQ_FD readiness pass, recv and send */
 ZEV_INTERNAL void zev__stream_fired(zev_stream_t *s);
 ZEV_INTERNAL size_t zev__streams_process(zev_loop_t *loop); /* messages handled */
-ZEV_INTERNAL void zev__stream_kick(zev_stream_t *s);        /* put it on the ready-list */
-/* 1 when the ready-list holds `nfds` streams, none failed or blocked: then
- * every one of the loop's nfds registered fds will be served next iteration. */
-ZEV_INTERNAL int zev__streams_all_ready(zev_loop_t *loop, size_t nfds);
+/* Puts the stream on the ready-list: the next pass re-reads its state. */
+ZEV_INTERNAL void zev__stream_mark_ready(zev_stream_t *s);
+/* 1 when every registered stream is on the ready-list and not waiting for
+ * an edge (blocked): the next iteration serves them all anyway. */
+ZEV_INTERNAL int zev__streams_all_ready(zev_loop_t *loop);
 /* The loop's only stream if busy-polling it through ZMQ_EVENTS is enough:
  * receiving, no send queued, not blocked (POLLIN is all it waits for). */
 ZEV_INTERNAL zev_stream_t *zev__stream_spin_candidate(zev_loop_t *loop);
@@ -309,6 +357,7 @@ ZEV_INTERNAL void zev__reports_deliver(zev_stream_t *s);
 ZEV_INTERNAL int zev__sendq_reserve(zev_stream_t *s, size_t n);                /* -1/ENOMEM */
 ZEV_INTERNAL void zev__sendq_push(zev_stream_t *s, zmq_msg_t *msg, bool more); /* reserved */
 ZEV_INTERNAL void zev__sendq_pop(zev_stream_t *s);
+ZEV_INTERNAL void zev__sendq_drop_rest(zev_stream_t *s);
 ZEV_INTERNAL void zev__sendq_drop_head(zev_stream_t *s, int status);
 ZEV_INTERNAL void zev__sendq_cancel(zev_stream_t *s, int status);
 ZEV_INTERNAL int zev__sendq_flush_done(const zev_stream_t *s);
@@ -323,7 +372,6 @@ static inline void zev__msg_move(zmq_msg_t *dst, zmq_msg_t *src)
     zmq_msg_init(src);
 }
 ZEV_INTERNAL int zev__ring_reserve(zev_stream_t *s, size_t n);
-ZEV_INTERNAL int zev__frames_prewarm(zev__hub_t *hub, size_t n);
 ZEV_INTERNAL void zev__ring_recycle(zev_stream_t *s);
 ZEV_INTERNAL void zev__ring_free(zev_stream_t *s);
 ZEV_INTERNAL void zev__frames_detach(zev_stream_t *s);

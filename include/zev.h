@@ -82,25 +82,40 @@ ZEV_API zev_loop_t *zev_loop_new(const zev_loop_opts_t *opts);
  * callbacks fails with EBUSY. Kept frames and trackers stay valid and may be
  * released later from any thread. Must not be called from inside one of the
  * loop's callbacks (it is then refused: the loop keeps running; errno EBUSY).
- * NULL is ignored. */
+ * NULL is ignored.
+ * fork: a child process shares the parent's epoll or kqueue instance (and,
+ * once zev_loop_fd was asked for, the poll backend's embedding set), and
+ * libzmq sockets cannot be used across fork at all. The only thing a child
+ * may do with a loop it inherited is zev_loop_destroy: it then frees the
+ * memory and closes the loop's own descriptors, but unregisters nothing from
+ * the kernel objects it shares with the parent (which would silence the
+ * parent's watchers) and closes no socket, even for ZEV_CLOSE_SOCKET; the
+ * callbacks run as described above. A child that needs a loop makes its own,
+ * as libuv advises. */
 ZEV_API void zev_loop_destroy(zev_loop_t *loop);
 
 /* Runs iterations until zev_loop_stop. Returns 0 after a stop, -1 with EINVAL
  * (NULL), EBUSY (called from one of this loop's callbacks) or the backend's
  * errno if waiting failed. With nothing registered it blocks until stopped.
- * A stop requested before run makes run return at once (the request is
- * consumed). */
+ * A stop requested before run makes run return at once. Either way the
+ * request is consumed: the next run or run_once starts afresh. */
 ZEV_API int zev_loop_run(zev_loop_t *loop);
 
-/* Runs one iteration (timers, queued callbacks, ready streams, wait, ready
- * fds). timeout_ms bounds the wait: -1 blocks until something happens, 0
- * does not wait; if timers, queued callbacks or streams already ran
- * callbacks in this iteration it does not block at all, so
- * `while (!done) zev_loop_run_once(loop, -1);` always makes progress. Returns 1 if the loop still
- * has work pending (as zev_loop_timeout == 0 would say), 0 otherwise, -1 with EINVAL / EBUSY. */
+/* Runs one iteration, one full turn as libuv's UV_RUN_ONCE: due timers,
+ * queued callbacks, ready streams, the wait, ready fds, and, if it waited,
+ * the timers that became due meanwhile (so a run_once(-1) that blocked for a
+ * timer has run it when it returns). timeout_ms bounds the wait: -1 blocks
+ * until something happens, 0 does not wait; if timers, queued callbacks or
+ * streams already ran callbacks in this iteration it does not block at all,
+ * so `while (!done) zev_loop_run_once(loop, -1);` always makes progress. A
+ * zev_loop_stop requested before or during the call is consumed when it
+ * returns. Returns 1 if the loop still has work pending (as
+ * zev_loop_timeout == 0 would say), 0 otherwise, -1 with EINVAL / EBUSY or
+ * the backend's errno. */
 ZEV_API int zev_loop_run_once(zev_loop_t *loop, int timeout_ms);
 
-/* Asks the loop to stop: zev_loop_run returns after the current iteration.
+/* Asks the loop to stop: zev_loop_run returns after the current iteration
+ * (zev_loop_run_once returns anyway; it consumes the request too).
  * Thread-safe, async-safe with respect to the loop; callable from callbacks. */
 ZEV_API void zev_loop_stop(zev_loop_t *loop);
 
@@ -110,14 +125,23 @@ ZEV_API const char *zev_loop_backend(const zev_loop_t *loop);
 /* A file descriptor for embedding zev in a host loop (libuv, libev, tornado):
  * it is readable while the loop has work (ready fds or streams, queued
  * callbacks, due timers) and not while it is idle; the host then calls
- * zev_loop_run_once(loop, 0). Owned by the loop: do not close or read it.
- * Due timers make it readable on Linux (a timerfd); elsewhere the host must
- * also honour zev_loop_timeout. Errors: -1 with EINVAL, ENOTSUP (a backend
- * with no pollable fd on this platform). */
-ZEV_API int zev_loop_fd(const zev_loop_t *loop);
+ * zev_loop_run_once(loop, 0). That holds also for work the host's own code
+ * makes between iterations: a send, a new stream, on_recv set, a close, a
+ * timer started or cancelled. Owned by the loop: do not close or read it.
+ * Due timers make it readable on Linux (a timerfd, to the nanosecond);
+ * elsewhere the host must also honour zev_loop_timeout.
+ * Not a plain getter: the first call switches the loop to embedded mode for
+ * good (it creates the timerfd and from then on keeps the fd's readiness
+ * exact, at the cost of a wakeup write when host code makes work and a
+ * timerfd re-arm when the next deadline changes). Later calls return the
+ * same fd. Errors: -1 with EINVAL, ENOTSUP (a backend with no pollable fd on
+ * this platform), EMFILE/ENOMEM (the timerfd). */
+ZEV_API int zev_loop_fd(zev_loop_t *loop);
 
-/* Milliseconds until the loop next needs to run: 0 when work is pending,
- * -1 when nothing is scheduled (or for a NULL loop, errno EINVAL). */
+/* Milliseconds until the loop next needs to run, rounded up (a host that
+ * waits this long is never early): 0 when work is pending, -1 when nothing
+ * is scheduled (no timers, or only timers at the end of time; or for a NULL
+ * loop, errno EINVAL). */
 ZEV_API int zev_loop_timeout(const zev_loop_t *loop);
 
 /* Queues fn(loop, arg) to run on the loop's thread. Thread-safe and
@@ -134,9 +158,16 @@ ZEV_API uint64_t zev_now_ns(const zev_loop_t *loop);
 /* ---------------------------------------------------------------- timers */
 
 /* Starts a timer that fires after delay_us, then every repeat_us (0 = one
- * shot). Timers with equal deadlines fire in start order; a timer started
- * inside a callback never fires in the same iteration; a timer started
- * outside the loop's callbacks counts from the current time.
+ * shot). Microseconds are kept: the loop sleeps until the deadline with the
+ * backend's full precision (epoll_pwait2, ppoll, kevent), and a timer never
+ * fires before its delay. A periodic timer's n-th run is due at
+ * start + n x repeat_us, whatever the callbacks cost; a run that fell
+ * behind skips the periods it missed (no burst to catch up). Delays and
+ * repeats saturate: UINT64_MAX (or anything past the end of the clock)
+ * means "never". Timers with equal deadlines fire in start order; a timer
+ * started inside a callback never fires in the same iteration and counts
+ * from the iteration's cached time (zev_now_ns); a timer started outside the
+ * loop's callbacks counts from the current time.
  * Lifetime: a one-shot timer is freed after its callback returns (or by
  * zev_timer_cancel); a repeating one lives until zev_timer_cancel.
  * Errors: NULL with EINVAL (NULL loop or fn), ENOMEM. */
@@ -148,12 +179,22 @@ ZEV_API zev_timer_t *zev_timer_start(zev_loop_t *loop, uint64_t delay_us, uint64
  * this iteration will not run). Errors: -1 with EINVAL (NULL). */
 ZEV_API int zev_timer_cancel(zev_timer_t *t);
 
+/* When the timer is next due: a CLOCK_MONOTONIC time in ns, the clock of
+ * zev_now_ns. Inside the timer's own callback, the deadline that run was
+ * due at. 0 when it is not armed (a one-shot that fired). Errors: 0 with
+ * EINVAL (NULL). */
+ZEV_API uint64_t zev_timer_due(const zev_timer_t *t);
+
 /* ------------------------------------------------------------ fd watchers */
 
 /* Watches fd for events (ZEV_READ | ZEV_WRITE, level-triggered: the callback
  * runs every iteration while the condition holds). events may be 0 (watch
  * nothing until zev_io_update). The fd is not owned: close it only after
- * zev_io_stop. Lifetime: until zev_io_stop.
+ * zev_io_stop. An fd closed before zev_io_stop (a usage error, as in libuv)
+ * behaves the same on every backend: the watcher goes silent, and its number
+ * stays taken in zev (EEXIST for a new watcher on it) until zev_io_stop; if
+ * the number is reused for another file meanwhile, what the old watcher
+ * sees of it is unspecified. Lifetime: until zev_io_stop.
  * Errors: NULL with EINVAL (NULL loop/fn, bad events), EBADF (fd not open),
  * EEXIST (fd already watched by this loop, or it is a stream's ZMQ_FD),
  * EPERM (the backend cannot watch this fd, e.g. a regular file with epoll). */
@@ -188,8 +229,11 @@ ZEV_API zev_stream_t *zev_stream_new(zev_loop_t *loop, void *zmq_socket);
 ZEV_API int zev_stream_on_recv(zev_stream_t *s, zev_recv_fn fn, void *arg);
 
 /* Sets the send callback. Every message given to a send function gets one
- * status, in send order: 0 when handed to libzmq, or the errno (ECANCELED if
- * never sent). Each status goes to the callback set when it is delivered:
+ * status, in send order: 0 when handed to libzmq (what libzmq does with it
+ * then is libzmq's: a PUB at its high-water mark drops it, as zmq_send
+ * would), or the errno (ECANCELED if never sent; EPIPE if its peer went
+ * away after libzmq took its first parts, which libzmq then dropped: no part
+ * of it is sent later on its own). Each status goes to the callback set when it is delivered:
  * a message given before on_send was set is reported if its status comes
  * later, a callback set from inside on_send gets the statuses that follow,
  * and with none set a status is dropped. Runs from the loop, never nested
@@ -258,7 +302,10 @@ ZEV_API int zev_stream_flush(zev_stream_t *s, int flags, size_t limit);
  * is handed to libzmq first, from the loop, for at most the socket's
  * ZMQ_LINGER (-1: until drained or the loop is destroyed); the rest is then
  * ECANCELED; the socket is the stream's until its close callback has run.
- * ZEV_CLOSE_SOCKET also zmq_closes the socket. The close callback runs once,
+ * ZEV_CLOSE_SOCKET also zmq_closes the socket; with ZEV_CLOSE_FLUSH too, the
+ * two waits share one ZMQ_LINGER: zev sets the socket's ZMQ_LINGER to what is
+ * left of it before zmq_close, so libzmq's own linger for what it still
+ * holds does not start the wait over. The close callback runs once,
  * from the loop. Errors: EINVAL (NULL, bad flags), EBADF (already closed),
  * ENOMEM (flush: the linger timer could not be started; the stream stays
  * open and nothing was cancelled). */
@@ -320,11 +367,18 @@ ZEV_API zmq_msg_t *zev_frame_msg(zev_frame_t *f); /* read it; do not close or mo
 ZEV_API int zev_frame_release(zev_frame_t *f);
 
 /* 1 once the tracked message's buffer was released by libzmq (and its
- * free function ran), 0 before; thread-safe. -1/EINVAL for NULL. */
+ * free function ran), 0 before; thread-safe, and also true after
+ * zev_loop_destroy (the tracker's completion callback then never runs, but
+ * this says 1 as soon as the free function has). -1/EINVAL for NULL. */
 ZEV_API int zev_tracker_done(const zev_tracker_t *t);
 
 /* Calls fn(t, arg) on the loop thread when the tracker completes (at once
- * if it already has). Errors: EINVAL. */
+ * if its completion already ran on the loop thread). The completion comes
+ * through the loop's queue after libzmq freed the buffer, so it may arrive
+ * an iteration after zev_tracker_done turned 1 (and after the release of a
+ * kept frame that libzmq let go of at the same time): a program must not
+ * stop its loop on the last frame release and expect the tracker callback.
+ * Never called after zev_loop_destroy. Errors: EINVAL. */
 ZEV_API int zev_tracker_on_done(zev_tracker_t *t, zev_tracker_fn fn, void *arg);
 
 /* Drops the caller's tracker; its callback will not run any more. */

@@ -1,6 +1,7 @@
 #include "common.h"
 
 #include <errno.h>
+#include <poll.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -184,6 +185,17 @@ void test_sleep_ms(int ms)
 void test_pipe(int p[2])
 {
     cr_assert_eq(pipe(p), 0, "pipe: %s", strerror(errno));
+}
+
+int test_readable(int fd, int timeout_ms)
+{
+    struct pollfd p = {.fd = fd, .events = POLLIN};
+    int rc;
+    do
+        rc = poll(&p, 1, timeout_ms);
+    while (rc < 0 && errno == EINTR);
+    cr_assert_geq(rc, 0, "poll: %s", strerror(errno));
+    return rc > 0 && (p.revents & POLLIN);
 }
 
 #if defined(__SANITIZE_ADDRESS__)

@@ -117,6 +117,11 @@ void test_sleep_ms(int ms);
 /* pipe(p); asserts on failure. */
 void test_pipe(int p[2]);
 
+/* Blocks in poll() on fd for at most timeout_ms (0: just looks) and
+ * returns 1 if it is readable: what a host loop embedding zev sees of
+ * zev_loop_fd. Retries EINTR; asserts on other poll errors. */
+int test_readable(int fd, int timeout_ms);
+
 /* Criterion counts a test whose child process ends with a LeakSanitizer
  * report as passing (it only warns), so ASan builds check for leaks inside
  * the test, after everything was released and the context terminated.

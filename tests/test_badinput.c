@@ -228,3 +228,23 @@ Test(badinput, tracker)
     EXPECT_ERR(zev_tracker_on_done(NULL, NULL, NULL), EINVAL);
     EXPECT_ERR(zev_tracker_release(NULL), EINVAL);
 }
+
+/* A part count whose queue room cannot be computed without overflowing
+ * (nparts is checked before any part is read) fails with ENOMEM at once: no
+ * endless doubling, no wrapped size handed to malloc. */
+Test(badinput, stream_send_msg_absurd_part_count)
+{
+    void *ctx = zmq_ctx_new();
+    zev_loop_t *loop = test_loop_new();
+    void *push = zmq_socket(ctx, ZMQ_PUSH);
+    zev_stream_t *s = zev_stream_new(loop, push);
+    cr_assert_not_null(s);
+    zmq_msg_t one;
+    zmq_msg_init(&one);
+    EXPECT_ERR(zev_stream_send_msg(s, &one, (size_t)1 << 62, 0), ENOMEM);
+    EXPECT_ERR(zev_stream_send_msg(s, &one, SIZE_MAX, 0), ENOMEM);
+    zmq_msg_close(&one);
+    zev_loop_destroy(loop);
+    zmq_close(push);
+    zmq_ctx_term(ctx);
+}

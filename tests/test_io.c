@@ -860,3 +860,49 @@ Test(io, hangup_reported_as_read)
     close(p[1]);
     zev_loop_destroy(loop);
 }
+
+/* An fd closed without zev_io_stop (a usage error, as in libuv) behaves the
+ * same on every backend: the watcher goes silent (poll must not report
+ * POLLNVAL to it forever), its number stays taken in zev (EEXIST) until
+ * zev_io_stop, and after that the number can be watched again. */
+Test(io, fd_closed_without_stop_goes_silent)
+{
+    zev_loop_t *loop = test_loop_new();
+    int p[2];
+    test_pipe(p);
+    seen_t a = {.drain = 1};
+    a.io = zev_io_start(loop, p[0], ZEV_READ, seen_io, &a);
+    cr_assert_not_null(a.io);
+    write_all(p[1], "1", 1);
+    for (uint64_t end = test_ms() + 2000; a.calls == 0 && test_ms() < end;)
+        cr_assert_geq(zev_loop_run_once(loop, 10), 0);
+    cr_assert_eq(a.calls, 1);
+
+    int old = p[0];
+    close(p[0]);
+    test_spin(loop, 5, 10);
+    cr_assert_eq(a.calls, 1, "a closed fd's watcher fired %d more times", a.calls - 1);
+
+    int q[2];
+    test_pipe(q); /* the lowest free number: usually the one just closed */
+    seen_t b = {.drain = 1};
+    if (q[0] == old) {
+        errno = 0;
+        cr_assert_null(zev_io_start(loop, q[0], ZEV_READ, seen_io, &b));
+        cr_assert_eq(errno, EEXIST, "errno %s", strerror(errno));
+    }
+    cr_assert_eq(zev_io_stop(a.io), 0);
+    b.io = zev_io_start(loop, q[0], ZEV_READ, seen_io, &b);
+    cr_assert_not_null(b.io, "zev_io_start after the stale watcher was stopped: %s",
+                       strerror(errno));
+    write_all(q[1], "2", 1);
+    for (uint64_t end = test_ms() + 2000; b.calls == 0 && test_ms() < end;)
+        cr_assert_geq(zev_loop_run_once(loop, 10), 0);
+    cr_assert_eq(b.calls, 1);
+    cr_assert_eq(a.calls, 1);
+    cr_assert_eq(zev_io_stop(b.io), 0);
+    close(p[1]);
+    close(q[0]);
+    close(q[1]);
+    zev_loop_destroy(loop);
+}

@@ -13,32 +13,12 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 TestSuite(loop, .timeout = 20);
 
 /* ------------------------------------------------------------------ helpers */
-
-/* 1 if fd is readable right now (poll with timeout 0), 0 if not. */
-static int readable_now(int fd)
-{
-    struct pollfd p = {.fd = fd, .events = POLLIN};
-    int rc = poll(&p, 1, 0);
-    cr_assert_geq(rc, 0, "poll: %s", strerror(errno));
-    return rc > 0 && (p.revents & POLLIN);
-}
-
-/* Blocks in poll() on fd for at most timeout_ms; 1 if it became readable. */
-static int wait_readable(int fd, int timeout_ms)
-{
-    struct pollfd p = {.fd = fd, .events = POLLIN};
-    int rc;
-    do
-        rc = poll(&p, 1, timeout_ms);
-    while (rc < 0 && errno == EINTR);
-    cr_assert_geq(rc, 0, "poll: %s", strerror(errno));
-    return rc > 0 && (p.revents & POLLIN);
-}
 
 static void write_byte(int fd)
 {
@@ -261,6 +241,92 @@ Test(loop, stop_before_run_returns_at_once)
     cr_assert_not_null(zev_timer_start(loop, 20000, 0, stopper_timer, &s2));
     cr_assert_eq(zev_loop_run(loop), 0);
     cr_assert_eq(s2.fired, 1);
+    zev_loop_destroy(loop);
+}
+
+/* A stop request is consumed by whichever run call ends next, as libuv
+ * does: a stop seen by run_once must not leave a stale flag that makes the
+ * next run_once(-1) spin without blocking, or the next zev_loop_run return
+ * at once. */
+Test(loop, stop_is_consumed_by_run_once)
+{
+    zev_loop_t *loop = test_loop_new();
+    zev_loop_stop(loop);
+    cr_assert_geq(zev_loop_run_once(loop, 0), 0);
+
+    int fired = 0;
+    cr_assert_not_null(zev_timer_start(loop, 30000, 0, count_timer, &fired));
+    uint64_t t0 = test_clock_ns();
+    int calls = 0;
+    while (!fired && calls < 1000000) {
+        cr_assert_geq(zev_loop_run_once(loop, -1), 0);
+        calls++;
+    }
+    cr_assert_eq(fired, 1);
+    cr_assert_geq(test_clock_ns() - t0, 30000000u, "the timer ran early");
+    cr_assert_eq(calls, 1, "run_once(-1) took %d calls to wait for one timer", calls);
+
+    stopper_t st = {loop, 0, 1};
+    cr_assert_not_null(zev_timer_start(loop, 20000, 0, stopper_timer, &st));
+    cr_assert_eq(zev_loop_run(loop), 0);
+    cr_assert_eq(st.fired, 1, "zev_loop_run returned on a stale stop request");
+    zev_loop_destroy(loop);
+}
+
+/* run_once(-1) is one full turn, as libuv's UV_RUN_ONCE: when it blocks
+ * for a timer, it runs that timer before it returns. */
+Test(loop, run_once_blocking_runs_the_timer_it_waited_for)
+{
+    zev_loop_t *loop = test_loop_new();
+    for (int i = 0; i < 5; i++) {
+        int fired = 0;
+        cr_assert_not_null(zev_timer_start(loop, 20000, 0, count_timer, &fired));
+        cr_assert_geq(zev_loop_run_once(loop, -1), 0);
+        cr_assert_eq(fired, 1, "round %d: run_once(-1) returned without running its timer", i);
+    }
+    /* A bounded wait that ends at the timer runs it too. */
+    int fired = 0;
+    cr_assert_not_null(zev_timer_start(loop, 20000, 0, count_timer, &fired));
+    cr_assert_geq(zev_loop_run_once(loop, 5000), 0);
+    cr_assert_eq(fired, 1);
+    zev_loop_destroy(loop);
+}
+
+/* A forked child that destroys its copy of the loop must not take the
+ * parent's registrations with it (an epoll or kqueue instance, and poll's
+ * embedding set, are shared with the child). */
+Test(loop, forked_child_destroy_leaves_parent_alone)
+{
+    zev_loop_t *loop = test_loop_new();
+    int fd = zev_loop_fd(loop); /* the embedding set too */
+    cr_assert_geq(fd, 0);
+    int p[2];
+    test_pipe(p);
+    pipe_ctx_t pc = {0};
+    zev_io_t *io = zev_io_start(loop, p[0], ZEV_READ, drain_io, &pc);
+    cr_assert_not_null(io);
+    int fired = 0;
+    cr_assert_not_null(zev_timer_start(loop, 100000, 0, count_timer, &fired));
+
+    pid_t pid = fork();
+    cr_assert_geq(pid, 0, "fork: %s", strerror(errno));
+    if (pid == 0) {
+        zev_loop_destroy(loop);
+        _exit(0);
+    }
+    int status;
+    cr_assert_eq(waitpid(pid, &status, 0), pid);
+    cr_assert(WIFEXITED(status) && WEXITSTATUS(status) == 0);
+
+    write_byte(p[1]);
+    cr_assert(test_readable(fd, 2000), "the embedding fd lost its registrations");
+    for (uint64_t end = test_ms() + 2000; pc.calls == 0 && test_ms() < end;)
+        cr_assert_geq(zev_loop_run_once(loop, 10), 0);
+    cr_assert_eq(pc.calls, 1, "the parent's io watcher never fired after the child's destroy");
+    test_run_until(loop, &fired, 2000);
+    cr_assert_eq(zev_io_stop(io), 0);
+    close(p[0]);
+    close(p[1]);
     zev_loop_destroy(loop);
 }
 
@@ -691,7 +757,7 @@ Test(loop, embed_fd_not_readable_when_idle)
     int fd = zev_loop_fd(loop);
     cr_assert_geq(fd, 0, "zev_loop_fd: %s", zmq_strerror(errno));
     cr_assert_eq(zev_loop_fd(loop), fd, "the same fd every time");
-    cr_assert_eq(readable_now(fd), 0, "fresh loop: nothing to do");
+    cr_assert_eq(test_readable(fd, 0), 0, "fresh loop: nothing to do");
 
     /* A quiet pipe and a far timer are no work. */
     int p[2];
@@ -702,10 +768,10 @@ Test(loop, embed_fd_not_readable_when_idle)
     int fired = 0;
     zev_timer_t *t = zev_timer_start(loop, 10u * 1000u * 1000u, 0, count_timer, &fired);
     cr_assert_not_null(t);
-    cr_assert_eq(readable_now(fd), 0);
+    cr_assert_eq(test_readable(fd, 0), 0);
     cr_assert_eq(zev_loop_run_once(loop, 0), 0);
-    cr_assert_eq(readable_now(fd), 0, "idle after an empty iteration");
-    cr_assert_eq(wait_readable(fd, 50), 0, "became readable with nothing to do");
+    cr_assert_eq(test_readable(fd, 0), 0, "idle after an empty iteration");
+    cr_assert_eq(test_readable(fd, 50), 0, "became readable with nothing to do");
 
     cr_assert_eq(zev_timer_cancel(t), 0);
     cr_assert_eq(zev_io_stop(io), 0);
@@ -719,14 +785,14 @@ Test(loop, embed_fd_readable_after_cross_thread_callback)
     zev_loop_t *loop = test_loop_new();
     int fd = zev_loop_fd(loop);
     cr_assert_geq(fd, 0, "zev_loop_fd: %s", zmq_strerror(errno));
-    cr_assert_eq(readable_now(fd), 0);
+    cr_assert_eq(test_readable(fd, 0), 0);
 
     /* The host blocks on the fd; another thread queues a callback. */
     int count = 0;
     later_t l = {.loop = loop, .delay_ms = 50, .count = &count};
     pthread_t th;
     cr_assert_eq(pthread_create(&th, NULL, later_add_callback, &l), 0);
-    int ready = wait_readable(fd, 10000);
+    int ready = test_readable(fd, 10000);
     cr_assert_eq(pthread_join(th, NULL), 0);
     cr_assert(ready, "zev_loop_fd did not become readable after add_callback");
     cr_assert_eq(count, 0, "only run_once runs it");
@@ -734,14 +800,14 @@ Test(loop, embed_fd_readable_after_cross_thread_callback)
 
     cr_assert_eq(zev_loop_run_once(loop, 0), 0);
     cr_assert_eq(count, 1);
-    cr_assert_eq(readable_now(fd), 0, "still readable after run_once handled everything");
+    cr_assert_eq(test_readable(fd, 0), 0, "still readable after run_once handled everything");
 
     /* From the loop's own thread, between iterations, too. */
     cr_assert_eq(zev_loop_add_callback(loop, count_cb, &count), 0);
-    cr_assert(wait_readable(fd, 5000));
+    cr_assert(test_readable(fd, 5000));
     cr_assert_eq(zev_loop_run_once(loop, 0), 0);
     cr_assert_eq(count, 2);
-    cr_assert_eq(readable_now(fd), 0);
+    cr_assert_eq(test_readable(fd, 0), 0);
     zev_loop_destroy(loop);
 }
 
@@ -761,25 +827,25 @@ Test(loop, embed_fd_readable_when_timer_due)
     cr_assert_not_null(zev_timer_start(loop, 50000, 0, count_timer, &early));
     int fd = zev_loop_fd(loop);
     cr_assert_geq(fd, 0, "zev_loop_fd: %s", zmq_strerror(errno));
-    cr_assert(wait_readable(fd, 5000), "not readable when a timer started before became due");
+    cr_assert(test_readable(fd, 5000), "not readable when a timer started before became due");
     cr_assert_eq(early, 0);
     cr_assert_geq(zev_loop_run_once(loop, 0), 0);
     cr_assert_eq(early, 1);
-    cr_assert_eq(readable_now(fd), 0, "readable after the due timer ran");
+    cr_assert_eq(test_readable(fd, 0), 0, "readable after the due timer ran");
 
     /* Timer started from inside a callback run by run_once. */
     int inside = 0;
     cr_assert_eq(zev_loop_add_callback(loop, start_timer_cb, &inside), 0);
-    cr_assert(wait_readable(fd, 5000));
+    cr_assert(test_readable(fd, 5000));
     cr_assert_eq(zev_loop_run_once(loop, 0), 0);
     cr_assert_eq(inside, 0);
-    cr_assert_eq(readable_now(fd), 0, "readable before the new timer is due");
-    cr_assert(wait_readable(fd, 5000),
+    cr_assert_eq(test_readable(fd, 0), 0, "readable before the new timer is due");
+    cr_assert(test_readable(fd, 5000),
               "not readable when a timer started in a callback became due");
     cr_assert_eq(inside, 0);
     cr_assert_geq(zev_loop_run_once(loop, 0), 0);
     cr_assert_eq(inside, 1);
-    cr_assert_eq(readable_now(fd), 0);
+    cr_assert_eq(test_readable(fd, 0), 0);
 
     /* Timer started by host code after the fd was taken, between
      * iterations: the host just blocks on the fd, longer than the delay. A
@@ -788,13 +854,13 @@ Test(loop, embed_fd_readable_when_timer_due)
     zev_timer_t *ft = zev_timer_start(loop, 10u * 1000u * 1000u, 0, count_timer, &far);
     cr_assert_not_null(ft);
     cr_assert_not_null(zev_timer_start(loop, 50000, 0, count_timer, &later));
-    cr_assert(wait_readable(fd, 5000),
+    cr_assert(test_readable(fd, 5000),
               "zev_loop_fd not readable when a timer started outside the loop became due");
     cr_assert_eq(later, 0);
     cr_assert_geq(zev_loop_run_once(loop, 0), 0);
     cr_assert_eq(later, 1);
     cr_assert_eq(far, 0);
-    cr_assert_eq(readable_now(fd), 0, "readable again with only a far timer left");
+    cr_assert_eq(test_readable(fd, 0), 0, "readable again with only a far timer left");
     cr_assert_eq(zev_timer_cancel(ft), 0);
     zev_loop_destroy(loop);
 }
@@ -812,7 +878,7 @@ Test(loop, embed_fd_cancelled_timer_does_not_wake)
     cr_assert_eq(zev_loop_run_once(loop, 0), 0);
     cr_assert_eq(zev_timer_cancel(t), 0);
     cr_assert_eq(zev_loop_timeout(loop), -1);
-    cr_assert_eq(wait_readable(fd, 300), 0,
+    cr_assert_eq(test_readable(fd, 300), 0,
                  "zev_loop_fd became readable for a cancelled timer while the loop is idle");
     cr_assert_eq(zev_loop_run_once(loop, 0), 0);
     cr_assert_eq(fired, 0);
@@ -838,14 +904,14 @@ Test(loop, embed_stop_from_callback_leaves_loop_idle)
     cr_assert_geq(fd, 0, "zev_loop_fd: %s", zmq_strerror(errno));
     int n = 0;
     cr_assert_eq(zev_loop_add_callback(loop, stop_only_cb, &n), 0);
-    cr_assert(wait_readable(fd, 5000));
+    cr_assert(test_readable(fd, 5000));
     cr_assert_geq(zev_loop_run_once(loop, 0), 0);
     cr_assert_eq(n, 1);
     cr_assert_geq(zev_loop_run_once(loop, 0), 0);
     cr_assert_eq(zev_loop_timeout(loop), -1,
                  "idle loop reports work after a zev_loop_stop (timeout %d)",
                  zev_loop_timeout(loop));
-    cr_assert_eq(readable_now(fd), 0,
+    cr_assert_eq(test_readable(fd, 0), 0,
                  "zev_loop_fd stays readable after a zev_loop_stop: the host would spin");
     cr_assert_eq(zev_loop_run_once(loop, 0), 0, "run_once keeps reporting pending work");
     cr_assert_eq(n, 1);
@@ -862,13 +928,13 @@ Test(loop, embed_fd_readable_when_pipe_readable)
     pipe_ctx_t pc = {0};
     zev_io_t *io = zev_io_start(loop, p[0], ZEV_READ, drain_io, &pc);
     cr_assert_not_null(io);
-    cr_assert_eq(readable_now(fd), 0);
+    cr_assert_eq(test_readable(fd, 0), 0);
 
     /* Written by another thread while the host blocks. */
     later_t l = {.loop = loop, .delay_ms = 50, .fd = p[1]};
     pthread_t th;
     cr_assert_eq(pthread_create(&th, NULL, later_write, &l), 0);
-    int ready = wait_readable(fd, 10000);
+    int ready = test_readable(fd, 10000);
     cr_assert_eq(pthread_join(th, NULL), 0);
     cr_assert(ready, "zev_loop_fd not readable with a readable watched pipe");
     cr_assert_eq(pc.calls, 0);
@@ -876,7 +942,7 @@ Test(loop, embed_fd_readable_when_pipe_readable)
     cr_assert_eq(pc.calls, 1);
     cr_assert_eq(pc.events, ZEV_READ);
     cr_assert_eq(pc.bytes, 1);
-    cr_assert_eq(readable_now(fd), 0, "readable after the pipe was drained");
+    cr_assert_eq(test_readable(fd, 0), 0, "readable after the pipe was drained");
 
     /* Watcher added after the fd was taken, data already there. */
     int q[2];
@@ -885,10 +951,10 @@ Test(loop, embed_fd_readable_when_pipe_readable)
     pipe_ctx_t qc = {0};
     zev_io_t *qio = zev_io_start(loop, q[0], ZEV_READ, drain_io, &qc);
     cr_assert_not_null(qio);
-    cr_assert(wait_readable(fd, 5000), "not readable with a ready watcher added later");
+    cr_assert(test_readable(fd, 5000), "not readable with a ready watcher added later");
     cr_assert_eq(zev_loop_run_once(loop, 0), 0);
     cr_assert_eq(qc.calls, 1);
-    cr_assert_eq(readable_now(fd), 0);
+    cr_assert_eq(test_readable(fd, 0), 0);
 
     cr_assert_eq(zev_io_stop(qio), 0);
     cr_assert_eq(zev_io_stop(io), 0);

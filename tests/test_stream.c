@@ -1353,8 +1353,9 @@ Test(stream_bad_input, context_terminated_queued_reported_eterm, .timeout = 20)
 /*
  * The same for a socket zmq_closed under a stream with queued sends (same
  * caveat as above about the freed socket object): a send only queues behind
- * the others, the loop then finds the socket gone, and every queued message
- * is reported with ENOTSOCK without a close.
+ * the others; the next touch of the socket (here a flush, the user's "look
+ * now") finds it gone, and every queued message is reported with ENOTSOCK
+ * without a close.
  */
 Test(stream_bad_input, socket_closed_queued_reported_enotsock, .timeout = 20)
 {
@@ -1377,6 +1378,9 @@ Test(stream_bad_input, socket_closed_queued_reported_enotsock, .timeout = 20)
     size_t want = rc == 0 ? 4 : 3;
     if (rc != 0)
         cr_assert_eq(errno, ENOTSOCK);
+    /* The pass has no reason to touch a socket that said "no room" and sent
+     * no edge since; a flush asks it now. */
+    EXPECT_ERR(zev_stream_flush(sq, ZEV_WRITE, 0), ENOTSOCK);
     test_run_until_count(p.loop, &sc.count, want, 3000);
     cr_assert_eq(sc.bad, 0, "queued message reported with %d, want ENOTSOCK", sc.first_bad);
     EXPECT_ERR(zev_stream_send(sq, "y", 1, 0), ENOTSOCK);
@@ -1485,4 +1489,130 @@ Test(stream_send, flush_inside_on_send_reports_once, .timeout = 30)
 
     cr_assert_eq(zev_stream_close(s, 0), 0);
     cr_assert_eq(test_pair_close(&p), 0);
+}
+
+/*
+ * The peer goes away in the middle of a multipart message whose first part
+ * libzmq already took. libzmq then refuses a later part (EAGAIN: "pipe dead
+ * mid-message", libzmq >= 4.3.1) and has dropped the earlier ones; a
+ * load-balancing socket (DEALER) drops the rest of the message itself as it
+ * comes, a PAIR does not. Retrying the refused part later, when a new peer
+ * is there, would deliver the message's tail as a message of its own; not
+ * handing a DEALER the rest would let its dropping mode eat the next
+ * message. Whatever libzmq did, the new peer must get the next message
+ * whole and nothing else, and each message exactly one status (EPIPE for
+ * the broken one when zev saw the refusal, 0 when libzmq dropped it
+ * silently).
+ */
+typedef struct {
+    int status[8];
+    size_t n;
+} statuses_t;
+
+static void record_status(zev_stream_t *s, int status, void *arg)
+{
+    (void)s;
+    statuses_t *st = arg;
+    if (st->n < 8)
+        st->status[st->n] = status;
+    st->n++;
+}
+
+static void peer_lost_mid_message(int type, size_t parts)
+{
+    void *ctx = test_ctx_new();
+    zev_loop_t *loop = test_loop_new();
+    void *d = test_socket(ctx, type);
+    void *peer1 = test_socket(ctx, type);
+    char ep1[64], ep2[64];
+    test_bind_ep(peer1, "inproc", ep1, sizeof ep1);
+    cr_assert_eq(zmq_connect(d, ep1), 0);
+    zev_stream_t *s = test_stream_new(loop, d);
+    statuses_t st = {0};
+    cr_assert_eq(zev_stream_on_send(s, record_status, &st), 0);
+
+    cr_assert_eq(zev_stream_send(s, "A0", 2, ZMQ_SNDMORE), 0);
+    int zfd;
+    size_t zlen = sizeof zfd;
+    cr_assert_eq(zmq_getsockopt(d, ZMQ_FD, &zfd, &zlen), 0);
+    test_readable(zfd, 0); /* nothing pending is left unread by the send... */
+    zev_stream_flush(s, ZEV_WRITE, 0);
+    test_close(peer1);
+    /* ...so the next signal on d's ZMQ_FD is the dead pipe's termination
+     * command. Until it arrives libzmq would write the rest, and the next
+     * message, into the dead pipe (lost, by libzmq's design). */
+    cr_assert(test_readable(zfd, 5000), "libzmq never told d that its peer closed");
+    zev_stream_flush(s, ZEV_WRITE, 0); /* libzmq processes it */
+    for (size_t i = 1; i < parts; i++) {
+        char part[3] = {'A', (char)('0' + i), 0};
+        cr_assert_eq(zev_stream_send(s, part, 2, i + 1 < parts ? ZMQ_SNDMORE : 0), 0,
+                     "a part after the first is taken: %s", zmq_strerror(errno));
+    }
+    cr_assert_eq(zev_stream_send(s, "C", 1, 0), 0);
+
+    void *peer2 = test_socket(ctx, type);
+    test_bind_ep(peer2, "inproc", ep2, sizeof ep2);
+    cr_assert_eq(zmq_connect(d, ep2), 0);
+
+    /* Everything the new peer gets, until it has been quiet for a while.
+     * (A PAIR accepts the new peer only if libzmq finished tearing down the
+     * dead pipe first, which is libzmq's own race; a DEALER always does.) */
+    char got[8][8];
+    size_t got_parts[8] = {0}, msgs = 0;
+    for (uint64_t quiet_until = test_ms() + 300; test_ms() < quiet_until;) {
+        test_spin(loop, 1, 5);
+        char buf[8];
+        int n = zmq_recv(peer2, buf, sizeof buf, ZMQ_DONTWAIT);
+        if (n < 0)
+            continue;
+        cr_assert_lt(msgs, 8);
+        if (got_parts[msgs] == 0)
+            snprintf(got[msgs], sizeof got[msgs], "%.*s", n, buf);
+        got_parts[msgs]++;
+        int more = 0;
+        size_t ml = sizeof more;
+        cr_assert_eq(zmq_getsockopt(peer2, ZMQ_RCVMORE, &more, &ml), 0);
+        if (!more)
+            msgs++;
+        quiet_until = test_ms() + 300;
+    }
+    cr_assert_leq(msgs, 1, "the new peer got %zu messages (first \"%s\", %zu parts): a split one",
+                  msgs, got[0], got_parts[0]);
+    if (type != ZMQ_PAIR)
+        cr_assert_eq(msgs, 1, "the next message never reached the new peer");
+    if (msgs) {
+        cr_assert_str_eq(got[0], "C", "the new peer got \"%s\" (%zu parts), not the next message",
+                         got[0], got_parts[0]);
+        cr_assert_eq(got_parts[0], 1);
+    }
+    cr_assert_eq(zev_stream_close(s, 0), 0); /* C, if still queued: ECANCELED */
+    zev_loop_destroy(loop);
+    cr_assert_eq(st.n, 2, "%zu statuses for 2 messages", st.n);
+    cr_assert(st.status[0] == EPIPE || st.status[0] == 0, "broken message: status %s",
+              zmq_strerror(st.status[0]));
+    cr_assert_eq(st.status[1], msgs ? 0 : ECANCELED, "next message: status %s",
+                 zmq_strerror(st.status[1]));
+    test_close(d);
+    test_close(peer2);
+    cr_assert_eq(zmq_ctx_term(ctx), 0);
+}
+
+Test(stream_send, peer_lost_mid_message_dealer_last_part, .timeout = 30)
+{
+    peer_lost_mid_message(ZMQ_DEALER, 2);
+}
+
+Test(stream_send, peer_lost_mid_message_dealer_middle_part, .timeout = 30)
+{
+    peer_lost_mid_message(ZMQ_DEALER, 3);
+}
+
+Test(stream_send, peer_lost_mid_message_pair_last_part, .timeout = 30)
+{
+    peer_lost_mid_message(ZMQ_PAIR, 2);
+}
+
+Test(stream_send, peer_lost_mid_message_pair_middle_part, .timeout = 30)
+{
+    peer_lost_mid_message(ZMQ_PAIR, 3);
 }

@@ -793,3 +793,49 @@ Test(stream_close, loop_destroy_with_open_streams, .timeout = 20)
     test_close(flushing);
     zmq_ctx_term(ctx);
 }
+
+/* ZEV_CLOSE_FLUSH | ZEV_CLOSE_SOCKET waits at most one ZMQ_LINGER in all:
+ * zev's flush, then libzmq's own linger on the zmq_close zev makes, share
+ * it. Here the peer (in a context of its own) is connected but never reads,
+ * so zev's queue cannot drain and libzmq's pipe is full too: the flush
+ * ends at the linger, and terminating the sender's context must not wait a
+ * second linger for what libzmq holds. */
+Test(stream_close, flush_and_close_socket_wait_one_linger_in_all, .timeout = 30)
+{
+    const int linger_ms = 500;
+    void *ctx = test_ctx_new(), *peer_ctx = test_ctx_new();
+    zev_loop_t *loop = test_loop_new();
+    void *pull = test_socket(peer_ctx, ZMQ_PULL);
+    test_set_int(pull, ZMQ_RCVHWM, 10);
+    char ep[256];
+    test_bind_ep(pull, "tcp", ep, sizeof ep);
+    void *push = test_socket(ctx, ZMQ_PUSH);
+    test_set_int(push, ZMQ_SNDHWM, 10);
+    test_set_int(push, ZMQ_LINGER, linger_ms);
+    cr_assert_eq(zmq_connect(push, ep), 0);
+    zev_stream_t *s = test_stream_new(loop, push);
+    track_t t = {0};
+    track(s, &t, 0, 1);
+    cr_assert_eq(zev_stream_set_max_queue(s, 0), 0);
+    static char big[65536];
+    for (int i = 0; i < 200; i++)
+        cr_assert_eq(zev_stream_send(s, big, sizeof big, 0), 0);
+    test_spin(loop, 20, 5); /* libzmq's pipe and the tcp buffers fill */
+    zev_stream_stats_t st;
+    cr_assert_eq(zev_stream_stats(s, &st), 0);
+    cr_assert_gt(st.queued_msgs, 0, "zev's queue drained: the peer read");
+
+    uint64_t t0 = test_ms();
+    do_close(s, &t, ZEV_CLOSE_FLUSH | ZEV_CLOSE_SOCKET);
+    test_run_until(loop, &t.close_calls, 10000);
+    cr_assert_eq(zmq_ctx_term(ctx), 0);
+    uint64_t took = test_ms() - t0;
+    cr_assert_geq(took, (uint64_t)linger_ms - 1, "closed after %llu ms, before the linger",
+                  (unsigned long long)took);
+    cr_assert_lt(took, (uint64_t)linger_ms * 17 / 10,
+                 "close + context term took %llu ms with ZMQ_LINGER %d: two lingers",
+                 (unsigned long long)took, linger_ms);
+    zev_loop_destroy(loop);
+    test_close(pull);
+    cr_assert_eq(zmq_ctx_term(peer_ctx), 0);
+}

@@ -614,3 +614,138 @@ Test(timer, cancel_half_of_hundred_thousand)
     many_free(&m);
     zev_loop_destroy(loop);
 }
+
+/* ------------------------------------------- overflow, grid, precision */
+
+/* A delay of UINT64_MAX µs (a common way to say "never") and delays whose
+ * ns count or deadline would wrap: the deadline saturates at the end of
+ * time, it never fires, and nothing is scheduled. */
+Test(timer, huge_delays_saturate)
+{
+    zev_loop_t *loop = test_loop_new();
+    const uint64_t delays[] = {UINT64_MAX, UINT64_MAX / 1000 + 1, (uint64_t)1 << 60};
+    zev_timer_t *t[3];
+    int fired = 0;
+    for (int i = 0; i < 3; i++) {
+        t[i] = zev_timer_start(loop, delays[i], 0, count_timer, &fired);
+        cr_assert_not_null(t[i], "zev_timer_start: %s", zmq_strerror(errno));
+    }
+    for (int i = 0; i < 3; i++)
+        cr_assert_geq(zev_loop_run_once(loop, 0), 0);
+    cr_assert_eq(fired, 0, "a timer meant as 'never' fired");
+    cr_assert_eq(zev_loop_timeout(loop), -1, "zev_loop_timeout %d", zev_loop_timeout(loop));
+    for (int i = 0; i < 3; i++)
+        cr_assert_eq(zev_timer_cancel(t[i]), 0);
+    zev_loop_destroy(loop);
+}
+
+/* A repeat whose ns count would wrap to 0 must not turn the timer into a
+ * one-shot (freed after it fires: the cancel below would then be a
+ * use-after-free). */
+Test(timer, huge_repeat_stays_repeating)
+{
+    zev_loop_t *loop = test_loop_new();
+    rec_t r = {.loop = loop};
+    r.self = zev_timer_start(loop, 0, (uint64_t)1 << 61, rec_timer, &r);
+    cr_assert_not_null(r.self);
+    test_run_until(loop, &r.calls, 5000);
+    test_spin(loop, 3, 0);
+    cr_assert_eq(r.calls, 1);
+    cr_assert_eq(zev_loop_timeout(loop), -1, "its next run is at the end of time");
+    cr_assert_eq(zev_timer_cancel(r.self), 0);
+    zev_loop_destroy(loop);
+}
+
+/* Periodic timers run at start + n x period; a run that fell behind (here
+ * a callback that holds the loop for 3.5 periods) skips the periods it
+ * missed instead of drifting (next = late run + period) or bursting. The
+ * deadlines are read with zev_timer_due, so the check is exact. */
+typedef struct grid {
+    zev_loop_t *loop;
+    uint64_t due[32];
+    uint64_t ended[32]; /* clock when each callback returned */
+    int calls;
+    int stall_at; /* this call holds the loop for `stall_ns` */
+    uint64_t stall_ns;
+} grid_t;
+
+static void grid_timer(zev_timer_t *t, void *arg)
+{
+    grid_t *g = arg;
+    if (g->calls < 32)
+        g->due[g->calls] = zev_timer_due(t);
+    if (g->calls == g->stall_at)
+        for (uint64_t until = test_clock_ns() + g->stall_ns; test_clock_ns() < until;)
+            ;
+    if (g->calls < 32)
+        g->ended[g->calls] = test_clock_ns();
+    g->calls++;
+}
+
+Test(timer, periodic_stays_on_its_grid_and_skips_missed_periods)
+{
+    zev_loop_t *loop = test_loop_new();
+    const uint64_t period_ns = 10000000; /* 10 ms */
+    grid_t g = {.loop = loop, .stall_at = 3, .stall_ns = 35000000};
+    zev_timer_t *t = zev_timer_start(loop, period_ns / 1000, period_ns / 1000, grid_timer, &g);
+    cr_assert_not_null(t);
+    uint64_t first = zev_timer_due(t);
+    cr_assert_gt(first, 0, "zev_timer_due: %s", zmq_strerror(errno));
+    for (uint64_t end = test_ms() + 5000; g.calls < 10;) {
+        cr_assert(test_ms() < end, "watchdog: %d runs", g.calls);
+        cr_assert_geq(zev_loop_run_once(loop, -1), 0);
+    }
+    cr_assert_eq(g.due[0], first, "the first run was not due when zev_timer_due said");
+    int late_runs = 0;
+    for (int i = 0; i < 10; i++) {
+        cr_assert_eq((g.due[i] - first) % period_ns, 0,
+                     "run %d was due %llu ns after the first: off the grid", i,
+                     (unsigned long long)(g.due[i] - first));
+        if (i > 0)
+            cr_assert_gt(g.due[i], g.due[i - 1], "run %d not after run %d", i, i - 1);
+        if (i > g.stall_at && g.due[i] < g.ended[g.stall_at])
+            late_runs++;
+    }
+    cr_assert_leq(late_runs, 1, "%d runs caught up after the stall: a burst", late_runs);
+    cr_assert_gt(g.due[g.stall_at + 2] - g.due[g.stall_at + 1], period_ns,
+                 "no period was skipped after the stall (next due %llu ns after)",
+                 (unsigned long long)(g.due[g.stall_at + 2] - g.due[g.stall_at + 1]));
+    cr_assert_eq(zev_timer_cancel(t), 0);
+    zev_loop_destroy(loop);
+}
+
+/* Timers keep the microseconds the API takes: a 100 us periodic timer
+ * ticks about 10,000 times a second with the loop asleep between ticks,
+ * not once per millisecond. (A loose bound: the speed is measured in
+ * perf/timers.c.) */
+Test(timer, sub_millisecond_period_is_honoured)
+{
+    zev_loop_t *loop = test_loop_new();
+    int ticks = 0;
+    zev_timer_t *t = zev_timer_start(loop, 100, 100, count_timer, &ticks);
+    cr_assert_not_null(t);
+    uint64_t end = test_clock_ns() + 200000000u; /* 200 ms */
+    while (test_clock_ns() < end)
+        cr_assert_geq(zev_loop_run_once(loop, -1), 0);
+    cr_assert_geq(ticks, 400, "%d ticks of a 100 us timer in 200 ms (2,000 due)", ticks);
+    cr_assert_leq(ticks, 2001, "%d ticks in 200 ms: fired early", ticks);
+    cr_assert_eq(zev_timer_cancel(t), 0);
+    zev_loop_destroy(loop);
+}
+
+/* A one-shot never fires before its delay, however short. */
+Test(timer, short_oneshot_never_early)
+{
+    zev_loop_t *loop = test_loop_new();
+    for (int i = 0; i < 50; i++) {
+        rec_t r = {.loop = loop};
+        uint64_t t0 = test_clock_ns();
+        r.self = zev_timer_start(loop, 300, 0, rec_timer, &r);
+        cr_assert_not_null(r.self);
+        while (!r.calls)
+            cr_assert_geq(zev_loop_run_once(loop, -1), 0);
+        cr_assert_geq(r.at[0] - t0, 300000u, "a 300 us timer fired after %llu ns",
+                      (unsigned long long)(r.at[0] - t0));
+    }
+    zev_loop_destroy(loop);
+}

@@ -638,3 +638,70 @@ Test(tracker, peer_never_connects_loop_destroyed)
     tctx_free(&c);
     test_expect_no_leaks();
 }
+
+/* zev_tracker_done says 1 once the free function ran, from any thread,
+ * also after zev_loop_destroy while an unrelated kept frame still holds
+ * the loop's hub (its completion queue is then drained only when that
+ * frame comes back). */
+static atomic_int late_freed;
+
+static void late_free(void *data, void *hint)
+{
+    (void)hint;
+    free(data);
+    atomic_store(&late_freed, 1);
+}
+
+static zev_frame_t *late_kept;
+
+static void keep_first(zev_stream_t *s, zev_msg_t *m, void *arg)
+{
+    (void)s;
+    (*(int *)arg)++;
+    late_kept = zev_msg_keep(m, 0);
+    cr_assert_not_null(late_kept);
+}
+
+Test(tracker, done_after_destroy_while_a_frame_is_kept)
+{
+    atomic_store(&late_freed, 0);
+    char ep[64];
+    int port_fd = dead_port(ep, sizeof ep);
+    test_pair_t p = test_pair_open(ZMQ_PULL, ZMQ_PUSH, "inproc");
+    int got = 0;
+    zev_stream_t *rx = test_stream_new(p.loop, p.a);
+    cr_assert_eq(zev_stream_on_recv(rx, keep_first, &got), 0);
+    cr_assert_eq(zmq_send(p.b, "keep me", 7, 0), 7);
+    test_run_until(p.loop, &got, 5000);
+
+    void *push = test_socket(p.ctx, ZMQ_PUSH);
+    cr_assert_eq(zmq_connect(push, ep), 0); /* a peer that never answers */
+    zev_stream_t *tx = test_stream_new(p.loop, push);
+    const size_t len = 4096;
+    char *buf = malloc(len);
+    cr_assert_not_null(buf);
+    memset(buf, 'z', len);
+    zev_tracker_t *t = NULL;
+    cr_assert_eq(zev_stream_send_zc(tx, buf, len, late_free, NULL, &t), 0);
+    cr_assert_not_null(t);
+    zev_loop_run_once(p.loop, 0);
+    cr_assert_eq(zev_tracker_done(t), 0);
+
+    zev_loop_destroy(p.loop);
+    p.loop = NULL;
+    test_close(push); /* libzmq drops the message: the free function runs */
+    for (uint64_t end = test_ms() + 5000; !atomic_load(&late_freed);) {
+        cr_assert(test_ms() < end, "libzmq never freed the buffer");
+        test_sleep_ms(1);
+    }
+    int done = 0;
+    for (uint64_t end = test_ms() + 2000; !(done = zev_tracker_done(t)) && test_ms() < end;)
+        test_sleep_ms(1);
+    cr_assert_eq(done, 1, "the free function ran but zev_tracker_done still says 0");
+
+    cr_assert_eq(zev_tracker_release(t), 0);
+    cr_assert_eq(zev_frame_release(late_kept), 0);
+    cr_assert_eq(test_pair_close(&p), 0);
+    close(port_fd);
+    test_expect_no_leaks();
+}

@@ -221,14 +221,22 @@ static int apply(shim_kq_t *kq, int epfd, const struct kevent *ch)
     return err;
 }
 
-static int timeout_ms(const struct timespec *ts)
+/* kevent's timespec keeps its nanoseconds, as a real kqueue does: through
+ * epoll_pwait2 where the C library has it, else rounded up to whole ms (a
+ * wait never ends before the time asked for). */
+static int wait_epoll(int epfd, struct epoll_event *evs, int n, const struct timespec *ts)
 {
-    if (!ts)
-        return -1;
-    if (ts->tv_sec >= INT_MAX / 1000)
-        return INT_MAX;
-    /* Round up so that a wait never ends before the time asked for. */
-    return (int)ts->tv_sec * 1000 + (int)((ts->tv_nsec + 999999L) / 1000000L);
+#if defined(__GLIBC__) && (__GLIBC__ > 2 || (__GLIBC__ == 2 && __GLIBC_MINOR__ >= 35))
+    int rc = epoll_pwait2(epfd, evs, n, ts, NULL);
+    if (rc >= 0 || errno != ENOSYS)
+        return rc;
+#endif
+    int ms = -1;
+    if (ts)
+        ms = ts->tv_sec >= INT_MAX / 1000
+                 ? INT_MAX
+                 : (int)ts->tv_sec * 1000 + (int)((ts->tv_nsec + 999999L) / 1000000L);
+    return epoll_wait(epfd, evs, n, ms);
 }
 
 /* Delivers filter fi of fd if epoll's events concern it and there is room.
@@ -298,7 +306,7 @@ int kevent(int kqfd, const struct kevent *changelist, int nchanges, struct keven
 
     struct epoll_event evs[256];
     const int cap = (int)(sizeof evs / sizeof evs[0]);
-    int n = epoll_wait(kqfd, evs, nevents < cap ? nevents : cap, timeout_ms(timeout));
+    int n = wait_epoll(kqfd, evs, nevents < cap ? nevents : cap, timeout);
     if (n < 0)
         return -1;
 
