@@ -16,6 +16,7 @@
 # from its header's ZEV_VERSION_*. Also: libzev.so exports only zev_* symbols,
 # and with DOCS=ON (the default when doxygen is there) every public function has
 # a man page under WORK/prefix/share/man that `man -M` finds.
+# WORK/build stays for tests/consumer/deb.sh (ctest fixture).
 set -euo pipefail
 src=$(cd "$1" && pwd)
 work=$2
