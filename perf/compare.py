@@ -212,11 +212,11 @@ def sec_fair(R):
          "the quiet messages in µs and in firehose messages handled meanwhile (median over runs "
          "of each run's p50 / p99 / max), and the firehose rate the reactor sustained meanwhile. "
          "`raw` is a zmq_poll loop reading one message per readable socket per round. zev "
-         "reads up to a batch (64 here) from a stream per iteration: DESIGN.md bounds a quiet "
-         "message's wait, from the iteration that sees it, at 2 × batch − 1 firehose messages; "
-         "`msgs` counts from the quiet message's send, before the loop can see it, so its max "
-         "can exceed that bound. `zev_stream_set_batch` trades firehose rate for quiet delay."
-         "\n"]
+         "reads up to a batch (64 here) from a stream per iteration: docs/design.md bounds a "
+         "quiet message's wait, from the iteration that sees it, at 2 × batch − 1 firehose "
+         "messages; `msgs` counts from the quiet message's send, before the loop can see it, "
+         "so its max can exceed that bound. `zev_stream_set_batch` trades firehose rate for "
+         "quiet delay.\n"]
     s.append("\n" + table(head, rows("fair", TRANSPORTS, ("raw", "zev", "zloop"))))
     s.append("\nEach reactor in its own process, with PyZMQ (perf/pyzmq_fair.py): the same feeder "
              "threads run in `fair --feed-only`, the reactors are `fair --react-only` (C) and two "

@@ -1,4 +1,4 @@
-"""The performance targets of ../shared/DESIGN.md, judged on one run.
+"""The performance targets of docs/design.md, judged on one run.
 
 measure() picks from a run's results every figure a target is judged on;
 sec_targets() turns them into the verdict table, next to the range the same
@@ -152,7 +152,7 @@ def sec_targets(R, history):
         lo, hi, n = worst_range(history, tid)
         seen = f"{fmt(lo)} – {fmt(hi)} ({n} runs)" if n > 1 else DASH
         rows.append([label, shown, _verdict(met), gap, seen])
-    return ("## Targets (../shared/DESIGN.md)\n\n"
+    return ("## Targets (docs/design.md)\n\n"
             "`worst over recorded runs` is the lowest and highest value the worst figure of the "
             "row took over the runs of this mode recorded in perf/history.jsonl (this one "
             "included).\n\n"
