@@ -765,13 +765,14 @@ def shown(path):
     return path if rel.startswith("..") else rel
 
 
-def publish(out, logdir, md, head, readme_sections, made, entry):
-    """--record: the run becomes the committed one: perf/RESULTS.md,
-    perf/*.png, perf/results/ (this run's logs only), perf/history.jsonl
-    and the README's section. Returns what it wrote."""
+def publish(out, logdir, md, kept, head, readme_sections, made, entry):
+    """--record: the run becomes the committed one: perf/RESULTS.md (md,
+    then the hand-kept history `kept`), perf/*.png, perf/results/ (this
+    run's logs only), perf/history.jsonl and the README's section. Returns
+    what it wrote."""
     wrote = []
     with open(COMMITTED_RESULTS, "w") as f:
-        f.write(md + kept_history())
+        f.write(md + kept)
     wrote.append(COMMITTED_RESULTS)
     for m in made:
         shutil.copyfile(os.path.join(out, m), os.path.join(HERE, m))
@@ -861,8 +862,9 @@ def main():
         made, plot_errs = plots(R, out, tmp)
     md, head, readme_sections = results_md(R, meta, ran, history, made, plot_errs,
                                            shown(logdir) + "/")
+    kept = kept_history()  # read before anything rewrites perf/RESULTS.md
     with open(os.path.join(out, "RESULTS.md"), "w") as f:
-        f.write(md + kept_history())
+        f.write(md + kept)
     print(md)
     print(f"perf: wrote {shown(os.path.join(out, 'RESULTS.md'))}"
           + (f", {', '.join(made)}" if made else "") + f", history.jsonl and logs/ in {shown(out)}",
@@ -870,7 +872,7 @@ def main():
     if a.record:
         md, head, readme_sections = results_md(R, meta, ran, history, made, plot_errs,
                                                shown(COMMITTED_LOGS) + "/")
-        wrote = publish(out, logdir, md, head, readme_sections, made, entry)
+        wrote = publish(out, logdir, md, kept, head, readme_sections, made, entry)
         print("perf: recorded this run in " + ", ".join(shown(w) for w in wrote), file=sys.stderr)
     else:
         print("perf: the committed perf/RESULTS.md and README are unchanged; "
