@@ -37,6 +37,13 @@ extern "C" {
 #define ZEV_VERSION_MINOR 1
 #define ZEV_VERSION_PATCH 0
 
+/* The version of the libzev the program runs with, as zmq_version: stores
+ * it in *major, *minor and *patch; any of them may be NULL. A program linked
+ * against libzev.so can compare it with the ZEV_VERSION_* it was compiled
+ * with to catch a mismatched library at start. Callable from any thread,
+ * before any loop exists. Returns 0; it cannot fail. */
+ZEV_API int zev_version(int *major, int *minor, int *patch);
+
 typedef struct zev_loop zev_loop_t;
 typedef struct zev_stream zev_stream_t;
 typedef struct zev_timer zev_timer_t;

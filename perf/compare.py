@@ -1,10 +1,25 @@
 #!/usr/bin/python3
 """Runs the perf/ programs, collects their RESULT lines (each program already
 takes the median of its runs and measures its raw-libzmq baseline in the same
-run), writes perf/RESULTS.md and the gnuplot PNGs, and prints the tables.
+run), writes RESULTS.md and the gnuplot PNGs, and prints the tables.
 
 Usage (perf/run calls it after building):
-  perf/compare.py --build BUILD_DIR [--full] [--only thr,lat,...] [--command "perf/run"]
+  perf/compare.py --build BUILD_DIR [--full] [--record] [--out DIR]
+                  [--only thr,lat,...] [--from-logs DIR] [--command "perf/run"]
+
+By default everything goes to the build tree, OUT (BUILD_DIR/results):
+RESULTS.md, thr.png, lat.png, scale.png, history.jsonl (the committed
+perf/history.jsonl plus this run) and logs/ (each program's raw output, the
+hyperfine JSON and run.json, the run's date, load and command). Nothing
+tracked by git changes. --record (a complete run only) then also publishes
+the run: perf/RESULTS.md, perf/*.png, perf/results/ (the logs), a line
+appended to perf/history.jsonl and the README's section between its
+perf:begin/perf:end markers.
+
+--from-logs DIR runs no program: it re-reads the output an earlier run saved
+in DIR (its logs/, or perf/results) and writes the same reports from it,
+e.g. `--from-logs build-perf/results/logs --record` publishes the run that
+`perf/run` just made without running it again.
 
 Python 3 standard library only. Every number in RESULTS.md comes from a line a
 program printed; a program that fails or times out leaves its cells empty
@@ -62,16 +77,45 @@ def run_step(name, cmd, timeout, logdir):
     return text.splitlines(), secs, fail
 
 
+def hyperfine_count(full):
+    return 1000000 if full else 100000
+
+
+def hyperfine_transports(full):
+    return ["inproc", "tcp"] if full else ["inproc"]
+
+
+def hyperfine_lines(js, transport, count):
+    """RESULT/FAIL lines from hyperfine's --export-json file; (lines, failure)."""
+    try:
+        with open(js) as f:
+            data = json.load(f)
+    except (OSError, ValueError):
+        return [], f"{transport}: no JSON"
+    lines = []
+    for r in data.get("results", []):
+        impl = r.get("command")
+        codes = r.get("exit_codes") or []
+        if codes and any(codes):
+            lines.append(f"FAIL bench=hyperfine transport={transport} count={count} impl={impl} "
+                         f"metric=seconds reason=exit_codes_{'_'.join(map(str, codes))}")
+            continue
+        lines.append(f"RESULT bench=hyperfine transport={transport} count={count} impl={impl} "
+                     f"metric=seconds unit=s median={r['median']:.6g} min={r['min']:.6g} "
+                     f"max={r['max']:.6g} runs={len(r.get('times', []))} mean={r['mean']:.6g} "
+                     f"stddev={r.get('stddev') or 0:.3g}")
+    return lines, None
+
+
 def hyperfine_step(thr, full, logdir):
     """Whole-process time to move N messages: raw vs zev vs zloop."""
     hf = shutil.which("hyperfine")
     if not hf:
         return [], 0.0, "hyperfine not installed"
-    count = 1000000 if full else 100000
+    count = hyperfine_count(full)
     runs = 10 if full else 5
-    transports = ["inproc", "tcp"] if full else ["inproc"]
     lines, total, fails = [], 0.0, []
-    for transport in transports:
+    for transport in hyperfine_transports(full):
         js = os.path.join(logdir, f"hyperfine-{transport}.json")
         cmd = [hf, "-N", "-i", "--runs", str(runs), "--warmup", "1", "--export-json", js]
         for impl in ("raw", "zev_borrowed", "zloop"):
@@ -81,25 +125,38 @@ def hyperfine_step(thr, full, logdir):
         total += secs
         if fail:
             fails.append(f"{transport}: {fail}")
-        try:
-            with open(js) as f:
-                data = json.load(f)
-        except (OSError, ValueError):
-            fails.append(f"{transport}: no JSON")
-            continue
-        for r in data.get("results", []):
-            impl = r.get("command")
-            codes = r.get("exit_codes") or []
-            if codes and any(codes):
-                lines.append(f"FAIL bench=hyperfine transport={transport} count={count} impl={impl} "
-                             f"metric=seconds reason=exit_codes_{'_'.join(map(str, codes))}")
-                continue
-            lines.append(f"RESULT bench=hyperfine transport={transport} count={count} impl={impl} "
-                         f"metric=seconds unit=s median={r['median']:.6g} min={r['min']:.6g} "
-                         f"max={r['max']:.6g} runs={len(r.get('times', []))} mean={r['mean']:.6g} "
-                         f"stddev={r.get('stddev') or 0:.3g}")
-        # keep a copy next to the logs under perf/results
+        got, fail = hyperfine_lines(js, transport, count)
+        lines += got
+        if fail:
+            fails.append(fail)
     return lines, total, "; ".join(fails) or None
+
+
+def logged_step(name, logdir, full):
+    """(lines, seconds, failure) of a step as an earlier run logged it."""
+    def read(path):
+        with open(path) as f:
+            text = f.read().split("\n# stderr\n")[0].splitlines()
+        m = re.match(r"# ([0-9.]+) s(?:, (.*))?$", text[1] if len(text) > 1 else "")
+        return text, (float(m.group(1)) if m else 0.0), (m.group(2) if m else None)
+
+    if name == "hyperfine":
+        lines, total, fails = [], 0.0, []
+        for transport in hyperfine_transports(full):
+            base = os.path.join(logdir, f"hyperfine-{transport}")
+            try:
+                _, secs, fail = read(base + ".log")
+            except OSError:
+                secs, fail = 0.0, "not in the logs"
+            total += secs
+            got, jfail = hyperfine_lines(base + ".json", transport, hyperfine_count(full))
+            lines += got
+            fails += [f"{transport}: {f}" for f in (fail,) if f] + ([jfail] if jfail else [])
+        return lines, total, "; ".join(fails) or None
+    try:
+        return read(os.path.join(logdir, f"{name}.log"))
+    except OSError:
+        return [], 0.0, "not in the logs"
 
 
 # --------------------------------------------------------------------- tables
@@ -212,11 +269,11 @@ def sec_fair(R):
          "the quiet messages in µs and in firehose messages handled meanwhile (median over runs "
          "of each run's p50 / p99 / max), and the firehose rate the reactor sustained meanwhile. "
          "`raw` is a zmq_poll loop reading one message per readable socket per round. zev "
-         "reads up to a batch (64 here) from a stream per iteration: DESIGN.md bounds a quiet "
-         "message's wait, from the iteration that sees it, at 2 × batch − 1 firehose messages; "
-         "`msgs` counts from the quiet message's send, before the loop can see it, so its max "
-         "can exceed that bound. `zev_stream_set_batch` trades firehose rate for quiet delay."
-         "\n"]
+         "reads up to a batch (64 here) from a stream per iteration: docs/design.md bounds a "
+         "quiet message's wait, from the iteration that sees it, at 2 × batch − 1 firehose "
+         "messages; `msgs` counts from the quiet message's send, before the loop can see it, "
+         "so its max can exceed that bound. `zev_stream_set_batch` trades firehose rate for "
+         "quiet delay.\n"]
     s.append("\n" + table(head, rows("fair", TRANSPORTS, ("raw", "zev", "zloop"))))
     s.append("\nEach reactor in its own process, with PyZMQ (perf/pyzmq_fair.py): the same feeder "
              "threads run in `fair --feed-only`, the reactors are `fair --react-only` (C) and two "
@@ -556,15 +613,19 @@ def git_rev():
 
 
 HISTORY_MARK = "<!-- history:"
+COMMITTED_RESULTS = os.path.join(HERE, "RESULTS.md")
+COMMITTED_HISTORY = os.path.join(HERE, "history.jsonl")
+COMMITTED_LOGS = os.path.join(HERE, "results")
+README = os.path.join(ROOT, "README.md")
 
 
-def kept_history(prev_path):
-    """The hand-kept log of measured changes at the end of RESULTS.md (from
-    HISTORY_MARK on) survives regeneration; main() saved the old file."""
+def kept_history():
+    """The hand-kept log of measured changes at the end of the committed
+    perf/RESULTS.md (from HISTORY_MARK on): every RESULTS.md written ends
+    with it, so regenerating the tables never loses it."""
     try:
-        with open(prev_path) as f:
+        with open(COMMITTED_RESULTS) as f:
             text = f.read()
-        os.unlink(prev_path)
     except OSError:
         return ""
     i = text.find(HISTORY_MARK)
@@ -579,14 +640,13 @@ def update_readme(head, sections, plots_made):
     """Puts this run's sections (the targets verdict, why the missed ones are
     missed, the throughput table) into the top-level README between its
     markers, so the README never shows a number that no program printed."""
-    path = os.path.join(ROOT, "README.md")
     try:
-        with open(path) as f:
+        with open(README) as f:
             text = f.read()
     except OSError:
-        return
+        return False
     if README_BEGIN not in text or README_END not in text:
-        return
+        return False
     meta = [line for line in head if line.startswith(("- Date", "- Command", "- Machine",
                                                       "- Load"))]
     pics = " ".join(f"![{m}](perf/{m})" for m in plots_made)
@@ -595,33 +655,50 @@ def update_readme(head, sections, plots_made):
                          README_END])
     before = text.split(README_BEGIN)[0]
     after = text.split(README_END, 1)[1]
-    with open(path, "w") as f:
+    with open(README, "w") as f:
         f.write(before + section + after)
+    return True
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--build", required=True, help="build directory with perf/ programs")
-    ap.add_argument("--full", action="store_true")
-    ap.add_argument("--only", help="comma-separated steps: " + ",".join(STEPS))
-    ap.add_argument("--command", default="perf/compare.py", help="command line to record")
-    ap.add_argument("--out", default=HERE, help="where RESULTS.md and the PNGs go")
-    a = ap.parse_args()
-    bindir = os.path.join(os.path.abspath(a.build), "perf")
-    logdir = os.path.join(a.out, "results")
-    os.makedirs(logdir, exist_ok=True)
-    steps = a.only.split(",") if a.only else STEPS
-    mode = ["--full"] if a.full else []
-    timeout = 1800 if a.full else 300
-    started = datetime.datetime.now(datetime.timezone.utc)
-    if os.path.exists(os.path.join(a.out, "RESULTS.md")):
-        shutil.copyfile(os.path.join(a.out, "RESULTS.md"), os.path.join(a.out, "RESULTS.md.prev"))
-    load0 = loadavg()
-    R = Results()
+RUN_META = "run.json"  # in the logs: when, where and how the run was made
+
+
+def now():
+    return datetime.datetime.now(datetime.timezone.utc)
+
+
+def new_meta(a, build):
+    return {"started": now().isoformat(timespec="seconds"), "mode": "full" if a.full else "quick",
+            "command": a.command, "rev": git_rev(), "load_before": loadavg(),
+            "machine": machine(), "versions": versions(), "build": os.path.relpath(build, ROOT)}
+
+
+def logged_meta(logdir, a, build):
+    """The run.json an earlier run left in its logs; what can be said
+    without it (logs of a run older than run.json) is marked unknown."""
+    try:
+        with open(os.path.join(logdir, RUN_META)) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        t = max((os.path.getmtime(os.path.join(logdir, n)) for n in os.listdir(logdir)),
+                default=0)
+        when = datetime.datetime.fromtimestamp(t, datetime.timezone.utc)
+        return {"started": when.isoformat(timespec="seconds"),
+                "finished": when.isoformat(timespec="seconds"),
+                "mode": "full" if a.full else "quick", "command": "unknown (no run.json)",
+                "rev": "unknown", "load_before": "?", "load_after": "?",
+                "machine": "unknown (no run.json)", "versions": "unknown (no run.json)",
+                "build": os.path.relpath(build, ROOT)}
+
+
+def run_steps(steps, bindir, full, logdir):
+    """Runs every step; [(step, lines, seconds, failure)]."""
+    mode = ["--full"] if full else []
+    timeout = 1800 if full else 300
     ran = []
     for step in steps:
         if step == "hyperfine":
-            lines, secs, fail = hyperfine_step(os.path.join(bindir, "thr"), a.full, logdir)
+            lines, secs, fail = hyperfine_step(os.path.join(bindir, "thr"), full, logdir)
         elif step in ("syscalls", "instructions"):  # scripts that drive lat / thr
             prog = "lat" if step == "syscalls" else "thr"
             lines, secs, fail = run_step(step, [PY, os.path.join(HERE, step + ".py"), "--" + prog,
@@ -636,61 +713,170 @@ def main():
                                                     prog] + mode, timeout, logdir)
         else:
             lines, secs, fail = run_step(step, [os.path.join(bindir, step)] + mode, timeout, logdir)
-        R.feed(lines)
-        ran.append((step, secs, fail))
-    finished = datetime.datetime.now(datetime.timezone.utc)
-    # a complete run joins the history that the targets table and the README's
-    # "why" quote ranges from; a partial one (--only) is shown against it
-    history_path = os.path.join(a.out, "history.jsonl")
-    mode_name = "full" if a.full else "quick"
-    history = read_history(history_path, mode_name)
-    entry = {"date": f"{started:%Y-%m-%d %H:%M}", "mode": mode_name, "rev": git_rev(),
-             "load": load0, "figures": measure(R)}
-    if not a.only:
-        record(history_path, entry)
-    history.append(entry)
+        ran.append((step, lines, secs, fail))
+    return ran
 
-    with tempfile.TemporaryDirectory() as tmp:
-        made, plot_errs = plots(R, a.out, tmp)
 
+def results_md(R, meta, ran, history, made, plot_errs, logs_ref):
+    """RESULTS.md's text; (text, head lines, README sections)."""
+    started = datetime.datetime.fromisoformat(meta["started"])
+    finished = datetime.datetime.fromisoformat(meta["finished"])
+    load0 = meta["load_before"]
+    try:
+        busy = float(load0.split()[0]) > 0.5
+    except (ValueError, IndexError):
+        busy = False
     head = ["# zev benchmark results\n",
             "Generated by `perf/compare.py` (via `perf/run`); every number below was printed by a "
             "program in perf/ in this run. Do not edit by hand: re-run the command.\n",
             f"- Date: {started:%Y-%m-%d %H:%M} UTC ({(finished - started).total_seconds():.0f} s)",
-            f"- Command: `{a.command}` ({'full' if a.full else 'quick'} mode)",
-            f"- Machine: {machine()}",
-            f"- Load average before / after: {load0} / {loadavg()}"
-            + (" — the machine was busy: expect noise" if float(load0.split()[0]) > 0.5 else ""),
-            f"- zev revision: {git_rev()}; Release build ({os.path.relpath(a.build, ROOT)})",
-            f"- Versions: {versions()}",
-            "- Steps: " + ", ".join(f"{s} {t:.0f} s" + (f" ({f})" if f else "") for s, t, f in ran),
+            f"- Command: `{meta['command']}` ({meta['mode']} mode)",
+            f"- Machine: {meta['machine']}",
+            f"- Load average before / after: {load0} / {meta['load_after']}"
+            + (" — the machine was busy: expect noise" if busy else ""),
+            f"- zev revision: {meta['rev']}; Release build ({meta['build']})",
+            f"- Versions: {meta['versions']}",
+            "- Steps: " + ", ".join(f"{s} {t:.0f} s" + (f" ({f})" if f else "")
+                                    for s, _, t, f in ran),
             ""]
     if made:
         head.append(" ".join(f"![{m}]({m})" for m in made) + "\n")
     targets, why = sec_targets(R, history), sec_why(R, history)
     body = [targets, why, sec_thr(R), sec_lat(R), sec_syscalls(R), sec_instr(R), sec_scale(R), sec_fair(R),
             sec_loop(R), sec_alloc(R), sec_zcsend(R), sec_pyzmq(R), sec_hyperfine(R)]
-    fails = [f for f in R.fails]
     tail = ["## Failures, skipped rows and empty cells\n"]
-    if not fails and not any(f for _, _, f in ran) and not plot_errs:
+    if not R.fails and not any(f for _, _, _, f in ran) and not plot_errs:
         tail.append("None.\n")
-    for s, _, f in ran:
+    for s, _, _, f in ran:
         if f:
             tail.append(f"- step {s}: {f}")
-    for f in fails:
+    for f in R.fails:
         tail.append("- " + " ".join(f"{k}={v}" for k, v in f.items()))
     for e in plot_errs:
         tail.append(f"- plot {e}")
-    tail.append("\nRaw program output: perf/results/*.log (and hyperfine-*.json).\n")
+    tail.append(f"\nRaw program output: {logs_ref}*.log (and hyperfine-*.json, {RUN_META}).\n")
     md = "\n".join(head) + "\n" + "\n".join(body) + "\n" + "\n".join(tail) + "\n"
-    results_md = os.path.join(a.out, "RESULTS.md")
-    with open(results_md, "w") as f:
-        f.write(md + kept_history(results_md + ".prev"))
+    return md, head, [targets, why, sec_thr(R)]
+
+
+def shown(path):
+    """A path as the user would type it from the repository root."""
+    rel = os.path.relpath(path, ROOT)
+    return path if rel.startswith("..") else rel
+
+
+def publish(out, logdir, md, kept, head, readme_sections, made, entry):
+    """--record: the run becomes the committed one: perf/RESULTS.md (md,
+    then the hand-kept history `kept`), perf/*.png, perf/results/ (this
+    run's logs only), perf/history.jsonl and the README's section. Returns
+    what it wrote."""
+    wrote = []
+    with open(COMMITTED_RESULTS, "w") as f:
+        f.write(md + kept)
+    wrote.append(COMMITTED_RESULTS)
+    for m in made:
+        shutil.copyfile(os.path.join(out, m), os.path.join(HERE, m))
+        wrote.append(os.path.join(HERE, m))
+    os.makedirs(COMMITTED_LOGS, exist_ok=True)
+    for n in os.listdir(COMMITTED_LOGS):  # a quick run after a full one has fewer logs
+        if n.endswith((".log", ".json")):
+            os.unlink(os.path.join(COMMITTED_LOGS, n))
+    for n in sorted(os.listdir(logdir)):
+        shutil.copyfile(os.path.join(logdir, n), os.path.join(COMMITTED_LOGS, n))
+    wrote.append(COMMITTED_LOGS + "/")
+    # --from-logs --record of a run already recorded must not count it twice
+    if any((r.get("date"), r.get("rev")) == (entry["date"], entry["rev"])
+           for r in read_history(COMMITTED_HISTORY, entry["mode"])):
+        print(f"perf: {shown(COMMITTED_HISTORY)} already holds this run ({entry['date']})",
+              file=sys.stderr)
+    else:
+        record(COMMITTED_HISTORY, entry)
+        wrote.append(COMMITTED_HISTORY)
+    if update_readme(head, readme_sections, made):
+        wrote.append(README)
+    return wrote
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--build", required=True, help="build directory with perf/ programs")
+    ap.add_argument("--full", action="store_true")
+    ap.add_argument("--only", help="comma-separated steps: " + ",".join(STEPS))
+    ap.add_argument("--command", default="perf/compare.py", help="command line to record")
+    ap.add_argument("--out", help="where RESULTS.md, the PNGs, history.jsonl and logs/ go "
+                                  "(default: BUILD/results)")
+    ap.add_argument("--record", action="store_true",
+                    help="also update perf/RESULTS.md, perf/*.png, perf/results/, "
+                         "perf/history.jsonl and the README's table (a complete run only)")
+    ap.add_argument("--from-logs", metavar="DIR",
+                    help="run nothing: write the reports from the logs an earlier run saved in DIR")
+    a = ap.parse_args()
+    if a.record and a.only:
+        ap.error("--record publishes a complete run: drop --only")
+    build = os.path.abspath(a.build)
+    bindir = os.path.join(build, "perf")
+    out = os.path.abspath(a.out or os.path.join(build, "results"))
+    logdir = os.path.join(out, "logs")
+    steps = a.only.split(",") if a.only else STEPS
+    if a.from_logs:
+        src = os.path.abspath(a.from_logs)
+        if not os.path.isdir(src):
+            ap.error(f"--from-logs {a.from_logs}: no such directory")
+        meta = logged_meta(src, a, build)
+        full = meta["mode"] == "full"
+        if src != logdir:
+            shutil.rmtree(logdir, ignore_errors=True)
+            shutil.copytree(src, logdir)
+        ran = [(step, *logged_step(step, logdir, full)) for step in steps]
+    else:
+        shutil.rmtree(logdir, ignore_errors=True)  # this run's logs only
+        os.makedirs(logdir)
+        meta = new_meta(a, build)
+        full = a.full
+        ran = run_steps(steps, bindir, full, logdir)
+        meta.update(finished=now().isoformat(timespec="seconds"), load_after=loadavg())
+        with open(os.path.join(logdir, RUN_META), "w") as f:
+            json.dump(meta, f, indent=1, sort_keys=True)
+            f.write("\n")
+    R = Results()
+    for _, lines, _, _ in ran:
+        R.feed(lines)
+
+    # The targets table and the "why" quote ranges over the committed
+    # history plus this run. The build tree gets a copy of that history with
+    # this run appended (when complete); perf/history.jsonl only with --record.
+    started = datetime.datetime.fromisoformat(meta["started"])
+    entry = {"date": f"{started:%Y-%m-%d %H:%M}", "mode": meta["mode"], "rev": meta["rev"],
+             "load": meta["load_before"], "figures": measure(R)}
+    history = [r for r in read_history(COMMITTED_HISTORY, meta["mode"])
+               if (r.get("date"), r.get("rev")) != (entry["date"], entry["rev"])] + [entry]
+    out_history = os.path.join(out, "history.jsonl")
+    if os.path.exists(COMMITTED_HISTORY):
+        shutil.copyfile(COMMITTED_HISTORY, out_history)
+    elif os.path.exists(out_history):
+        os.unlink(out_history)
     if not a.only:
-        update_readme(head, [targets, why, sec_thr(R)], made)
+        record(out_history, entry)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        made, plot_errs = plots(R, out, tmp)
+    md, head, readme_sections = results_md(R, meta, ran, history, made, plot_errs,
+                                           shown(logdir) + "/")
+    kept = kept_history()  # read before anything rewrites perf/RESULTS.md
+    with open(os.path.join(out, "RESULTS.md"), "w") as f:
+        f.write(md + kept)
     print(md)
-    print(f"perf: wrote {os.path.join(a.out, 'RESULTS.md')}"
-          + (f" and {', '.join(made)}" if made else ""), file=sys.stderr)
+    print(f"perf: wrote {shown(os.path.join(out, 'RESULTS.md'))}"
+          + (f", {', '.join(made)}" if made else "") + f", history.jsonl and logs/ in {shown(out)}",
+          file=sys.stderr)
+    if a.record:
+        md, head, readme_sections = results_md(R, meta, ran, history, made, plot_errs,
+                                               shown(COMMITTED_LOGS) + "/")
+        wrote = publish(out, logdir, md, kept, head, readme_sections, made, entry)
+        print("perf: recorded this run in " + ", ".join(shown(w) for w in wrote), file=sys.stderr)
+    else:
+        print("perf: the committed perf/RESULTS.md and README are unchanged; "
+              "`perf/run --record` publishes a run", file=sys.stderr)
     return 0
 
 

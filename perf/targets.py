@@ -1,9 +1,9 @@
-"""The performance targets of ../shared/DESIGN.md, judged on one run.
+"""The performance targets of docs/design.md, judged on one run.
 
 measure() picks from a run's results every figure a target is judged on;
 sec_targets() turns them into the verdict table, next to the range the same
 figure took over the runs recorded in perf/history.jsonl (one JSON line per
-complete perf/run, appended by record()); sec_why() writes "where the targets
+perf/run --record, appended by record()); sec_why() writes "where the targets
 are missed, and why" for the README from the same numbers, the syscall counts
 of perf/syscalls.py and the syscall costs of perf/loop.c. The explanations are
 fixed text; every number in them comes from this run or from the history.
@@ -152,10 +152,10 @@ def sec_targets(R, history):
         lo, hi, n = worst_range(history, tid)
         seen = f"{fmt(lo)} – {fmt(hi)} ({n} runs)" if n > 1 else DASH
         rows.append([label, shown, _verdict(met), gap, seen])
-    return ("## Targets (../shared/DESIGN.md)\n\n"
+    return ("## Targets (docs/design.md)\n\n"
             "`worst over recorded runs` is the lowest and highest value the worst figure of the "
-            "row took over the runs of this mode recorded in perf/history.jsonl (this one "
-            "included).\n\n"
+            "row took over the runs of this mode recorded in perf/history.jsonl and this one "
+            "(`perf/run --record` adds a run to that file).\n\n"
             + table(["target", "measured", "verdict", "gap", "worst over recorded runs"], rows))
 
 

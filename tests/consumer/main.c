@@ -1,5 +1,6 @@
 /* A user's program built against the *installed* libzev: proves the header,
- * the static archive and the package files work outside the source tree. */
+ * the libraries and the package files work outside the source tree, and
+ * that the library it runs with is the version its header announced. */
 #include <stdio.h>
 #include <zev.h>
 
@@ -11,6 +12,15 @@ static void on_timer(zev_timer_t *t, void *arg)
 
 int main(void)
 {
+    int major = -1, minor = -1, patch = -1;
+    if (zev_version(&major, &minor, &patch) != 0 || zev_version(NULL, NULL, NULL) != 0)
+        return 1;
+    printf("consumer linked with zev %d.%d.%d (header %d.%d.%d)\n", major, minor, patch,
+           ZEV_VERSION_MAJOR, ZEV_VERSION_MINOR, ZEV_VERSION_PATCH);
+    if (major != ZEV_VERSION_MAJOR || minor != ZEV_VERSION_MINOR || patch != ZEV_VERSION_PATCH) {
+        fprintf(stderr, "consumer: library and header versions differ\n");
+        return 1;
+    }
     zev_loop_t *loop = zev_loop_new(NULL);
     if (!loop)
         return 1;
