@@ -25,8 +25,11 @@
 #ifdef ZEV_HAVE_VALGRIND
 #include <valgrind/valgrind.h>
 #define ON_VALGRIND() RUNNING_ON_VALGRIND
+/* Before a deliberate fault: memcheck would count it as an error. */
+#define EXPECTED_FAULT() VALGRIND_DISABLE_ERROR_REPORTING
 #else
 #define ON_VALGRIND() 0
+#define EXPECTED_FAULT() ((void)0)
 #endif
 
 #define KiB ((size_t)1024)
@@ -365,6 +368,7 @@ static fiber_t fp_a, fp_b;
 static fpmode_t fp_nearest, fp_zero, fp_up;
 static volatile float fp_one = -1.0f, fp_three = 3.0f; /* -1/3 rounds differently up */
 static float fp_third_nearest, fp_third_up;
+static int fp_arith; /* the arithmetic follows the rounding mode */
 
 static void expect_mode(fpmode_t want, const char *who)
 {
@@ -389,7 +393,7 @@ static void fp_b_entry(void *arg)
     (void)arg;
     expect_mode(fp_nearest, "b, first run");
     cr_assert_eq(fesetround(FE_UPWARD), 0);
-    cr_assert(fp_one / fp_three == fp_third_up, "b computes rounding up");
+    cr_assert(!fp_arith || fp_one / fp_three == fp_third_up, "b computes rounding up");
     zev__ctx_switch(&fp_b.ctx, &fp_a.ctx);
     zev__ctx_exit(&fp_b.ctx, &fp_main);
 }
@@ -405,7 +409,11 @@ Test(ctx, fp_control_words_are_per_context, .timeout = 30)
     cr_assert_eq(fesetround(FE_TONEAREST), 0);
     fp_nearest = fp_mode();
     fp_third_nearest = fp_one / fp_three;
-    cr_assert_neq(fp_third_up, fp_third_nearest);
+    /* valgrind keeps the control words but computes SSE arithmetic in
+     * round-to-nearest whatever they say: there, check the words only. */
+    fp_arith = !ON_VALGRIND();
+    if (fp_arith)
+        cr_assert_neq(fp_third_up, fp_third_nearest);
 
     zev__stack_pool_t pool;
     zev__stack_pool_init(&pool);
@@ -415,10 +423,10 @@ Test(ctx, fp_control_words_are_per_context, .timeout = 30)
 
     zev__ctx_switch(&fp_main, &fp_a.ctx); /* a sets toward-zero */
     expect_mode(fp_nearest, "main after a");
-    cr_assert(fp_one / fp_three == fp_third_nearest, "main still rounds to nearest");
+    cr_assert(!fp_arith || fp_one / fp_three == fp_third_nearest, "main rounds to nearest");
     zev__ctx_switch(&fp_main, &fp_b.ctx); /* b sets upward, then resumes a, which exits */
     expect_mode(fp_nearest, "main after a and b");
-    cr_assert(fp_one / fp_three == fp_third_nearest, "main still rounds to nearest");
+    cr_assert(!fp_arith || fp_one / fp_three == fp_third_nearest, "main rounds to nearest");
     zev__ctx_switch(&fp_main, &fp_b.ctx); /* b ends */
     expect_mode(fp_nearest, "main at the end");
     fiber_free(&fp_a, &pool);
@@ -726,6 +734,7 @@ static zev__stack_pool_t child_pool;
 static void overflow_entry(void *arg)
 {
     (void)arg;
+    EXPECTED_FAULT();
     overflow_dive(0);
     zev__ctx_exit(&child_fiber.ctx, &child_main);
 }
@@ -786,6 +795,7 @@ static int *volatile wild = (int *)16;
 static void wild_write_entry(void *arg)
 {
     (void)arg;
+    EXPECTED_FAULT();
     *wild = 1;
     zev__ctx_exit(&child_fiber.ctx, &child_main);
 }
@@ -795,6 +805,7 @@ static void foreign_guard_entry(void *arg)
 {
     (void)arg;
     volatile char *guard = (char *)child_other.stack.lo - 8;
+    EXPECTED_FAULT();
     *guard = 1;
     zev__ctx_exit(&child_fiber.ctx, &child_main);
 }
@@ -827,6 +838,7 @@ static void child_wild_write_in_main(void)
     zev__stack_pool_init(&child_pool);
     if (zev__stack_get(&child_pool, 0, &child_fiber.stack) != 0) /* installs the handler */
         _exit(3);
+    EXPECTED_FAULT();
     *wild = 1;
     _exit(4);
 }
