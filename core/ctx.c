@@ -222,7 +222,7 @@ struct uc_start {
 };
 
 /* The context that switched to the one now resuming (see switch_done). */
-static _Thread_local zev__ctx_t *uc_prev;
+static _Thread_local zev__ctx_t *uc_prev __attribute__((tls_model("initial-exec")));
 
 static void uc_trampoline(unsigned self_hi, unsigned self_lo)
 {

@@ -78,7 +78,7 @@ static struct sigaction prev_segv, prev_bus; /* as installed before zev's */
 static pthread_key_t altstack_key;
 static bool altstack_key_made;
 static size_t altstack_size;
-static _Thread_local bool thread_ready;
+static _Thread_local bool thread_ready __attribute__((tls_model("initial-exec")));
 
 static void set_default(int sig)
 {
