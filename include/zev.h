@@ -167,11 +167,12 @@ ZEV_API uint64_t zev_now_ns(const zev_loop_t *loop);
 /* Starts a timer that fires after delay_us, then every repeat_us (0 = one
  * shot). Microseconds are kept: the loop sleeps until the deadline with the
  * backend's full precision (epoll_pwait2, ppoll, kevent), and a timer never
- * fires before its delay. A periodic timer's n-th run is due at
- * start + n x repeat_us, whatever the callbacks cost; a run that fell
- * behind skips the periods it missed (no burst to catch up). Delays and
- * repeats saturate: UINT64_MAX (or anything past the end of the clock)
- * means "never". Timers with equal deadlines fire in start order; a timer
+ * fires before its delay; Linux may end such a sleep up to the thread's
+ * timer slack late (50 us by default; prctl(PR_SET_TIMERSLACK) lowers it).
+ * A periodic timer's n-th run is due at start + n x repeat_us, whatever the
+ * callbacks cost; a run that fell behind skips the periods it missed (no
+ * burst to catch up). Delays and repeats saturate: UINT64_MAX (or anything
+ * past the end of the clock) means "never". Timers with equal deadlines fire in start order; a timer
  * started inside a callback never fires in the same iteration and counts
  * from the iteration's cached time (zev_now_ns); a timer started outside the
  * loop's callbacks counts from the current time.

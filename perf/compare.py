@@ -44,8 +44,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 PY = "/usr/bin/python3"  # Debian's, with python3-zmq and python3-tornado
 
-STEPS = ["thr", "lat", "scale", "fair", "loop", "alloc", "zcsend", "pyzmq_thr", "pyzmq_lat",
-         "pyzmq_fair", "syscalls", "instructions", "hyperfine"]
+STEPS = ["thr", "lat", "scale", "fair", "loop", "timers", "alloc", "zcsend", "pyzmq_thr",
+         "pyzmq_lat", "pyzmq_fair", "syscalls", "instructions", "hyperfine"]
 
 
 # --------------------------------------------------------------------- running
@@ -317,6 +317,36 @@ def sec_loop(R):
                                       metric="ns_per_iter")) for p in ("0", "100000")] +
                     [xr(R.ratio(bench="timers_idle_growth", impl=i, metric="ns_per_iter"))])
     s.append(table(["impl", "0 pending", "100,000 pending", "growth"], rows))
+    return "".join(s)
+
+
+TIMER_IMPLS = ["timerfd", "zev_epoll", "zev_poll", "zev_epoll_timerfd"]
+
+
+def sec_timers(R):
+    s = ["## Timer accuracy (perf/timers.c)\n",
+         "\nA periodic timer's interval between ticks and a one-shot's delay, µs (medians of the "
+         "runs; a tick is a wakeup). `timerfd` is the floor: a blocking read loop on a Linux "
+         "timerfd. zev runs its loop with `zev_loop_run`, no busy-poll; `zev_epoll_timerfd` is "
+         "epoll's wait for kernels without epoll_pwait2. drift: how far the average tick is from "
+         "the period; cpu: the timer thread's CPU time over wall time.\n\n"]
+    for case, period in (("periodic_100us", "100 µs"), ("periodic_1ms", "1 ms")):
+        s.append(f"\n**{period} periodic**\n\n")
+        rows = []
+        for i in TIMER_IMPLS:
+            k = dict(bench="timer_accuracy", case=case, impl=i)
+            rows.append([i] + [cell(R.get(metric=m, **k)) for m in ("interval_avg",
+                                                                    "interval_p50",
+                                                                    "interval_p99")] +
+                        [cell(R.get(metric="drift", **k), lambda v: f"{v:.2f} %"),
+                         cell(R.get(metric="cpu", **k), lambda v: f"{v:.1f} %")])
+        s.append(table(["impl", "average", "p50", "p99", "drift", "cpu"], rows))
+    s.append("\n**300 µs one-shot** (delay from start to callback)\n\n")
+    rows = []
+    for i in TIMER_IMPLS:
+        k = dict(bench="timer_accuracy", case="oneshot_300us", impl=i)
+        rows.append([i] + [cell(R.get(metric=m, **k)) for m in ("delay_p50", "delay_p99")])
+    s.append(table(["impl", "p50", "p99"], rows))
     return "".join(s)
 
 
@@ -743,7 +773,8 @@ def results_md(R, meta, ran, history, made, plot_errs, logs_ref):
         head.append(" ".join(f"![{m}]({m})" for m in made) + "\n")
     targets, why = sec_targets(R, history), sec_why(R, history)
     body = [targets, why, sec_thr(R), sec_lat(R), sec_syscalls(R), sec_instr(R), sec_scale(R), sec_fair(R),
-            sec_loop(R), sec_alloc(R), sec_zcsend(R), sec_pyzmq(R), sec_hyperfine(R)]
+            sec_loop(R), sec_timers(R), sec_alloc(R), sec_zcsend(R), sec_pyzmq(R),
+            sec_hyperfine(R)]
     tail = ["## Failures, skipped rows and empty cells\n"]
     if not R.fails and not any(f for _, _, _, f in ran) and not plot_errs:
         tail.append("None.\n")

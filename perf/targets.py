@@ -15,6 +15,7 @@ import os
 from report import DASH, TRANSPORTS, num, table, xr
 
 HISTORY_KEEP = 20  # the ranges cover at most this many recorded runs of the same mode
+TIMER_BACKENDS = ["epoll", "poll", "epoll_timerfd"]  # perf/timers.c's zev rows
 
 
 def _diff(a, b):
@@ -49,6 +50,13 @@ def measure(R):
                                   num="c_zev", den="pyzmq_stream")
     m["scale_epoll"] = R.ratio(bench="scale_growth", impl="zev_epoll", metric="srv_cpu_ns",
                                num="n10000", den="n10")
+    for be in TIMER_BACKENDS:
+        avg = R.get(bench="timer_accuracy", case="periodic_100us", impl=f"zev_{be}",
+                    metric="interval_avg")
+        m[f"tick100_{be}"] = avg["median"] if avg else None
+        drift = R.get(bench="timer_accuracy", case="periodic_1ms", impl=f"zev_{be}",
+                      metric="drift")
+        m[f"drift1ms_{be}"] = abs(drift["median"]) if drift else None
     return m
 
 
@@ -58,6 +66,10 @@ def _us(v):
 
 def _per_msg(v):
     return DASH if v is None else f"{v:.2g} per message"
+
+
+def _pct(v):
+    return DASH if v is None else f"{v:.2f} %"
 
 
 # (id, label, figure prefix, transports, limit, "min" or "max" is the worst, format)
@@ -74,6 +86,10 @@ TARGETS = [
      1.2, "max", xr),
     ("alloc", "0 heap allocations per message beyond raw (borrowed, kept)", "alloc", TRANSPORTS,
      1e-4, "max", _per_msg),
+    ("tick100", "100 µs periodic timer: ≤ 110 µs per tick on average, no busy-poll",
+     "tick100", TIMER_BACKENDS, 110.0, "max", _us),
+    ("drift1ms", "1 ms periodic timer: average tick off by < 0.5 %", "drift1ms", TIMER_BACKENDS,
+     0.5, "max", _pct),
 ]
 
 
