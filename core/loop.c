@@ -158,13 +158,13 @@ fail:
     return NULL;
 }
 
-void zev_loop_destroy(zev_loop_t *loop)
+int zev_loop_destroy(zev_loop_t *loop)
 {
     if (!loop)
-        return;
+        return 0;
     if (loop->depth) {
         errno = EBUSY;
-        return;
+        return -1;
     }
     loop->forked = getpid() != loop->pid;
     loop->depth++;           /* closing streams run callbacks: they count as inside */
@@ -179,13 +179,15 @@ void zev_loop_destroy(zev_loop_t *loop)
         zev__unregister(loop, loop->timer_fd);
         close(loop->timer_fd);
     }
-    /* Queued callbacks are dropped; frame and tracker completions still run
-     * their free-only path. Late releases find the hub, not the loop. */
+    /* Queued callbacks are dropped (posts told so, with loop NULL); frame and
+     * tracker completions still run their free-only path. Late releases find
+     * the hub, not the loop. */
     zev__hub_drain(loop->hub, NULL);
     zev__hub_unref(loop->hub);
     loop->ops->destroy(loop->be);
     zev__fdmap_free(&loop->fds);
     free(loop);
+    return 0;
 }
 
 /* ------------------------------------------------------------ the phases */
@@ -343,7 +345,7 @@ static int loop_iterate(zev_loop_t *loop, int64_t max_wait_ns, bool once)
 {
     loop->depth++;
     loop->now_ns = zev__clock_ns();
-    const uint64_t timers_before = loop->timer_seq; /* later ones wait an iteration */
+    const uint64_t timers_before = loop->timers.seq; /* later ones wait an iteration */
     size_t progress = zev__timers_run(loop, timers_before); /* 1 */
     progress += zev__hub_drain(loop->hub, loop);            /* 2 */
     progress += zev__streams_process(loop);                 /* 3 */
@@ -387,9 +389,11 @@ int zev_loop_run(zev_loop_t *loop)
 {
     if (!can_run(loop))
         return -1;
+    int saved = errno;
     while (!atomic_exchange(&loop->stop_requested, 0))
         if (loop_iterate(loop, -1, false) < 0)
             return -1;
+    errno = saved;
     return 0;
 }
 
@@ -397,9 +401,13 @@ int zev_loop_run_once(zev_loop_t *loop, int timeout_ms)
 {
     if (!can_run(loop))
         return -1;
+    int saved = errno;
     int rc = loop_iterate(loop, timeout_ms < 0 ? -1 : (int64_t)timeout_ms * 1000000, true);
     atomic_exchange(&loop->stop_requested, 0); /* the stop was for this call */
-    return rc < 0 ? -1 : has_pending_work(loop);
+    if (rc < 0)
+        return -1;
+    errno = saved;
+    return has_pending_work(loop);
 }
 
 void zev_loop_stop(zev_loop_t *loop)
@@ -467,23 +475,48 @@ int zev_loop_timeout(const zev_loop_t *loop)
 
 uint64_t zev_now_ns(const zev_loop_t *loop)
 {
-    return loop ? loop->now_ns : 0;
+    if (!loop) {
+        errno = EINVAL;
+        return 0;
+    }
+    return loop->now_ns;
 }
 
 /* -------------------------------------------------- cross-thread callbacks */
 
-typedef struct callback_node {
+/* A queued callback: the node zev_loop_add_callback allocates, and the
+ * inside of the caller's zev_post_t for zev_loop_post. */
+typedef struct post_node {
     zev__qnode_t qnode;
     zev_cb_fn fn;
     void *arg;
-} callback_node_t;
+} post_node_t;
+_Static_assert(sizeof(post_node_t) <= sizeof(zev_post_t), "zev_post_t is too small");
+_Static_assert(_Alignof(post_node_t) <= _Alignof(zev_post_t), "zev_post_t is misaligned");
 
+/* The caller's post: fn runs once either way, with NULL when dropped. */
+static void run_post(zev__qnode_t *n, zev_loop_t *loop)
+{
+    post_node_t *p = (post_node_t *)n;
+    p->fn(loop, p->arg);
+}
+
+/* zev's node: freed after it ran, or dropped (and freed) without a word. */
 static void run_callback(zev__qnode_t *n, zev_loop_t *loop)
 {
-    callback_node_t *c = (callback_node_t *)n;
+    post_node_t *p = (post_node_t *)n;
     if (loop)
-        c->fn(loop, c->arg);
-    free(c);
+        p->fn(loop, p->arg);
+    free(p);
+}
+
+static void post(zev_loop_t *loop, post_node_t *p, zev__qrun_fn run, zev_cb_fn fn, void *arg)
+{
+    p->qnode.run = run;
+    p->fn = fn;
+    p->arg = arg;
+    zev__hub_push(loop->hub, &p->qnode);
+    zev__hub_wake(loop->hub);
 }
 
 int zev_loop_add_callback(zev_loop_t *loop, zev_cb_fn fn, void *arg)
@@ -492,15 +525,21 @@ int zev_loop_add_callback(zev_loop_t *loop, zev_cb_fn fn, void *arg)
         errno = EINVAL;
         return -1;
     }
-    callback_node_t *c = malloc(sizeof *c);
-    if (!c) {
+    post_node_t *p = malloc(sizeof *p);
+    if (!p) {
         errno = ENOMEM;
         return -1;
     }
-    c->qnode.run = run_callback;
-    c->fn = fn;
-    c->arg = arg;
-    zev__hub_push(loop->hub, &c->qnode);
-    zev__hub_wake(loop->hub);
+    post(loop, p, run_callback, fn, arg);
+    return 0;
+}
+
+int zev_loop_post(zev_loop_t *loop, zev_post_t *p, zev_cb_fn fn, void *arg)
+{
+    if (!loop || !p || !fn) {
+        errno = EINVAL;
+        return -1;
+    }
+    post(loop, (post_node_t *)p, run_post, fn, arg);
     return 0;
 }

@@ -9,10 +9,13 @@
  *   a plain recv loop), and when the pass stops receiving the slots used
  *   are closed (zev__ring_recycle), so a large buffer is not held while the
  *   stream waits.
- * - zev_msg_keep moves a part (no copy) into a frame handle taken from a
- *   pool that belongs to the loop's hub; the pool grows by chunks during
- *   warm-up and recycles handles afterwards, so steady-state keeping
- *   allocates nothing.
+ * - zev_msg_keep moves a part (no copy) into a frame taken from a pool that
+ *   belongs to the loop's hub; the pool grows by chunks during warm-up and
+ *   recycles frames afterwards (the one freed longest ago first), so
+ *   steady-state keeping allocates nothing. Handles carry the frame's
+ *   generation (handle.h): a second release, or any use after release,
+ *   fails with EINVAL from whatever thread, and never touches the frame's
+ *   next owner.
  * - zev_frame_release may run on any thread: it closes the zmq_msg_t there
  *   (libzmq's reference counts are atomic) and sends the handle home
  *   through the hub's lock-free queue. On the loop thread the stream is
@@ -20,6 +23,10 @@
  *   handle goes back to the pool. A kept frame holds a reference on the hub,
  *   so a release after zev_loop_destroy is still safe: the handle then just
  *   returns to a pool that dies with the hub.
+ * - zev_stream_send_frame forwards a kept frame without copying: libzmq gets
+ *   a message referencing the frame's buffer whose free function brings the
+ *   frame home exactly as a release would, so on_frame_release and
+ *   max_frames count it until libzmq is done with it.
  */
 #include "zev-internal.h"
 
@@ -98,9 +105,12 @@ static int pool_grow(zev__hub_t *hub)
     c->next = hub->chunks;
     hub->chunks = c;
     for (size_t i = 0; i < CHUNK_FRAMES; i++) {
-        c->frames[i].next_free = hub->frame_free;
-        hub->frame_free = &c->frames[i];
+        c->frames[i].next_free = i + 1 < CHUNK_FRAMES ? &c->frames[i + 1] : NULL;
+        atomic_init(&c->frames[i].handle, 0);
+        c->frames[i].gen = 0;
     }
+    hub->frame_free = &c->frames[0];
+    hub->frame_free_tail = &c->frames[CHUNK_FRAMES - 1];
     return 0;
 }
 
@@ -111,7 +121,7 @@ void zev__frame_pool_free(zev__hub_t *hub)
         free(hub->chunks);
         hub->chunks = next;
     }
-    hub->frame_free = NULL;
+    hub->frame_free = hub->frame_free_tail = NULL;
 }
 
 /* Back on the loop thread (loop != NULL) or on the hub's last owner. */
@@ -129,8 +139,15 @@ static void frame_returned(zev__qnode_t *n, zev_loop_t *loop)
             zev__stream_mark_ready(s); /* reading resumes */
     }
     f->stream = NULL;
-    f->next_free = f->hub->frame_free;
-    f->hub->frame_free = f;
+    f->gen++;
+    atomic_store_explicit(&f->handle, 0, memory_order_relaxed);
+    f->next_free = NULL;
+    zev__hub_t *hub = f->hub;
+    if (hub->frame_free_tail)
+        hub->frame_free_tail->next_free = f;
+    else
+        hub->frame_free = f;
+    hub->frame_free_tail = f;
 }
 
 /* A stream going away leaves its frames kept, just no longer tracked. */
@@ -154,7 +171,11 @@ static int part_ok(const zev_msg_t *m, size_t i)
 
 size_t zev_msg_parts(const zev_msg_t *m)
 {
-    return m ? m->n : 0;
+    if (!m) {
+        errno = EINVAL;
+        return 0;
+    }
+    return m->n;
 }
 
 /* Part i, wherever it is: its ring slot or the frame it was kept in. */
@@ -195,56 +216,132 @@ zev_frame_t *zev_msg_keep(zev_msg_t *m, size_t i)
         return NULL;
     zev_frame_t *f = hub->frame_free;
     hub->frame_free = f->next_free;
+    if (!hub->frame_free)
+        hub->frame_free_tail = NULL;
     f->qnode.run = frame_returned;
     f->hub = hub;
     f->stream = s;
     f->size = zmq_msg_size(&m->parts[i]);
-    atomic_init(&f->released, 0);
     zev__msg_move(&f->msg, &m->parts[i]); /* the slot is left empty */
     zev__list_push_tail(&s->kept_frames, &f->node);
     s->frames_out++;
     zev__hub_ref(hub);
     m->kept[i] = f;
-    return f;
+    uintptr_t handle = zev__handle_make(f, f->gen);
+    /* release: a worker thread that gets the handle sees the frame whole */
+    atomic_store_explicit(&f->handle, handle, memory_order_release);
+    return (zev_frame_t *)handle;
 }
 
 /* ----------------------------------------------------------------- frames */
 
-const void *zev_frame_data(const zev_frame_t *f)
+/* The frame a handle names, if the handle is still its owner's; NULL/EINVAL.
+ * Any thread. */
+static zev_frame_t *frame_of(const zev_frame_t *handle)
 {
-    if (!f) {
+    zev_frame_t *f = handle ? zev__handle_obj(handle) : NULL;
+    if (!f || atomic_load_explicit(&f->handle, memory_order_acquire) != (uintptr_t)handle) {
         errno = EINVAL;
         return NULL;
     }
-    return zmq_msg_data((zmq_msg_t *)&f->msg);
+    return f;
 }
 
-size_t zev_frame_size(const zev_frame_t *f)
+/* Takes the frame from the caller's handle: 1 for exactly one caller. */
+static int claim(zev_frame_t *f, const zev_frame_t *handle, uintptr_t to)
 {
-    return f ? f->size : 0;
+    uintptr_t expect = (uintptr_t)handle;
+    return atomic_compare_exchange_strong_explicit(&f->handle, &expect, to, memory_order_acq_rel,
+                                                   memory_order_acquire);
 }
 
-zmq_msg_t *zev_frame_msg(zev_frame_t *f)
+/* The frame's buffer is done with: home to the loop, from any thread. */
+static void frame_home(zev_frame_t *f)
 {
-    if (!f) {
-        errno = EINVAL;
-        return NULL;
-    }
-    return &f->msg;
-}
-
-int zev_frame_release(zev_frame_t *f)
-{
-    if (!f || atomic_exchange(&f->released, 1)) {
-        errno = EINVAL;
-        return -1;
-    }
     zev__hub_t *hub = f->hub;
     zmq_msg_close(&f->msg);
     zev__hub_push(hub, &f->qnode); /* f belongs to the loop from here on */
     zev__hub_wake(hub);
     zev__hub_unref(hub);
+}
+
+const void *zev_frame_data(const zev_frame_t *handle)
+{
+    zev_frame_t *f = frame_of(handle);
+    return f ? zmq_msg_data(&f->msg) : NULL;
+}
+
+size_t zev_frame_size(const zev_frame_t *handle)
+{
+    zev_frame_t *f = frame_of(handle);
+    return f ? f->size : 0;
+}
+
+zmq_msg_t *zev_frame_msg(zev_frame_t *handle)
+{
+    zev_frame_t *f = frame_of(handle);
+    return f ? &f->msg : NULL;
+}
+
+int zev_frame_release(zev_frame_t *handle)
+{
+    zev_frame_t *f = handle ? zev__handle_obj(handle) : NULL;
+    if (!f || !claim(f, handle, 0)) {
+        errno = EINVAL;
+        return -1;
+    }
+    frame_home(f);
     return 0;
+}
+
+/* libzmq's free function for a forwarded frame: any thread, once. A send
+ * that failed never had the frame (zev_stream_send_frame gives it back). */
+static void frame_forwarded(void *data, void *hint)
+{
+    (void)data;
+    zev_frame_t *f = hint;
+    ZEV_HB_ACQUIRE(f); /* pairs with the release before zmq_msg_init_data */
+    if (atomic_load_explicit(&f->handle, memory_order_acquire) == ZEV__FRAME_ZEVS)
+        frame_home(f);
+}
+
+int zev_stream_send_frame(zev_stream_t *s, zev_frame_t *handle, int flags)
+{
+    zev_frame_t *f = frame_of(handle);
+    if (!f || !s) {
+        errno = EINVAL;
+        return -1;
+    }
+    int saved = errno;
+    zmq_msg_t m;
+    if (f->size <= ZEV_ZC_COPY_MAX) { /* libzmq keeps it inline: copy, release now */
+        if (zev_stream_send(s, zmq_msg_data(&f->msg), f->size, flags) < 0)
+            return -1;
+        zev_frame_release(handle);
+        errno = saved;
+        return 0;
+    }
+    if (!claim(f, handle, ZEV__FRAME_ZEVS)) { /* released meanwhile by another thread */
+        errno = EINVAL;
+        return -1;
+    }
+    ZEV_HB_RELEASE(f);
+    int rc = zmq_msg_init_data(&m, zmq_msg_data(&f->msg), f->size, frame_forwarded, f);
+    if (rc == 0) {
+        rc = zev_stream_send_msg(s, &m, 1, flags);
+        if (rc < 0) {
+            int err = errno;
+            atomic_store_explicit(&f->handle, (uintptr_t)handle, memory_order_release);
+            zmq_msg_close(&m); /* runs frame_forwarded, which finds the frame not zev's */
+            errno = err;
+            return -1;
+        }
+        zmq_msg_close(&m);
+        errno = saved;
+        return 0;
+    }
+    atomic_store_explicit(&f->handle, (uintptr_t)handle, memory_order_release);
+    return -1;
 }
 
 /* ------------------------------------------------------- stream settings */

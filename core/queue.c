@@ -115,10 +115,12 @@ void zev__hub_wake(zev__hub_t *hub)
         return;
     uint64_t one = 1;
     ssize_t rc;
+    int saved = errno; /* callers that succeed leave errno alone */
     do
         rc = write(hub->wake_wfd, &one, hub->wake_wfd == hub->wake_rfd ? sizeof one : 1);
     while (rc < 0 && errno == EINTR);
     /* EAGAIN: the fd is already readable, which is all a wakeup needs. */
+    errno = saved;
 }
 
 void zev__hub_clear_wake(zev__hub_t *hub)

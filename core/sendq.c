@@ -8,8 +8,26 @@
  *   the bound (max_queue) is checked in messages; `open` remembers whether
  *   the user is still building a multipart message and which path (direct
  *   or queued) its first part took.
- * - on_send statuses are run-length encoded (status, count): a firehose of
- *   successful sends costs one counter, and delivery keeps send order.
+ * - Messages are numbered from 1 in the order their first part is given
+ *   (seq_given); statuses become known in that same order (a message can
+ *   only complete after the ones before it), so the n-th status known is
+ *   message n's, and seq_settled counts them whether or not on_send keeps
+ *   them. on_send statuses are run-length encoded (status, first seq,
+ *   count): a firehose of successful sends costs one counter, and delivery
+ *   keeps send order and hands on_send each message's number.
+ * - Send deadlines (zev_stream_set_send_timeout), the stream's ZMQ_SNDTIMEO:
+ *   a message libzmq takes is always sent, late or not; one it refuses is
+ *   dropped, ETIMEDOUT, once it has been at the head of the queue for the
+ *   timeout, as a blocking send would give up after ZMQ_SNDTIMEO. A peer
+ *   that merely catches up slowly therefore loses nothing. A peer that
+ *   stopped reading would hold everyone behind it for a timeout per
+ *   message, so its destination is remembered once a message to it timed
+ *   out, and its next messages, once they have waited the timeout in the
+ *   queue, fail at once when refused. The destination is a ROUTER's peer
+ *   (the message's first frame, hashed; eight kept) and, for other socket
+ *   types, the socket: an EAGAIN there is the whole socket's. A message to
+ *   it that libzmq takes forgets it. Only the head's deadline matters at any
+ *   time, so the stream's one timer waits for it.
  * - Every message given to zev gets exactly one status: 0 when handed to
  *   libzmq, the errno libzmq gave, or ECANCELED / ENOTSOCK / ETERM from
  *   zev__sendq_cancel when it never went out. The room for that status is
@@ -38,15 +56,21 @@ int zev__report_grow(zev_stream_t *s, size_t need)
     return 0;
 }
 
-/* Records the status of one message; zev__report_reserve made the room. */
+/* Records the status of the next message; zev__report_reserve made the
+ * room. */
 void zev__report_add(zev_stream_t *s, int status)
 {
+    uint64_t seq = ++s->seq_settled;
     if (!s->on_send)
         return;
-    if (zev__reports_owed(s) && s->rep[s->rep_len - 1].status == status)
-        s->rep[s->rep_len - 1].count++;
-    else
-        s->rep[s->rep_len++] = (zev__report_t){status, 1};
+    if (zev__reports_owed(s)) {
+        zev__report_t *last = &s->rep[s->rep_len - 1];
+        if (last->status == status && last->seq + last->count == seq) {
+            last->count++;
+            return;
+        }
+    }
+    s->rep[s->rep_len++] = (zev__report_t){status, seq, 1};
 }
 
 /* Delivers the statuses owed when it was called, no more: an on_send that
@@ -67,10 +91,11 @@ void zev__reports_deliver(zev_stream_t *s)
         if (s->rep_head == end - 1 && last-- == 0)
             break;
         int status = r->status;
+        uint64_t seq = r->seq++;
         if (--r->count == 0)
             s->rep_head++;
         if (s->on_send)
-            s->on_send(s, status, s->send_arg); /* may add reports: r is stale now */
+            s->on_send(s, seq, status, s->send_arg); /* may add reports: r is stale now */
     }
     s->delivering = false;
     size_t left = s->rep_len - s->rep_head;
@@ -108,8 +133,12 @@ void zev__sendq_push(zev_stream_t *s, zmq_msg_t *msg, bool more)
     zev__sendpart_t *p = zev__sendq_at(s, s->qlen++);
     zev__msg_move(&p->msg, msg);
     p->more = more;
-    if (s->open != OPEN_QUEUED) /* its first queued part counts the message */
+    if (s->open != OPEN_QUEUED) { /* its first queued part counts the message */
         s->qmsgs++;
+        p->queued_ns = zev__now(s->loop);
+        if (s->qlen == 1)
+            zev__sendq_new_head(s);
+    }
     s->open = more ? OPEN_QUEUED : OPEN_NONE;
 }
 
@@ -152,6 +181,61 @@ void zev__sendq_cancel(zev_stream_t *s, int status)
     s->open = OPEN_NONE;
     s->qmsgs = 0;
     s->broken = 0;
+}
+
+/* The head message's destination (see the design notes); never 0. */
+static uint64_t head_destination(const zev_stream_t *s)
+{
+    if (!s->routed)
+        return 1;
+    const zmq_msg_t *first = &zev__sendq_at((zev_stream_t *)s, 0)->msg;
+    const unsigned char *p = zmq_msg_data((zmq_msg_t *)first);
+    size_t n = zmq_msg_size((zmq_msg_t *)first);
+    uint64_t h = 14695981039346656037u; /* FNV-1a */
+    for (size_t i = 0; i < n && i < 256; i++)
+        h = (h ^ p[i]) * 1099511628211u;
+    return h | 1;
+}
+
+static int timed_out_slot(const zev_stream_t *s, uint64_t dest)
+{
+    for (unsigned i = 0; i < s->ntimed_out; i++)
+        if (s->timed_out[i] == dest)
+            return (int)i;
+    return -1;
+}
+
+uint64_t zev__sendq_deadline(const zev_stream_t *s)
+{
+    /* A head message libzmq already holds parts of can only go on. */
+    if (!s->send_timeout_ns || !s->qlen || s->out_more)
+        return UINT64_MAX;
+    uint64_t queued = zev__sendq_at((zev_stream_t *)s, 0)->queued_ns;
+    if (s->ntimed_out && timed_out_slot(s, head_destination(s)) >= 0)
+        return zev__sat_add(queued, s->send_timeout_ns);
+    return zev__sat_add(s->head_since_ns > queued ? s->head_since_ns : queued, s->send_timeout_ns);
+}
+
+void zev__sendq_time_out_head(zev_stream_t *s)
+{
+    uint64_t dest = head_destination(s);
+    if (timed_out_slot(s, dest) < 0) {
+        unsigned cap = sizeof s->timed_out / sizeof s->timed_out[0];
+        if (s->ntimed_out < cap)
+            s->timed_out[s->ntimed_out++] = dest;
+        else
+            s->timed_out[s->timed_out_next++ % cap] = dest;
+    }
+    zev__sendq_drop_head(s, ETIMEDOUT);
+}
+
+void zev__sendq_head_taken(zev_stream_t *s)
+{
+    if (!s->ntimed_out)
+        return;
+    int i = timed_out_slot(s, head_destination(s));
+    if (i >= 0)
+        s->timed_out[i] = s->timed_out[--s->ntimed_out];
 }
 
 /* With ZEV_CLOSE_FLUSH: done when only a message the user never finished

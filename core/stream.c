@@ -37,21 +37,53 @@
 
 /* ------------------------------------------------------- closing and failure */
 
-static void stop_timers(zev_stream_t *s)
-{
-    if (s->backoff_timer)
-        zev_timer_cancel(s->backoff_timer);
-    if (s->linger_timer)
-        zev_timer_cancel(s->linger_timer);
-    s->backoff_timer = s->linger_timer = NULL;
-}
+/* ---------------------------------------------------------- the stream timer */
 
-static void linger_fire(zev_timer_t *t, void *arg)
+/* Whichever of the stream's deadlines came. */
+static void stream_timer_fire(zev_timer_t *t, void *arg)
 {
     (void)t;
     zev_stream_t *s = arg;
-    s->linger_timer = NULL;
-    zev__stream_finalize(s); /* what is still queued is ECANCELED */
+    uint64_t now = s->loop->now_ns;
+    if (s->linger_end_ns && now >= s->linger_end_ns) {
+        zev__stream_finalize(s); /* what is still queued is ECANCELED */
+        return;
+    }
+    if (s->backoff_until && now >= s->backoff_until) {
+        s->backoff_until = 0;
+        s->blocked = false;
+    }
+    s->changes++;              /* the pass looks afresh: the head may be overdue */
+    zev__stream_mark_ready(s); /* the pass tries, drops what is overdue, re-arms */
+    zev__stream_timer_update(s);
+}
+
+int zev__stream_timer_need(zev_stream_t *s)
+{
+    if (!s->timer)
+        s->timer = zev__timer_new(s->loop, stream_timer_fire, s);
+    return s->timer ? 0 : -1;
+}
+
+void zev__stream_timer_update(zev_stream_t *s)
+{
+    if (!s->timer)
+        return;
+    uint64_t at = zev__sendq_deadline(s);
+    if (s->backoff_until && s->backoff_until < at)
+        at = s->backoff_until;
+    if (s->linger_end_ns && s->linger_end_ns < at)
+        at = s->linger_end_ns;
+    if (at == UINT64_MAX)
+        zev__timer_disarm(s->timer);
+    else if (!s->timer->armed || s->timer->deadline_ns != at)
+        zev__timer_arm_at(s->timer, at);
+}
+
+static void stop_timers(zev_stream_t *s)
+{
+    zev__timer_free(s->timer);
+    s->timer = NULL;
 }
 
 static void unregister(zev_stream_t *s)
@@ -122,7 +154,7 @@ zev_stream_t *zev_stream_new(zev_loop_t *loop, void *sock)
         errno = EBUSY;
         return NULL;
     }
-    int fd, type;
+    int fd, type, saved = errno;
     size_t len = sizeof fd;
     if (zmq_getsockopt(sock, ZMQ_FD, &fd, &len) < 0)
         return NULL;
@@ -140,6 +172,7 @@ zev_stream_t *zev_stream_new(zev_loop_t *loop, void *sock)
     s->fd = fd;
     s->max_queue = 1000;
     s->lb_socket = type == ZMQ_PUSH || type == ZMQ_DEALER || type == ZMQ_REQ;
+    s->routed = type == ZMQ_ROUTER || type == ZMQ_STREAM;
     s->changes = 1; /* libzmq has said nothing yet: the first pass asks */
     s->msg.stream = s;
     zev__list_init(&s->node);
@@ -155,6 +188,7 @@ zev_stream_t *zev_stream_new(zev_loop_t *loop, void *sock)
     loop->nstreams++;
     zev__list_push_tail(&loop->streams, &s->node);
     zev__stream_mark_ready(s); /* messages pending before registration signal nothing */
+    errno = saved;
     return s;
 }
 
@@ -166,27 +200,29 @@ int zev_stream_close(zev_stream_t *s, int flags)
         errno = EINVAL;
         return -1;
     }
+    int saved = errno;
     if ((flags & ZEV_CLOSE_FLUSH) && !s->err && !zev__sendq_flush_done(s)) {
         int linger = 0;
         size_t len = sizeof linger;
         if (zmq_getsockopt(s->sock, ZMQ_LINGER, &linger, &len) == 0 && linger != 0) {
             if (linger > 0) { /* without its timer the flush could outlive ZMQ_LINGER */
-                s->linger_timer =
-                    zev_timer_start(s->loop, (uint64_t)linger * 1000u, 0, linger_fire, s);
-                if (!s->linger_timer)
+                if (zev__stream_timer_need(s) < 0)
                     return -1; /* ENOMEM; the stream stays open */
-                s->linger_end_ns = zev__timer_deadline(s->linger_timer);
+                s->linger_end_ns = zev__sat_add(zev__now(s->loop), (uint64_t)linger * 1000000u);
+                zev__stream_timer_update(s);
             }
             s->closed = true;
             s->close_socket = flags & ZEV_CLOSE_SOCKET;
             s->flushing = true;
             zev__stream_mark_ready(s);
+            errno = saved;
             return 0;
         }
     }
     s->closed = true;
     s->close_socket = flags & ZEV_CLOSE_SOCKET;
     zev__stream_finalize(s);
+    errno = saved;
     return 0;
 }
 
@@ -259,6 +295,26 @@ int zev_stream_set_max_queue(zev_stream_t *s, size_t n)
     return 0;
 }
 
+int zev_stream_set_send_timeout(zev_stream_t *s, uint64_t timeout_us)
+{
+    if (!zev__stream_usable(s))
+        return -1;
+    if (timeout_us && zev__stream_timer_need(s) < 0)
+        return -1;
+    s->send_timeout_ns = zev__us_to_ns(timeout_us);
+    zev__stream_timer_update(s); /* messages already queued count from when they were */
+    return 0;
+}
+
+uint64_t zev_stream_send_seq(const zev_stream_t *s)
+{
+    if (!s) {
+        errno = EINVAL;
+        return 0;
+    }
+    return s->seq_given;
+}
+
 int zev_stream_set_batch(zev_stream_t *s, unsigned n)
 {
     if (!zev__stream_usable(s))
@@ -267,19 +323,26 @@ int zev_stream_set_batch(zev_stream_t *s, unsigned n)
     return 0;
 }
 
+/* The predicates' answer for NULL: 0, with EINVAL. */
+static int null_stream(void)
+{
+    errno = EINVAL;
+    return 0;
+}
+
 int zev_stream_sending(const zev_stream_t *s)
 {
-    return s && (s->qlen || s->open == OPEN_QUEUED);
+    return s ? s->qlen || s->open == OPEN_QUEUED : null_stream();
 }
 
 int zev_stream_receiving(const zev_stream_t *s)
 {
-    return s && !s->closed && s->on_recv;
+    return s ? !s->closed && s->on_recv : null_stream();
 }
 
 int zev_stream_closed(const zev_stream_t *s)
 {
-    return s && s->closed;
+    return s ? s->closed : null_stream();
 }
 
 void *zev_stream_socket(const zev_stream_t *s)

@@ -64,9 +64,15 @@
  *   loop (the pass, flush, or the close phase), never inside a send call.
  * - POLLOUT with EAGAIN on the head message (ROUTER_MANDATORY, one peer's
  *   pipe full) sets `blocked`: POLLOUT stops counting as work until the next
- *   ZMQ_FD edge or a back-off timer (doubling up to BACKOFF_MAX), because a
+ *   ZMQ_FD edge or a back-off (doubling up to BACKOFF_MAX), because a
  *   ZMQ_EVENTS read right after the EAGAIN may have swallowed the edge that
- *   says there is room again. One blocked peer holds the messages behind it.
+ *   says there is room again. One blocked peer holds the messages behind it,
+ *   for at most the stream's send timeout when one is set (the stream's
+ *   ZMQ_SNDTIMEO, sendq.c): when the head's deadline comes it gets a try
+ *   whatever ZMQ_EVENTS says, and is dropped, ETIMEDOUT, only if libzmq
+ *   still refuses it. The back-off, the send deadline and a flushing close's
+ *   linger share the stream's one timer (stream.c), re-armed at the end of
+ *   every pass.
  * - Errors that mean the socket is gone (ENOTSOCK, ETERM) go to
  *   zev__stream_fail; a pass that finds the flush of a closing stream done
  *   hands it to zev__stream_finalize (both in stream.c).
@@ -174,26 +180,20 @@ static int sock_recv(zev_stream_t *s, zmq_msg_t *msg)
 
 /* ----------------------------------------------------------- POLLOUT back-off */
 
-static void backoff_fire(zev_timer_t *t, void *arg)
-{
-    (void)t;
-    zev_stream_t *s = arg;
-    s->backoff_timer = NULL;
-    s->blocked = false;
-    mark_ready(s);
-}
-
+/* The stream's timer ends the back-off (stream.c) if no edge does first. */
 static void set_blocked(zev_stream_t *s)
 {
     s->blocked = true;
-    if (s->backoff_timer)
+    if (s->backoff_until)
         return;
+    if (zev__stream_timer_need(s) < 0) {
+        s->blocked = false; /* no timer would end the wait: keep trying rather than stall */
+        return;
+    }
     s->backoff_ns = s->backoff_ns ? s->backoff_ns * 2 : BACKOFF_MIN_NS;
     if (s->backoff_ns > BACKOFF_MAX_NS)
         s->backoff_ns = BACKOFF_MAX_NS;
-    s->backoff_timer = zev_timer_start(s->loop, s->backoff_ns / 1000u, 0, backoff_fire, s);
-    if (!s->backoff_timer)
-        s->blocked = false; /* no timer would end the wait: keep trying rather than stall */
+    s->backoff_until = zev__sat_add(s->loop->now_ns, s->backoff_ns);
 }
 
 /* ------------------------------------------------------------------- sending */
@@ -228,7 +228,7 @@ static bool part_refused(zev_stream_t *s, int err, bool more)
  * taken (sent, queued, or dropped with its broken message), -1 with errno
  * when it was not, which only happens at the first part of a message. The
  * caller reserved queue space. */
-static int send_part(zev_stream_t *s, zmq_msg_t *msg, bool more)
+static int hand_part(zev_stream_t *s, zmq_msg_t *msg, bool more)
 {
     bool first = s->open == OPEN_NONE;
     if (first && zev__report_reserve(s, 1) < 0)
@@ -272,6 +272,22 @@ static int send_part(zev_stream_t *s, zmq_msg_t *msg, bool more)
     zev__sendq_push(s, msg, more);
     mark_ready(s);
     return 0;
+}
+
+/* hand_part, numbering each message whose first part was taken. A part
+ * that was taken leaves errno as it was (libzmq's EAGAIN before queuing is
+ * not the caller's business). */
+static int send_part(zev_stream_t *s, zmq_msg_t *msg, bool more)
+{
+    bool first = s->open == OPEN_NONE;
+    int saved = errno;
+    int rc = hand_part(s, msg, more);
+    if (rc == 0) {
+        errno = saved;
+        if (first)
+            s->seq_given++;
+    }
+    return rc;
 }
 
 /* Checks the state and the flags shared by the send functions. */
@@ -328,7 +344,14 @@ int zev_stream_send_msg(zev_stream_t *s, zmq_msg_t *parts, size_t nparts, int fl
     return 0;
 }
 
-/* Sends queued parts while libzmq takes them; returns messages handled. */
+/* The head message waited its send timeout: its last try is now. */
+static bool head_overdue(zev_stream_t *s)
+{
+    return zev__sendq_deadline(s) <= s->loop->now_ns;
+}
+
+/* Sends queued parts while libzmq takes them; returns messages handled
+ * (sent, failed, or refused past their send deadline). */
 static size_t send_some(zev_stream_t *s, size_t room)
 {
     size_t n = 0;
@@ -340,6 +363,12 @@ static size_t send_some(zev_stream_t *s, size_t room)
         bool more = p->more, first = !s->out_more;
         int err = sock_send(s, &p->msg, more);
         if (err && first) {
+            if (would_block(err) && head_overdue(s)) {
+                zev__sendq_time_out_head(s); /* waited its time, still refused */
+                zev__sendq_new_head(s);
+                n++;
+                continue;
+            }
             if (would_block(err)) {
                 /* Only when POLLOUT was reported and not even one message
                  * went out (ROUTER_MANDATORY, one peer full) is POLLOUT
@@ -355,12 +384,16 @@ static size_t send_some(zev_stream_t *s, size_t room)
                 break;
             }
             zev__sendq_drop_head(s, err);
+            zev__sendq_new_head(s);
             n++;
             continue;
         }
+        if (!err && first)
+            zev__sendq_head_taken(s);
         if (err && !part_refused(s, err, more)) {
             if (!s->err) /* zev drops the rest of it: reported already */
                 zev__sendq_drop_rest(s);
+            zev__sendq_new_head(s);
             n++;
             continue;
         }
@@ -370,6 +403,7 @@ static size_t send_some(zev_stream_t *s, size_t room)
             s->backoff_ns = 0;
             if (!err)
                 message_done(s);
+            zev__sendq_new_head(s);
             n++;
         }
     }
@@ -466,6 +500,8 @@ static size_t stream_work(zev_stream_t *s, int mask, size_t limit, bool *idle)
             break;
         }
         int act = ready & wants(s) & mask;
+        if ((mask & ZMQ_POLLOUT) && head_overdue(s))
+            act |= ZMQ_POLLOUT; /* its last try, whatever ZMQ_EVENTS or a back-off says */
         if (!act) {
             if (!told_is_current(s))
                 continue; /* the hint was wrong: ask libzmq */
@@ -489,6 +525,7 @@ static size_t stream_work(zev_stream_t *s, int mask, size_t limit, bool *idle)
     }
     if (zev__reports_owed(s))
         *idle = false; /* statuses added by on_send itself: the next pass reports them */
+    zev__stream_timer_update(s);
     s->in_pass = outer;
     return done;
 }
@@ -497,6 +534,7 @@ void zev__stream_fired(zev_stream_t *s)
 {
     s->changes++;       /* an edge: what libzmq said before is stale */
     s->blocked = false; /* POLLOUT may be true again */
+    s->backoff_until = 0;
     if (s->on_recv)
         s->hint = ZMQ_POLLIN; /* most edges bring a message: try recv first */
     mark_ready(s);
@@ -582,6 +620,7 @@ int zev_stream_flush(zev_stream_t *s, int flags, size_t limit)
     if ((flags & ZEV_READ) && !s->in_recv_cb) /* its frames are still borrowed */
         mask |= ZMQ_POLLIN;
     s->changes++; /* "look now": an edge may wait undispatched in the backend */
+    int saved = errno;
     bool idle;
     size_t n = mask ? stream_work(s, mask, limit, &idle) : 0;
     if (n == 0 && s->err) { /* the socket turned out to be gone: say so */
@@ -589,5 +628,6 @@ int zev_stream_flush(zev_stream_t *s, int flags, size_t limit)
         return -1;
     }
     mark_ready(s); /* the socket was touched outside the stream's pass */
+    errno = saved;
     return n > INT32_MAX ? INT32_MAX : (int)n;
 }

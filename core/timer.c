@@ -1,19 +1,32 @@
 /*
- * Timers: a binary min-heap of timer pointers ordered by (deadline, seq).
+ * Timers: a binary min-heap ordered by (deadline, seq), and the pool every
+ * timer of a loop comes from.
  *
  * Design notes
- * - O(log n) start and cancel: each timer knows its heap index, so cancel
- *   removes it from the middle without a scan. The heap array grows by
- *   doubling and is the only allocation besides the timer itself.
- * - seq is a per-loop counter taken at every (re)start: equal deadlines fire
- *   in start order, and the run phase fires only timers whose seq predates
- *   the phase, so a timer started (or re-armed) inside a callback never runs
- *   in the same iteration, even with delay 0.
+ * - Two flavours, one object. zev_timer_start makes a timer the loop owns: a
+ *   one-shot goes back to the pool once it ran, a periodic one when
+ *   cancelled. zev_timer_new makes one the user owns (libuv's uv_timer_t,
+ *   Go's time.Timer): armed, disarmed and re-armed at will, whether or not it
+ *   fired, until zev_timer_free. The per-request timeout of a gateway is the
+ *   second kind: arm and disarm never allocate.
+ * - Every timer comes from a per-loop pool that grows by chunks and reuses
+ *   the slot freed longest ago; handles carry the slot's generation
+ *   (handle.h), so a stale handle (a cancel after the one-shot fired, a
+ *   free twice) fails with EINVAL instead of reaching the slot's next timer.
+ *   In steady state neither flavour allocates: the heap's room for every
+ *   timer out of the pool is reserved when the timer is made, so arming
+ *   never needs memory.
+ * - O(log n) arm, disarm and cancel: each timer knows its heap index, so
+ *   removal from the middle needs no scan.
+ * - seq is a per-loop counter taken at every (re)arm: equal deadlines fire
+ *   in arm order, and the run phase fires only timers armed before the
+ *   iteration began, so a timer armed inside a callback never runs in the
+ *   same iteration, even with delay 0.
  * - Timers run one at a time off the top of the heap instead of being
  *   collected first: a callback that cancels another due timer simply
  *   removes it from the heap, and nothing stale is left to skip.
- * - A timer whose callback is on the stack is not freed by cancel; the run
- *   phase frees it when the callback returns.
+ * - A timer whose callback is on the stack is not pooled by cancel or free;
+ *   the run phase pools it when the callback returns.
  * - Deadlines are nanoseconds and saturate (zev__sat_add): UINT64_MAX is
  *   "never", which zev__timers_next reports as nothing scheduled.
  * - A periodic timer's n-th run is due at start + n x period, as PyZMQ's
@@ -27,78 +40,204 @@
 #include <errno.h>
 #include <stdlib.h>
 
+#define CHUNK_TIMERS 64
+
+struct zev__timer_chunk {
+    struct zev__timer_chunk *next;
+    zev_timer_t timers[CHUNK_TIMERS];
+};
+
+/* ------------------------------------------------------------------- heap */
+
 static int before(const zev_timer_t *a, const zev_timer_t *b)
 {
     return a->deadline_ns < b->deadline_ns || (a->deadline_ns == b->deadline_ns && a->seq < b->seq);
 }
 
-static void place(zev_loop_t *loop, size_t i, zev_timer_t *t)
+static void place(zev__timers_t *h, size_t i, zev_timer_t *t)
 {
-    loop->heap[i] = t;
+    h->heap[i] = t;
     t->heap_index = i;
 }
 
-static void sift_up(zev_loop_t *loop, size_t i)
+static void sift_up(zev__timers_t *h, size_t i)
 {
-    zev_timer_t *t = loop->heap[i];
+    zev_timer_t *t = h->heap[i];
     while (i > 0) {
         size_t parent = (i - 1) / 2;
-        if (!before(t, loop->heap[parent]))
+        if (!before(t, h->heap[parent]))
             break;
-        place(loop, i, loop->heap[parent]);
+        place(h, i, h->heap[parent]);
         i = parent;
     }
-    place(loop, i, t);
+    place(h, i, t);
 }
 
-static void sift_down(zev_loop_t *loop, size_t i)
+static void sift_down(zev__timers_t *h, size_t i)
 {
-    zev_timer_t *t = loop->heap[i];
+    zev_timer_t *t = h->heap[i];
     for (;;) {
         size_t child = 2 * i + 1;
-        if (child >= loop->heap_len)
+        if (child >= h->heap_len)
             break;
-        if (child + 1 < loop->heap_len && before(loop->heap[child + 1], loop->heap[child]))
+        if (child + 1 < h->heap_len && before(h->heap[child + 1], h->heap[child]))
             child++;
-        if (!before(loop->heap[child], t))
+        if (!before(h->heap[child], t))
             break;
-        place(loop, i, loop->heap[child]);
+        place(h, i, h->heap[child]);
         i = child;
     }
-    place(loop, i, t);
+    place(h, i, t);
 }
 
-static int heap_insert(zev_loop_t *loop, zev_timer_t *t)
+/* Room was reserved when t left the pool. */
+static void heap_insert(zev__timers_t *h, zev_timer_t *t)
 {
-    if (loop->heap_len == loop->heap_cap) {
-        size_t cap = zev__grown_cap(loop->heap_cap, 64, loop->heap_len + 1, sizeof *loop->heap);
-        zev_timer_t **heap = cap ? realloc(loop->heap, cap * sizeof *loop->heap) : NULL;
-        if (!heap) {
-            errno = ENOMEM;
-            return -1;
-        }
-        loop->heap = heap;
-        loop->heap_cap = cap;
-    }
-    t->seq = loop->timer_seq++;
-    place(loop, loop->heap_len++, t);
-    sift_up(loop, t->heap_index);
-    return 0;
+    t->seq = h->seq++;
+    place(h, h->heap_len++, t);
+    sift_up(h, t->heap_index);
 }
 
-static void heap_remove(zev_loop_t *loop, zev_timer_t *t)
+static void heap_remove(zev__timers_t *h, zev_timer_t *t)
 {
     size_t i = t->heap_index;
-    zev_timer_t *last = loop->heap[--loop->heap_len];
+    zev_timer_t *last = h->heap[--h->heap_len];
     t->heap_index = SIZE_MAX;
     if (last == t)
         return;
-    place(loop, i, last);
-    if (i > 0 && before(last, loop->heap[(i - 1) / 2]))
-        sift_up(loop, i);
+    place(h, i, last);
+    if (i > 0 && before(last, h->heap[(i - 1) / 2]))
+        sift_up(h, i);
     else
-        sift_down(loop, i);
+        sift_down(h, i);
 }
+
+/* ------------------------------------------------------------------- pool */
+
+/* A timer out of the pool, with room for it in the heap; NULL/ENOMEM. */
+static zev_timer_t *pool_get(zev_loop_t *loop, zev_timer_fn fn, void *arg, bool owned)
+{
+    zev__timers_t *h = &loop->timers;
+    if (h->live == h->heap_cap) {
+        size_t cap = zev__grown_cap(h->heap_cap, 64, h->live + 1, sizeof *h->heap);
+        zev_timer_t **heap = cap ? realloc(h->heap, cap * sizeof *heap) : NULL;
+        if (!heap) {
+            errno = ENOMEM;
+            return NULL;
+        }
+        h->heap = heap;
+        h->heap_cap = cap;
+    }
+    if (!h->free_head) {
+        struct zev__timer_chunk *c = calloc(1, sizeof *c);
+        if (!c) {
+            errno = ENOMEM;
+            return NULL;
+        }
+        c->next = h->chunks;
+        h->chunks = c;
+        for (size_t i = 0; i < CHUNK_TIMERS; i++) {
+            c->timers[i].next_free = i + 1 < CHUNK_TIMERS ? &c->timers[i + 1] : NULL;
+            c->timers[i].heap_index = SIZE_MAX;
+        }
+        h->free_head = &c->timers[0];
+        h->free_tail = &c->timers[CHUNK_TIMERS - 1];
+    }
+    zev_timer_t *t = h->free_head;
+    h->free_head = t->next_free;
+    if (!h->free_head)
+        h->free_tail = NULL;
+    h->live++;
+    t->loop = loop;
+    t->fn = fn;
+    t->arg = arg;
+    t->owned = owned;
+    t->armed = t->running = t->dead = false;
+    t->repeat_ns = 0;
+    t->handle = zev__handle_make(t, t->gen);
+    return t;
+}
+
+/* Back to the pool, at the far end (FIFO: its handle stays stale longest). */
+static void pool_put(zev_timer_t *t)
+{
+    zev__timers_t *h = &t->loop->timers;
+    if (t->heap_index != SIZE_MAX)
+        heap_remove(h, t);
+    t->handle = 0;
+    t->gen++;
+    t->next_free = NULL;
+    if (h->free_tail)
+        h->free_tail->next_free = t;
+    else
+        h->free_head = t;
+    h->free_tail = t;
+    h->live--;
+}
+
+/* The timer a handle names, if it is still the handle's; NULL/EINVAL. */
+static zev_timer_t *timer_of(const zev_timer_t *handle)
+{
+    zev_timer_t *t = handle ? zev__handle_obj(handle) : NULL;
+    if (!t || t->handle != (uintptr_t)handle) {
+        errno = EINVAL;
+        return NULL;
+    }
+    return t;
+}
+
+/* ---------------------------------------------------------------- arming */
+
+void zev__timer_arm_at(zev_timer_t *t, uint64_t deadline_ns)
+{
+    zev__timers_t *h = &t->loop->timers;
+    if (t->heap_index != SIZE_MAX)
+        heap_remove(h, t);
+    t->deadline_ns = deadline_ns;
+    t->armed = true;
+    heap_insert(h, t);
+    zev__loop_changed(t->loop);
+}
+
+void zev__timer_disarm(zev_timer_t *t)
+{
+    if (t->heap_index != SIZE_MAX)
+        heap_remove(&t->loop->timers, t);
+    t->armed = false;
+    zev__loop_changed(t->loop); /* the host need not wake for it */
+}
+
+static void arm(zev_timer_t *t, uint64_t delay_us, uint64_t repeat_us)
+{
+    t->repeat_ns = zev__us_to_ns(repeat_us);
+    zev__timer_arm_at(t, zev__sat_add(zev__now(t->loop), zev__us_to_ns(delay_us)));
+}
+
+/* Ends a timer: now, or when its callback returns. */
+static void end(zev_timer_t *t)
+{
+    if (t->running) {
+        t->dead = true;
+        zev__timer_disarm(t); /* if re-armed inside its callback */
+        return;
+    }
+    zev_loop_t *loop = t->loop;
+    pool_put(t);
+    zev__loop_changed(loop);
+}
+
+zev_timer_t *zev__timer_new(zev_loop_t *loop, zev_timer_fn fn, void *arg)
+{
+    return pool_get(loop, fn, arg, true);
+}
+
+void zev__timer_free(zev_timer_t *t)
+{
+    if (t)
+        end(t);
+}
+
+/* ------------------------------------------------------------- public API */
 
 zev_timer_t *zev_timer_start(zev_loop_t *loop, uint64_t delay_us, uint64_t repeat_us,
                              zev_timer_fn fn, void *arg)
@@ -107,53 +246,81 @@ zev_timer_t *zev_timer_start(zev_loop_t *loop, uint64_t delay_us, uint64_t repea
         errno = EINVAL;
         return NULL;
     }
-    zev_timer_t *t = calloc(1, sizeof *t);
-    if (!t) {
-        errno = ENOMEM;
+    zev_timer_t *t = pool_get(loop, fn, arg, false);
+    if (!t)
         return NULL;
-    }
-    /* Outside the loop's callbacks the cached time may be old. */
-    if (!loop->depth)
-        loop->now_ns = zev__clock_ns();
-    t->loop = loop;
-    t->deadline_ns = zev__sat_add(loop->now_ns, zev__us_to_ns(delay_us));
-    t->repeat_ns = zev__us_to_ns(repeat_us);
-    t->fn = fn;
-    t->arg = arg;
-    if (heap_insert(loop, t) < 0) {
-        free(t);
-        return NULL;
-    }
-    zev__loop_changed(loop);
-    return t;
+    arm(t, delay_us, repeat_us);
+    return (zev_timer_t *)t->handle;
 }
 
-int zev_timer_cancel(zev_timer_t *t)
+int zev_timer_cancel(zev_timer_t *handle)
 {
-    if (!t) {
-        errno = EINVAL;
+    zev_timer_t *t = timer_of(handle);
+    if (!t || t->owned) {
+        errno = EINVAL; /* an owned timer is disarmed or freed, not cancelled */
         return -1;
     }
-    if (t->running) {
-        t->cancelled = true;
-        return 0;
-    }
-    zev_loop_t *loop = t->loop;
-    if (t->heap_index != SIZE_MAX)
-        heap_remove(loop, t);
-    free(t);
-    zev__loop_changed(loop); /* do not wake the host for it */
+    end(t);
     return 0;
 }
 
-uint64_t zev_timer_due(const zev_timer_t *t)
+zev_timer_t *zev_timer_new(zev_loop_t *loop, zev_timer_fn fn, void *arg)
 {
-    if (!t) {
+    if (!loop || !fn) {
         errno = EINVAL;
-        return 0;
+        return NULL;
     }
-    return t->heap_index != SIZE_MAX || t->running ? t->deadline_ns : 0;
+    zev_timer_t *t = pool_get(loop, fn, arg, true);
+    return t ? (zev_timer_t *)t->handle : NULL;
 }
+
+/* An owned timer a handle names; NULL/EINVAL otherwise. */
+static zev_timer_t *owned_of(const zev_timer_t *handle)
+{
+    zev_timer_t *t = timer_of(handle);
+    if (t && !t->owned) {
+        errno = EINVAL;
+        return NULL;
+    }
+    return t;
+}
+
+int zev_timer_arm(zev_timer_t *handle, uint64_t delay_us, uint64_t repeat_us)
+{
+    zev_timer_t *t = owned_of(handle);
+    if (!t)
+        return -1;
+    arm(t, delay_us, repeat_us);
+    return 0;
+}
+
+int zev_timer_disarm(zev_timer_t *handle)
+{
+    zev_timer_t *t = owned_of(handle);
+    if (!t)
+        return -1;
+    zev__timer_disarm(t);
+    return 0;
+}
+
+int zev_timer_free(zev_timer_t *handle)
+{
+    zev_timer_t *t = owned_of(handle);
+    if (!t)
+        return -1;
+    end(t);
+    return 0;
+}
+
+uint64_t zev_timer_due(const zev_timer_t *handle)
+{
+    zev_timer_t *t = timer_of(handle);
+    if (!t)
+        return 0;
+    return t->armed || t->running ? t->deadline_ns : 0;
+}
+
+/* ------------------------------------------------------------ run phase */
 
 /* The first deadline on the period's grid after `now`: the period's next
  * step from `deadline`, or further when that one is already past. */
@@ -168,37 +335,45 @@ static uint64_t next_on_grid(uint64_t deadline, uint64_t period, uint64_t now)
 
 size_t zev__timers_run(zev_loop_t *loop, uint64_t seq_bound)
 {
+    zev__timers_t *h = &loop->timers;
     size_t ran = 0;
-    while (loop->heap_len) {
-        zev_timer_t *t = loop->heap[0];
+    while (h->heap_len) {
+        zev_timer_t *t = h->heap[0];
         if (t->deadline_ns > loop->now_ns || t->seq >= seq_bound)
             break;
-        heap_remove(loop, t);
+        heap_remove(h, t);
         ran++;
+        t->armed = t->repeat_ns != 0; /* a one-shot has had its run */
         t->running = true;
-        t->fn(t, t->arg);
+        t->fn((zev_timer_t *)t->handle, t->arg);
         t->running = false;
-        if (t->cancelled || !t->repeat_ns) {
-            free(t);
+        if (t->dead) { /* cancelled or freed inside its callback */
+            pool_put(t);
             continue;
         }
-        t->deadline_ns = next_on_grid(t->deadline_ns, t->repeat_ns, loop->now_ns);
-        if (heap_insert(loop, t) < 0)
-            free(t); /* ENOMEM growing the heap cannot happen: t just left it */
+        if (t->heap_index != SIZE_MAX)
+            continue; /* re-armed inside its callback: that deadline stands */
+        if (t->armed)
+            zev__timer_arm_at(t, next_on_grid(t->deadline_ns, t->repeat_ns, loop->now_ns));
+        else if (!t->owned)
+            pool_put(t); /* a loop-owned one-shot ends after its run */
     }
     return ran;
 }
 
 uint64_t zev__timers_next(const zev_loop_t *loop)
 {
-    return loop->heap_len ? loop->heap[0]->deadline_ns : UINT64_MAX;
+    return loop->timers.heap_len ? loop->timers.heap[0]->deadline_ns : UINT64_MAX;
 }
 
 void zev__timers_free(zev_loop_t *loop)
 {
-    for (size_t i = 0; i < loop->heap_len; i++)
-        free(loop->heap[i]);
-    free(loop->heap);
-    loop->heap = NULL;
-    loop->heap_len = loop->heap_cap = 0;
+    zev__timers_t *h = &loop->timers;
+    while (h->chunks) {
+        struct zev__timer_chunk *next = h->chunks->next;
+        free(h->chunks);
+        h->chunks = next;
+    }
+    free(h->heap);
+    *h = (zev__timers_t){0};
 }

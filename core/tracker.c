@@ -29,26 +29,6 @@
 #include <stdlib.h>
 #include <string.h>
 
-/* libzmq is not instrumented: ThreadSanitizer cannot see that what the
- * sender did before zmq_msg_init_data() happens before libzmq calls the free
- * function on its I/O thread (the message travels through libzmq's lock-free
- * pipes). Tell it, or every zero-copy send is reported as a race. */
-#if defined(__SANITIZE_THREAD__)
-#define ZEV_TSAN 1
-#elif defined(__has_feature)
-#if __has_feature(thread_sanitizer)
-#define ZEV_TSAN 1
-#endif
-#endif
-#ifdef ZEV_TSAN
-#include <sanitizer/tsan_interface.h>
-#define ZEV_HB_RELEASE(p) __tsan_release(p)
-#define ZEV_HB_ACQUIRE(p) __tsan_acquire(p)
-#else
-#define ZEV_HB_RELEASE(p) ((void)(p))
-#define ZEV_HB_ACQUIRE(p) ((void)(p))
-#endif
-
 struct zev_tracker {
     zev__qnode_t qnode;
     zev__hub_t *hub;
@@ -122,6 +102,7 @@ int zev_stream_send_zc(zev_stream_t *s, void *data, size_t len, zev_free_fn free
     t->hint = hint;
     zev__hub_ref(t->hub);
 
+    int saved = errno;
     zmq_msg_t msg;
     bool copied = len <= ZEV_ZC_COPY_MAX;
     ZEV_HB_RELEASE(t);
@@ -153,6 +134,7 @@ int zev_stream_send_zc(zev_stream_t *s, void *data, size_t len, zev_free_fn free
     zmq_msg_close(&msg);
     if (out)
         *out = t;
+    errno = saved;
     return 0;
 }
 

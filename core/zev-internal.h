@@ -8,6 +8,7 @@
 #include "zev.h"
 
 #include "../backends/backend.h"
+#include "handle.h"
 #include "list.h"
 
 #include <errno.h>
@@ -19,6 +20,26 @@
 #include <sys/types.h>
 
 #define ZEV_INTERNAL __attribute__((visibility("hidden")))
+
+/* libzmq is not instrumented: ThreadSanitizer cannot see that what the
+ * loop thread did before zmq_msg_init_data() happens before libzmq calls the
+ * free function on its I/O thread (the message travels through libzmq's
+ * lock-free pipes). zero-copy sends tell it, or each is reported as a race. */
+#if defined(__SANITIZE_THREAD__)
+#define ZEV_TSAN 1
+#elif defined(__has_feature)
+#if __has_feature(thread_sanitizer)
+#define ZEV_TSAN 1
+#endif
+#endif
+#ifdef ZEV_TSAN
+#include <sanitizer/tsan_interface.h>
+#define ZEV_HB_RELEASE(p) __tsan_release(p)
+#define ZEV_HB_ACQUIRE(p) __tsan_acquire(p)
+#else
+#define ZEV_HB_RELEASE(p) ((void)(p))
+#define ZEV_HB_ACQUIRE(p) ((void)(p))
+#endif
 
 /* What a backend hands back in zev_fired_t.data: every registered object
  * starts with one of these. */
@@ -53,7 +74,7 @@ typedef struct zev__hub {
     atomic_int wake_pending;   /* 1 while a wakeup is written and not yet read */
     int wake_rfd, wake_wfd;    /* eventfd (both the same) or a pipe */
     zev__kind_t wake_kind;     /* registered with the backend as a handle */
-    zev_frame_t *frame_free;   /* pool of frame handles (loop thread / last ref) */
+    zev_frame_t *frame_free, *frame_free_tail; /* FIFO pool (loop thread / last ref) */
     struct zev__chunk *chunks; /* allocation chunks of the pool */
 } zev__hub_t;
 
@@ -103,17 +124,34 @@ static inline uint64_t zev__us_to_ns(uint64_t us)
     return us > UINT64_MAX / 1000u ? UINT64_MAX : us * 1000u;
 }
 
+/* Every timer comes from its loop's pool (timer.c) and is named by a
+ * generation-tagged handle (handle.h). */
 struct zev_timer {
     zev_loop_t *loop;
     uint64_t deadline_ns;
     uint64_t repeat_ns;
-    uint64_t seq;      /* start order, breaks deadline ties (FIFO) */
+    uint64_t seq;      /* (re)arm order, breaks deadline ties (FIFO) */
     size_t heap_index; /* SIZE_MAX when not in the heap */
     zev_timer_fn fn;
     void *arg;
-    bool running;   /* its callback is on the stack */
-    bool cancelled; /* cancelled while running: freed when the callback returns */
+    uintptr_t handle;       /* what its owner holds; 0 while in the pool */
+    zev_timer_t *next_free; /* the pool's FIFO */
+    uint32_t gen;           /* bumped each time it goes back to the pool */
+    bool owned;             /* zev_timer_new: the user's until zev_timer_free */
+    bool armed;             /* due to run (again); false once a one-shot ran */
+    bool running;           /* its callback is on the stack */
+    bool dead;              /* cancelled or freed in its callback: pooled after it */
 };
+
+/* A loop's timers: the heap of armed ones and the pool they all come from. */
+typedef struct zev__timers {
+    zev_timer_t **heap; /* binary min-heap on (deadline_ns, seq) */
+    size_t heap_len, heap_cap;
+    size_t live;                   /* timers out of the pool: heap_cap >= live */
+    uint64_t seq;                  /* next (re)arm order */
+    zev_timer_t *free_head, *free_tail;
+    struct zev__timer_chunk *chunks;
+} zev__timers_t;
 
 /* ---------------------------------------------------------------------- io */
 
@@ -132,12 +170,15 @@ struct zev_io {
 
 typedef struct zev__sendpart {
     zmq_msg_t msg;
-    bool more; /* more parts of this message follow */
+    uint64_t queued_ns; /* when its message was queued (first parts): send deadlines */
+    bool more;          /* more parts of this message follow */
 } zev__sendpart_t;
 
-/* on_send statuses waiting to be reported, run-length encoded */
+/* on_send statuses waiting to be reported, run-length encoded: `count`
+ * messages with consecutive sequence numbers from `seq`, one status. */
 typedef struct zev__report {
     int status;
+    uint64_t seq;
     size_t count;
 } zev__report_t;
 
@@ -148,6 +189,13 @@ struct zev_msg {
     size_t n;
 };
 
+/* A kept frame, from the hub's pool, named by a generation-tagged handle
+ * (handle.h). `handle` is what its owner holds: 0 while pooled, and
+ * ZEV__FRAME_ZEVS once zev_stream_send_frame took it. Claiming it is a
+ * compare-and-swap from the caller's handle, so of two releases (or a
+ * release and a send) from any threads exactly one wins, and a stale handle
+ * never matches. */
+#define ZEV__FRAME_ZEVS ((uintptr_t)1)
 struct zev_frame {
     zev__qnode_t qnode; /* release travels back through the hub */
     zmq_msg_t msg;
@@ -156,7 +204,8 @@ struct zev_frame {
     zev__list_t node;     /* stream->kept_frames while kept */
     zev_frame_t *next_free;
     size_t size;
-    atomic_int released;
+    _Atomic(uintptr_t) handle;
+    uint32_t gen;
 };
 
 struct zev_stream {
@@ -189,6 +238,8 @@ struct zev_stream {
 
     zev__report_t *rep;
     size_t rep_head, rep_len, rep_cap;
+    uint64_t seq_given;   /* number of the last message given (zev_stream_send_seq) */
+    uint64_t seq_settled; /* number of the last message whose status is known */
 
     /* receive ring */
     zmq_msg_t *ring;
@@ -218,10 +269,20 @@ struct zev_stream {
     bool delivering; /* zev__reports_deliver is on the stack */
     int broken;      /* 0, or the status of the message being sent, which
                       * libzmq refused after taking its first part */
-    uint64_t backoff_ns;
-    zev_timer_t *backoff_timer;
-    zev_timer_t *linger_timer;
-    uint64_t linger_end_ns; /* ZEV_CLOSE_FLUSH: when ZMQ_LINGER runs out */
+    /* The stream's one timer (created at first need) serves three deadlines:
+     * the POLLOUT back-off, ZMQ_LINGER of a flushing close, and the send
+     * deadline of the message at the head of the queue. */
+    zev_timer_t *timer;
+    uint64_t backoff_ns;      /* current back-off step */
+    uint64_t backoff_until;   /* blocked until then at the latest; 0 = not */
+    uint64_t linger_end_ns;   /* ZEV_CLOSE_FLUSH: when ZMQ_LINGER runs out; 0 = never */
+    uint64_t send_timeout_ns; /* zev_stream_set_send_timeout; 0 = none */
+    uint64_t head_since_ns;   /* when the queue's head message became the head */
+    /* Destinations whose last message timed out (sendq.c): a ROUTER's peers
+     * by their first frame's hash, the whole socket for other types. */
+    uint64_t timed_out[8];
+    unsigned ntimed_out, timed_out_next;
+    bool routed; /* ROUTER, STREAM: a message's first frame names its peer */
 };
 
 /* --------------------------------------------------------------------- loop */
@@ -241,9 +302,7 @@ struct zev_loop {
     size_t nstreams; /* streams registered with the backend */
     size_t nios;     /* io watchers registered with the backend */
 
-    zev_timer_t **heap; /* binary min-heap on (deadline_ns, seq) */
-    size_t heap_len, heap_cap;
-    uint64_t timer_seq;
+    zev__timers_t timers;
 
     zev__list_t ready;           /* streams that may have work */
     zev__list_t streams;         /* open streams */
@@ -261,21 +320,32 @@ struct zev_loop {
 };
 
 ZEV_INTERNAL uint64_t zev__clock_ns(void);
+/* The loop's time for something that starts now: the iteration's cached
+ * time inside its callbacks, the clock (cached afresh) outside them, where
+ * the cached time may be old. */
+static inline uint64_t zev__now(zev_loop_t *loop)
+{
+    if (!loop->depth)
+        loop->now_ns = zev__clock_ns();
+    return loop->now_ns;
+}
 /* loop.c: the loop's work or its next deadline changed outside an
  * iteration (host code between run_once calls): make zev_loop_fd say so.
  * Every place that queues work for the next iteration (the ready-list, the
  * close list, the timer heap) calls it; it costs a branch unless embedded. */
 ZEV_INTERNAL void zev__loop_changed(zev_loop_t *loop);
 
-/* timer.c: runs the due timers started before `seq_bound` (the timer
- * sequence number when the iteration began); returns timers run. */
+/* timer.c: runs the due timers armed before `seq_bound` (loop->timers.seq
+ * when the iteration began); returns timers run. */
 ZEV_INTERNAL size_t zev__timers_run(zev_loop_t *loop, uint64_t seq_bound);
 ZEV_INTERNAL uint64_t zev__timers_next(const zev_loop_t *loop); /* UINT64_MAX if none */
-static inline uint64_t zev__timer_deadline(const zev_timer_t *t)
-{
-    return t->deadline_ns;
-}
 ZEV_INTERNAL void zev__timers_free(zev_loop_t *loop);
+/* zev's own timers (streams): owned timers used through the object, never
+ * through a handle. New: NULL/ENOMEM. Arm and disarm cannot fail. */
+ZEV_INTERNAL zev_timer_t *zev__timer_new(zev_loop_t *loop, zev_timer_fn fn, void *arg);
+ZEV_INTERNAL void zev__timer_arm_at(zev_timer_t *t, uint64_t deadline_ns);
+ZEV_INTERNAL void zev__timer_disarm(zev_timer_t *t);
+ZEV_INTERNAL void zev__timer_free(zev_timer_t *t);
 
 /* io.c */
 ZEV_INTERNAL void zev__io_dispatch(zev_io_t *io, int events);
@@ -310,7 +380,11 @@ static inline int zev__stream_usable(const zev_stream_t *s)
     return 1;
 }
 
-/* stream.c: a stream's lifetime */
+/* stream.c: a stream's lifetime; its timer */
+/* Makes sure the stream has its timer: 0, or -1/ENOMEM. */
+ZEV_INTERNAL int zev__stream_timer_need(zev_stream_t *s);
+/* Arms the stream's timer for the earliest of its deadlines (or disarms). */
+ZEV_INTERNAL void zev__stream_timer_update(zev_stream_t *s);
 ZEV_INTERNAL void zev__streams_reap(zev_loop_t *loop);
 ZEV_INTERNAL void zev__streams_close_all(zev_loop_t *loop);
 ZEV_INTERNAL void zev__stream_finalize(zev_stream_t *s);      /* to the close phase; idempotent */
@@ -360,6 +434,20 @@ ZEV_INTERNAL void zev__sendq_pop(zev_stream_t *s);
 ZEV_INTERNAL void zev__sendq_drop_rest(zev_stream_t *s);
 ZEV_INTERNAL void zev__sendq_drop_head(zev_stream_t *s, int status);
 ZEV_INTERNAL void zev__sendq_cancel(zev_stream_t *s, int status);
+/* When the head message's fate is due under the send timeout (the time it
+ * may be dropped if libzmq refuses it); UINT64_MAX if never. */
+ZEV_INTERNAL uint64_t zev__sendq_deadline(const zev_stream_t *s);
+/* The head message was refused past its deadline: dropped, ETIMEDOUT, and
+ * its destination remembered as timed out. */
+ZEV_INTERNAL void zev__sendq_time_out_head(zev_stream_t *s);
+/* libzmq took the head message's first part: its destination is not timed
+ * out any more. */
+ZEV_INTERNAL void zev__sendq_head_taken(zev_stream_t *s);
+/* The head message changed (sent, dropped, or a first one queued). */
+static inline void zev__sendq_new_head(zev_stream_t *s)
+{
+    s->head_since_ns = s->loop->now_ns;
+}
 ZEV_INTERNAL int zev__sendq_flush_done(const zev_stream_t *s);
 
 /* msg.c */

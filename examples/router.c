@@ -31,8 +31,9 @@ static void serve(zev_stream_t *s, zev_msg_t *msg, void *arg)
     }
 }
 
-static void sent(zev_stream_t *s, int status, void *arg)
+static void sent(zev_stream_t *s, uint64_t seq, int status, void *arg)
 {
+    (void)seq;
     (void)s;
     stats_t *st = arg;
     if (status)

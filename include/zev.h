@@ -4,17 +4,23 @@
  *
  * Conventions (as libzmq's, since zev users are libzmq users):
  *   - functions return 0 (or a count, or a pointer) on success and -1 (or
- *     NULL) with errno set on failure; zmq_strerror(errno) describes it;
+ *     NULL) with errno set on failure; zmq_strerror(errno) describes it; a
+ *     call that succeeds leaves errno as it found it;
  *   - bad input never aborts: a NULL handle gives EINVAL, a handle used after
- *     close gives EBADF, bad flags give EINVAL;
- *   - every function except zev_loop_add_callback, zev_loop_stop,
- *     zev_frame_release and zev_tracker_done must be called on the loop's
- *     thread (the thread that runs it, or any one thread while it is not
- *     running);
- *   - handles are opaque; a handle whose lifetime has ended (a stopped io
- *     watcher, a cancelled or fired one-shot timer, a stream after its close
- *     callback returned, a destroyed loop) is a dangling pointer, exactly as
- *     after free(): zev cannot detect that use.
+ *     close gives EBADF, bad flags give EINVAL; predicates (1 / 0) and
+ *     getters that return a value also set EINVAL for a NULL handle;
+ *   - every function except zev_loop_add_callback, zev_loop_post,
+ *     zev_loop_stop, zev_frame_release, the other zev_frame_* accessors and
+ *     zev_tracker_done must be called on the loop's thread (the thread that
+ *     runs it, or any one thread while it is not running);
+ *   - handles are opaque. Timers and kept frames come from pools, and their
+ *     handles carry a generation: using one after its timer or frame ended
+ *     (a cancel after the one-shot fired, a second release) fails with
+ *     EINVAL and never touches whatever reuses the slot, as long as the loop
+ *     (for frames, any frame of the loop) still exists. Other handles whose
+ *     lifetime has ended (a stopped io watcher, a stream after its close
+ *     callback returned, a released tracker, a destroyed loop) are dangling
+ *     pointers, exactly as after free(): zev cannot detect that use.
  */
 #ifndef ZEV_H
 #define ZEV_H
@@ -65,7 +71,8 @@ typedef void (*zev_cb_fn)(zev_loop_t *loop, void *arg);
 typedef void (*zev_timer_fn)(zev_timer_t *t, void *arg);
 typedef void (*zev_io_fn)(zev_io_t *io, int fd, int events, void *arg);
 typedef void (*zev_recv_fn)(zev_stream_t *s, zev_msg_t *msg, void *arg);
-typedef void (*zev_send_fn)(zev_stream_t *s, int status, void *arg);
+/* seq: the message's number, as zev_stream_send_seq gave it */
+typedef void (*zev_send_fn)(zev_stream_t *s, uint64_t seq, int status, void *arg);
 typedef void (*zev_close_fn)(zev_stream_t *s, void *arg);
 typedef void (*zev_frame_fn)(zev_stream_t *s, size_t size, void *arg);
 typedef void (*zev_free_fn)(void *data, void *hint);
@@ -88,8 +95,9 @@ ZEV_API zev_loop_t *zev_loop_new(const zev_loop_opts_t *opts);
  * dropped without running; zev_stream_new from those close (or send)
  * callbacks fails with EBUSY. Kept frames and trackers stay valid and may be
  * released later from any thread. Must not be called from inside one of the
- * loop's callbacks (it is then refused: the loop keeps running; errno EBUSY).
- * NULL is ignored.
+ * loop's callbacks (it is then refused: -1 with EBUSY, the loop keeps
+ * running). Returns 0; NULL is ignored (0). Timers are freed, the ones the
+ * user owns (zev_timer_new) included; their handles are stale afterwards.
  * fork: a child process shares the parent's epoll or kqueue instance (and,
  * once zev_loop_fd was asked for, the poll backend's embedding set), and
  * libzmq sockets cannot be used across fork at all. The only thing a child
@@ -99,7 +107,7 @@ ZEV_API zev_loop_t *zev_loop_new(const zev_loop_opts_t *opts);
  * parent's watchers) and closes no socket, even for ZEV_CLOSE_SOCKET; the
  * callbacks run as described above. A child that needs a loop makes its own,
  * as libuv advises. */
-ZEV_API void zev_loop_destroy(zev_loop_t *loop);
+ZEV_API int zev_loop_destroy(zev_loop_t *loop);
 
 /* Runs iterations until zev_loop_stop. Returns 0 after a stop, -1 with EINVAL
  * (NULL), EBUSY (called from one of this loop's callbacks) or the backend's
@@ -155,9 +163,31 @@ ZEV_API int zev_loop_timeout(const zev_loop_t *loop);
  * lock-free (one atomic exchange; a malloc for the node); wakes the loop with
  * one coalesced write. Callbacks run in FIFO order per producer, each exactly
  * once; an iteration runs only what was queued when its drain began.
- * Callbacks still queued at zev_loop_destroy are dropped.
- * Errors: -1 with EINVAL (NULL loop or fn), ENOMEM. */
+ * Callbacks still queued at zev_loop_destroy are dropped without a word, and
+ * so is whatever their arg points to: a producer that must free it then
+ * posts with zev_loop_post instead. Errors: -1 with EINVAL (NULL loop or
+ * fn), ENOMEM. */
 ZEV_API int zev_loop_add_callback(zev_loop_t *loop, zev_cb_fn fn, void *arg);
+
+/* A cross-thread post the caller owns: zev_loop_post without an allocation.
+ * Put it inside your own object (an order, a request), post it, and reuse it
+ * once its callback ran. Its contents are zev's while it is posted. */
+typedef struct zev_post {
+    void *zev_private[4];
+} zev_post_t;
+
+/* Queues fn(loop, arg) as zev_loop_add_callback does (thread-safe,
+ * lock-free, FIFO per producer, one coalesced wakeup, the same drain), with
+ * the caller's post for the node: no allocation, and no failure but bad
+ * input. fn runs exactly once: on the loop's thread with the loop; or, if
+ * the loop is destroyed with the post still queued, from zev_loop_destroy
+ * with loop == NULL, so that fn can free what arg holds (it must call
+ * nothing of the loop's then). The post belongs to zev from this call until
+ * fn starts; posting it again before that is undefined. Posting to a loop
+ * that is being (or was) destroyed is a use after free, as for
+ * zev_loop_add_callback: stop the producers first.
+ * Errors: -1 with EINVAL (NULL loop, post or fn). */
+ZEV_API int zev_loop_post(zev_loop_t *loop, zev_post_t *post, zev_cb_fn fn, void *arg);
 
 /* Cached CLOCK_MONOTONIC time of the current iteration, in ns (0 for NULL). */
 ZEV_API uint64_t zev_now_ns(const zev_loop_t *loop);
@@ -176,16 +206,48 @@ ZEV_API uint64_t zev_now_ns(const zev_loop_t *loop);
  * started inside a callback never fires in the same iteration and counts
  * from the iteration's cached time (zev_now_ns); a timer started outside the
  * loop's callbacks counts from the current time.
- * Lifetime: a one-shot timer is freed after its callback returns (or by
- * zev_timer_cancel); a repeating one lives until zev_timer_cancel.
- * Errors: NULL with EINVAL (NULL loop or fn), ENOMEM. */
+ * Lifetime: the loop owns this timer; a one-shot ends after its callback
+ * returns (or at zev_timer_cancel), a repeating one at zev_timer_cancel.
+ * Its handle is stale afterwards (EINVAL). No allocation in steady state:
+ * timers come from the loop's pool. Errors: NULL with EINVAL (NULL loop or
+ * fn), ENOMEM. */
 ZEV_API zev_timer_t *zev_timer_start(zev_loop_t *loop, uint64_t delay_us, uint64_t repeat_us,
                                      zev_timer_fn fn, void *arg);
 
-/* Cancels and frees a timer. Safe inside its own callback (it will not
- * repeat) and inside any other callback (a due timer that has not run yet in
- * this iteration will not run). Errors: -1 with EINVAL (NULL). */
+/* Cancels a timer made by zev_timer_start and ends it. Safe inside its own
+ * callback (it will not repeat) and inside any other callback (a due timer
+ * that has not run yet in this iteration will not run). A handle whose timer
+ * already ended (a one-shot that fired, a second cancel) fails with EINVAL
+ * and changes nothing: for timeouts that may have fired, prefer an owned
+ * timer. Errors: -1 with EINVAL (NULL, stale, or an owned timer). */
 ZEV_API int zev_timer_cancel(zev_timer_t *t);
+
+/* A timer the user owns, for timeouts that are armed, cancelled and re-armed
+ * again and again (libuv's uv_timer_t, Go's time.Timer): made unarmed, it
+ * lives until zev_timer_free or zev_loop_destroy, whether or not it fired.
+ * fn(t, arg) runs on the loop's thread each time it comes due. The loop
+ * reserves everything it needs here: arm and disarm never allocate and
+ * never fail on a live timer. Errors: NULL with EINVAL (NULL loop or fn),
+ * ENOMEM. */
+ZEV_API zev_timer_t *zev_timer_new(zev_loop_t *loop, zev_timer_fn fn, void *arg);
+
+/* (Re)arms an owned timer: due after delay_us, then every repeat_us (0 =
+ * once), with zev_timer_start's rules (microseconds, the grid, saturation,
+ * never in the iteration that armed it). Arming an armed timer replaces its
+ * deadline; arming it inside its own callback replaces the next run.
+ * Errors: -1 with EINVAL (NULL, stale, or a timer from zev_timer_start). */
+ZEV_API int zev_timer_arm(zev_timer_t *t, uint64_t delay_us, uint64_t repeat_us);
+
+/* Disarms an owned timer: it will not run until armed again. Safe whether
+ * or not it is armed or already fired, and inside its own callback (a
+ * repeating timer then does not repeat). Errors: -1 with EINVAL (NULL,
+ * stale, or a timer from zev_timer_start). */
+ZEV_API int zev_timer_disarm(zev_timer_t *t);
+
+/* Frees an owned timer; also inside its own callback (it is freed when the
+ * callback returns). Its handle is stale afterwards. Errors: -1 with EINVAL
+ * (NULL, stale, or a timer from zev_timer_start). */
+ZEV_API int zev_timer_free(zev_timer_t *t);
 
 /* When the timer is next due: a CLOCK_MONOTONIC time in ns, the clock of
  * zev_now_ns. Inside the timer's own callback, the deadline that run was
@@ -237,7 +299,7 @@ ZEV_API zev_stream_t *zev_stream_new(zev_loop_t *loop, void *zmq_socket);
 ZEV_API int zev_stream_on_recv(zev_stream_t *s, zev_recv_fn fn, void *arg);
 
 /* Sets the send callback. Every message given to a send function gets one
- * status, in send order: 0 when handed to libzmq (what libzmq does with it
+ * status, in send order, with the message's number (zev_stream_send_seq): 0 when handed to libzmq (what libzmq does with it
  * then is libzmq's: a PUB at its high-water mark drops it, as zmq_send
  * would), or the errno (ECANCELED if never sent; EPIPE if its peer went
  * away after libzmq took its first parts, which libzmq then dropped: no part
@@ -290,6 +352,33 @@ ZEV_API int zev_stream_send_msg(zev_stream_t *s, zmq_msg_t *parts, size_t nparts
 ZEV_API int zev_stream_send_zc(zev_stream_t *s, void *data, size_t len, zev_free_fn free_fn,
                                void *hint, zev_tracker_t **out);
 
+/* The number of the last message a send call gave to the stream: messages
+ * are numbered 1, 2, 3, ... in the order their first part is given (a call
+ * that fails takes nothing and no number). on_send hands each status with
+ * that number, so a gateway knows which order a status is for:
+ *     zev_stream_send_msg(router, parts, 3, 0);
+ *     order->seq = zev_stream_send_seq(router);
+ * 0 before the first message (and for NULL, errno EINVAL). */
+ZEV_API uint64_t zev_stream_send_seq(const zev_stream_t *s);
+
+/* A send deadline, the stream's counterpart of ZMQ_SNDTIMEO. A message
+ * libzmq takes is always sent, late or not. A message it refuses is dropped
+ * and reported ETIMEDOUT through on_send once it has been at the head of the
+ * stream's send queue for timeout_us (as a blocking send gives up after
+ * ZMQ_SNDTIMEO); and, when the last message to the same destination timed
+ * out, as soon as it has waited timeout_us since it was queued. The
+ * destination is the peer for a ROUTER (the message's first frame) and the
+ * whole socket for other types. So a peer that stopped reading (a
+ * ROUTER_MANDATORY peer whose pipe is full) costs its own messages, not the
+ * ones queued behind it for other peers, and a peer that is merely slow
+ * loses nothing as long as it catches up within the timeout. Checked by the
+ * stream's one timer, not one per message. A message libzmq already holds
+ * parts of cannot be taken back and is not dropped. 0 = none (the default).
+ * The queue stays first in, first out: zev keeps no queue per peer, because
+ * on_send reports in send order and per-peer queues would reorder it.
+ * Errors: EINVAL, EBADF, ENOMEM (the stream's timer). */
+ZEV_API int zev_stream_set_send_timeout(zev_stream_t *s, uint64_t timeout_us);
+
 /* Bounds the send queue in messages (0 = unbounded; default 1000). */
 ZEV_API int zev_stream_set_max_queue(zev_stream_t *s, size_t n);
 
@@ -319,9 +408,12 @@ ZEV_API int zev_stream_flush(zev_stream_t *s, int flags, size_t limit);
  * open and nothing was cancelled). */
 ZEV_API int zev_stream_close(zev_stream_t *s, int flags);
 
-ZEV_API int zev_stream_sending(const zev_stream_t *s);   /* 1 if the queue is non-empty */
-ZEV_API int zev_stream_receiving(const zev_stream_t *s); /* 1 if on_recv is set */
-ZEV_API int zev_stream_closed(const zev_stream_t *s);    /* 1 once close was called */
+/* 1 if messages wait in the send queue; 0 if not (and for NULL: EINVAL). */
+ZEV_API int zev_stream_sending(const zev_stream_t *s);
+/* 1 if on_recv is set and the stream is open; 0 if not (NULL: EINVAL). */
+ZEV_API int zev_stream_receiving(const zev_stream_t *s);
+/* 1 once close was called; 0 before (and for NULL: EINVAL). */
+ZEV_API int zev_stream_closed(const zev_stream_t *s);
 ZEV_API void *zev_stream_socket(const zev_stream_t *s);
 ZEV_API zev_loop_t *zev_stream_loop(const zev_stream_t *s);
 
@@ -370,9 +462,21 @@ ZEV_API zmq_msg_t *zev_frame_msg(zev_frame_t *f); /* read it; do not close or mo
 
 /* Gives a kept frame back. Thread-safe and lock-free: call it from any
  * thread. The stream's on_frame_release runs later on the loop thread. The
- * handle is invalid afterwards; a second release of the same handle before
- * it is reused fails with EINVAL. */
+ * handle is stale afterwards: a second release, or any zev_frame_* call,
+ * fails with EINVAL (also once the slot holds another frame). */
 ZEV_API int zev_frame_release(zev_frame_t *f);
+
+/* Sends a kept frame on a stream without copying it (as one part;
+ * ZMQ_SNDMORE: more follow), the way to forward what was received: libzmq
+ * references the frame's buffer, and the frame is released (its stream's
+ * on_frame_release runs, and it counts against max_frames until then) when
+ * libzmq is done with it, not before. On success the frame is zev's: the
+ * handle is stale at once. Frames of at most ZEV_ZC_COPY_MAX bytes are
+ * copied and released at once. The stream's queue, order, bound and on_send
+ * report are those of zev_stream_send. On failure nothing is taken and the
+ * frame stays the caller's. Loop thread only (the stream's).
+ * Errors: as zev_stream_send, plus EINVAL (NULL or stale frame). */
+ZEV_API int zev_stream_send_frame(zev_stream_t *s, zev_frame_t *f, int flags);
 
 /* 1 once the tracked message's buffer was released by libzmq (and its
  * free function ran), 0 before; thread-safe, and also true after

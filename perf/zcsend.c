@@ -354,8 +354,9 @@ static void pump(zsend_t *zs)
     zs_check_done(zs);
 }
 
-static void on_send(zev_stream_t *s, int status, void *arg)
+static void on_send(zev_stream_t *s, uint64_t seq, int status, void *arg)
 {
+    (void)seq;
     (void)s;
     zsend_t *zs = arg;
     if (status != 0) {

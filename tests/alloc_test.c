@@ -259,8 +259,9 @@ typedef struct {
     size_t ok, other;
 } tx_t;
 
-static void tx_cb(zev_stream_t *s, int status, void *arg)
+static void tx_cb(zev_stream_t *s, uint64_t seq, int status, void *arg)
 {
+    (void)seq;
     (void)s;
     tx_t *t = arg;
     if (status == 0)
@@ -437,8 +438,9 @@ typedef struct {
     int status[4 * (OOM_FILL + OOM_QUEUED)];
 } statuses_t;
 
-static void record_status(zev_stream_t *s, int status, void *arg)
+static void record_status(zev_stream_t *s, uint64_t seq, int status, void *arg)
 {
+    (void)seq;
     (void)s;
     statuses_t *st = arg;
     if (st->n < sizeof st->status / sizeof st->status[0])

@@ -582,3 +582,150 @@ Test(callback, queued_at_destroy_are_dropped)
     zev_loop_destroy(loop);
     cr_assert_eq(ran, 0, "a callback queued in the last iteration ran during destroy");
 }
+
+/* ------------------------------------------------ posts the caller owns */
+
+typedef struct order {
+    zev_post_t post; /* inside the caller's own object: no allocation */
+    int id;
+    atomic_int *ran;
+    int *log;
+    int *nlog;
+    zev_loop_t *expect;
+    atomic_int in_flight;
+} order_t;
+
+static void order_ran(zev_loop_t *loop, void *arg)
+{
+    order_t *o = arg;
+    if (o->expect)
+        cr_assert_eq(loop, o->expect);
+    if (o->log)
+        o->log[(*o->nlog)++] = o->id;
+    atomic_fetch_add(o->ran, 1);
+    atomic_store(&o->in_flight, 0);
+}
+
+static void cb_logged(zev_loop_t *loop, void *arg)
+{
+    (void)loop;
+    order_t *o = arg;
+    o->log[(*o->nlog)++] = o->id;
+}
+
+/* zev_loop_post and zev_loop_add_callback share one FIFO. */
+Test(callback, post_and_add_callback_share_fifo_order)
+{
+    zev_loop_t *loop = test_loop_new();
+    atomic_int ran = 0;
+    int log[64], nlog = 0;
+    order_t o[32];
+    for (int i = 0; i < 32; i++) {
+        o[i] = (order_t){.id = i, .ran = &ran, .log = log, .nlog = &nlog, .expect = loop};
+        if (i % 3)
+            cr_assert_eq(zev_loop_post(loop, &o[i].post, order_ran, &o[i]), 0);
+        else
+            cr_assert_eq(zev_loop_add_callback(loop, cb_logged, &o[i]), 0);
+    }
+    for (int i = 0; i < 10 && nlog < 32; i++)
+        cr_assert_geq(zev_loop_run_once(loop, 10), 0);
+    cr_assert_eq(nlog, 32);
+    for (int i = 0; i < 32; i++)
+        cr_assert_eq(log[i], i, "position %d ran %d", i, log[i]);
+    zev_loop_destroy(loop);
+}
+
+/* Producers reuse their posts as soon as each callback ran: every post runs
+ * exactly once, on the loop thread. */
+enum { POSTERS = 4, SLOTS = 8, PER_POSTER = 20000 };
+
+typedef struct poster {
+    zev_loop_t *loop;
+    order_t slot[SLOTS];
+    atomic_int ran;
+    int posted;
+} poster_t;
+
+static void *poster_main(void *arg)
+{
+    poster_t *p = arg;
+    while (p->posted < PER_POSTER) {
+        for (int i = 0; i < SLOTS && p->posted < PER_POSTER; i++) {
+            if (atomic_load(&p->slot[i].in_flight))
+                continue;
+            atomic_store(&p->slot[i].in_flight, 1);
+            cr_assert_eq(zev_loop_post(p->loop, &p->slot[i].post, order_ran, &p->slot[i]), 0);
+            p->posted++;
+        }
+    }
+    return NULL;
+}
+
+Test(callback, posts_reused_by_four_threads_run_once_each, .timeout = 60)
+{
+    zev_loop_t *loop = test_loop_new();
+    static poster_t ps[POSTERS];
+    pthread_t th[POSTERS];
+    for (int t = 0; t < POSTERS; t++) {
+        ps[t] = (poster_t){.loop = loop};
+        atomic_init(&ps[t].ran, 0);
+        for (int i = 0; i < SLOTS; i++)
+            ps[t].slot[i] = (order_t){.id = i, .ran = &ps[t].ran, .expect = loop};
+        cr_assert_eq(pthread_create(&th[t], NULL, poster_main, &ps[t]), 0);
+    }
+    uint64_t end = test_ms() + 50000;
+    for (;;) {
+        int total = 0;
+        for (int t = 0; t < POSTERS; t++)
+            total += atomic_load(&ps[t].ran);
+        if (total == POSTERS * PER_POSTER)
+            break;
+        cr_assert(test_ms() < end, "watchdog: %d of %d posts ran", total, POSTERS * PER_POSTER);
+        cr_assert_geq(zev_loop_run_once(loop, 10), 0);
+    }
+    for (int t = 0; t < POSTERS; t++)
+        pthread_join(th[t], NULL);
+    test_spin(loop, 3, 1);
+    for (int t = 0; t < POSTERS; t++)
+        cr_assert_eq(atomic_load(&ps[t].ran), PER_POSTER, "poster %d", t);
+    zev_loop_destroy(loop);
+}
+
+/* Posts still queued when the loop is destroyed run once with loop NULL, so
+ * that they can free what they carry; add_callback's are dropped (their
+ * nodes freed: ASan checks). */
+static void post_free(zev_loop_t *loop, void *arg)
+{
+    cr_assert_null(loop, "a dropped post must get loop NULL");
+    int **cell = arg;
+    free(*cell);
+    *cell = NULL;
+}
+
+static void never_cb(zev_loop_t *loop, void *arg)
+{
+    (void)loop;
+    (void)arg;
+    cr_assert_fail("a dropped add_callback ran");
+}
+
+Test(callback, posts_dropped_at_destroy_run_with_null)
+{
+    zev_loop_t *loop = test_loop_new();
+    enum { N = 50 };
+    zev_post_t posts[N];
+    int *held[N];
+    for (int i = 0; i < N; i++) {
+        held[i] = malloc(100);
+        cr_assert_not_null(held[i]);
+        cr_assert_eq(zev_loop_post(loop, &posts[i], post_free, &held[i]), 0);
+        cr_assert_eq(zev_loop_add_callback(loop, never_cb, NULL), 0);
+    }
+    cr_assert_eq(zev_loop_destroy(loop), 0);
+    for (int i = 0; i < N; i++)
+        cr_assert_null(held[i], "post %d was not told it was dropped", i);
+    errno = 0;
+    cr_assert_eq(zev_loop_post(NULL, &posts[0], post_free, NULL), -1);
+    cr_assert_eq(errno, EINVAL);
+    test_expect_no_leaks();
+}

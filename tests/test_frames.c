@@ -871,3 +871,247 @@ Test(frames, max_frames_stops_reading_and_resumes)
     free(c);
     test_expect_no_leaks();
 }
+
+/* ------------------------------------------ stale handles, forwarding */
+
+/* Keeps the next message's first part; the handle lands in *out. */
+typedef struct keep1 {
+    zev_frame_t *out[512];
+    size_t n;
+    size_t released; /* on_frame_release calls */
+} keep1_t;
+
+static void keep_one(zev_stream_t *s, zev_msg_t *m, void *arg)
+{
+    (void)s;
+    keep1_t *k = arg;
+    cr_assert_lt(k->n, 512);
+    k->out[k->n] = zev_msg_keep(m, 0);
+    cr_assert_not_null(k->out[k->n]);
+    k->n++;
+}
+
+static void count_released(zev_stream_t *s, size_t size, void *arg)
+{
+    (void)s;
+    (void)size;
+    ((keep1_t *)arg)->released++;
+}
+
+/* A frame released twice, after its slot went to a new frame: the second
+ * release (and every other call with the old handle) fails with EINVAL, and
+ * the new owner's frame stays intact and releasable once. */
+Test(frames, stale_handle_never_touches_the_next_owner)
+{
+    test_pair_t p = test_pair_open(ZMQ_PULL, ZMQ_PUSH, "inproc");
+    zev_stream_t *s = test_stream_new(p.loop, p.a);
+    keep1_t k = {0};
+    cr_assert_eq(zev_stream_on_recv(s, keep_one, &k), 0);
+    cr_assert_eq(zev_stream_on_frame_release(s, count_released, &k), 0);
+
+    cr_assert_eq(zmq_send(p.b, "old frame", 9, 0), 9);
+    test_run_until_count(p.loop, &k.n, 1, 5000);
+    zev_frame_t *stale = k.out[0];
+    cr_assert_eq(zev_frame_release(stale), 0);
+    test_run_until_count(p.loop, &k.released, 1, 5000);
+
+    /* Cycle the pool until the old slot is in use again, with many kept. */
+    enum { KEEP = 400 };
+    for (int i = 0; i < KEEP; i++) {
+        char buf[16];
+        int len = snprintf(buf, sizeof buf, "frame %03d", i);
+        cr_assert_eq(zmq_send(p.b, buf, (size_t)len, 0), len);
+    }
+    test_run_until_count(p.loop, &k.n, 1 + KEEP, 5000);
+    for (size_t i = 1; i < k.n; i++)
+        cr_assert_neq(k.out[i], stale, "a new frame got the stale handle's value");
+
+    errno = 0;
+    cr_assert_eq(zev_frame_release(stale), -1, "second release of a reused slot");
+    cr_assert_eq(errno, EINVAL);
+    errno = 0;
+    cr_assert_null(zev_frame_data(stale));
+    cr_assert_eq(errno, EINVAL);
+    cr_assert_null(zev_frame_msg(stale));
+    cr_assert_eq(zev_frame_size(stale), 0);
+    for (size_t i = 1; i < k.n; i++) {
+        char want[16];
+        snprintf(want, sizeof want, "frame %03zu", i - 1);
+        cr_assert_eq(zev_frame_size(k.out[i]), 9);
+        cr_assert_eq(memcmp(zev_frame_data(k.out[i]), want, 9), 0, "frame %zu was touched", i);
+        cr_assert_eq(zev_frame_release(k.out[i]), 0);
+    }
+    test_run_until_count(p.loop, &k.released, 1 + KEEP, 5000);
+    cr_assert_eq(k.released, 1 + KEEP, "%zu releases reported", k.released);
+    test_pair_close(&p);
+}
+
+/* Two threads releasing the same handle at once: exactly one wins. */
+typedef struct racer {
+    zev_frame_t *f;
+    atomic_int *go;
+    int rc;
+} racer_t;
+
+static void *race_release(void *arg)
+{
+    racer_t *r = arg;
+    while (!atomic_load(r->go))
+        ;
+    r->rc = zev_frame_release(r->f);
+    return NULL;
+}
+
+Test(frames, racing_releases_one_wins)
+{
+    test_pair_t p = test_pair_open(ZMQ_PULL, ZMQ_PUSH, "inproc");
+    zev_stream_t *s = test_stream_new(p.loop, p.a);
+    keep1_t k = {0};
+    cr_assert_eq(zev_stream_on_recv(s, keep_one, &k), 0);
+    cr_assert_eq(zev_stream_on_frame_release(s, count_released, &k), 0);
+    enum { ROUNDS = 200 };
+    for (int i = 0; i < ROUNDS; i++)
+        cr_assert_eq(zmq_send(p.b, "x", 1, 0), 1);
+    test_run_until_count(p.loop, &k.n, ROUNDS, 5000);
+    for (int i = 0; i < ROUNDS; i++) {
+        atomic_int go = 0;
+        racer_t r[2] = {{k.out[i], &go, 9}, {k.out[i], &go, 9}};
+        pthread_t th[2];
+        for (int j = 0; j < 2; j++)
+            cr_assert_eq(pthread_create(&th[j], NULL, race_release, &r[j]), 0);
+        atomic_store(&go, 1);
+        for (int j = 0; j < 2; j++)
+            pthread_join(th[j], NULL);
+        cr_assert((r[0].rc == 0) != (r[1].rc == 0), "round %d: releases returned %d and %d", i,
+                  r[0].rc, r[1].rc);
+    }
+    test_run_until_count(p.loop, &k.released, ROUNDS, 5000);
+    test_spin(p.loop, 3, 1);
+    cr_assert_eq(k.released, ROUNDS, "%zu releases for %d frames", k.released, ROUNDS);
+    test_pair_close(&p);
+}
+
+/* zev_stream_send_frame forwards a kept frame without copying; the frame is
+ * released (on_frame_release, max_frames) only when libzmq is done with it.
+ * Here the egress peer never connects: the forwarded frame stays counted
+ * until the egress stream is closed, which cancels it. */
+typedef struct fwd {
+    zev_frame_t *kept;
+    size_t got, released;
+    int statuses[4];
+    size_t nstatus;
+} fwd_t;
+
+static void fwd_keep(zev_stream_t *s, zev_msg_t *m, void *arg)
+{
+    (void)s;
+    fwd_t *f = arg;
+    f->kept = zev_msg_keep(m, 0);
+    cr_assert_not_null(f->kept);
+    f->got++;
+}
+
+static void fwd_released(zev_stream_t *s, size_t size, void *arg)
+{
+    (void)s;
+    (void)size;
+    ((fwd_t *)arg)->released++;
+}
+
+static void fwd_status(zev_stream_t *s, uint64_t seq, int status, void *arg)
+{
+    (void)s;
+    fwd_t *f = arg;
+    cr_assert_eq(seq, f->nstatus + 1);
+    if (f->nstatus < 4)
+        f->statuses[f->nstatus] = status;
+    f->nstatus++;
+}
+
+static void forward_run(size_t size)
+{
+    test_pair_t p = test_pair_open(ZMQ_PULL, ZMQ_PUSH, "inproc");
+    void *out = test_socket(p.ctx, ZMQ_PUSH);
+    char ep[64];
+    test_endpoint(ep, sizeof ep, "inproc");
+    cr_assert_eq(zmq_connect(out, ep), 0); /* nobody binds it yet */
+    zev_stream_t *in = test_stream_new(p.loop, p.a);
+    zev_stream_t *eg = test_stream_new(p.loop, out);
+    fwd_t f = {0};
+    cr_assert_eq(zev_stream_on_recv(in, fwd_keep, &f), 0);
+    cr_assert_eq(zev_stream_on_frame_release(in, fwd_released, &f), 0);
+    cr_assert_eq(zev_stream_on_send(eg, fwd_status, &f), 0);
+
+    char *payload = malloc(size);
+    cr_assert_not_null(payload);
+    for (size_t i = 0; i < size; i++)
+        payload[i] = (char)(i * 7 + 3);
+    cr_assert_eq(zmq_send(p.b, payload, size, 0), (int)size);
+    test_run_until_count(p.loop, &f.got, 1, 5000);
+    zev_frame_t *h = f.kept;
+    cr_assert_eq(zev_stream_send_frame(eg, h, 0), 0, "send_frame: %s", zmq_strerror(errno));
+    errno = 0;
+    cr_assert_eq(zev_frame_release(h), -1, "the forwarded frame's handle still works");
+    cr_assert_eq(errno, EINVAL);
+    test_spin(p.loop, 5, 1);
+    zev_stream_stats_t st;
+    cr_assert_eq(zev_stream_stats(in, &st), 0);
+    if (size > ZEV_ZC_COPY_MAX) {
+        cr_assert_eq(f.released, 0, "released before libzmq was done with it");
+        cr_assert_eq(st.frames_kept, 1);
+    } else {
+        cr_assert_eq(f.released, 1, "a small frame is copied and released at once");
+        cr_assert_eq(st.frames_kept, 0);
+    }
+
+    /* The peer arrives: the frame goes out byte for byte. */
+    void *sink = test_socket(p.ctx, ZMQ_PULL);
+    test_set_int(sink, ZMQ_RCVTIMEO, 5000);
+    cr_assert_eq(zmq_bind(sink, ep), 0);
+    test_run_until_count(p.loop, &f.nstatus, 1, 5000);
+    cr_assert_eq(f.statuses[0], 0);
+    char *got = malloc(size + 1);
+    cr_assert_not_null(got);
+    for (int i = 0; i < 1000 && zmq_recv(sink, got, size + 1, ZMQ_DONTWAIT) < 0; i++)
+        test_spin(p.loop, 1, 5);
+    cr_assert_eq(memcmp(got, payload, size), 0, "forwarded bytes differ");
+    test_run_until_count(p.loop, &f.released, 1, 5000);
+    cr_assert_eq(zev_stream_stats(in, &st), 0);
+    cr_assert_eq(st.frames_kept, 0);
+
+    /* Refused (queue full): nothing taken, the frame stays the caller's. */
+    cr_assert_eq(zmq_send(p.b, payload, size, 0), (int)size);
+    test_run_until_count(p.loop, &f.got, 2, 5000);
+    cr_assert_eq(zev_stream_set_max_queue(eg, 1), 0);
+    test_close(sink);
+    cr_assert_eq(zev_stream_send(eg, "fill", 4, 0), 0);
+    int rc = zev_stream_send_frame(eg, f.kept, 0);
+    if (rc < 0) { /* queue full (a small frame is copied: it may fit libzmq's pipe) */
+        cr_assert_eq(errno, EAGAIN);
+        cr_assert_eq(zev_frame_size(f.kept), size, "a refused frame is still the caller's");
+        cr_assert_eq(zev_frame_release(f.kept), 0);
+    }
+    /* Closing the stream cancels what zev queued; what libzmq took (into
+     * the pipe of the peer that just left) it lets go of when the socket
+     * closes: the frame comes home then, not before. */
+    cr_assert_eq(zev_stream_close(eg, 0), 0);
+    test_close(out);
+    test_run_until_count(p.loop, &f.released, 2, 5000);
+    test_spin(p.loop, 3, 1);
+    cr_assert_eq(f.released, 2, "%zu releases for 2 frames", f.released);
+    zev_loop_destroy(p.loop);
+    p.loop = NULL;
+    free(got);
+    free(payload);
+    test_pair_close(&p);
+}
+
+Test(frames, send_frame_forwards_without_copy_64k)
+{
+    forward_run(65536);
+}
+
+Test(frames, send_frame_small_is_copied)
+{
+    forward_run(16);
+}

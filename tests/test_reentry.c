@@ -107,8 +107,9 @@ static void finish(test_pair_t *p)
 
 /* ------------------------------------------------------- close from on_send */
 
-static void close_on_first_status(zev_stream_t *s, int status, void *arg)
+static void close_on_first_status(zev_stream_t *s, uint64_t seq, int status, void *arg)
 {
+    (void)seq;
     ctx_t *c = arg;
     record_status(c, status);
     if (c->statuses == 1) {
@@ -144,8 +145,9 @@ Test(reentry_send, close_inside_on_send, .timeout = 30)
     finish(&p);
 }
 
-static void close_flush_on_first_status(zev_stream_t *s, int status, void *arg)
+static void close_flush_on_first_status(zev_stream_t *s, uint64_t seq, int status, void *arg)
 {
+    (void)seq;
     ctx_t *c = arg;
     record_status(c, status);
     if (c->statuses == 1) {
@@ -197,23 +199,26 @@ Test(reentry_send, close_flush_inside_on_send, .timeout = 30)
 
 /* ------------------------------------------- changing on_send inside on_send */
 
-static void second_on_send(zev_stream_t *s, int status, void *arg)
+static void second_on_send(zev_stream_t *s, uint64_t seq, int status, void *arg)
 {
+    (void)seq;
     (void)s;
     ctx_t *c = arg;
     c->recvs2++;
     record_status(c, status);
 }
 
-static void unset_on_send(zev_stream_t *s, int status, void *arg)
+static void unset_on_send(zev_stream_t *s, uint64_t seq, int status, void *arg)
 {
+    (void)seq;
     ctx_t *c = arg;
     record_status(c, status);
     c->rc = zev_stream_on_send(s, NULL, NULL);
 }
 
-static void swap_on_send(zev_stream_t *s, int status, void *arg)
+static void swap_on_send(zev_stream_t *s, uint64_t seq, int status, void *arg)
 {
+    (void)seq;
     ctx_t *c = arg;
     record_status(c, status);
     c->rc = zev_stream_on_send(s, second_on_send, c);
@@ -261,8 +266,9 @@ Test(reentry_send, on_send_swapped_inside_on_send, .timeout = 30)
 }
 
 /* on_send sets max_queue / batch and sends until the queue is full. */
-static void settings_in_on_send(zev_stream_t *s, int status, void *arg)
+static void settings_in_on_send(zev_stream_t *s, uint64_t seq, int status, void *arg)
 {
+    (void)seq;
     ctx_t *c = arg;
     record_status(c, status);
     if (c->statuses == 1) {
@@ -324,8 +330,9 @@ static void echo_flush(zev_stream_t *s, zev_msg_t *m, void *arg)
     cr_assert_eq(msg_seq(m), v - 1000);
 }
 
-static void status_counter(zev_stream_t *s, int status, void *arg)
+static void status_counter(zev_stream_t *s, uint64_t seq, int status, void *arg)
 {
+    (void)seq;
     (void)s;
     record_status(arg, status);
 }
@@ -355,8 +362,9 @@ Test(reentry_recv, flush_inside_on_recv, .timeout = 30)
     finish(&p);
 }
 
-static void close_in_status(zev_stream_t *s, int status, void *arg)
+static void close_in_status(zev_stream_t *s, uint64_t seq, int status, void *arg)
 {
+    (void)seq;
     ctx_t *c = arg;
     record_status(c, status);
     cr_assert_eq(zev_stream_close(s, 0), 0);
@@ -952,8 +960,9 @@ Test(reentry_close, new_stream_inside_on_close_during_destroy, .timeout = 30)
 
 /* ------------------------------------------------- more nesting of passes */
 
-static void close_in_status_then_ebadf(zev_stream_t *s, int status, void *arg)
+static void close_in_status_then_ebadf(zev_stream_t *s, uint64_t seq, int status, void *arg)
 {
+    (void)seq;
     ctx_t *c = arg;
     record_status(c, status);
     if (zev_stream_closed(s)) {
@@ -1010,8 +1019,9 @@ static void recv_close_second(zev_stream_t *s, zev_msg_t *m, void *arg)
         cr_assert_eq(zev_stream_close(s, 0), 0);
 }
 
-static void flush_read_in_status(zev_stream_t *s, int status, void *arg)
+static void flush_read_in_status(zev_stream_t *s, uint64_t seq, int status, void *arg)
 {
+    (void)seq;
     ctx_t *c = arg;
     record_status(c, status);
     if (c->statuses == 1) {
@@ -1173,8 +1183,9 @@ static void refuse_recv(zev_stream_t *s, zev_msg_t *m, void *arg)
     cr_assert_eq(zev_stream_send(s, &v, sizeof v, 0), 0);
 }
 
-static void refuse_send(zev_stream_t *s, int status, void *arg)
+static void refuse_send(zev_stream_t *s, uint64_t seq, int status, void *arg)
 {
+    (void)seq;
     refuse_t *k = arg;
     record_status(&k->c, status);
     expect_refused(k);

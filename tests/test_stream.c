@@ -45,8 +45,9 @@ typedef struct {
     size_t nested;
 } send_count_t;
 
-static void count_send(zev_stream_t *s, int status, void *arg)
+static void count_send(zev_stream_t *s, uint64_t seq, int status, void *arg)
 {
+    (void)seq;
     (void)s;
     send_count_t *c = arg;
     if (status != c->expect && c->bad++ == 0)
@@ -888,8 +889,9 @@ static void ons_send_one(ons_t *o)
     o->next++;
 }
 
-static void ons_cb(zev_stream_t *s, int status, void *arg)
+static void ons_cb(zev_stream_t *s, uint64_t seq, int status, void *arg)
 {
+    (void)seq;
     (void)s;
     ons_t *o = arg;
     if (o->in_send)
@@ -953,8 +955,9 @@ static void noop_recv(zev_stream_t *s, zev_msg_t *m, void *arg)
 {
     (void)s, (void)m, (void)arg;
 }
-static void noop_send(zev_stream_t *s, int st, void *arg)
+static void noop_send(zev_stream_t *s, uint64_t seq, int st, void *arg)
 {
+    (void)seq;
     (void)s, (void)st, (void)arg;
 }
 static void noop_close(zev_stream_t *s, void *arg)
@@ -1404,8 +1407,9 @@ typedef struct {
     size_t calls, bad;
 } chain_t;
 
-static void chain_send(zev_stream_t *s, int status, void *arg)
+static void chain_send(zev_stream_t *s, uint64_t seq, int status, void *arg)
 {
+    (void)seq;
     chain_t *c = arg;
     c->calls++;
     if (status != 0)
@@ -1455,8 +1459,9 @@ typedef struct {
     size_t calls, bad, flush_fail;
 } flush_cb_t;
 
-static void flush_in_on_send(zev_stream_t *s, int status, void *arg)
+static void flush_in_on_send(zev_stream_t *s, uint64_t seq, int status, void *arg)
 {
+    (void)seq;
     flush_cb_t *f = arg;
     f->calls++;
     f->bad += status != 0;
@@ -1509,8 +1514,9 @@ typedef struct {
     size_t n;
 } statuses_t;
 
-static void record_status(zev_stream_t *s, int status, void *arg)
+static void record_status(zev_stream_t *s, uint64_t seq, int status, void *arg)
 {
+    (void)seq;
     (void)s;
     statuses_t *st = arg;
     if (st->n < 8)
@@ -1615,4 +1621,240 @@ Test(stream_send, peer_lost_mid_message_pair_last_part, .timeout = 30)
 Test(stream_send, peer_lost_mid_message_pair_middle_part, .timeout = 30)
 {
     peer_lost_mid_message(ZMQ_PAIR, 3);
+}
+
+/* ---------------------------------------------- message numbers, deadlines */
+
+typedef struct seqlog {
+    uint64_t seq[4096];
+    int status[4096];
+    size_t n;
+} seqlog_t;
+
+static void log_seq(zev_stream_t *s, uint64_t seq, int status, void *arg)
+{
+    (void)s;
+    seqlog_t *l = arg;
+    cr_assert_lt(l->n, 4096);
+    l->seq[l->n] = seq;
+    l->status[l->n] = status;
+    l->n++;
+}
+
+static void free_nothing(void *data, void *hint)
+{
+    (void)data;
+    (void)hint;
+}
+
+/* Every message gets a number when its first part is given (1, 2, 3, ...),
+ * whichever send function gave it, whether it went out at once or waited;
+ * on_send hands each status with that number, also after statuses were
+ * dropped while no on_send was set, and when a close cancels the rest. */
+Test(stream_send, on_send_numbers_match_send_seq, .timeout = 30)
+{
+    test_pair_t p = test_pair_open(ZMQ_PULL, TEST_NO_SOCKET, NULL);
+    void *push = test_socket(p.ctx, ZMQ_PUSH);
+    p.b = push;
+    test_set_int(push, ZMQ_SNDHWM, 4);
+    test_set_int(p.a, ZMQ_RCVHWM, 4);
+    test_bind_connect(p.a, push, "inproc");
+    zev_stream_t *s = test_stream_new(p.loop, push);
+    seqlog_t l = {0};
+    cr_assert_eq(zev_stream_send_seq(s), 0);
+    cr_assert_eq(zev_stream_on_send(s, log_seq, &l), 0);
+
+    uint64_t want = 0;
+    static char big[4096];
+    for (int round = 0; round < 6; round++) { /* the later rounds find libzmq full */
+        cr_assert_eq(zev_stream_send(s, "one", 3, 0), 0);
+        cr_assert_eq(zev_stream_send_seq(s), ++want);
+        cr_assert_eq(zev_stream_send(s, "a", 1, ZMQ_SNDMORE), 0);
+        cr_assert_eq(zev_stream_send_seq(s), ++want, "numbered at its first part");
+        cr_assert_eq(zev_stream_send(s, "b", 1, 0), 0);
+        cr_assert_eq(zev_stream_send_seq(s), want, "the second part is the same message");
+        zmq_msg_t parts[2];
+        zmq_msg_init_size(&parts[0], 2);
+        zmq_msg_init_size(&parts[1], 2);
+        cr_assert_eq(zev_stream_send_msg(s, parts, 2, 0), 0);
+        cr_assert_eq(zev_stream_send_seq(s), ++want);
+        cr_assert_eq(zev_stream_send_zc(s, big, sizeof big, free_nothing, NULL, NULL), 0);
+        cr_assert_eq(zev_stream_send_seq(s), ++want);
+    }
+    /* Statuses settled while no on_send is set are dropped, numbers kept. */
+    test_spin(p.loop, 2, 1);
+    cr_assert_eq(zev_stream_on_send(s, NULL, NULL), 0);
+    for (int i = 0; i < 3; i++)
+        cr_assert_eq(zev_stream_send(s, "quiet", 5, 0), 0);
+    want += 3;
+    test_spin(p.loop, 2, 1);
+    cr_assert_eq(zev_stream_on_send(s, log_seq, &l), 0);
+    cr_assert_eq(zev_stream_send(s, "last", 4, 0), 0);
+    cr_assert_eq(zev_stream_send_seq(s), ++want);
+    test_spin(p.loop, 3, 1);
+    cr_assert_eq(zev_stream_close(s, 0), 0); /* what still waits: ECANCELED */
+    test_spin(p.loop, 2, 1);
+
+    cr_assert_gt(l.n, 0);
+    for (size_t i = 1; i < l.n; i++)
+        cr_assert_gt(l.seq[i], l.seq[i - 1], "statuses %zu and %zu out of order", i - 1, i);
+    cr_assert_eq(l.seq[l.n - 1], want, "the last message's status has number %llu, want %llu",
+                 (unsigned long long)l.seq[l.n - 1], (unsigned long long)want);
+    size_t got = 0;
+    for (size_t i = 0; i < l.n; i++) {
+        cr_assert(l.status[i] == 0 || l.status[i] == ECANCELED, "status %s",
+                  zmq_strerror(l.status[i]));
+        got++;
+    }
+    /* Every message gets a status except those settled while on_send was
+     * NULL: the numbers they had are missing, no other. */
+    cr_assert_eq(got + (want - l.n), want);
+    test_pair_close(&p);
+}
+
+/* The scenario of issue 11: a ROUTER with ROUTER_MANDATORY serves two
+ * DEALERs; one stops reading and its pipe fills. Without a deadline the
+ * healthy client's replies wait behind the blocked peer's forever; with a
+ * send timeout the blocked peer's messages time out (ETIMEDOUT) and the
+ * healthy client gets every reply. */
+typedef struct gw {
+    int hello;
+} gw_t;
+
+static void gw_hello(zev_stream_t *s, zev_msg_t *m, void *arg)
+{
+    (void)s;
+    (void)m;
+    ((gw_t *)arg)->hello++;
+}
+
+static void send_to(zev_stream_t *router, const char *id, uint64_t i, size_t size)
+{
+    static char body[65536];
+    memcpy(body, &i, sizeof i);
+    cr_assert_eq(zev_stream_send(router, id, strlen(id), ZMQ_SNDMORE), 0);
+    cr_assert_eq(zev_stream_send(router, body, size, 0), 0, "send: %s", zmq_strerror(errno));
+}
+
+/* size: big enough that the slow peer's pipe, and over tcp the kernel's
+ * buffers, fill long before the last reply. */
+static void blocked_peer_run(const char *transport, size_t size)
+{
+    test_pair_t p = test_pair_open(ZMQ_ROUTER, TEST_NO_SOCKET, NULL);
+    test_set_int(p.a, ZMQ_ROUTER_MANDATORY, 1);
+    test_set_int(p.a, ZMQ_SNDHWM, 5);
+    char ep[256];
+    test_bind_ep(p.a, transport, ep, sizeof ep);
+    void *slow = test_socket(p.ctx, ZMQ_DEALER), *fast = test_socket(p.ctx, ZMQ_DEALER);
+    cr_assert_eq(zmq_setsockopt(slow, ZMQ_ROUTING_ID, "slow", 4), 0);
+    cr_assert_eq(zmq_setsockopt(fast, ZMQ_ROUTING_ID, "fast", 4), 0);
+    test_set_int(slow, ZMQ_RCVHWM, 5);
+    test_set_int(fast, ZMQ_RCVHWM, 1000); /* healthy: room for every reply */
+    cr_assert_eq(zmq_connect(slow, ep), 0);
+    cr_assert_eq(zmq_connect(fast, ep), 0);
+    zev_stream_t *r = test_stream_new(p.loop, p.a);
+    gw_t g = {0};
+    cr_assert_eq(zev_stream_on_recv(r, gw_hello, &g), 0);
+    cr_assert_eq(zmq_send(slow, "hi", 2, 0), 2);
+    cr_assert_eq(zmq_send(fast, "hi", 2, 0), 2);
+    for (uint64_t end = test_ms() + 5000; g.hello < 2;) {
+        cr_assert(test_ms() < end, "%d of 2 hellos reached the router", g.hello);
+        cr_assert_geq(zev_loop_run_once(p.loop, 10), 0);
+    }
+
+    seqlog_t l = {0};
+    cr_assert_eq(zev_stream_on_send(r, log_seq, &l), 0);
+    cr_assert_eq(zev_stream_set_send_timeout(r, 100000), 0); /* 100 ms */
+    cr_assert_eq(zev_stream_set_max_queue(r, 0), 0);
+    enum { N = 200 };
+    uint64_t slow_seq[N];
+    for (uint64_t i = 0; i < N; i++) {
+        send_to(r, "slow", i, size);
+        slow_seq[i] = zev_stream_send_seq(r);
+        send_to(r, "fast", i, size);
+    }
+    uint64_t t0 = test_ms();
+    uint64_t next = 0;
+    while (next < N) {
+        cr_assert(test_ms() - t0 < 10000, "the healthy client got %llu of %d replies",
+                  (unsigned long long)next, N);
+        test_spin(p.loop, 1, 5);
+        static char got[65536];
+        uint64_t v;
+        while (zmq_recv(fast, got, sizeof got, ZMQ_DONTWAIT) == (int)size) {
+            memcpy(&v, got, sizeof v);
+            cr_assert_eq(v, next, "the healthy client got reply %llu, want %llu",
+                         (unsigned long long)v, (unsigned long long)next);
+            next++;
+        }
+    }
+    test_run_until_count(p.loop, &l.n, 2 * N, 5000);
+    size_t slow_ok = 0, slow_timeout = 0, fast_ok = 0;
+    for (size_t i = 0; i < l.n; i++) {
+        bool is_slow = false;
+        for (int k = 0; k < N; k++)
+            is_slow |= slow_seq[k] == l.seq[i];
+        if (i)
+            cr_assert_gt(l.seq[i], l.seq[i - 1], "statuses out of order");
+        if (is_slow && l.status[i] == 0)
+            slow_ok++;
+        else if (is_slow && l.status[i] == ETIMEDOUT)
+            slow_timeout++;
+        else if (!is_slow && l.status[i] == 0)
+            fast_ok++;
+        else
+            cr_assert_fail("status %s for message %llu", zmq_strerror(l.status[i]),
+                           (unsigned long long)l.seq[i]);
+    }
+    cr_assert_eq(l.n, 2 * N, "%zu statuses for %d messages", l.n, 2 * N);
+    cr_assert_eq(fast_ok, N);
+    cr_assert_eq(slow_ok + slow_timeout, N);
+    cr_assert_gt(slow_timeout, 0, "nothing timed out: the slow peer was not blocked");
+    zev_loop_destroy(p.loop);
+    p.loop = NULL;
+    test_close(slow);
+    test_close(fast);
+    test_pair_close(&p);
+}
+
+Test(stream_send, send_timeout_frees_a_blocked_router_inproc, .timeout = 30)
+{
+    blocked_peer_run("inproc", sizeof(uint64_t));
+}
+
+Test(stream_send, send_timeout_frees_a_blocked_router_tcp, .timeout = 30)
+{
+    blocked_peer_run("tcp", 65536);
+}
+
+/* No peer at all: each queued message times out after its own timeout,
+ * counted from when it was queued, never before. */
+Test(stream_send, send_timeout_counts_from_each_message, .timeout = 30)
+{
+    test_pair_t p = test_pair_open(ZMQ_PUSH, TEST_NO_SOCKET, NULL);
+    char ep[256];
+    test_bind_ep(p.a, "tcp", ep, sizeof ep);
+    zev_stream_t *s = test_stream_new(p.loop, p.a);
+    seqlog_t l = {0};
+    cr_assert_eq(zev_stream_on_send(s, log_seq, &l), 0);
+    cr_assert_eq(zev_stream_set_send_timeout(s, 50000), 0);
+    uint64_t t0 = test_clock_ns();
+    for (int i = 0; i < 5; i++)
+        cr_assert_eq(zev_stream_send(s, "early", 5, 0), 0);
+    test_sleep_ms(30);
+    uint64_t t1 = test_clock_ns();
+    cr_assert_eq(zev_stream_send(s, "late", 4, 0), 0);
+    test_run_until_count(p.loop, &l.n, 5, 5000);
+    uint64_t first_done = test_clock_ns();
+    cr_assert_geq(first_done - t0, 50000000u, "timed out before 50 ms");
+    test_run_until_count(p.loop, &l.n, 6, 5000);
+    cr_assert_geq(test_clock_ns() - t1, 50000000u, "the late message timed out early");
+    for (size_t i = 0; i < 6; i++) {
+        cr_assert_eq(l.status[i], ETIMEDOUT);
+        cr_assert_eq(l.seq[i], i + 1);
+    }
+    zev_stream_stats_t st;
+    cr_assert_eq(zev_stream_stats(s, &st), 0);
+    cr_assert_eq(st.queued_msgs, 0);
+    test_pair_close(&p);
 }

@@ -66,8 +66,9 @@ static void track_recv(zev_stream_t *s, zev_msg_t *m, void *arg)
     t->recvs++;
 }
 
-static void track_send(zev_stream_t *s, int status, void *arg)
+static void track_send(zev_stream_t *s, uint64_t seq, int status, void *arg)
 {
+    (void)seq;
     (void)s;
     track_t *t = arg;
     if (t->close_calls)
@@ -525,10 +526,11 @@ typedef struct {
     size_t close_at;
 } send_closer_t;
 
-static void send_closer(zev_stream_t *s, int status, void *arg)
+static void send_closer(zev_stream_t *s, uint64_t seq, int status, void *arg)
 {
+    (void)seq;
     send_closer_t *c = arg;
-    track_send(s, status, &c->t);
+    track_send(s, seq, status, &c->t);
     if (c->t.sends == c->close_at) {
         c->t.close_called = 1;
         cr_assert_eq(zev_stream_close(s, 0), 0);

@@ -238,8 +238,9 @@ static size_t queued(const zev_stream_t *s)
 
 static void echo_recv(zev_stream_t *s, zev_msg_t *m, void *arg);
 
-static void echo_sent(zev_stream_t *s, int status, void *arg)
+static void echo_sent(zev_stream_t *s, uint64_t seq, int status, void *arg)
 {
+    (void)seq;
     echoer_t *e = arg;
     e->reported++;
     if (status != 0)
@@ -421,8 +422,9 @@ typedef struct relay {
 static void relay_recv(zev_stream_t *a, zev_msg_t *m, void *arg);
 
 /* B's on_send: resume A once B's queue is short again. */
-static void relay_sent(zev_stream_t *b, int status, void *arg)
+static void relay_sent(zev_stream_t *b, uint64_t seq, int status, void *arg)
 {
+    (void)seq;
     relay_t *r = arg;
     r->reported++;
     if (status != 0)
@@ -566,8 +568,9 @@ static void ping_recv(zev_stream_t *s, zev_msg_t *m, void *arg)
     p->got++;
 }
 
-static void ping_sent(zev_stream_t *s, int status, void *arg)
+static void ping_sent(zev_stream_t *s, uint64_t seq, int status, void *arg)
 {
+    (void)seq;
     (void)s;
     pinger_t *p = arg;
     p->reported++;
@@ -1037,8 +1040,9 @@ static void rm_recv(zev_stream_t *s, zev_msg_t *m, void *arg)
     r->hellos++;
 }
 
-static void rm_sent(zev_stream_t *s, int status, void *arg)
+static void rm_sent(zev_stream_t *s, uint64_t seq, int status, void *arg)
 {
+    (void)seq;
     (void)s;
     rmand_t *r = arg;
     cr_assert_lt(r->reported, RM_MAX_REPORTS);
@@ -1209,8 +1213,9 @@ static void req_recv(zev_stream_t *s, zev_msg_t *m, void *arg)
     q->got++;
 }
 
-static void req_sent(zev_stream_t *s, int status, void *arg)
+static void req_sent(zev_stream_t *s, uint64_t seq, int status, void *arg)
 {
+    (void)seq;
     (void)s;
     reqst_t *q = arg;
     q->reported++;

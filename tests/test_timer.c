@@ -749,3 +749,182 @@ Test(timer, short_oneshot_never_early)
     }
     zev_loop_destroy(loop);
 }
+
+/* ------------------------------------------------ timers the user owns */
+
+/* The per-request timeout: arm, disarm before it fires, arm again, let it
+ * fire, disarm after it fired (harmless), re-arm (replacing the deadline),
+ * free. */
+Test(timer, owned_arm_disarm_rearm_free)
+{
+    zev_loop_t *loop = test_loop_new();
+    int fired = 0;
+    zev_timer_t *t = zev_timer_new(loop, count_timer, &fired);
+    cr_assert_not_null(t, "zev_timer_new: %s", zmq_strerror(errno));
+    cr_assert_eq(zev_timer_due(t), 0, "a new owned timer is unarmed");
+    cr_assert_eq(zev_loop_timeout(loop), -1);
+
+    cr_assert_eq(zev_timer_arm(t, 20000, 0), 0);
+    cr_assert_gt(zev_timer_due(t), 0);
+    cr_assert_eq(zev_timer_disarm(t), 0); /* the reply came first */
+    cr_assert_eq(zev_timer_due(t), 0);
+    run_past(loop, 40000);
+    cr_assert_eq(fired, 0, "a disarmed timer fired");
+
+    cr_assert_eq(zev_timer_arm(t, 10000, 0), 0);
+    test_run_until(loop, &fired, 5000);
+    cr_assert_eq(zev_timer_due(t), 0, "a fired one-shot is unarmed");
+    cr_assert_eq(zev_timer_disarm(t), 0, "disarm after it fired: %s", zmq_strerror(errno));
+
+    cr_assert_eq(zev_timer_arm(t, 10u * 1000u * 1000u, 0), 0);
+    cr_assert_eq(zev_timer_arm(t, 5000, 0), 0); /* replaces the 10 s deadline */
+    for (uint64_t end = test_ms() + 5000; fired < 2;) {
+        cr_assert(test_ms() < end, "the replaced 5 ms deadline never came");
+        cr_assert_geq(zev_loop_run_once(loop, 10), 0);
+    }
+    cr_assert_eq(fired, 2);
+
+    cr_assert_eq(zev_timer_free(t), 0);
+    errno = 0;
+    cr_assert_eq(zev_timer_arm(t, 0, 0), -1, "arm after free");
+    cr_assert_eq(errno, EINVAL);
+    errno = 0;
+    cr_assert_eq(zev_timer_free(t), -1, "free twice");
+    cr_assert_eq(errno, EINVAL);
+    zev_loop_destroy(loop);
+}
+
+/* zev_timer_cancel is for the loop's timers, arm/disarm/free for the
+ * user's: each refuses the other flavour with EINVAL and changes nothing. */
+Test(timer, flavours_refuse_each_others_calls)
+{
+    zev_loop_t *loop = test_loop_new();
+    int a = 0, b = 0;
+    zev_timer_t *owned = zev_timer_new(loop, count_timer, &a);
+    zev_timer_t *started = zev_timer_start(loop, 10000, 0, count_timer, &b);
+    cr_assert(owned && started);
+    cr_assert_eq(zev_timer_arm(owned, 10000, 0), 0);
+    errno = 0;
+    cr_assert_eq(zev_timer_cancel(owned), -1);
+    cr_assert_eq(errno, EINVAL);
+    errno = 0;
+    cr_assert_eq(zev_timer_arm(started, 0, 0), -1);
+    cr_assert_eq(errno, EINVAL);
+    errno = 0;
+    cr_assert_eq(zev_timer_disarm(started), -1);
+    cr_assert_eq(errno, EINVAL);
+    errno = 0;
+    cr_assert_eq(zev_timer_free(started), -1);
+    cr_assert_eq(errno, EINVAL);
+    for (uint64_t end = test_ms() + 5000; a + b < 2;) {
+        cr_assert(test_ms() < end, "watchdog: %d + %d", a, b);
+        cr_assert_geq(zev_loop_run_once(loop, 10), 0);
+    }
+    cr_assert_eq(a, 1, "the refused calls changed the owned timer");
+    cr_assert_eq(b, 1, "the refused calls changed the started timer");
+    cr_assert_eq(zev_timer_free(owned), 0);
+    zev_loop_destroy(loop);
+}
+
+/* The trap of issue 11: a one-shot's timeout that already fired, cancelled
+ * when the reply comes. Its handle is stale: EINVAL, no use-after-free
+ * (ASan), and when its slot in the pool already holds another timer, that
+ * timer is not touched. */
+Test(timer, cancel_after_fire_is_einval_and_spares_the_next_owner)
+{
+    zev_loop_t *loop = test_loop_new();
+    int first = 0;
+    zev_timer_t *t = zev_timer_start(loop, 0, 0, count_timer, &first);
+    cr_assert_not_null(t);
+    test_run_until(loop, &first, 5000);
+    errno = 0;
+    cr_assert_eq(zev_timer_cancel(t), -1, "cancel after the one-shot fired");
+    cr_assert_eq(errno, EINVAL);
+    cr_assert_eq(zev_timer_due(t), 0);
+
+    /* Cycle the pool so that the slot is reused, then keep many armed. */
+    enum { LIVE = 256 };
+    int fired[LIVE] = {0};
+    for (int i = 0; i < 1000; i++) {
+        zev_timer_t *x = zev_timer_start(loop, 1000000, 0, count_timer, &fired[0]);
+        cr_assert_not_null(x);
+        cr_assert_eq(zev_timer_cancel(x), 0);
+    }
+    zev_timer_t *live[LIVE];
+    for (int i = 0; i < LIVE; i++) {
+        live[i] = zev_timer_start(loop, 20000, 0, count_timer, &fired[i]);
+        cr_assert_not_null(live[i]);
+        cr_assert_neq(live[i], t, "a new timer got the stale handle's value");
+    }
+    errno = 0;
+    cr_assert_eq(zev_timer_cancel(t), -1);
+    cr_assert_eq(errno, EINVAL);
+    run_past(loop, 60000);
+    for (int i = 0; i < LIVE; i++)
+        cr_assert_eq(fired[i], 1, "timer %d fired %d times: the stale cancel reached it", i,
+                     fired[i]);
+    zev_loop_destroy(loop);
+}
+
+/* Inside its own callback an owned timer may disarm (no repeat), re-arm
+ * (its next run is the new deadline) or free itself. */
+typedef struct selfowned {
+    zev_timer_t *t;
+    int calls;
+    int action; /* 1 disarm, 2 re-arm 20 ms once, 3 free */
+    uint64_t rearmed_due;
+} selfowned_t;
+
+static void selfowned_timer(zev_timer_t *t, void *arg)
+{
+    selfowned_t *so = arg;
+    cr_assert_eq(t, so->t);
+    so->calls++;
+    if (so->calls == 1 && so->action == 1)
+        cr_assert_eq(zev_timer_disarm(t), 0);
+    if (so->calls == 1 && so->action == 2) {
+        cr_assert_eq(zev_timer_arm(t, 20000, 0), 0);
+        so->rearmed_due = zev_timer_due(t);
+    }
+    if (so->calls == 1 && so->action == 3)
+        cr_assert_eq(zev_timer_free(t), 0);
+}
+
+Test(timer, owned_disarm_rearm_free_inside_own_callback)
+{
+    zev_loop_t *loop = test_loop_new();
+    selfowned_t so[3] = {{.action = 1}, {.action = 2}, {.action = 3}};
+    for (int i = 0; i < 3; i++) {
+        so[i].t = zev_timer_new(loop, selfowned_timer, &so[i]);
+        cr_assert_not_null(so[i].t);
+        cr_assert_eq(zev_timer_arm(so[i].t, 1000, 2000), 0); /* periodic */
+    }
+    run_past(loop, 60000);
+    cr_assert_eq(so[0].calls, 1, "disarmed in its callback, it repeated");
+    cr_assert_eq(zev_timer_due(so[0].t), 0);
+    cr_assert_eq(so[1].calls, 2, "re-armed once as a one-shot: %d runs", so[1].calls);
+    cr_assert_gt(so[1].rearmed_due, 0);
+    cr_assert_eq(zev_timer_due(so[1].t), 0);
+    cr_assert_eq(so[2].calls, 1, "freed in its callback, it repeated");
+    errno = 0;
+    cr_assert_eq(zev_timer_arm(so[2].t, 0, 0), -1, "the freed timer's handle still works");
+    cr_assert_eq(errno, EINVAL);
+    cr_assert_eq(zev_timer_free(so[0].t), 0);
+    cr_assert_eq(zev_timer_free(so[1].t), 0);
+    zev_loop_destroy(loop);
+}
+
+/* zev_loop_destroy frees owned timers, armed or not (ASan checks). */
+Test(timer, destroy_frees_owned_timers)
+{
+    zev_loop_t *loop = test_loop_new();
+    int n = 0;
+    for (int i = 0; i < 100; i++) {
+        zev_timer_t *t = zev_timer_new(loop, count_timer, &n);
+        cr_assert_not_null(t);
+        if (i % 2)
+            cr_assert_eq(zev_timer_arm(t, 1000000, 1000), 0);
+    }
+    cr_assert_eq(zev_loop_destroy(loop), 0);
+    cr_assert_eq(n, 0);
+}

@@ -244,8 +244,9 @@ static void pump(tctx_t *c)
     }
 }
 
-static void on_send_count(zev_stream_t *s, int status, void *arg)
+static void on_send_count(zev_stream_t *s, uint64_t seq, int status, void *arg)
 {
+    (void)seq;
     (void)s;
     tctx_t *c = arg;
     if (status == 0)
