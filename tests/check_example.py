@@ -1,0 +1,182 @@
+#!/usr/bin/env python3
+"""Runs one example program and checks the summary lines it prints.
+
+    check_example.py <example> [--sanitizer address|thread] -- <command> [args...]
+
+The examples print facts as `<record> key=value ...` lines (see the comment
+at the top of each); this script holds the expectations, so the programs
+stay what a user would write. The backend is the one ctest names in
+ZEV_BACKEND, and the program must say it ran on it. Time bounds are loose
+(the machine is shared) and apply only where timing is what the example
+shows; the memory bound is skipped under sanitizers, whose allocators keep
+freed memory on purpose.
+"""
+import argparse
+import os
+import subprocess
+import sys
+
+
+def parse(out):
+    """{record: [{key: value}, ...]} from the `record k=v k=v` lines."""
+    records = {}
+    for line in out.splitlines():
+        words = line.split()
+        if len(words) < 2 or "=" in words[0]:
+            continue
+        records.setdefault(words[0], []).append(
+            dict(w.split("=", 1) for w in words[1:] if "=" in w))
+    return records
+
+
+class Checker:
+    def __init__(self, records):
+        self.records = records
+        self.failures = []
+
+    def one(self, record):
+        rows = self.records.get(record, [])
+        if len(rows) != 1:
+            self.fail(f"expected one '{record}' line, got {len(rows)}")
+            return {}
+        return rows[0]
+
+    def expect(self, ok, what):
+        if not ok:
+            self.fail(what)
+
+    def fail(self, what):
+        self.failures.append(what)
+
+
+def num(row, key):
+    return float(row[key])  # KeyError: the line lacks it
+
+
+def check_backend(c, row):
+    want = os.environ.get("ZEV_BACKEND")
+    if want:
+        c.expect(row.get("backend") == want, f"ran on {row.get('backend')}, not {want}")
+
+
+def check_marketdata(c, args, sanitizer):
+    pub = c.one("publisher")
+    check_backend(c, pub)
+    ticks = num(pub, "ticks")
+    c.expect(ticks == args.seconds * 10000, f"published {ticks:.0f} ticks, not {args.seconds * 10000}")
+    clients = c.records.get("client", [])
+    c.expect(len(clients) == 3, f"{len(clients)} client lines")
+    p99_max = 10000 if not sanitizer else 50000  # us
+    for cl in clients:
+        name = cl.get("name", "?")
+        received, lost = num(cl, "received"), num(cl, "lost")
+        if cl["slow"] == "0":
+            # Not held up by the slow one: every tick, at the publisher's
+            # rate, and soon after it was sent.
+            c.expect(received == ticks, f"{name}: received {received:.0f} of {ticks:.0f}")
+            c.expect(lost == 0, f"{name}: lost {lost:.0f}")
+            c.expect(num(cl, "rate_hz") >= 0.9 * num(pub, "rate_hz"),
+                     f"{name}: {cl['rate_hz']} Hz against the publisher's {pub['rate_hz']} Hz")
+            c.expect(num(cl, "p99_us") <= p99_max,
+                     f"{name}: p99 tick-to-receive {cl['p99_us']} us > {p99_max} us")
+        else:
+            # libzmq's PUB drops the slow one's ticks at its high-water mark,
+            # and the sequence numbers show it.
+            c.expect(lost > 0, f"{name}: lost nothing: the slow client was not slow")
+            c.expect(received < ticks, f"{name}: received every tick")
+            c.expect(received + lost <= ticks, f"{name}: {received:.0f} + {lost:.0f} > {ticks:.0f}")
+    mem = c.one("memory")
+    if not sanitizer and mem:
+        growth = num(mem, "growth_kb")
+        c.expect(num(mem, "rss_start_kb") > 0, "no RSS sample")
+        c.expect(growth <= 768, f"RSS grew by {growth:.0f} KiB while publishing")
+
+
+def check_collector(c, args, sanitizer):
+    col, bp, fwd = c.one("collector"), c.one("backpressure"), c.one("forwarder")
+    if not (col and bp and fwd):
+        return
+    check_backend(c, col)
+    frames = num(col, "frames")
+    c.expect(frames == 2 * args.frames, f"{frames:.0f} frames, not {2 * args.frames}")
+    for key in ("received", "processed", "released", "release_callbacks"):
+        c.expect(num(col, key) == frames, f"{key}={col[key]}, not {frames:.0f}")
+    c.expect(num(col, "not_once") == 0, f"{col['not_once']} frames not received, processed "
+             "and released exactly once")
+    c.expect(num(col, "bad") == 0, f"workers saw {col['bad']} frames with wrong bytes")
+    # Reading stopped at the bound (reached, never passed) and resumed.
+    c.expect(num(bp, "peak_kept") == num(bp, "max_frames"),
+             f"peak kept {bp['peak_kept']}, bound {bp['max_frames']}")
+    c.expect(num(bp, "stops") > 0, "reading never stopped at max_frames")
+    for key in ("forwarded", "trackers_done", "archived"):
+        c.expect(num(fwd, key) == frames, f"{key}={fwd[key]}, not {frames:.0f}")
+    c.expect(num(fwd, "send_errors") == 0, f"{fwd['send_errors']} forwarding errors")
+    c.expect(num(fwd, "archive_bad") == 0, f"{fwd['archive_bad']} frames archived with wrong bytes")
+    c.expect(fwd.get("checksum_sent") == fwd.get("checksum_archived"),
+             "checksums of what was sent and what was archived differ")
+
+
+def check_embed(c, args, sanitizer):
+    emb = c.one("embed")
+    if not emb:
+        return
+    check_backend(c, emb)
+    msg, tim, idle = c.one("messages"), c.one("timers"), c.one("idle")
+    c.expect(msg.get("sent") == "20" and msg.get("replies") == "20",
+             f"messages both ways: sent {msg.get('sent')}, replies {msg.get('replies')}")
+    c.expect(msg.get("in_order") == "1", "replies out of order or wrong")
+    c.expect(tim.get("zev_fired") == "20" and tim.get("host_fired") == "20",
+             f"timers fired: zev {tim.get('zev_fired')}, host {tim.get('host_fired')}")
+    c.expect(tim.get("zev_early") == "0", f"{tim.get('zev_early')} zev timer runs came early")
+    c.expect(num(tim, "zev_late_max_us") <= 20000, f"zev timer {tim['zev_late_max_us']} us late")
+    c.expect(num(tim, "zev_late_avg_us") <= 3000, f"zev timers {tim['zev_late_avg_us']} us late "
+             "on average")
+    c.expect(num(tim, "out_of_order") == 0, "host and zev timers ran out of deadline order")
+    # Idle: nothing spins. A spinning loop burns the whole second.
+    c.expect(num(idle, "cpu_thread_us") <= 50000, f"idle second cost {idle['cpu_thread_us']} us "
+             "of the loop thread's CPU")
+    c.expect(num(idle, "host_iterations") <= 20, f"{idle['host_iterations']} host iterations "
+             "in an idle second")
+    c.expect(num(idle, "zev_runs") <= 20, f"{idle['zev_runs']} zev iterations in an idle second")
+
+
+CHECKS = {
+    "marketdata": check_marketdata,
+    "collector": check_collector,
+    "embed_libuv": check_embed,
+    "embed_libev": check_embed,
+}
+
+
+def main():
+    argv = sys.argv[1:]
+    if "--" not in argv:
+        sys.exit(__doc__)
+    split = argv.index("--")
+    ap = argparse.ArgumentParser()
+    ap.add_argument("example", choices=sorted(CHECKS))
+    ap.add_argument("--sanitizer", default="")
+    ap.add_argument("--seconds", type=int, default=2, help="marketdata: its argument")
+    ap.add_argument("--frames", type=int, default=2000, help="collector: its argument")
+    args = ap.parse_args(argv[:split])
+    cmd = argv[split + 1:]
+
+    run = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, timeout=600)
+    sys.stdout.write(run.stdout)
+    sys.stdout.flush()
+    if run.returncode != 0:
+        sys.exit(f"{args.example}: exited with {run.returncode}")
+    c = Checker(parse(run.stdout))
+    try:
+        CHECKS[args.example](c, args, args.sanitizer)
+    except KeyError as e:
+        c.fail(f"a summary line lacks {e}")
+    for f in c.failures:
+        print(f"FAIL {args.example}: {f}")
+    if c.failures:
+        sys.exit(1)
+    print(f"ok {args.example}")
+
+
+if __name__ == "__main__":
+    main()
