@@ -7,7 +7,12 @@
  * Semantics every backend keeps:
  *   - level-triggered: an fd that stays ready is reported by every wait;
  *   - an fd is registered at most once (the core checks, the backend may
- *     assume it); `data` is opaque and is handed back in fired entries;
+ *     assume it); `token` is opaque and is handed back in fired entries.
+ *     It is a number, not a pointer: a kernel registration can outlive the
+ *     core's (epoll keeps one while the file lives on through a dup or a
+ *     forked child, even after the fd number is closed), and what comes
+ *     back from it must not reach freed memory; the core looks the token up
+ *     and ignores one it no longer knows;
  *   - events are ZEV_BE_READ | ZEV_BE_WRITE; registering with 0 events keeps
  *     the fd known but silent; errors and hang-ups are reported as both
  *     READ and WRITE of what was asked for, so the callback finds out;
@@ -25,8 +30,8 @@
 enum { ZEV_BE_READ = 1, ZEV_BE_WRITE = 2 };
 
 typedef struct zev_fired {
-    void *data; /* what add() was given */
-    int events; /* ZEV_BE_READ | ZEV_BE_WRITE */
+    uint64_t token; /* what add() was given */
+    int events;     /* ZEV_BE_READ | ZEV_BE_WRITE */
 } zev_fired_t;
 
 typedef struct zev_backend_ops {
@@ -35,10 +40,10 @@ typedef struct zev_backend_ops {
     void *(*init)(void);
     /* Frees the state; registered fds are not touched (the core removed them). */
     void (*destroy)(void *state);
-    /* Starts watching fd for events, handing data back when it fires. */
-    int (*add)(void *state, int fd, int events, void *data);
+    /* Starts watching fd for events, handing token back when it fires. */
+    int (*add)(void *state, int fd, int events, uint64_t token);
     /* Changes the events watched for a registered fd. */
-    int (*modify)(void *state, int fd, int events, void *data);
+    int (*modify)(void *state, int fd, int events, uint64_t token);
     /* Stops watching fd. The fd may already be closed: that is not an error. */
     int (*remove)(void *state, int fd);
     /* Waits up to timeout_ns (-1 = forever, 0 = poll) and fills out[0..max).

@@ -18,6 +18,10 @@
 #include <sys/timerfd.h>
 #include <unistd.h>
 
+/* The fallback timerfd's token: no registration of the core's has it (the
+ * core's tokens carry an fd that is >= 0 in their low 32 bits). */
+#define TIMERFD_TOKEN UINT64_MAX
+
 typedef struct epoll_state {
     int epfd;
     int tfd;         /* the fallback's timerfd, -1 until a timed wait needs it */
@@ -57,10 +61,10 @@ static void epoll_destroy(void *state)
     free(st);
 }
 
-static int epoll_ctl_op(void *state, int op, int fd, int events, void *data)
+static int epoll_ctl_op(void *state, int op, int fd, int events, uint64_t token)
 {
     epoll_state_t *st = state;
-    struct epoll_event ev = {.events = to_epoll(events), .data.ptr = data};
+    struct epoll_event ev = {.events = to_epoll(events), .data.u64 = token};
     return epoll_ctl(st->epfd, op, fd, &ev);
 }
 
@@ -77,20 +81,20 @@ static int epoll_remove(void *state, int fd)
 /* epoll reports EPOLLERR/EPOLLHUP even for an empty mask, which would make a
  * hung-up fd watched for nothing spin the loop; an fd with no events is
  * therefore kept out of the kernel set until it asks for some. */
-static int epoll_add(void *state, int fd, int events, void *data)
+static int epoll_add(void *state, int fd, int events, uint64_t token)
 {
     if (!events)
         return 0;
-    return epoll_ctl_op(state, EPOLL_CTL_ADD, fd, events, data);
+    return epoll_ctl_op(state, EPOLL_CTL_ADD, fd, events, token);
 }
 
-static int epoll_modify(void *state, int fd, int events, void *data)
+static int epoll_modify(void *state, int fd, int events, uint64_t token)
 {
     if (!events)
         return epoll_remove(state, fd);
-    if (epoll_ctl_op(state, EPOLL_CTL_MOD, fd, events, data) == 0)
+    if (epoll_ctl_op(state, EPOLL_CTL_MOD, fd, events, token) == 0)
         return 0;
-    return errno == ENOENT ? epoll_ctl_op(state, EPOLL_CTL_ADD, fd, events, data) : -1;
+    return errno == ENOENT ? epoll_ctl_op(state, EPOLL_CTL_ADD, fd, events, token) : -1;
 }
 
 /* epoll_pwait2 through the C library where it has it (glibc 2.35), else the
@@ -118,7 +122,7 @@ static int wait_with_timerfd(epoll_state_t *st, int64_t timeout_ns, int n)
         st->tfd = timerfd_create(CLOCK_MONOTONIC, TFD_NONBLOCK | TFD_CLOEXEC);
         if (st->tfd < 0)
             return -1;
-        struct epoll_event ev = {.events = EPOLLIN, .data.ptr = &st->tfd};
+        struct epoll_event ev = {.events = EPOLLIN, .data.u64 = TIMERFD_TOKEN};
         if (epoll_ctl(st->epfd, EPOLL_CTL_ADD, st->tfd, &ev) < 0) {
             int err = errno;
             close(st->tfd);
@@ -160,7 +164,7 @@ static int epoll_wait_fired(void *state, int64_t timeout_ns, zev_fired_t *out, i
         return errno == EINTR ? 0 : -1;
     int filled = 0;
     for (int i = 0; i < n; i++) {
-        if (st->events[i].data.ptr == &st->tfd) { /* the fallback's deadline */
+        if (st->events[i].data.u64 == TIMERFD_TOKEN) { /* the fallback's deadline */
             uint64_t expirations;
             (void)!read(st->tfd, &expirations, sizeof expirations);
             continue;
@@ -171,7 +175,7 @@ static int epoll_wait_fired(void *state, int64_t timeout_ns, zev_fired_t *out, i
             ev |= ZEV_BE_READ;
         if (e & (EPOLLOUT | EPOLLERR | EPOLLHUP))
             ev |= ZEV_BE_WRITE;
-        out[filled].data = st->events[i].data.ptr;
+        out[filled].token = st->events[i].data.u64;
         out[filled].events = ev;
         filled++;
     }

@@ -34,6 +34,7 @@
 
 typedef struct kqueue_state {
     int kqfd;
+    pid_t pid; /* the process that made it: a kqueue is not inherited by fork */
     struct kevent events[256];
 } kqueue_state_t;
 
@@ -51,13 +52,17 @@ static void *kqueue_init(void)
     }
     /* A kqueue is not inherited by fork(); keep it out of exec'd children too. */
     (void)fcntl(st->kqfd, F_SETFD, FD_CLOEXEC);
+    st->pid = getpid();
     return st;
 }
 
 static void kqueue_destroy(void *state)
 {
     kqueue_state_t *st = state;
-    close(st->kqfd);
+    /* In a forked child the number is not a kqueue of ours (a real kqueue
+     * is not inherited) and may name a file the child opened since. */
+    if (st->pid == getpid())
+        close(st->kqfd);
     free(st);
 }
 
@@ -111,11 +116,15 @@ static int kqueue_remove(void *state, int fd)
  * updates it (its enable state and udata), so the same call serves modify
  * and survives a knote the kernel dropped. Returns 0, or -1 with errno, with
  * each change's errno left in err[0..1]. */
-static int kqueue_set(kqueue_state_t *st, int fd, int events, void *data, int err[2])
+static int kqueue_set(kqueue_state_t *st, int fd, int events, uint64_t token, int err[2])
 {
     struct kevent ch[2];
     unsigned short rd = EV_ADD | KQ_RECEIPT | ((events & ZEV_BE_READ) ? EV_ENABLE : EV_DISABLE);
     unsigned short wr = EV_ADD | KQ_RECEIPT | ((events & ZEV_BE_WRITE) ? EV_ENABLE : EV_DISABLE);
+    /* udata is a pointer's width: on 32-bit systems the token's high half
+     * (the core's registration serial) is lost, which the core tolerates
+     * (kqueue drops a closed fd's knotes, so no stale one can fire). */
+    void *data = (void *)(uintptr_t)token;
     EV_SET(&ch[0], (uintptr_t)fd, EVFILT_READ, rd, 0, 0, data);
     EV_SET(&ch[1], (uintptr_t)fd, EVFILT_WRITE, wr, 0, 0, data);
     if (kqueue_apply(st, ch, err) < 0)
@@ -130,10 +139,10 @@ static int kqueue_set(kqueue_state_t *st, int fd, int events, void *data, int er
     return -1;
 }
 
-static int kqueue_add(void *state, int fd, int events, void *data)
+static int kqueue_add(void *state, int fd, int events, uint64_t token)
 {
     int err[2];
-    if (kqueue_set(state, fd, events, data, err) == 0)
+    if (kqueue_set(state, fd, events, token, err) == 0)
         return 0;
     /* Leave nothing half-registered behind. */
     int e = errno;
@@ -143,10 +152,10 @@ static int kqueue_add(void *state, int fd, int events, void *data)
     return -1;
 }
 
-static int kqueue_modify(void *state, int fd, int events, void *data)
+static int kqueue_modify(void *state, int fd, int events, uint64_t token)
 {
     int err[2];
-    return kqueue_set(state, fd, events, data, err);
+    return kqueue_set(state, fd, events, token, err);
 }
 
 static int kqueue_wait_fired(void *state, int64_t timeout_ns, zev_fired_t *out, int max)
@@ -175,11 +184,12 @@ static int kqueue_wait_fired(void *state, int64_t timeout_ns, zev_fired_t *out, 
         else
             continue;
         /* Read and write of one fd usually come back side by side: merge. */
-        if (filled > 0 && out[filled - 1].data == kev->udata) {
+        uint64_t token = (uint64_t)(uintptr_t)kev->udata;
+        if (filled > 0 && out[filled - 1].token == token) {
             out[filled - 1].events |= ev;
             continue;
         }
-        out[filled].data = kev->udata;
+        out[filled].token = token;
         out[filled].events = ev;
         filled++;
     }

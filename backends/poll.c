@@ -36,7 +36,7 @@
 
 typedef struct poll_state {
     struct pollfd *pfds; /* dense, [0, count) in use */
-    void **data;         /* parallel to pfds */
+    uint64_t *tokens;    /* parallel to pfds */
     int count, cap;
     int *map; /* fd -> index in pfds, -1 = absent */
     size_t mapcap;
@@ -120,7 +120,7 @@ static void poll_destroy(void *state)
     if (st->epfd >= 0)
         close(st->epfd);
     free(st->pfds);
-    free(st->data);
+    free(st->tokens);
     free(st->map);
     free(st);
 }
@@ -147,10 +147,10 @@ static int reserve(poll_state_t *st, int fd)
         if (!pfds)
             goto nomem;
         st->pfds = pfds; /* the larger block is kept even if the next fails */
-        void **data = realloc(st->data, cap * sizeof *data);
-        if (!data)
+        uint64_t *tokens = realloc(st->tokens, cap * sizeof *tokens);
+        if (!tokens)
             goto nomem;
-        st->data = data;
+        st->tokens = tokens;
         st->cap = (int)cap;
     }
     return 0;
@@ -159,7 +159,7 @@ nomem:
     return -1;
 }
 
-static int poll_add(void *state, int fd, int events, void *data)
+static int poll_add(void *state, int fd, int events, uint64_t token)
 {
     poll_state_t *st = state;
     if (fd < 0) {
@@ -174,12 +174,12 @@ static int poll_add(void *state, int fd, int events, void *data)
         return -1;
     int i = st->count++;
     st->pfds[i] = (struct pollfd){.fd = park(fd, events), .events = to_poll(events)};
-    st->data[i] = data;
+    st->tokens[i] = token;
     st->map[fd] = i;
     return 0;
 }
 
-static int poll_modify(void *state, int fd, int events, void *data)
+static int poll_modify(void *state, int fd, int events, uint64_t token)
 {
     poll_state_t *st = state;
     int i = lookup(st, fd);
@@ -191,7 +191,7 @@ static int poll_modify(void *state, int fd, int events, void *data)
         return -1;
     st->pfds[i].fd = park(fd, events);
     st->pfds[i].events = to_poll(events);
-    st->data[i] = data;
+    st->tokens[i] = token;
     return 0;
 }
 
@@ -208,7 +208,7 @@ static int poll_remove(void *state, int fd)
     int last = --st->count;
     if (i != last) {
         st->pfds[i] = st->pfds[last];
-        st->data[i] = st->data[last];
+        st->tokens[i] = st->tokens[last];
         int moved = st->pfds[i].fd;
         st->map[moved >= 0 ? moved : -moved - 1] = i;
     }
@@ -250,7 +250,7 @@ static int poll_wait(void *state, int64_t timeout_ns, zev_fired_t *out, int max)
         ev &= asked;
         if (!ev)
             continue;
-        out[n].data = st->data[i];
+        out[n].token = st->tokens[i];
         out[n].events = ev;
         if (++n == max)
             st->next = (i + 1) % st->count; /* truncated: the rest go first next time */

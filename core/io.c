@@ -59,7 +59,7 @@ int zev_io_update(zev_io_t *io, int events)
         errno = EINVAL;
         return -1;
     }
-    if (io->loop->ops->modify(io->loop->be, io->fd, events, io) < 0)
+    if (zev__reregister(io->loop, io->fd, events) < 0)
         return -1;
     io->events = events;
     return 0;

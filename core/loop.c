@@ -86,13 +86,18 @@ int zev__register(zev_loop_t *loop, int fd, int events, void *obj)
     }
     if (zev__fdmap_put(&loop->fds, fd, obj) < 0)
         return -1;
-    if (loop->ops->add(loop->be, fd, events, obj) < 0) {
+    if (loop->ops->add(loop->be, fd, events, zev__fdmap_token(&loop->fds, fd)) < 0) {
         int err = errno;
         zev__fdmap_del(&loop->fds, fd);
         errno = err;
         return -1;
     }
     return 0;
+}
+
+int zev__reregister(zev_loop_t *loop, int fd, int events)
+{
+    return loop->ops->modify(loop->be, fd, events, zev__fdmap_token(&loop->fds, fd));
 }
 
 /* In a forked child's destroy the backend's kernel object is shared with
@@ -192,13 +197,20 @@ int zev_loop_destroy(zev_loop_t *loop)
 
 /* ------------------------------------------------------------ the phases */
 
-/* Work the next iteration would do at once. A stop request is not work: it
- * only keeps zev_loop_run's wait from blocking (wait_timeout), so an
- * embedded loop that was stopped does not look busy forever. */
+/* Work the next iteration would do at once, timers aside. A stop request
+ * is not work: it only keeps zev_loop_run's wait from blocking
+ * (wait_timeout), so an embedded loop that was stopped does not look busy
+ * forever. */
 static int has_pending_work(zev_loop_t *loop)
 {
     return !zev__list_empty(&loop->ready) || zev__hub_pending(loop->hub) ||
            !zev__list_empty(&loop->closing_streams);
+}
+
+/* Work now, a due timer included: what zev_loop_timeout == 0 says. */
+static int work_now(zev_loop_t *loop)
+{
+    return has_pending_work(loop) || zev__timers_next(loop) <= zev__clock_ns();
 }
 
 /* ms until `deadline`, rounded up so a wakeup never comes early; -1 for
@@ -222,6 +234,8 @@ static int64_t wait_timeout(zev_loop_t *loop, int64_t max_ns)
         return 0;
     uint64_t next = zev__timers_next(loop);
     int64_t ns = -1;
+    if (next != UINT64_MAX)
+        loop->now_ns = zev__clock_ns(); /* callbacks since phase 1 took time */
     if (next != UINT64_MAX)
         ns = next <= loop->now_ns ? 0
              : next - loop->now_ns > INT64_MAX ? INT64_MAX
@@ -287,7 +301,9 @@ static void timer_fd_read(zev_loop_t *loop)
 static void dispatch(zev_loop_t *loop, int n)
 {
     for (int i = 0; i < n; i++) {
-        zev__kind_t *kind = loop->fired[i].data;
+        zev__kind_t *kind = zev__fdmap_by_token(&loop->fds, loop->fired[i].token);
+        if (!kind)
+            continue; /* unregistered since (this iteration, or a stale kernel entry) */
         switch (*kind) {
         case ZEV__H_IO:
             zev__io_dispatch((zev_io_t *)kind, loop->fired[i].events);
@@ -346,9 +362,11 @@ static int loop_iterate(zev_loop_t *loop, int64_t max_wait_ns, bool once)
     loop->depth++;
     loop->now_ns = zev__clock_ns();
     const uint64_t timers_before = loop->timers.seq; /* later ones wait an iteration */
+    const size_t reported_before = loop->reported;
     size_t progress = zev__timers_run(loop, timers_before); /* 1 */
     progress += zev__hub_drain(loop->hub, loop);            /* 2 */
     progress += zev__streams_process(loop);                 /* 3 */
+    progress += loop->reported - reported_before;           /* on_send ran in 3 */
     if (once && progress)
         max_wait_ns = 0;
     int64_t timeout = wait_timeout(loop, max_wait_ns);
@@ -407,7 +425,7 @@ int zev_loop_run_once(zev_loop_t *loop, int timeout_ms)
     if (rc < 0)
         return -1;
     errno = saved;
-    return has_pending_work(loop);
+    return work_now(loop);
 }
 
 void zev_loop_stop(zev_loop_t *loop)

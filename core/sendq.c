@@ -94,6 +94,7 @@ void zev__reports_deliver(zev_stream_t *s)
         uint64_t seq = r->seq++;
         if (--r->count == 0)
             s->rep_head++;
+        s->loop->reported++;
         if (s->on_send)
             s->on_send(s, seq, status, s->send_arg); /* may add reports: r is stale now */
     }

@@ -171,13 +171,20 @@ zev_stream_t *zev_stream_new(zev_loop_t *loop, void *sock)
     s->sock = sock;
     s->fd = fd;
     s->max_queue = 1000;
-    s->lb_socket = type == ZMQ_PUSH || type == ZMQ_DEALER || type == ZMQ_REQ;
+    s->type = type;
+    s->lb_socket = type == ZMQ_PUSH || type == ZMQ_DEALER;
     s->routed = type == ZMQ_ROUTER || type == ZMQ_STREAM;
     s->changes = 1; /* libzmq has said nothing yet: the first pass asks */
     s->msg.stream = s;
     zev__list_init(&s->node);
     zev__list_init(&s->ready);
     zev__list_init(&s->kept_frames);
+    /* The fd number held by another socket's stream: that socket's mailbox
+     * was closed (zmq_close under its stream) and the number reused by
+     * this one. The old stream fails without its socket being touched. */
+    zev__kind_t *held = zev__fdmap_get(&loop->fds, fd);
+    if (held && *held == ZEV__H_STREAM && ((zev_stream_t *)held)->sock != sock)
+        zev__stream_fail((zev_stream_t *)held, ENOTSOCK);
     if (zev__ring_reserve(s, 4) < 0 || zev__register(loop, fd, ZEV_READ, s) < 0) {
         int err = errno;
         zev__ring_free(s);
@@ -293,6 +300,51 @@ int zev_stream_set_max_queue(zev_stream_t *s, size_t n)
         return -1;
     s->max_queue = n;
     return 0;
+}
+
+/* zmq_connect and its kind on the stream's socket: libzmq processes the
+ * socket's commands first (swallowing an edge zev has not seen), and an
+ * inproc connect or bind attaches its pipe on the spot, signalling nothing.
+ * So the stream re-reads the socket's state in its next pass. */
+static int socket_call(zev_stream_t *s, int (*fn)(void *, const char *), const char *endpoint)
+{
+    if (!zev__stream_usable(s))
+        return -1;
+    if (s->err) {
+        errno = s->err;
+        return -1;
+    }
+    if (!endpoint) {
+        errno = EINVAL;
+        return -1;
+    }
+    int saved = errno;
+    int rc = fn(s->sock, endpoint);
+    if (rc == 0)
+        errno = saved; /* libzmq leaves EAGAIN behind on success */
+    s->changes++;
+    zev__stream_mark_ready(s);
+    return rc;
+}
+
+int zev_stream_connect(zev_stream_t *s, const char *endpoint)
+{
+    return socket_call(s, zmq_connect, endpoint);
+}
+
+int zev_stream_bind(zev_stream_t *s, const char *endpoint)
+{
+    return socket_call(s, zmq_bind, endpoint);
+}
+
+int zev_stream_disconnect(zev_stream_t *s, const char *endpoint)
+{
+    return socket_call(s, zmq_disconnect, endpoint);
+}
+
+int zev_stream_unbind(zev_stream_t *s, const char *endpoint)
+{
+    return socket_call(s, zmq_unbind, endpoint);
 }
 
 int zev_stream_set_send_timeout(zev_stream_t *s, uint64_t timeout_us)

@@ -52,10 +52,15 @@
  *   libzmq (>= 4.3.1) dropped the parts it had. part_refused() handles that
  *   one case for both paths: the refused part is never retried (it would
  *   start a new message and deliver the old one's tail on its own), and the
- *   message is reported EPIPE once. A load-balancing socket (PUSH, DEALER,
- *   REQ) drops the rest of such a message itself as it comes, and must be
- *   given it to leave that state (else it eats the next message); other
- *   types keep no such state and get nothing more of it. libzmq's remaining
+ *   message is reported EPIPE once. A load-balancing socket (PUSH, DEALER)
+ *   drops the rest of such a message itself as it comes, and must be given
+ *   it to leave that state (else it eats the next message); other types keep
+ *   no such state and get nothing more of it, except REQ, whose own state
+ *   (waiting for the reply to a request that never left) cannot be reset
+ *   from outside: its stream fails with EPIPE. Parts after the first never
+ *   wait in the queue behind POLLOUT once libzmq holds the message's start
+ *   (they never block on HWM): by then a new peer could have attached, and
+ *   a PAIR would take them as a message of their own. libzmq's remaining
  *   check before a part, a valid zmq_msg_t, holds for every message zev
  *   hands it; should any other error come anyway, the message could be
  *   neither finished nor taken back, and the stream fails with that errno
@@ -212,8 +217,9 @@ static void message_done(zev_stream_t *s)
  * caller closes the refused part. */
 static bool part_refused(zev_stream_t *s, int err, bool more)
 {
-    if (err != EAGAIN) {
-        zev__stream_fail(s, err); /* reports the message, and all queued, with err */
+    if (err != EAGAIN || s->type == ZMQ_REQ) {
+        /* reports the message, and all queued, with the errno */
+        zev__stream_fail(s, err == EAGAIN ? EPIPE : err);
         return false;
     }
     s->broken = EPIPE;
@@ -223,6 +229,8 @@ static bool part_refused(zev_stream_t *s, int err, bool more)
     message_done(s);
     return !more;
 }
+
+static size_t send_some(zev_stream_t *s, size_t room);
 
 /* Hands one part to libzmq now, or queues it. Returns 0 when the part was
  * taken (sent, queued, or dropped with its broken message), -1 with errno
@@ -271,6 +279,8 @@ static int hand_part(zev_stream_t *s, zmq_msg_t *msg, bool more)
     }
     zev__sendq_push(s, msg, more);
     mark_ready(s);
+    if (!first && s->out_more)
+        send_some(s, 1); /* libzmq holds this message's start: the rest goes now */
     return 0;
 }
 
@@ -622,12 +632,15 @@ int zev_stream_flush(zev_stream_t *s, int flags, size_t limit)
     s->changes++; /* "look now": an edge may wait undispatched in the backend */
     int saved = errno;
     bool idle;
+    zev_loop_t *loop = s->loop;
+    zev__callbacks_enter(loop); /* on_recv and on_send run from here */
     size_t n = mask ? stream_work(s, mask, limit, &idle) : 0;
+    mark_ready(s); /* the socket was touched outside the stream's pass */
+    zev__callbacks_leave(loop);
     if (n == 0 && s->err) { /* the socket turned out to be gone: say so */
         errno = s->err;
         return -1;
     }
-    mark_ready(s); /* the socket was touched outside the stream's pass */
     errno = saved;
     return n > INT32_MAX ? INT32_MAX : (int)n;
 }

@@ -32,6 +32,7 @@
 struct zev_tracker {
     zev__qnode_t qnode;
     zev__hub_t *hub;
+    zev_loop_t *loop; /* for on_done's at-once call (loop thread, loop alive) */
     atomic_int refs;
     atomic_int done; /* the free function ran (any thread) */
     bool completed;  /* the completion ran on the loop thread */
@@ -95,6 +96,7 @@ int zev_stream_send_zc(zev_stream_t *s, void *data, size_t len, zev_free_fn free
     }
     t->qnode.run = tracker_completed;
     t->hub = s->loop->hub;
+    t->loop = s->loop;
     atomic_init(&t->refs, out ? 2 : 1);
     atomic_init(&t->done, 0);
     t->free_fn = free_fn;
@@ -155,8 +157,11 @@ int zev_tracker_on_done(zev_tracker_t *t, zev_tracker_fn fn, void *arg)
     }
     t->fn = fn;
     t->arg = arg;
-    if (fn && t->completed)
-        fn(t, arg); /* completed before anyone asked: tell now, on this (loop) thread */
+    if (fn && t->completed) { /* completed before anyone asked: tell now, on this thread */
+        zev__callbacks_enter(t->loop);
+        fn(t, arg);
+        zev__callbacks_leave(t->loop);
+    }
     return 0;
 }
 

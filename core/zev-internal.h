@@ -95,19 +95,29 @@ ZEV_INTERNAL size_t zev__hub_drain(zev__hub_t *hub, zev_loop_t *loop);
 
 /* ------------------------------------------------------------- fd map (fdmap.c) */
 
-/* fd -> registered object, open addressing, grown on demand. */
+/* fd -> registered object, open addressing, grown on demand. Each
+ * registration gets a serial; (serial, fd) is the token the backend hands
+ * back, so an event from a registration the map no longer holds (or one
+ * whose fd number was registered again since) finds nothing. */
 typedef struct zev__fdmap {
     struct zev__fdslot {
         int fd; /* -1 empty, -2 deleted */
+        uint32_t serial;
         void *obj;
     } * slots;
     size_t cap, used, tombs;
+    uint32_t serial; /* the last one given */
 } zev__fdmap_t;
 
 ZEV_INTERNAL void *zev__fdmap_get(const zev__fdmap_t *m, int fd);
 ZEV_INTERNAL int zev__fdmap_put(zev__fdmap_t *m, int fd, void *obj); /* -1/ENOMEM */
 ZEV_INTERNAL void zev__fdmap_del(zev__fdmap_t *m, int fd);
 ZEV_INTERNAL void zev__fdmap_free(zev__fdmap_t *m);
+/* The backend token of fd's registration (0 if none). */
+ZEV_INTERNAL uint64_t zev__fdmap_token(const zev__fdmap_t *m, int fd);
+/* The object a token names, or NULL if that registration is gone. A token
+ * without a serial (kqueue on 32-bit systems) matches its fd's object. */
+ZEV_INTERNAL void *zev__fdmap_by_token(const zev__fdmap_t *m, uint64_t token);
 
 /* --------------------------------------------------------------------- timers */
 
@@ -258,7 +268,8 @@ struct zev_stream {
     bool out_more;    /* libzmq holds the first parts of an unfinished message */
 
     int err;        /* ENOTSOCK/ETERM once the socket is gone */
-    bool lb_socket; /* PUSH, DEALER, REQ: libzmq drops a broken message's rest */
+    int type;       /* ZMQ_TYPE */
+    bool lb_socket; /* PUSH, DEALER: libzmq drops a broken message's rest */
     bool closed;    /* zev_stream_close was called */
     bool flushing;  /* closed with ZEV_CLOSE_FLUSH, queue still draining */
     bool finalized; /* unregistered; waiting for the close callback */
@@ -301,6 +312,7 @@ struct zev_loop {
     pid_t pid;       /* the process that made the loop */
     size_t nstreams; /* streams registered with the backend */
     size_t nios;     /* io watchers registered with the backend */
+    size_t reported; /* on_send statuses delivered (progress for run_once) */
 
     zev__timers_t timers;
 
@@ -334,6 +346,19 @@ static inline uint64_t zev__now(zev_loop_t *loop)
  * Every place that queues work for the next iteration (the ready-list, the
  * close list, the timer heap) calls it; it costs a branch unless embedded. */
 ZEV_INTERNAL void zev__loop_changed(zev_loop_t *loop);
+/* Around user callbacks zev runs outside an iteration (a flush from host
+ * code, a tracker's on_done called at once): inside them the loop counts as
+ * running (zev_loop_run/destroy are refused), and what they made is
+ * signalled when they are over. */
+static inline void zev__callbacks_enter(zev_loop_t *loop)
+{
+    loop->depth++;
+}
+static inline void zev__callbacks_leave(zev_loop_t *loop)
+{
+    if (--loop->depth == 0)
+        zev__loop_changed(loop);
+}
 
 /* timer.c: runs the due timers armed before `seq_bound` (loop->timers.seq
  * when the iteration began); returns timers run. */
@@ -468,5 +493,6 @@ ZEV_INTERNAL void zev__frame_pool_free(zev__hub_t *hub);
 /* registration helpers shared by io.c and the stream files (loop.c) */
 ZEV_INTERNAL int zev__register(zev_loop_t *loop, int fd, int events, void *obj);
 ZEV_INTERNAL void zev__unregister(zev_loop_t *loop, int fd);
+ZEV_INTERNAL int zev__reregister(zev_loop_t *loop, int fd, int events); /* new events */
 
 #endif /* ZEV_INTERNAL_H */

@@ -320,8 +320,9 @@ static void on_frame(zev_stream_t *s, zev_msg_t *msg, void *arg)
 }
 
 /* One status per message to the archive, in order: 0 once libzmq has it. */
-static void on_sent(zev_stream_t *s, int status, void *arg)
+static void on_sent(zev_stream_t *s, uint64_t seq, int status, void *arg)
 {
+    (void)seq;
     (void)s;
     collector_t *c = arg;
     c->reported++;

@@ -251,8 +251,9 @@ ZEV_API int zev_timer_free(zev_timer_t *t);
 
 /* When the timer is next due: a CLOCK_MONOTONIC time in ns, the clock of
  * zev_now_ns. Inside the timer's own callback, the deadline that run was
- * due at. 0 when it is not armed (a one-shot that fired). Errors: 0 with
- * EINVAL (NULL). */
+ * due at. 0 when it is not armed (an owned timer disarmed, or a one-shot of
+ * its that fired). Errors: 0 with EINVAL (NULL, or a stale handle, e.g. a
+ * zev_timer_start one-shot that fired). */
 ZEV_API uint64_t zev_timer_due(const zev_timer_t *t);
 
 /* ------------------------------------------------------------ fd watchers */
@@ -260,11 +261,17 @@ ZEV_API uint64_t zev_timer_due(const zev_timer_t *t);
 /* Watches fd for events (ZEV_READ | ZEV_WRITE, level-triggered: the callback
  * runs every iteration while the condition holds). events may be 0 (watch
  * nothing until zev_io_update). The fd is not owned: close it only after
- * zev_io_stop. An fd closed before zev_io_stop (a usage error, as in libuv)
- * behaves the same on every backend: the watcher goes silent, and its number
- * stays taken in zev (EEXIST for a new watcher on it) until zev_io_stop; if
- * the number is reused for another file meanwhile, what the old watcher
- * sees of it is unspecified. Lifetime: until zev_io_stop.
+ * zev_io_stop. An fd closed before zev_io_stop is a usage error, as in
+ * libuv. zev keeps it memory-safe on every backend: the number stays taken
+ * in zev (EEXIST for a new watcher on it) until zev_io_stop, and nothing
+ * reaches a stopped watcher. What else happens depends on the kernel:
+ * poll and kqueue forget a closed number (the watcher goes silent); epoll
+ * forgets a file only when its last descriptor closes, so while the file is
+ * still open elsewhere (a dup, a forked child) epoll keeps reporting it,
+ * the watcher keeps firing until zev_io_stop and the loop wakes for it
+ * (for nothing) after that. If the number is reused for another file
+ * meanwhile, what the old watcher sees is unspecified.
+ * Lifetime: until zev_io_stop.
  * Errors: NULL with EINVAL (NULL loop/fn, bad events), EBADF (fd not open),
  * EEXIST (fd already watched by this loop, or it is a stream's ZMQ_FD),
  * EPERM (the backend cannot watch this fd, e.g. a regular file with epoll). */
@@ -287,10 +294,29 @@ ZEV_API int zev_io_stop(zev_io_t *io);
  * Lifetime: valid until its close callback has returned (after
  * zev_stream_close or zev_loop_destroy); then freed by the loop.
  * Errors: NULL with EINVAL (NULL), ENOTSOCK, ETERM, EEXIST (the socket
- * already has a stream on this loop), ENOMEM, EBUSY (called from a callback
+ * already has a stream on this loop; also a new socket that libzmq put at
+ * the address, and gave the ZMQ_FD number, of one zmq_closed under its
+ * stream: close that stream first), ENOMEM, EBUSY (called from a callback
  * that zev_loop_destroy runs, e.g. a close callback: the loop is going away
  * and the stream would outlive it). */
 ZEV_API zev_stream_t *zev_stream_new(zev_loop_t *loop, void *zmq_socket);
+
+/* The stream's socket's zmq_connect, zmq_bind, zmq_disconnect and
+ * zmq_unbind, for use once the socket has a stream. Use these rather than
+ * libzmq's on the socket: those process the socket's pending commands
+ * (which can swallow the ZMQ_FD edge of a message that just arrived), and an
+ * inproc connect or bind attaches its pipe at once and signals nothing, so
+ * the stream would not learn of the new peer's room or message. These tell
+ * the stream to look again. Any other libzmq call on the socket that touches
+ * its state (zmq_send, zmq_recv, zmq_poll, reading ZMQ_EVENTS) has the same
+ * effect and is not supported; after one, zev_stream_flush(s, ZEV_READ |
+ * ZEV_WRITE, 0) makes the stream look again. Returns libzmq's result (-1
+ * with its errno), or -1 with EINVAL (NULL), EBADF (closed), ENOTSOCK/ETERM
+ * (the socket is gone). */
+ZEV_API int zev_stream_connect(zev_stream_t *s, const char *endpoint);
+ZEV_API int zev_stream_bind(zev_stream_t *s, const char *endpoint);
+ZEV_API int zev_stream_disconnect(zev_stream_t *s, const char *endpoint);
+ZEV_API int zev_stream_unbind(zev_stream_t *s, const char *endpoint);
 
 /* Sets the receive callback: fn gets every whole message (always multipart,
  * even with one frame) with frames borrowed for the duration of the call.
@@ -302,8 +328,11 @@ ZEV_API int zev_stream_on_recv(zev_stream_t *s, zev_recv_fn fn, void *arg);
  * status, in send order, with the message's number (zev_stream_send_seq): 0 when handed to libzmq (what libzmq does with it
  * then is libzmq's: a PUB at its high-water mark drops it, as zmq_send
  * would), or the errno (ECANCELED if never sent; EPIPE if its peer went
- * away after libzmq took its first parts, which libzmq then dropped: no part
- * of it is sent later on its own). Each status goes to the callback set when it is delivered:
+ * away after libzmq took its first parts and libzmq refused the rest: no
+ * part of it is sent later on its own, and the next message is whole; when
+ * libzmq drops the rest silently itself, the message is reported 0, as
+ * libzmq reports it; a REQ socket cannot be used after such a loss, so its
+ * stream then fails with EPIPE). Each status goes to the callback set when it is delivered:
  * a message given before on_send was set is reported if its status comes
  * later, a callback set from inside on_send gets the statuses that follow,
  * and with none set a status is dropped. Runs from the loop, never nested
@@ -490,7 +519,8 @@ ZEV_API int zev_tracker_done(const zev_tracker_t *t);
  * an iteration after zev_tracker_done turned 1 (and after the release of a
  * kept frame that libzmq let go of at the same time): a program must not
  * stop its loop on the last frame release and expect the tracker callback.
- * Never called after zev_loop_destroy. Errors: EINVAL. */
+ * Never called after zev_loop_destroy; call this on the loop's thread while
+ * the loop exists. Errors: EINVAL. */
 ZEV_API int zev_tracker_on_done(zev_tracker_t *t, zev_tracker_fn fn, void *arg);
 
 /* Drops the caller's tracker; its callback will not run any more. */

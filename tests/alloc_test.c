@@ -681,3 +681,72 @@ Test(alloc, on_send_set_out_of_memory_is_refused)
     test_close(push);
     zmq_ctx_term(ctx);
 }
+
+/* ------------------------------------------- a gateway's per-request work */
+
+/* Issue 11: a per-request timeout and a cross-thread post cost no
+ * allocation in steady state. A gateway arms an owned timer when a request
+ * comes and disarms it when the reply does (or lets it fire); a strategy
+ * thread posts each answer with a zev_post_t inside its own order. Both
+ * loops run here on one thread: what is counted is zev's own work. */
+static void noop_timer(zev_timer_t *t, void *arg)
+{
+    (void)t;
+    (*(size_t *)arg)++;
+}
+
+typedef struct order {
+    zev_post_t post;
+    size_t *ran;
+} order_t;
+
+static void order_done(zev_loop_t *loop, void *arg)
+{
+    (void)loop;
+    order_t *o = arg;
+    (*o->ran)++;
+}
+
+Test(alloc, owned_timeouts_and_posts_allocate_nothing)
+{
+    cr_assert(alloc_count_interposed(), "the counting allocator is not interposed");
+    zev_loop_t *loop = test_loop_new();
+    enum { REQ = 64 };
+    size_t fired = 0, ran = 0;
+    zev_timer_t *timeout[REQ];
+    order_t order[REQ];
+    for (int i = 0; i < REQ; i++) {
+        timeout[i] = zev_timer_new(loop, noop_timer, &fired);
+        cr_assert_not_null(timeout[i]);
+        order[i].ran = &ran;
+    }
+    /* warm-up, then the measured phase: the same work */
+    for (int phase = 0; phase < 2; phase++) {
+        if (phase == 1)
+            alloc_count_start();
+        for (unsigned round = 0; round < 200; round++) {
+            for (int i = 0; i < REQ; i++) {
+                cr_assert_eq(zev_timer_arm(timeout[i], i % 4 ? 1000000 : 0, 0), 0);
+                cr_assert_eq(zev_loop_post(loop, &order[i].post, order_done, &order[i]), 0);
+            }
+            cr_assert_geq(zev_loop_run_once(loop, 0), 0); /* posts run, due timeouts fire */
+            for (int i = 0; i < REQ; i++)
+                cr_assert_eq(zev_timer_disarm(timeout[i]), 0); /* the replies came */
+            /* loop-owned one-shots come from the same pool */
+            zev_timer_t *t = zev_timer_start(loop, 1000000, 0, noop_timer, &fired);
+            cr_assert_not_null(t);
+            cr_assert_eq(zev_timer_cancel(t), 0);
+        }
+        if (phase == 1)
+            alloc_count_stop();
+    }
+    size_t allocs = alloc_count_allocs();
+    fprintf(stderr, "alloc: %u arm/disarm + %u posts: %zu allocations\n", 200u * REQ, 200u * REQ,
+            allocs);
+    cr_assert_eq(ran, 2u * 200u * REQ);
+    cr_assert_gt(fired, 0);
+    cr_assert_eq(allocs, 0, "%zu allocations for %u timeouts and posts", allocs, 200u * REQ);
+    for (int i = 0; i < REQ; i++)
+        cr_assert_eq(zev_timer_free(timeout[i]), 0);
+    zev_loop_destroy(loop);
+}

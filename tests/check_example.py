@@ -66,7 +66,11 @@ def check_marketdata(c, args, sanitizer):
     c.expect(ticks == args.seconds * 10000, f"published {ticks:.0f} ticks, not {args.seconds * 10000}")
     clients = c.records.get("client", [])
     c.expect(len(clients) == 3, f"{len(clients)} client lines")
-    p99_max = 10000 if not sanitizer else 50000  # us
+    # Loose, for a shared 2-core machine running other tests: the claim is
+    # relative (not held up by the slow one, whose median is near a second),
+    # checked below against the slow client's own median.
+    p99_max = 50000 if not sanitizer else 200000  # us
+    slow_p50 = [num(cl, "p50_us") for cl in clients if cl.get("slow") == "1"]
     for cl in clients:
         name = cl.get("name", "?")
         received, lost = num(cl, "received"), num(cl, "lost")
@@ -75,10 +79,14 @@ def check_marketdata(c, args, sanitizer):
             # rate, and soon after it was sent.
             c.expect(received == ticks, f"{name}: received {received:.0f} of {ticks:.0f}")
             c.expect(lost == 0, f"{name}: lost {lost:.0f}")
-            c.expect(num(cl, "rate_hz") >= 0.9 * num(pub, "rate_hz"),
+            c.expect(num(cl, "rate_hz") >= 0.8 * num(pub, "rate_hz"),
                      f"{name}: {cl['rate_hz']} Hz against the publisher's {pub['rate_hz']} Hz")
             c.expect(num(cl, "p99_us") <= p99_max,
                      f"{name}: p99 tick-to-receive {cl['p99_us']} us > {p99_max} us")
+            if slow_p50:
+                c.expect(num(cl, "p99_us") * 10 <= slow_p50[0],
+                         f"{name}: p99 {cl['p99_us']} us is not far below the slow client's "
+                         f"median {slow_p50[0]:.0f} us: held up by it?")
         else:
             # libzmq's PUB drops the slow one's ticks at its high-water mark,
             # and the sequence numbers show it.
@@ -140,7 +148,40 @@ def check_embed(c, args, sanitizer):
     c.expect(num(idle, "zev_runs") <= 20, f"{idle['zev_runs']} zev iterations in an idle second")
 
 
+def check_gateway(c, args, sanitizer):
+    gw = c.one("gateway")
+    if not gw:
+        return
+    check_backend(c, gw)
+    total = num(gw, "requests")
+    # Each request ends exactly once: answered or timed out.
+    c.expect(num(gw, "ended") == total, f"{gw['ended']} of {total:.0f} requests ended")
+    c.expect(num(gw, "answered") + num(gw, "timed_out") == total,
+             f"answered {gw['answered']} + timed out {gw['timed_out']} != {total:.0f}")
+    # Every tenth answer comes after twice the timeout: those time out.
+    c.expect(num(gw, "timed_out") >= total / 10, f"only {gw['timed_out']} timed out")
+    c.expect(num(gw, "answered") > 0, "nothing was answered")
+    # Every reply gets exactly one status, found by its number.
+    c.expect(num(gw, "statuses") == total, f"{gw['statuses']} statuses for {total:.0f} replies")
+    c.expect(num(gw, "unreported") == 0, f"{gw['unreported']} replies never got a status")
+    c.expect(num(gw, "delivered") + num(gw, "send_timeouts") == total,
+             f"delivered {gw['delivered']} + dropped {gw['send_timeouts']} != {total:.0f}")
+    # The stalled client's replies are dropped at their deadline ...
+    c.expect(num(gw, "send_timeouts") > 0, "the stalled client cost nothing: was it stalled?")
+    # ... and the others get all theirs.
+    clients = c.records.get("client", [])
+    c.expect(len(clients) == num(gw, "clients"), f"{len(clients)} client lines")
+    for cl in clients:
+        got = num(cl, "filled") + num(cl, "timeouts")
+        if cl.get("stalled") == "1":
+            c.expect(got >= 1, f"stalled client {cl['n']} got nothing")
+        else:
+            c.expect(got == num(cl, "requests"),
+                     f"client {cl['n']} got {got:.0f} of {cl['requests']} replies")
+
+
 CHECKS = {
+    "gateway": check_gateway,
     "marketdata": check_marketdata,
     "collector": check_collector,
     "embed_libuv": check_embed,

@@ -25,6 +25,7 @@ endfunction()
 # 3 s: the memory is sampled from 0.75 s on, over 22,500 ticks.
 zev_example_test(marketdata CHECK --seconds=3 ARGS 3)
 zev_example_test(collector CHECK --frames=2000 ARGS 2000)
+zev_example_test(gateway ARGS 200 20)
 if(ZEV_HAVE_LIBUV)
   zev_example_test(embed_libuv)
 endif()

@@ -248,3 +248,174 @@ Test(badinput, stream_send_msg_absurd_part_count)
     zmq_close(push);
     zmq_ctx_term(ctx);
 }
+
+/* ---------------------------------------------------- the errno contract */
+
+/* A call that succeeds leaves errno as it found it (issue 11: a successful
+ * zev_stream_send_zc left EAGAIN behind, from libzmq refusing the message
+ * before zev queued it). */
+#define SENTINEL 4242
+#define KEEPS_ERRNO(call)                                                                          \
+    do {                                                                                           \
+        errno = SENTINEL;                                                                          \
+        (void)(call);                                                                              \
+        cr_expect_eq(errno, SENTINEL, #call " changed errno to %d (%s)", errno,                     \
+                     zmq_strerror(errno));                                                         \
+    } while (0)
+
+static void keep_one(zev_stream_t *s, zev_msg_t *m, void *arg)
+{
+    (void)s;
+    zev_frame_t **kept = arg;
+    if (!*kept) /* the first one; the rest are recycled */
+        *kept = zev_msg_keep(m, 0);
+}
+
+static void free_nothing(void *data, void *hint)
+{
+    (void)data;
+    (void)hint;
+}
+
+static void timer_noop(zev_timer_t *t, void *arg)
+{
+    (void)t, (void)arg;
+}
+
+static void io_noop(zev_io_t *io, int fd, int events, void *arg)
+{
+    (void)io, (void)fd, (void)events, (void)arg;
+}
+
+static void on_send_noop(zev_stream_t *s, uint64_t seq, int status, void *arg)
+{
+    (void)s, (void)seq, (void)status, (void)arg;
+}
+
+static void stop_cb(zev_loop_t *loop, void *arg)
+{
+    (void)arg;
+    zev_loop_stop(loop);
+}
+
+Test(badinput, success_leaves_errno_alone)
+{
+    void *ctx = zmq_ctx_new();
+    zev_loop_t *loop;
+    errno = SENTINEL;
+    loop = test_loop_new();
+    cr_expect_eq(errno, SENTINEL, "zev_loop_new changed errno");
+    void *pull = zmq_socket(ctx, ZMQ_PULL), *push = zmq_socket(ctx, ZMQ_PUSH);
+    int hwm = 2;
+    zmq_setsockopt(push, ZMQ_SNDHWM, &hwm, sizeof hwm);
+    zmq_setsockopt(pull, ZMQ_RCVHWM, &hwm, sizeof hwm);
+    zev_stream_t *in, *out;
+    errno = SENTINEL;
+    in = zev_stream_new(loop, pull);
+    out = zev_stream_new(loop, push);
+    cr_assert(in && out);
+    cr_expect_eq(errno, SENTINEL, "zev_stream_new changed errno");
+    char ep[64];
+    snprintf(ep, sizeof ep, "inproc://errno-%d", (int)getpid());
+    KEEPS_ERRNO(zev_stream_bind(in, ep));
+    KEEPS_ERRNO(zev_stream_connect(out, ep));
+    zev_frame_t *kept = NULL;
+    KEEPS_ERRNO(zev_stream_on_recv(in, keep_one, &kept));
+    KEEPS_ERRNO(zev_stream_on_send(out, on_send_noop, NULL));
+    KEEPS_ERRNO(zev_stream_set_max_queue(out, 0));
+    KEEPS_ERRNO(zev_stream_set_send_timeout(out, 1000000));
+    static char big[4096];
+    for (int i = 0; i < 20; i++) { /* past the HWM: libzmq says EAGAIN, zev queues */
+        KEEPS_ERRNO(zev_stream_send(out, "x", 1, 0));
+        zmq_msg_t m;
+        zmq_msg_init_size(&m, 8);
+        KEEPS_ERRNO(zev_stream_send_msg(out, &m, 1, 0));
+        KEEPS_ERRNO(zev_stream_send_zc(out, big, sizeof big, free_nothing, NULL, NULL));
+    }
+    cr_expect_eq(zev_stream_sending(out), 1);
+    KEEPS_ERRNO(zev_loop_run_once(loop, 0));
+    KEEPS_ERRNO(zev_stream_flush(out, ZEV_WRITE, 0));
+    KEEPS_ERRNO(zev_stream_flush(in, ZEV_READ, 1));
+    for (int i = 0; i < 100 && !kept; i++)
+        KEEPS_ERRNO(zev_loop_run_once(loop, 1));
+    cr_assert_not_null(kept);
+    KEEPS_ERRNO(zev_frame_data(kept));
+    KEEPS_ERRNO(zev_frame_release(kept));
+
+    int fired = 0;
+    zev_timer_t *t;
+    errno = SENTINEL;
+    t = zev_timer_new(loop, timer_noop, &fired);
+    cr_expect_eq(errno, SENTINEL);
+    KEEPS_ERRNO(zev_timer_arm(t, 1000, 0));
+    KEEPS_ERRNO(zev_timer_due(t));
+    KEEPS_ERRNO(zev_timer_disarm(t));
+    KEEPS_ERRNO(zev_timer_free(t));
+    errno = SENTINEL;
+    t = zev_timer_start(loop, 1000000, 0, timer_noop, NULL);
+    cr_expect_eq(errno, SENTINEL);
+    KEEPS_ERRNO(zev_timer_cancel(t));
+
+    int p[2];
+    cr_assert_eq(pipe(p), 0);
+    zev_io_t *io;
+    errno = SENTINEL;
+    io = zev_io_start(loop, p[0], ZEV_READ, io_noop, NULL);
+    cr_expect_eq(errno, SENTINEL);
+    KEEPS_ERRNO(zev_io_update(io, ZEV_READ | ZEV_WRITE));
+    KEEPS_ERRNO(zev_io_stop(io));
+    close(p[0]);
+    close(p[1]);
+
+    zev_post_t post;
+    KEEPS_ERRNO(zev_loop_post(loop, &post, stop_cb, NULL));
+    KEEPS_ERRNO(zev_loop_run(loop));
+    KEEPS_ERRNO(zev_loop_add_callback(loop, stop_cb, NULL));
+    KEEPS_ERRNO(zev_loop_fd(loop));
+    KEEPS_ERRNO(zev_loop_timeout(loop));
+    KEEPS_ERRNO(zev_loop_run_once(loop, 0));
+    KEEPS_ERRNO(zev_stream_close(in, 0));
+    KEEPS_ERRNO(zev_stream_close(out, ZEV_CLOSE_FLUSH));
+    KEEPS_ERRNO(zev_loop_destroy(loop));
+    int zero = 0;
+    zmq_setsockopt(pull, ZMQ_LINGER, &zero, sizeof zero);
+    zmq_setsockopt(push, ZMQ_LINGER, &zero, sizeof zero);
+    zmq_close(pull);
+    zmq_close(push);
+    zmq_ctx_term(ctx);
+}
+
+/* Predicates and getters answer NULL with their neutral value and EINVAL. */
+Test(badinput, null_predicates_set_einval)
+{
+    errno = 0;
+    cr_expect_eq(zev_stream_closed(NULL), 0);
+    cr_expect_eq(errno, EINVAL);
+    errno = 0;
+    cr_expect_eq(zev_stream_sending(NULL), 0);
+    cr_expect_eq(errno, EINVAL);
+    errno = 0;
+    cr_expect_eq(zev_stream_receiving(NULL), 0);
+    cr_expect_eq(errno, EINVAL);
+    errno = 0;
+    cr_expect_eq(zev_msg_parts(NULL), 0);
+    cr_expect_eq(errno, EINVAL);
+    errno = 0;
+    cr_expect_eq(zev_now_ns(NULL), 0);
+    cr_expect_eq(errno, EINVAL);
+    errno = 0;
+    cr_expect_eq(zev_stream_send_seq(NULL), 0);
+    cr_expect_eq(errno, EINVAL);
+    errno = 0;
+    cr_expect_eq(zev_timer_due(NULL), 0);
+    cr_expect_eq(errno, EINVAL);
+    EXPECT_ERR(zev_loop_post(NULL, NULL, NULL, NULL), EINVAL);
+    EXPECT_ERR(zev_stream_send_frame(NULL, NULL, 0), EINVAL);
+    EXPECT_ERR(zev_timer_arm(NULL, 0, 0), EINVAL);
+    EXPECT_ERR(zev_timer_disarm(NULL), EINVAL);
+    EXPECT_ERR(zev_timer_free(NULL), EINVAL);
+    EXPECT_NULL(zev_timer_new(NULL, NULL, NULL), EINVAL);
+    EXPECT_ERR(zev_stream_set_send_timeout(NULL, 1), EINVAL);
+    EXPECT_ERR(zev_stream_bind(NULL, "inproc://x"), EINVAL);
+    cr_expect_eq(zev_loop_destroy(NULL), 0);
+}

@@ -906,3 +906,30 @@ Test(io, fd_closed_without_stop_goes_silent)
     close(q[1]);
     zev_loop_destroy(loop);
 }
+
+/* epoll keeps a registration while the file lives on elsewhere (a dup, a
+ * forked child), even after the watched fd number was closed: events keep
+ * coming for it, also once the watcher is stopped and freed. They must
+ * never reach the freed watcher (review finding 2: a use-after-free under
+ * ASan). On poll and kqueue, which drop a closed number, nothing comes. */
+Test(io, events_after_stop_never_reach_the_freed_watcher)
+{
+    zev_loop_t *loop = test_loop_new();
+    int p[2];
+    test_pipe(p);
+    seen_t a = {0};
+    a.io = zev_io_start(loop, p[0], ZEV_READ, seen_io, &a);
+    cr_assert_not_null(a.io);
+    int keep = dup(p[0]); /* the file stays open under another number */
+    cr_assert_geq(keep, 0);
+    close(p[0]);
+    write_all(p[1], "x", 1);
+    test_spin(loop, 3, 0);
+    cr_assert_eq(zev_io_stop(a.io), 0);
+    int before = a.calls;
+    test_spin(loop, 5, 0); /* ASan: nothing may touch the stopped watcher */
+    cr_assert_eq(a.calls, before, "a stopped watcher was called");
+    close(keep);
+    close(p[1]);
+    zev_loop_destroy(loop);
+}

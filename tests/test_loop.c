@@ -330,6 +330,146 @@ Test(loop, forked_child_destroy_leaves_parent_alone)
     zev_loop_destroy(loop);
 }
 
+/* Callbacks that zev_stream_flush runs for host code count as inside the
+ * loop: destroy and run from there are refused (review finding 3: destroy
+ * freed the stream under its own pass, run nested an iteration over the
+ * borrowed message). */
+typedef struct reentry {
+    zev_loop_t *loop;
+    int destroy_rc, destroy_errno, run_rc, run_errno;
+    size_t parts_before, parts_after;
+    int calls;
+} reentry_t;
+
+static void reenter_recv(zev_stream_t *s, zev_msg_t *m, void *arg)
+{
+    (void)s;
+    reentry_t *r = arg;
+    r->calls++;
+    r->parts_before = zev_msg_parts(m);
+    errno = 0;
+    r->destroy_rc = zev_loop_destroy(r->loop);
+    r->destroy_errno = errno;
+    errno = 0;
+    r->run_rc = zev_loop_run_once(r->loop, 0);
+    r->run_errno = errno;
+    r->parts_after = zev_msg_parts(m);
+}
+
+Test(loop, callbacks_run_by_a_host_flush_are_inside_the_loop)
+{
+    test_pair_t p = test_pair_open(ZMQ_PULL, ZMQ_PUSH, "inproc");
+    zev_stream_t *s = test_stream_new(p.loop, p.a);
+    reentry_t r = {.loop = p.loop};
+    cr_assert_eq(zev_stream_on_recv(s, reenter_recv, &r), 0);
+    cr_assert_eq(zmq_send(p.b, "m", 1, 0), 1);
+    test_sleep_ms(5);
+    cr_assert_eq(zev_stream_flush(s, ZEV_READ, 1), 1);
+    cr_assert_eq(r.calls, 1);
+    cr_assert_eq(r.destroy_rc, -1, "zev_loop_destroy inside a flushed on_recv was not refused");
+    cr_assert_eq(r.destroy_errno, EBUSY);
+    cr_assert_eq(r.run_rc, -1, "zev_loop_run_once inside a flushed on_recv was not refused");
+    cr_assert_eq(r.run_errno, EBUSY);
+    cr_assert_eq(r.parts_after, r.parts_before, "the borrowed message changed");
+    test_pair_close(&p);
+}
+
+/* on_send is a callback too: run_once(-1) that delivered statuses returns
+ * without blocking (review finding 6). */
+static void noted_send(zev_stream_t *s, uint64_t seq, int status, void *arg)
+{
+    (void)s;
+    (void)seq;
+    (void)status;
+    (*(int *)arg)++;
+}
+
+Test(loop, run_once_returns_after_running_on_send)
+{
+    test_pair_t p = test_pair_open(ZMQ_PULL, ZMQ_PUSH, "inproc");
+    zev_stream_t *s = test_stream_new(p.loop, p.b);
+    int sent = 0;
+    cr_assert_eq(zev_stream_on_send(s, noted_send, &sent), 0);
+    test_spin(p.loop, 3, 0);
+    test_watchdog_t w;
+    test_watchdog_start(&w, p.loop, 2000);
+    for (int i = 0; i < 5; i++) {
+        cr_assert_eq(zev_stream_send(s, "x", 1, 0), 0);
+        uint64_t t0 = test_ms();
+        cr_assert_geq(zev_loop_run_once(p.loop, -1), 0);
+        cr_assert_eq(sent, i + 1, "round %d: on_send did not run", i);
+        cr_assert_lt(test_ms() - t0, 1000, "round %d: run_once blocked after running on_send", i);
+    }
+    cr_assert_eq(test_watchdog_stop(&w), 0);
+    test_pair_close(&p);
+}
+
+/* run_once returns 1 while a timer is due, as zev_loop_timeout == 0 says
+ * (review finding 9): a host draining with `while (run_once(loop, 0) > 0)`
+ * must not stop with a timer due, here one started with delay 0 from a
+ * callback (it runs in the next iteration, not this one). */
+static void start_now_timer(zev_loop_t *loop, void *arg)
+{
+    cr_assert_not_null(zev_timer_start(loop, 0, 0, count_timer, arg));
+}
+
+Test(loop, run_once_says_a_due_timer_is_work)
+{
+    zev_loop_t *loop = test_loop_new();
+    int fired = 0;
+    cr_assert_eq(zev_loop_add_callback(loop, start_now_timer, &fired), 0);
+    cr_assert_eq(zev_loop_run_once(loop, 0), 1, "a timer is due: there is work");
+    cr_assert_eq(zev_loop_timeout(loop), 0);
+    cr_assert_eq(fired, 0);
+    while (zev_loop_run_once(loop, 0) > 0)
+        ;
+    cr_assert_eq(fired, 1);
+    cr_assert_eq(zev_loop_timeout(loop), -1);
+    zev_loop_destroy(loop);
+}
+
+/* The wait's timeout counts from when the wait starts: a timer is not late
+ * by the time earlier callbacks of the same iteration took (review
+ * finding 7: 5 ms of callback made the next timer 5 ms late). */
+static void busy_20ms(zev_timer_t *t, void *arg)
+{
+    (void)t;
+    (void)arg;
+    for (uint64_t end = test_clock_ns() + 20000000u; test_clock_ns() < end;)
+        ;
+}
+
+typedef struct late {
+    zev_loop_t *loop;
+    uint64_t at;
+} late_t;
+
+static void stamp_and_stop(zev_timer_t *t, void *arg)
+{
+    (void)t;
+    late_t *l = arg;
+    l->at = test_clock_ns();
+    zev_loop_stop(l->loop);
+}
+
+Test(loop, timer_not_late_by_earlier_callbacks)
+{
+    zev_loop_t *loop = test_loop_new();
+    late_t l = {.loop = loop};
+    cr_assert_not_null(zev_timer_start(loop, 1000, 0, busy_20ms, NULL));
+    zev_timer_t *t = zev_timer_start(loop, 30000, 0, stamp_and_stop, &l);
+    cr_assert_not_null(t);
+    uint64_t due = zev_timer_due(t);
+    test_watchdog_t w;
+    test_watchdog_start(&w, loop, 5000);
+    cr_assert_eq(zev_loop_run(loop), 0);
+    cr_assert_eq(test_watchdog_stop(&w), 0);
+    cr_assert_geq(l.at, due);
+    cr_assert_lt(l.at - due, 10000000u, "the timer ran %llu us late (20 ms of callback before)",
+                 (unsigned long long)((l.at - due) / 1000));
+    zev_loop_destroy(loop);
+}
+
 typedef struct blocker {
     zev_loop_t *loop;
     atomic_int running;  /* main is about to call / is in zev_loop_run */

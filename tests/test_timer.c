@@ -778,7 +778,8 @@ Test(timer, owned_arm_disarm_rearm_free)
 
     cr_assert_eq(zev_timer_arm(t, 10u * 1000u * 1000u, 0), 0);
     cr_assert_eq(zev_timer_arm(t, 5000, 0), 0); /* replaces the 10 s deadline */
-    for (uint64_t end = test_ms() + 5000; fired < 2;) {
+    uint64_t end = test_ms() + 5000;
+    while (fired < 2) {
         cr_assert(test_ms() < end, "the replaced 5 ms deadline never came");
         cr_assert_geq(zev_loop_run_once(loop, 10), 0);
     }
@@ -816,7 +817,8 @@ Test(timer, flavours_refuse_each_others_calls)
     errno = 0;
     cr_assert_eq(zev_timer_free(started), -1);
     cr_assert_eq(errno, EINVAL);
-    for (uint64_t end = test_ms() + 5000; a + b < 2;) {
+    uint64_t end = test_ms() + 5000;
+    while (a + b < 2) {
         cr_assert(test_ms() < end, "watchdog: %d + %d", a, b);
         cr_assert_geq(zev_loop_run_once(loop, 10), 0);
     }
