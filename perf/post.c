@@ -24,7 +24,7 @@
  *               read just before the post call) to the callback (the clock
  *               read first thing); medians over the runs.
  *   throughput  flat out, one row at a time (the rows interleaved run by
- *               run): each producer posts --count (quick 50,000, full
+ *               run): each producer posts --count (quick 40,000, full
  *               200,000) as fast as its ring of --ring slots (256) lets it.
  *               Metrics: msgs_per_s at the consumer from the first post run
  *               to the last; rx_cpu_ns, the consumer thread's CPU time per
@@ -861,7 +861,7 @@ int main(int argc, char **argv)
     perf_args_init(&a, argc, argv, 5, 10);
     perf_banner("post", &a);
     opts_t o;
-    o.count = perf_opt_long(&a, "--count", a.full ? 200000 : 50000);
+    o.count = perf_opt_long(&a, "--count", a.full ? 200000 : 40000);
     o.pings = perf_opt_long(&a, "--pings", a.full ? 10000 : 1000);
     o.ring = (int)perf_opt_long(&a, "--ring", 256);
     o.gap_ns = (uint64_t)perf_opt_long(&a, "--gap-us", 50) * 1000u;
