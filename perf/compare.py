@@ -360,33 +360,38 @@ def sec_post(R):
     pinned = (R.info_value("post", "consumers_cpu") or "-1") != "-1"
     s = ["## Cross-thread posts (perf/post.c)\n",
          "Producer threads post a 16-byte message (its send time, producer, slot, sequence) to "
-         "one consumer; a producer reuses a slot once its post ran. "
-         + ("The producers share one core, the consumers the other, so every wake-up crosses "
-            "cores. " if pinned else "Threads not pinned: the scheduler places them. ")
-         + "`eventfd` is the floor: the producer writes an eventfd, the consumer blocks in "
-         "`read()` on it (a syscall on each side, no queue); `eventfd_epoll` waits in "
-         "`epoll_wait` on it first, as any epoll loop woken through an eventfd does; "
-         "`zev_add_callback` mallocs a node per post, `zev_post` uses the caller's "
-         "`zev_post_t`; `zactor` is a CZMQ actor receiving a frame per post on its pipe (one "
-         "pipe per producer, polled with zpoller).\n",
+         "one consumer; a producer reuses a slot once its post ran. `eventfd` is the floor: the "
+         "producer writes an eventfd, the consumer blocks in `read()` on it (a syscall on each "
+         "side, no queue); `eventfd_epoll` waits in `epoll_wait` on it first, as any epoll loop "
+         "woken through an eventfd does; `zev_add_callback` mallocs a node per post, `zev_post` "
+         "uses the caller's `zev_post_t`; `zactor` is a CZMQ actor receiving a frame per post on "
+         "its pipe (one pipe per producer, polled with zpoller).\n",
          f"\n**Latency**, paced and interleaved: every row's consumer waits at once; in rounds "
          f"of {3 * gap} µs each producer posts once, at a random moment of the round's first "
          f"{gap} µs, to the row whose turn it is (the rows take turns in a shuffled order), so a "
          "consumer is asleep when its posts come and the machine's drift hits every row alike; "
-         "with several producers their posts may meet in an awake consumer. Post → callback, "
-         "µs; p50 with min–max over runs, p99 and max as medians over runs:\n\n"]
+         "with several producers their posts may meet in an awake consumer. "
+         + ("*Cores apart*: the producers on one core, the consumers on the other, so every "
+            "wake-up crosses cores; *one core*: all on one core, a post hands the core over. "
+            if pinned else "Threads not pinned: the scheduler places them (both cases alike). ")
+         + "Post → callback, µs; p50 with min–max over runs, p99 and max as medians over runs, "
+         "and p50 over the eventfd floor's:\n\n"]
     rows = []
     for p in ("1", "2", "4"):
         for i in POST_LAT_IMPLS:
-            k = dict(bench="post", case="latency", producers=p)
-            if not R.get(impl=i, metric="p50_us", **k):
-                continue
-            rows.append([p, i, cell(R.get(impl=i, metric="p50_us", **k))] +
+            row, have = [p, i], False
+            for case in ("latency", "latency_one_core"):
+                k = dict(bench="post", case=case, producers=p)
+                have = have or bool(R.get(impl=i, metric="p50_us", **k))
+                row += ([cell(R.get(impl=i, metric="p50_us", **k))] +
                         [cell(R.get(impl=i, metric=m, **k), spread=False)
                          for m in ("p99_us", "max_us")] +
                         [DASH if i == "eventfd" else
                          xr(R.ratio(metric="p50_us", num=i, den="eventfd", **k))])
-    s.append(table(["producers", "impl", "p50", "p99", "max", "p50 / eventfd"], rows))
+            if have:
+                rows.append(row)
+    s.append(table(["producers", "impl", "cores apart: p50", "p99", "max", "/ eventfd",
+                    "one core: p50", "p99", "max", "/ eventfd"], rows))
     s.append(f"\n**Throughput**, flat out (each producer posts as fast as its ring of {ring} "
              "slots lets it), one row at a time, posts per second at the consumer (the zev loop "
              "thread, the actor), first to last; median (min–max):\n\n")

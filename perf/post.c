@@ -18,18 +18,25 @@
  *               when its posts come (it gets one round in five), the posts
  *               of several producers may meet in it, and whatever the shared
  *               machine does meanwhile hits every row alike. --pings posts
- *               per producer per row and run (quick 1,000, full 10,000), the
+ *               per producer per row and run (quick 600, full 10,000), the
  *               first 10 not counted. Metrics over all producers' posts of a
  *               row in a run: p50_us, p99_us, max_us from the post (the clock
  *               read just before the post call) to the callback (the clock
- *               read first thing); medians over the runs.
+ *               read first thing); medians over the runs. The producers
+ *               have one core and the consumers the other: every wake-up
+ *               crosses cores, as between threads on cores of their own.
+ *   latency_one_core  the same with producers and consumers on one core: a
+ *               post hands that core over to the consumer (which preempts
+ *               the producer or runs when it sleeps). Unpinned, the
+ *               scheduler picks one placement or the other for each wake-up.
  *   throughput  flat out, one row at a time (the rows interleaved run by
- *               run): each producer posts --count (quick 40,000, full
- *               200,000) as fast as its ring of --ring slots (256) lets it.
- *               Metrics: msgs_per_s at the consumer from the first post run
- *               to the last; rx_cpu_ns, the consumer thread's CPU time per
- *               post; tx_allocs and rx_allocs, heap allocations per post on
- *               the producer threads and on the consumer thread.
+ *               run), producers and consumer on cores apart: each producer
+ *               posts --count (quick 40,000, full 200,000) as fast as its
+ *               ring of --ring slots (256) lets it. Metrics: msgs_per_s at
+ *               the consumer from the first post run to the last;
+ *               rx_cpu_ns, the consumer thread's CPU time per post;
+ *               tx_allocs and rx_allocs, heap allocations per post on the
+ *               producer threads and on the consumer thread.
  * Rows (impl=):
  *   eventfd           the floor, latency only: the producer fills its slot,
  *                     marks it in flight and writes 1 to the row's eventfd;
@@ -52,9 +59,8 @@
  *                     from zsys_create_pipe (the same kind, the same HWM),
  *                     all polled by the actor.
  * zev rows run the default backend's loop with zev_loop_run in a thread of
- * their own, no busy-poll. Threads are pinned (see pin_init; --no-pin leaves
- * them to the scheduler): the producers share one core, the consumers (loop
- * threads, eventfd readers, the actor) the other.
+ * their own, no busy-poll. Threads are pinned (see pin_init; with --no-pin
+ * the scheduler places them, and the two latency cases are the same).
  * Ratios: p50_us of each row / eventfd, and of the zev rows / eventfd_epoll;
  * msgs_per_s zev_post / zev_add_callback, zev_post / zactor,
  * zev_add_callback / zactor.
@@ -64,7 +70,8 @@
  * thread-local add per call, in every row alike). Not in sanitizer builds,
  * which interpose malloc themselves: the alloc metrics are then missing.
  *
- *   post [--full] [--runs N] [--cases latency,throughput] [--producers 1,2,4]
+ *   post [--full] [--runs N] [--cases latency,latency_one_core,throughput]
+ *        [--producers 1,2,4]
  *        [--impls eventfd,eventfd_epoll,zev_add_callback,zev_post,zactor]
  *        [--count N] [--pings N] [--gap-us N] [--ring N] [--no-pin]
  */
@@ -177,12 +184,11 @@ static long count_stop(long since)
 
 /* ------------------------------------------------------------------ pinning */
 
-/* --pin (the default): producers on the first CPU the process may use,
- * consumers on the second, so that every wake-up crosses cores as between a
- * strategy thread and a gateway on cores of their own. Unpinned, the
- * scheduler sometimes wakes the consumer on the producer's core, right after
- * the producer went to sleep: a wake-up a few times cheaper than waking an
- * idle core, and a row's median then depends on how often that happened. */
+/* Unless --no-pin: producers on the first CPU the process may use,
+ * consumers on the second (latency_one_core: the first too). Unpinned, the
+ * scheduler sometimes wakes the consumer on the producer's core, a wake-up
+ * a few times cheaper than waking an idle core, and a row's median then
+ * depends on how often that happened; pinned, each case has one kind. */
 static int pin_cpu[2] = {-1, -1};
 
 /* Called once, before any thread starts. */
@@ -281,7 +287,7 @@ typedef struct producer {
 } producer_t;
 
 typedef struct bench {
-    int latency, producers, nslots, ncons;
+    int latency, shared, producers, nslots, ncons;
     long rounds;          /* latency: rounds; throughput: posts per producer */
     uint64_t gap_ns, t0;  /* latency: round r starts at t0 + r * 3 * gap_ns */
     unsigned char *order; /* latency: the row (index in cons) of each round */
@@ -453,7 +459,7 @@ static int consume_eventfd(cons_t *c)
 static void *cons_main(void *arg)
 {
     cons_t *c = arg;
-    pin_self(1);
+    pin_self(c->b->shared ? 0 : 1);
     uint64_t cpu0 = perf_thread_cpu_ns();
     long since = count_start();
     int rc = -1;
@@ -477,7 +483,7 @@ static void actor_main(zsock_t *pipe, void *arg)
 {
     cons_t *c = arg;
     bench_t *b = c->b;
-    pin_self(1);
+    pin_self(b->shared ? 0 : 1);
     zpoller_t *poller = zpoller_new(pipe, NULL);
     for (int i = 1; poller && i < b->producers; i++)
         zpoller_add(poller, c->backend[i]);
@@ -739,10 +745,13 @@ typedef struct opts {
     int on[I__N];
 } opts_t;
 
-static void latency_case(const perf_args_t *a, const opts_t *o, int producers, uint64_t *rng)
+/* shared: the consumers on the producers' core instead of the other one */
+static void latency_case(const perf_args_t *a, const opts_t *o, int shared, int producers,
+                         uint64_t *rng)
 {
     char keys[96];
-    snprintf(keys, sizeof keys, "bench=post case=latency producers=%d", producers);
+    snprintf(keys, sizeof keys, "bench=post case=%s producers=%d",
+             shared ? "latency_one_core" : "latency", producers);
     perf_series_t p50[I__N], p99[I__N], pmax[I__N];
     memset(p50, 0, sizeof p50);
     memset(p99, 0, sizeof p99);
@@ -755,6 +764,7 @@ static void latency_case(const perf_args_t *a, const opts_t *o, int producers, u
         return;
     for (int run = 0; run < a->runs; run++) {
         bench_t *b = bench_new(rows, n, 1, producers, o->pings + WARMUP, 1, o->gap_ns, rng);
+        b->shared = shared;
         const char *why;
         int rc = run_once(b, &why);
         for (int k = 0; k < n; k++) {
@@ -862,7 +872,7 @@ int main(int argc, char **argv)
     perf_banner("post", &a);
     opts_t o;
     o.count = perf_opt_long(&a, "--count", a.full ? 200000 : 40000);
-    o.pings = perf_opt_long(&a, "--pings", a.full ? 10000 : 1000);
+    o.pings = perf_opt_long(&a, "--pings", a.full ? 10000 : 600);
     o.ring = (int)perf_opt_long(&a, "--ring", 256);
     o.gap_ns = (uint64_t)perf_opt_long(&a, "--gap-us", 50) * 1000u;
     if (o.count < 2 || o.pings < 1 || o.ring < 1 || o.ring > 65536 || o.gap_ns == 0) {
@@ -894,8 +904,9 @@ int main(int argc, char **argv)
     );
     zev_loop_destroy(probe);
     uint64_t rng = 0x2545f4914f6cdd1du;
-    for (int c = 0; c < 2; c++) {
-        if (!perf_selected(&a, "--cases", c == 0 ? "latency" : "throughput"))
+    static const char *const cases[] = {"latency", "latency_one_core", "throughput"};
+    for (int c = 0; c < 3; c++) {
+        if (!perf_selected(&a, "--cases", cases[c]))
             continue;
         for (const char *p = plist; *p;) {
             char *end;
@@ -904,8 +915,8 @@ int main(int argc, char **argv)
                 fprintf(stderr, "post: --producers takes numbers from 1 to %d\n", MAX_PRODUCERS);
                 return 2;
             }
-            if (c == 0)
-                latency_case(&a, &o, (int)n, &rng);
+            if (c < 2)
+                latency_case(&a, &o, c == 1, (int)n, &rng);
             else
                 throughput_case(&a, &o, (int)n, &rng);
             p = *end == ',' ? end + 1 : end;
