@@ -392,31 +392,35 @@ def sec_post(R):
                 rows.append(row)
     s.append(table(["producers", "impl", "cores apart: p50", "p99", "max", "/ eventfd",
                     "one core: p50", "p99", "max", "/ eventfd"], rows))
-    s.append(f"\n**Throughput**, flat out (each producer posts as fast as its ring of {ring} "
-             "slots lets it), one row at a time, posts per second at the consumer (the zev loop "
-             "thread, the actor), first to last; median (min–max):\n\n")
+    s.append(f"\n**Throughput**, flat out: each producer posts as fast as its ring of {ring} "
+             "slots lets it, one row at a time, producers and consumer on cores apart. Posts per "
+             "second at the consumer (the zev loop thread, the actor), first to last, median "
+             "(min–max); the consumer thread's CPU time per post and how often it went to sleep "
+             "(voluntary context switches per 1,000 posts), medians; heap allocations per post "
+             "(producers + consumer; malloc interposed):\n\n")
+
+    def allocs(k):
+        tx, rx = (R.get(metric=m, **k) for m in ("tx_allocs", "rx_allocs"))
+        return DASH if not tx or not rx else f"{tx['median']:.2g} + {rx['median']:.2g}"
+
+    rows = []
+    for p in ("1", "2", "4"):
+        for i in POST_THR_IMPLS:
+            k = dict(bench="post", case="throughput", producers=p, impl=i)
+            rows.append([p, i, cell(R.get(metric="msgs_per_s", **k), si)] +
+                        [cell(R.get(metric=m, **k), spread=False)
+                         for m in ("rx_cpu_ns", "rx_sleeps")] + [allocs(k)])
+    s.append(table(["producers", "impl", "posts/s", "consumer CPU ns / post",
+                    "sleeps / 1,000 posts", "allocs / post"], rows))
     rows = []
     for p in ("1", "2", "4"):
         k = dict(bench="post", case="throughput", producers=p, metric="msgs_per_s")
-        rows.append([p] + [cell(R.get(impl=i, **k), si) for i in POST_THR_IMPLS] +
-                    [xr(R.ratio(num="zev_post", den=d, **k)) for d in ("zev_add_callback",
-                                                                      "zactor")])
-    s.append(table(["producers"] + POST_THR_IMPLS + ["zev_post / add_callback",
-                                                     "zev_post / zactor"], rows))
-
-    def allocs(i, k):
-        tx, rx = (R.get(impl=i, metric=m, **k) for m in ("tx_allocs", "rx_allocs"))
-        return DASH if not tx or not rx else f"{tx['median']:.2g} + {rx['median']:.2g}"
-
-    s.append("\nConsumer thread CPU time per post (ns, median) and heap allocations per post "
-             "(producers + consumer; malloc interposed):\n\n")
-    rows = []
-    for p in ("1", "2", "4"):
-        k = dict(bench="post", case="throughput", producers=p)
-        rows.append([p] + [cell(R.get(impl=i, metric="rx_cpu_ns", **k), spread=False)
-                           for i in POST_THR_IMPLS] + [allocs(i, k) for i in POST_THR_IMPLS])
-    s.append(table(["producers"] + [f"{i} CPU" for i in POST_THR_IMPLS] +
-                   [f"{i} allocs" for i in POST_THR_IMPLS], rows))
+        rows.append([p] + [xr(R.ratio(num=n, den=d, **k))
+                           for n, d in (("zev_post", "zev_add_callback"), ("zev_post", "zactor"),
+                                        ("zev_add_callback", "zactor"))])
+    s.append("\nRatios of the median rates:\n\n")
+    s.append(table(["producers", "zev_post / zev_add_callback", "zev_post / zactor",
+                    "zev_add_callback / zactor"], rows))
     return "".join(s)
 
 

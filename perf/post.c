@@ -35,6 +35,8 @@
  *               ring of --ring slots (256) lets it. Metrics: msgs_per_s at
  *               the consumer from the first post run to the last;
  *               rx_cpu_ns, the consumer thread's CPU time per post;
+ *               rx_sleeps, the times it went to sleep (voluntary context
+ *               switches, Linux) per 1,000 posts;
  *               tx_allocs and rx_allocs, heap allocations per post on the
  *               producer threads and on the consumer thread.
  * Rows (impl=):
@@ -95,6 +97,7 @@
 #include <sys/eventfd.h>
 #include <sys/prctl.h>
 #endif
+#include <sys/resource.h>
 #ifdef PERF_HAVE_CZMQ
 #include <czmq.h>
 #endif
@@ -250,6 +253,7 @@ typedef struct cons {
     /* the consumer thread only */
     long ran;
     uint64_t t_first, t_last, rx_cpu;
+    long rx_sleeps; /* voluntary context switches, -1 if unknown */
     long rx_allocs;
     uint64_t *lat;
     size_t nlat;
@@ -420,6 +424,17 @@ out:
 
 /* ---------------------------------------------------------------- consumers */
 
+/* How many times the calling thread went to sleep so far; -1 if unknown. */
+static long thread_sleeps(void)
+{
+#ifdef RUSAGE_THREAD
+    struct rusage ru;
+    if (getrusage(RUSAGE_THREAD, &ru) == 0)
+        return ru.ru_nvcsw;
+#endif
+    return -1;
+}
+
 #ifdef __linux__
 /* eventfd: a blocking read(); eventfd_epoll: epoll_wait on the eventfd, then
  * the read, as an epoll loop woken through an eventfd does. */
@@ -461,6 +476,7 @@ static void *cons_main(void *arg)
     cons_t *c = arg;
     pin_self(c->b->shared ? 0 : 1);
     uint64_t cpu0 = perf_thread_cpu_ns();
+    long sleeps0 = thread_sleeps();
     long since = count_start();
     int rc = -1;
     if (c->loop) {
@@ -473,6 +489,7 @@ static void *cons_main(void *arg)
     }
     c->rx_allocs = count_stop(since);
     c->rx_cpu = perf_thread_cpu_ns() - cpu0;
+    c->rx_sleeps = sleeps0 < 0 ? -1 : thread_sleeps() - sleeps0;
     if (rc < 0)
         atomic_store(&c->b->abort, 1);
     return NULL;
@@ -489,6 +506,7 @@ static void actor_main(zsock_t *pipe, void *arg)
         zpoller_add(poller, c->backend[i]);
     zsock_signal(pipe, 0);
     uint64_t cpu0 = perf_thread_cpu_ns();
+    long sleeps0 = thread_sleeps();
     long since = count_start();
     while (poller && c->ran < c->total && !atomic_load(&b->abort)) {
         zsock_t *which = zpoller_wait(poller, 100); /* 100 ms: see the abort */
@@ -510,6 +528,7 @@ static void actor_main(zsock_t *pipe, void *arg)
     }
     c->rx_allocs = count_stop(since);
     c->rx_cpu = perf_thread_cpu_ns() - cpu0;
+    c->rx_sleeps = sleeps0 < 0 ? -1 : thread_sleeps() - sleeps0;
     if (c->ran < c->total)
         c->why = "actor";
     zpoller_destroy(&poller);
@@ -809,9 +828,10 @@ static void throughput_case(const perf_args_t *a, const opts_t *o, int producers
 {
     char keys[96];
     snprintf(keys, sizeof keys, "bench=post case=throughput producers=%d", producers);
-    perf_series_t rate[I__N], cpu[I__N], txa[I__N], rxa[I__N];
+    perf_series_t rate[I__N], cpu[I__N], slp[I__N], txa[I__N], rxa[I__N];
     memset(rate, 0, sizeof rate);
     memset(cpu, 0, sizeof cpu);
+    memset(slp, 0, sizeof slp);
     memset(txa, 0, sizeof txa);
     memset(rxa, 0, sizeof rxa);
     for (int run = 0; run < a->runs; run++) {
@@ -827,18 +847,22 @@ static void throughput_case(const perf_args_t *a, const opts_t *o, int producers
             } else {
                 double r = (double)(c->total - 1) * 1e9 / (double)(c->t_last - c->t_first);
                 double ns = (double)c->rx_cpu / (double)c->total;
+                double sl =
+                    c->rx_sleeps < 0 ? NAN : (double)c->rx_sleeps * 1000.0 / (double)c->total;
                 long tx = 0;
                 for (int k = 0; k < producers; k++)
                     tx = b->prod[k].allocs < 0 || tx < 0 ? -1 : tx + b->prod[k].allocs;
                 double ta = tx < 0 ? NAN : (double)tx / (double)c->total;
                 double ra = c->rx_allocs < 0 ? NAN : (double)c->rx_allocs / (double)c->total;
-                printf("RUN %s impl=%s run=%d count=%ld msgs_per_s=%.6g rx_cpu_ns=%.1f", keys,
-                       impls[i], run, o->count, r, ns);
+                printf("RUN %s impl=%s run=%d count=%ld msgs_per_s=%.6g rx_cpu_ns=%.1f "
+                       "rx_sleeps=%.3g",
+                       keys, impls[i], run, o->count, r, ns, sl);
                 if (!isnan(ta) && !isnan(ra))
                     printf(" tx_allocs=%.4g rx_allocs=%.4g", ta, ra);
                 printf("\n");
                 perf_series_add(&rate[i], r);
                 perf_series_add(&cpu[i], ns);
+                perf_series_add(&slp[i], sl);
                 perf_series_add(&txa[i], ta);
                 perf_series_add(&rxa[i], ra);
             }
@@ -853,6 +877,7 @@ static void throughput_case(const perf_args_t *a, const opts_t *o, int producers
             continue;
         med[i] = perf_report(keys, impls[i], "msgs_per_s", "msg/s", &rate[i]);
         perf_report(keys, impls[i], "rx_cpu_ns", "ns/msg", &cpu[i]);
+        perf_report(keys, impls[i], "rx_sleeps", "per_1000_msgs", &slp[i]);
 #ifdef PERF_COUNT_ALLOCS
         perf_report(keys, impls[i], "tx_allocs", "allocs/msg", &txa[i]);
         perf_report(keys, impls[i], "rx_allocs", "allocs/msg", &rxa[i]);
