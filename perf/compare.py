@@ -44,7 +44,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 PY = "/usr/bin/python3"  # Debian's, with python3-zmq and python3-tornado
 
-STEPS = ["thr", "lat", "scale", "fair", "loop", "timers", "alloc", "zcsend", "pyzmq_thr",
+STEPS = ["thr", "lat", "scale", "fair", "loop", "timers", "post", "alloc", "zcsend", "pyzmq_thr",
          "pyzmq_lat", "pyzmq_fair", "syscalls", "instructions", "hyperfine"]
 
 
@@ -347,6 +347,80 @@ def sec_timers(R):
         k = dict(bench="timer_accuracy", case="oneshot_300us", impl=i)
         rows.append([i] + [cell(R.get(metric=m, **k)) for m in ("delay_p50", "delay_p99")])
     s.append(table(["impl", "p50", "p99"], rows))
+    return "".join(s)
+
+
+POST_LAT_IMPLS = ["eventfd", "eventfd_epoll", "zev_add_callback", "zev_post", "zactor"]
+POST_THR_IMPLS = ["zev_add_callback", "zev_post", "zactor"]
+
+
+def sec_post(R):
+    gap = int(R.info_value("post", "gap_us") or 50)
+    ring = R.info_value("post", "ring") or "256"
+    pinned = (R.info_value("post", "consumers_cpu") or "-1") != "-1"
+    s = ["## Cross-thread posts (perf/post.c)\n",
+         "Producer threads post a 16-byte message (its send time, producer, slot, sequence) to "
+         "one consumer; a producer reuses a slot once its post ran. `eventfd` is the floor: the "
+         "producer writes an eventfd, the consumer blocks in `read()` on it (a syscall on each "
+         "side, no queue); `eventfd_epoll` waits in `epoll_wait` on it first, as any epoll loop "
+         "woken through an eventfd does; `zev_add_callback` mallocs a node per post, `zev_post` "
+         "uses the caller's `zev_post_t`; `zactor` is a CZMQ actor receiving a frame per post on "
+         "its pipe (one pipe per producer, polled with zpoller).\n",
+         f"\n**Latency**, paced and interleaved: every row's consumer waits at once; in rounds "
+         f"of {3 * gap} µs each producer posts once, at a random moment of the round's first "
+         f"{gap} µs, to the row whose turn it is (the rows take turns in a shuffled order), so a "
+         "consumer is asleep when its posts come and the machine's drift hits every row alike; "
+         "with several producers their posts may meet in an awake consumer. "
+         + ("*Cores apart*: the producers on one core, the consumers on the other, so every "
+            "wake-up crosses cores; *one core*: all on one core, a post hands the core over. "
+            if pinned else "Threads not pinned: the scheduler places them (both cases alike). ")
+         + "Post → callback, µs; p50 with min–max over runs, p99 and max as medians over runs, "
+         "and p50 over the eventfd floor's:\n\n"]
+    rows = []
+    for p in ("1", "2", "4"):
+        for i in POST_LAT_IMPLS:
+            row, have = [p, i], False
+            for case in ("latency", "latency_one_core"):
+                k = dict(bench="post", case=case, producers=p)
+                have = have or bool(R.get(impl=i, metric="p50_us", **k))
+                row += ([cell(R.get(impl=i, metric="p50_us", **k))] +
+                        [cell(R.get(impl=i, metric=m, **k), spread=False)
+                         for m in ("p99_us", "max_us")] +
+                        [DASH if i == "eventfd" else
+                         xr(R.ratio(metric="p50_us", num=i, den="eventfd", **k))])
+            if have:
+                rows.append(row)
+    s.append(table(["producers", "impl", "cores apart: p50", "p99", "max", "/ eventfd",
+                    "one core: p50", "p99", "max", "/ eventfd"], rows))
+    s.append(f"\n**Throughput**, flat out: each producer posts as fast as its ring of {ring} "
+             "slots lets it, one row at a time, producers and consumer on cores apart. Posts per "
+             "second at the consumer (the zev loop thread, the actor), first to last, median "
+             "(min–max); the consumer thread's CPU time per post and how often it went to sleep "
+             "(voluntary context switches per 1,000 posts), medians; heap allocations per post "
+             "(producers + consumer; malloc interposed):\n\n")
+
+    def allocs(k):
+        tx, rx = (R.get(metric=m, **k) for m in ("tx_allocs", "rx_allocs"))
+        return DASH if not tx or not rx else f"{tx['median']:.2g} + {rx['median']:.2g}"
+
+    rows = []
+    for p in ("1", "2", "4"):
+        for i in POST_THR_IMPLS:
+            k = dict(bench="post", case="throughput", producers=p, impl=i)
+            rows.append([p, i, cell(R.get(metric="msgs_per_s", **k), si)] +
+                        [cell(R.get(metric=m, **k), spread=False)
+                         for m in ("rx_cpu_ns", "rx_sleeps")] + [allocs(k)])
+    s.append(table(["producers", "impl", "posts/s", "consumer CPU ns / post",
+                    "sleeps / 1,000 posts", "allocs / post"], rows))
+    rows = []
+    for p in ("1", "2", "4"):
+        k = dict(bench="post", case="throughput", producers=p, metric="msgs_per_s")
+        rows.append([p] + [xr(R.ratio(num=n, den=d, **k))
+                           for n, d in (("zev_post", "zev_add_callback"), ("zev_post", "zactor"),
+                                        ("zev_add_callback", "zactor"))])
+    s.append("\nRatios of the median rates:\n\n")
+    s.append(table(["producers", "zev_post / zev_add_callback", "zev_post / zactor",
+                    "zev_add_callback / zactor"], rows))
     return "".join(s)
 
 
@@ -773,7 +847,7 @@ def results_md(R, meta, ran, history, made, plot_errs, logs_ref):
         head.append(" ".join(f"![{m}]({m})" for m in made) + "\n")
     targets, why = sec_targets(R, history), sec_why(R, history)
     body = [targets, why, sec_thr(R), sec_lat(R), sec_syscalls(R), sec_instr(R), sec_scale(R), sec_fair(R),
-            sec_loop(R), sec_timers(R), sec_alloc(R), sec_zcsend(R), sec_pyzmq(R),
+            sec_loop(R), sec_timers(R), sec_post(R), sec_alloc(R), sec_zcsend(R), sec_pyzmq(R),
             sec_hyperfine(R)]
     tail = ["## Failures, skipped rows and empty cells\n"]
     if not R.fails and not any(f for _, _, _, f in ran) and not plot_errs:
