@@ -6,7 +6,9 @@
  *     1. cached time, due timers (only those started before the phase)
  *     2. cross-thread callbacks (only what was queued when the drain began)
  *     3. the ready-list: each stream handles at most `batch` messages, then
- *        goes to the tail if it still has work
+ *        goes to the tail if it still has work; then the runnable fibers
+ *        (fiber.c), each resumed at most once per iteration, so a fiber a
+ *        stream woke runs in the same iteration
  *     4. wait in the backend: timeout 0 while work is pending, else until
  *        the next timer (after spinning for spin_us, if set)
  *     5. ready fds: io callbacks; streams go on the ready-list
@@ -134,6 +136,7 @@ zev_loop_t *zev_loop_new(const zev_loop_opts_t *opts)
     zev__list_init(&loop->ios);
     zev__list_init(&loop->closing_streams);
     zev__list_init(&loop->closing_ios);
+    zev__fibers_init(loop);
     loop->now_ns = zev__clock_ns();
 
     int err;
@@ -174,6 +177,7 @@ int zev_loop_destroy(zev_loop_t *loop)
     loop->forked = getpid() != loop->pid;
     loop->depth++;           /* closing streams run callbacks: they count as inside */
     loop->destroying = true; /* a stream made by those callbacks would never be closed */
+    zev__fibers_destroy(loop); /* first, while what they wait on still exists */
     zev__streams_close_all(loop);
     zev__streams_reap(loop);
     zev__io_free_all(loop);
@@ -204,7 +208,7 @@ int zev_loop_destroy(zev_loop_t *loop)
 static int has_pending_work(zev_loop_t *loop)
 {
     return !zev__list_empty(&loop->ready) || zev__hub_pending(loop->hub) ||
-           !zev__list_empty(&loop->closing_streams);
+           !zev__list_empty(&loop->closing_streams) || zev__fibers_pending(loop);
 }
 
 /* Work now, a due timer included: what zev_loop_timeout == 0 says. */
@@ -317,6 +321,9 @@ static void dispatch(zev_loop_t *loop, int n)
         case ZEV__H_TIMERFD:
             timer_fd_read(loop);
             break;
+        case ZEV__H_FIBER_FD:
+            zev__fiber_fd_fired(kind, loop->fired[i].events);
+            break;
         }
     }
 }
@@ -360,6 +367,7 @@ void zev__loop_changed(zev_loop_t *loop)
 static int loop_iterate(zev_loop_t *loop, int64_t max_wait_ns, bool once)
 {
     loop->depth++;
+    loop->iteration++;
     loop->now_ns = zev__clock_ns();
     const uint64_t timers_before = loop->timers.seq; /* later ones wait an iteration */
     const size_t reported_before = loop->reported;
@@ -367,6 +375,7 @@ static int loop_iterate(zev_loop_t *loop, int64_t max_wait_ns, bool once)
     progress += zev__hub_drain(loop->hub, loop);            /* 2 */
     progress += zev__streams_process(loop);                 /* 3 */
     progress += loop->reported - reported_before;           /* on_send ran in 3 */
+    progress += zev__fibers_run(loop);                      /* 3, the fibers */
     if (once && progress)
         max_wait_ns = 0;
     int64_t timeout = wait_timeout(loop, max_wait_ns);

@@ -61,6 +61,7 @@ int zev__report_grow(zev_stream_t *s, size_t need)
 void zev__report_add(zev_stream_t *s, int status)
 {
     uint64_t seq = ++s->seq_settled;
+    s->settled_status = status;
     if (!s->on_send)
         return;
     if (zev__reports_owed(s)) {

@@ -122,7 +122,8 @@ void zev__stream_finalize(zev_stream_t *s)
         close_socket(s);
     zev__list_remove(&s->node);
     zev__list_push_tail(&s->loop->closing_streams, &s->node);
-    zev__loop_changed(s->loop); /* its close callback is due */
+    zev__stream_wake_all(s, EBADF); /* fibers waiting on it: closed */
+    zev__loop_changed(s->loop);     /* its close callback is due */
 }
 
 /* The socket is gone (closed under us, or its context terminated), or it
@@ -136,6 +137,7 @@ void zev__stream_fail(zev_stream_t *s, int err)
     unregister(s);
     zev__list_remove(&s->ready);
     stop_timers(s);
+    zev__stream_wake_all(s, err); /* fibers waiting on it: the socket is gone */
     if (s->flushing)
         zev__stream_finalize(s);
     else
@@ -179,6 +181,8 @@ zev_stream_t *zev_stream_new(zev_loop_t *loop, void *sock)
     zev__list_init(&s->node);
     zev__list_init(&s->ready);
     zev__list_init(&s->kept_frames);
+    zev__list_init(&s->recv_waiters);
+    zev__list_init(&s->send_waiters);
     /* The fd number held by another socket's stream: that socket's mailbox
      * was closed (zmq_close under its stream) and the number reused by
      * this one. The old stream fails without its socket being touched. */
@@ -233,6 +237,17 @@ int zev_stream_close(zev_stream_t *s, int flags)
     return 0;
 }
 
+void zev__stream_free(zev_stream_t *s)
+{
+    zev__frames_detach(s);
+    zev__ring_free(s);
+    free(s->q);
+    free(s->rep);
+    free(s);
+}
+
+/* The close phase. A stream a fiber is still inside a call on (woken, not
+ * yet resumed) stays allocated until that call returns (fiber.c frees it). */
 void zev__streams_reap(zev_loop_t *loop)
 {
     zev__list_t *node;
@@ -241,11 +256,9 @@ void zev__streams_reap(zev_loop_t *loop)
         zev__reports_deliver(s);
         if (s->on_close)
             s->on_close(s, s->close_arg);
-        zev__frames_detach(s);
-        zev__ring_free(s);
-        free(s->q);
-        free(s->rep);
-        free(s);
+        s->reaped = true;
+        if (!s->fiber_refs)
+            zev__stream_free(s);
     }
 }
 

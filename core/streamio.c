@@ -32,14 +32,23 @@
  *                                         so told is stale until a re-read
  *     "a send from outside its own pass, a recv that ended in EAGAIN while
  *      sends are queued, every change of interest: re-read or put on the
- *      ready-list"                     -> send_part's mark_ready; a drained
+ *      ready-list"                     -> hand_part's mark_ready; a drained
  *                                         recv leaves POLLOUT unknown; the
- *                                         setters call mark_ready
+ *                                         setters call mark_ready; so do a
+ *                                         fiber's recv and ZMQ_EVENTS reads
+ *                                         (the *_now functions)
  *     "messages pending before the stream existed are found at
  *      registration"                   -> zev_stream_new marks it ready with
  *                                         told never current
  *   Out of budget a stream simply stays on the ready-list (tail), so the
  *   next iteration serves it without waiting for an edge that is gone.
+ * - Fibers (fiber.c) wait on a stream as on_recv and the queue do: a fiber
+ *   waiting to receive makes the stream want POLLIN, one waiting to send
+ *   POLLOUT, and where the pass would receive or send it hands the stream
+ *   to the first such fiber instead (handed_in / handed_out), which then
+ *   receives or sends on its own stack, outside the pass. Until it has, the
+ *   stream does not want that event again, so one message cannot wake the
+ *   whole line.
  * - mark_ready is a list insert, not a syscall; the pass re-reads the state.
  *   Outside an iteration it also tells an embedding host (zev__loop_changed).
  * - Sends go straight to libzmq while the queue is empty; once libzmq says
@@ -119,12 +128,24 @@ static int frames_allow(const zev_stream_t *s)
     return !s->max_frames || s->frames_out < s->max_frames;
 }
 
+/* Fibers waiting to receive or send want what on_recv and the queue want,
+ * until the one woken for it has acted (handed_in / handed_out). */
+static bool fibers_read(const zev_stream_t *s)
+{
+    return !zev__list_empty(&s->recv_waiters) && !s->handed_in;
+}
+
+static bool fibers_write(const zev_stream_t *s)
+{
+    return !zev__list_empty(&s->send_waiters) && !s->handed_out;
+}
+
 static int wants(const zev_stream_t *s)
 {
     int w = 0;
-    if (s->on_recv && !s->closed && frames_allow(s))
+    if ((s->on_recv || fibers_read(s)) && !s->closed && frames_allow(s))
         w |= ZMQ_POLLIN;
-    if (s->qlen && !s->blocked)
+    if ((s->qlen || fibers_write(s)) && !s->blocked)
         w |= ZMQ_POLLOUT;
     return w;
 }
@@ -231,12 +252,14 @@ static bool part_refused(zev_stream_t *s, int err, bool more)
 }
 
 static size_t send_some(zev_stream_t *s, size_t room);
+static int recv_message(zev_stream_t *s);
 
-/* Hands one part to libzmq now, or queues it. Returns 0 when the part was
- * taken (sent, queued, or dropped with its broken message), -1 with errno
- * when it was not, which only happens at the first part of a message. The
- * caller reserved queue space. */
-static int hand_part(zev_stream_t *s, zmq_msg_t *msg, bool more)
+/* Hands one part to libzmq now, or queues it (may_queue; a fiber's send
+ * never queues: EAGAIN instead, nothing taken). Returns 0 when the part was taken (sent,
+ * queued, or dropped with its broken message), -1 with errno when it was
+ * not, which only happens at the first part of a message. The caller
+ * reserved queue space. */
+static int hand_part(zev_stream_t *s, zmq_msg_t *msg, bool more, bool may_queue)
 {
     bool first = s->open == OPEN_NONE;
     if (first && zev__report_reserve(s, 1) < 0)
@@ -264,6 +287,10 @@ static int hand_part(zev_stream_t *s, zmq_msg_t *msg, bool more)
             errno = err;
             return -1;
         }
+        if (first && !may_queue) {
+            errno = EAGAIN; /* the caller waits (zev__stream_send_now) */
+            return -1;
+        }
         if (!first) {
             zmq_msg_close(msg);
             zmq_msg_init(msg);
@@ -273,7 +300,7 @@ static int hand_part(zev_stream_t *s, zmq_msg_t *msg, bool more)
                 s->open = more ? OPEN_DISCARD : OPEN_NONE;
             return 0;
         }
-    } else if (first && s->max_queue && s->qmsgs >= s->max_queue) {
+    } else if (!may_queue || (first && s->max_queue && s->qmsgs >= s->max_queue)) {
         errno = EAGAIN;
         return -1;
     }
@@ -287,17 +314,66 @@ static int hand_part(zev_stream_t *s, zmq_msg_t *msg, bool more)
 /* hand_part, numbering each message whose first part was taken. A part
  * that was taken leaves errno as it was (libzmq's EAGAIN before queuing is
  * not the caller's business). */
-static int send_part(zev_stream_t *s, zmq_msg_t *msg, bool more)
+static int give_part(zev_stream_t *s, zmq_msg_t *msg, bool more, bool may_queue)
 {
     bool first = s->open == OPEN_NONE;
     int saved = errno;
-    int rc = hand_part(s, msg, more);
+    int rc = hand_part(s, msg, more, may_queue);
     if (rc == 0) {
         errno = saved;
         if (first)
             s->seq_given++;
     }
     return rc;
+}
+
+static int send_part(zev_stream_t *s, zmq_msg_t *msg, bool more)
+{
+    if (s->open_fiber && s->open_fiber != zev__fiber_current()) {
+        errno = EBUSY; /* a fiber is building a multipart message on it */
+        return -1;
+    }
+    return give_part(s, msg, more, true);
+}
+
+int zev__stream_send_now(zev_stream_t *s, zmq_msg_t *msg, bool more, bool pollout_told)
+{
+    bool first = s->open == OPEN_NONE;
+    if (give_part(s, msg, more, false) == 0)
+        return 0;
+    /* As in send_some: refused right after ZMQ_EVENTS said POLLOUT (one
+     * ROUTER_MANDATORY peer full), POLLOUT cannot be trusted until an edge
+     * or the back-off; plain EAGAIN (HWM) leaves the next edge to tell. */
+    if (first && errno == EAGAIN && pollout_told)
+        set_blocked(s);
+    return errno;
+}
+
+int zev__stream_recv_now(zev_stream_t *s)
+{
+    int rc = recv_message(s);
+    int err = errno;
+    if (rc < 0 && socket_gone(err))
+        zev__stream_fail(s, err);
+    mark_ready(s); /* the socket was touched outside the stream's pass */
+    errno = err;
+    return rc;
+}
+
+int zev__stream_readable_now(zev_stream_t *s)
+{
+    int events = sock_events(s);
+    mark_ready(s);
+    return events >= 0 && (events & ZMQ_POLLIN);
+}
+
+int zev__stream_writable_now(zev_stream_t *s)
+{
+    if (s->qlen || s->blocked || s->open != OPEN_NONE)
+        return 0;
+    int events = sock_events(s);
+    mark_ready(s);
+    return events >= 0 && (events & ZMQ_POLLOUT);
 }
 
 /* Checks the state and the flags shared by the send functions. */
@@ -520,10 +596,14 @@ static size_t stream_work(zev_stream_t *s, int mask, size_t limit, bool *idle)
         }
         const int wanted = wants(s);
         size_t room = limit ? limit - done : SIZE_MAX, n = 0;
-        if (act & ZMQ_POLLIN)
+        if ((act & ZMQ_POLLIN) && s->on_recv)
             n += recv_some(s, room);
+        else if (act & ZMQ_POLLIN)
+            zev__stream_wake_waiter(s, ZMQ_POLLIN); /* the fiber receives */
         if ((act & ZMQ_POLLOUT) && n < room)
             n += send_some(s, room - n);
+        if ((act & ZMQ_POLLOUT) && !s->qlen && fibers_write(s))
+            zev__stream_wake_waiter(s, ZMQ_POLLOUT); /* the queue is empty: a fiber sends */
         zev__reports_deliver(s);
         done += n;
         if (s->flushing && zev__sendq_flush_done(s))
@@ -618,6 +698,10 @@ int zev_stream_flush(zev_stream_t *s, int flags, size_t limit)
 {
     if (!zev__stream_usable(s))
         return -1;
+    if (zev__fiber_current()) {
+        errno = EBUSY; /* it would run callbacks on the fiber's stack */
+        return -1;
+    }
     if (!flags || (flags & ~(ZEV_READ | ZEV_WRITE))) {
         errno = EINVAL;
         return -1;

@@ -50,6 +50,16 @@ static void tracker_unref(zev_tracker_t *t)
         free(t);
 }
 
+/* on_done called for a completed tracker from a fiber: run from the loop
+ * (no callback on a fiber's stack); it held a reference meanwhile. */
+static void tracker_notify(zev__qnode_t *n, zev_loop_t *loop)
+{
+    zev_tracker_t *t = (zev_tracker_t *)n;
+    if (loop && t->fn)
+        t->fn(t, t->arg);
+    tracker_unref(t);
+}
+
 /* On the loop thread, or on the hub's last owner with loop == NULL. */
 static void tracker_completed(zev__qnode_t *n, zev_loop_t *loop)
 {
@@ -157,7 +167,12 @@ int zev_tracker_on_done(zev_tracker_t *t, zev_tracker_fn fn, void *arg)
     }
     t->fn = fn;
     t->arg = arg;
-    if (fn && t->completed) { /* completed before anyone asked: tell now, on this thread */
+    if (fn && t->completed && zev__fiber_current()) { /* not on a fiber's stack */
+        atomic_fetch_add_explicit(&t->refs, 1, memory_order_relaxed);
+        t->qnode.run = tracker_notify;
+        zev__hub_push(t->hub, &t->qnode);
+        zev__hub_wake(t->hub);
+    } else if (fn && t->completed) { /* completed before anyone asked: tell now */
         zev__callbacks_enter(t->loop);
         fn(t, arg);
         zev__callbacks_leave(t->loop);

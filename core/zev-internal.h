@@ -8,8 +8,10 @@
 #include "zev.h"
 
 #include "../backends/backend.h"
+#include "ctx.h"
 #include "handle.h"
 #include "list.h"
+#include "stack.h"
 
 #include <errno.h>
 #include <stdatomic.h>
@@ -43,7 +45,13 @@
 
 /* What a backend hands back in zev_fired_t.data: every registered object
  * starts with one of these. */
-typedef enum { ZEV__H_IO = 1, ZEV__H_STREAM, ZEV__H_WAKEUP, ZEV__H_TIMERFD } zev__kind_t;
+typedef enum {
+    ZEV__H_IO = 1,
+    ZEV__H_STREAM,
+    ZEV__H_WAKEUP,
+    ZEV__H_TIMERFD,
+    ZEV__H_FIBER_FD /* an fd a fiber waits for (fiber.c) */
+} zev__kind_t;
 
 /* ------------------------------------------------ cross-thread queue (queue.c) */
 
@@ -218,6 +226,13 @@ struct zev_frame {
     uint32_t gen;
 };
 
+/* A fiber waiting on a stream (fiber.c): in the stream's recv_waiters or
+ * send_waiters, first in, first out. */
+typedef struct zev__waiter {
+    zev__list_t node;
+    zev_fiber_t *fiber;
+} zev__waiter_t;
+
 struct zev_stream {
     zev__kind_t kind; /* ZEV__H_STREAM, first */
     zev_loop_t *loop;
@@ -250,6 +265,7 @@ struct zev_stream {
     size_t rep_head, rep_len, rep_cap;
     uint64_t seq_given;   /* number of the last message given (zev_stream_send_seq) */
     uint64_t seq_settled; /* number of the last message whose status is known */
+    int settled_status;   /* and that status (a fiber's send returns it) */
 
     /* receive ring */
     zmq_msg_t *ring;
@@ -289,6 +305,15 @@ struct zev_stream {
     uint64_t linger_end_ns;   /* ZEV_CLOSE_FLUSH: when ZMQ_LINGER runs out; 0 = never */
     uint64_t send_timeout_ns; /* zev_stream_set_send_timeout; 0 = none */
     uint64_t head_since_ns;   /* when the queue's head message became the head */
+    /* Fibers (fiber.c): waiting to receive or to send, in arrival order; the
+     * one woken for the last POLLIN / POLLOUT, until it has acted on it; how
+     * many are inside a call on the stream (it is freed after they left);
+     * the fiber building a multipart message on it. */
+    zev__list_t recv_waiters, send_waiters;
+    zev_fiber_t *handed_in, *handed_out;
+    unsigned fiber_refs;
+    bool reaped; /* its close callback ran; freed when fiber_refs is 0 */
+    zev_fiber_t *open_fiber;
     /* Destinations whose last message timed out (sendq.c): a ROUTER's peers
      * by their first frame's hash, the whole socket for other types. */
     uint64_t timed_out[8];
@@ -313,6 +338,18 @@ struct zev_loop {
     size_t nstreams; /* streams registered with the backend */
     size_t nios;     /* io watchers registered with the backend */
     size_t reported; /* on_send statuses delivered (progress for run_once) */
+    uint64_t iteration; /* iterations begun, for fibers' once-per-iteration rule */
+
+    /* Fibers (fiber.c). */
+    struct zev__fibers {
+        zev__ctx_t sched;       /* the loop thread's own context, while fibers run */
+        bool sched_ready;       /* sched was initialised (on the loop's own stack) */
+        zev__stack_pool_t stacks;
+        zev__list_t runnable;   /* fibers to resume, in order */
+        zev__list_t all;        /* every fiber not yet freed */
+        size_t live;            /* fibers that have not returned */
+        size_t resumed;         /* resumes (progress; stats) */
+    } fibers;
 
     zev__timers_t timers;
 
@@ -415,8 +452,34 @@ ZEV_INTERNAL void zev__streams_close_all(zev_loop_t *loop);
 ZEV_INTERNAL void zev__stream_finalize(zev_stream_t *s);      /* to the close phase; idempotent */
 ZEV_INTERNAL void zev__stream_fail(zev_stream_t *s, int err); /* socket gone: ENOTSOCK/ETERM */
 
+/* fiber.c */
+ZEV_INTERNAL void zev__fibers_init(zev_loop_t *loop);
+ZEV_INTERNAL size_t zev__fibers_run(zev_loop_t *loop); /* the fiber phase: resumes */
+ZEV_INTERNAL int zev__fibers_pending(const zev_loop_t *loop);
+ZEV_INTERNAL void zev__fibers_destroy(zev_loop_t *loop); /* cancel, unwind, free */
+ZEV_INTERNAL zev_fiber_t *zev__fiber_current(void);
+/* Wakes the stream's first recv (POLLIN) or send (POLLOUT) waiter. */
+ZEV_INTERNAL void zev__stream_wake_waiter(zev_stream_t *s, int event);
+/* Wakes every fiber waiting on the stream with err (closed: EBADF). */
+ZEV_INTERNAL void zev__stream_wake_all(zev_stream_t *s, int err);
+ZEV_INTERNAL void zev__fiber_fd_fired(void *entry, int events);
+ZEV_INTERNAL void zev__stream_free(zev_stream_t *s);
+
 /* streamio.c: the ZMQ_FD readiness pass, recv and send */
 ZEV_INTERNAL void zev__stream_fired(zev_stream_t *s);
+/* For fibers: one whole message into the ring (1), nothing there (0), or -1
+ * with errno; the stream re-reads its state afterwards. */
+ZEV_INTERNAL int zev__stream_recv_now(zev_stream_t *s);
+/* For fibers: one part to libzmq now, never queued: 0 taken, else the errno
+ * (EAGAIN: it would have to wait; the caller waits and retries).
+ * pollout_told: the stream's pass just found POLLOUT (the fiber was handed
+ * the stream), so an EAGAIN now blocks POLLOUT until an edge or back-off. */
+ZEV_INTERNAL int zev__stream_send_now(zev_stream_t *s, zmq_msg_t *msg, bool more,
+                                      bool pollout_told);
+/* 1 if a message is there to receive, per libzmq now (fiber poll). */
+ZEV_INTERNAL int zev__stream_readable_now(zev_stream_t *s);
+/* 1 if a send would not wait now (fiber poll). */
+ZEV_INTERNAL int zev__stream_writable_now(zev_stream_t *s);
 ZEV_INTERNAL size_t zev__streams_process(zev_loop_t *loop); /* messages handled */
 /* Puts the stream on the ready-list: the next pass re-reads its state. */
 ZEV_INTERNAL void zev__stream_mark_ready(zev_stream_t *s);

@@ -57,6 +57,7 @@ typedef struct zev_io zev_io_t;
 typedef struct zev_msg zev_msg_t;
 typedef struct zev_frame zev_frame_t;
 typedef struct zev_tracker zev_tracker_t;
+typedef struct zev_fiber zev_fiber_t;
 
 typedef struct zev_loop_opts {
     const char *backend; /* "epoll" | "kqueue" | "poll" | NULL: $ZEV_BACKEND, else best */
@@ -525,6 +526,134 @@ ZEV_API int zev_tracker_on_done(zev_tracker_t *t, zev_tracker_fn fn, void *arg);
 
 /* Drops the caller's tracker; its callback will not run any more. */
 ZEV_API int zev_tracker_release(zev_tracker_t *t);
+
+/* ---------------------------------------------------------------- fibers */
+
+/* Fibers: code written in blocking style on the loop, the counterpart of
+ * PyZMQ's zmq.green. A fiber is a stackful coroutine the loop schedules:
+ * its blocking calls (zev_fiber_recv, _send, _poll, _sleep, ...) suspend
+ * only the fiber, and the loop goes on with its streams, timers, callbacks
+ * and other fibers. All of them keep the streams' ZMQ_FD rule: no timeout
+ * papers over a missed edge.
+ *
+ * Scheduling. Fibers run on the loop's thread, in a phase of their own
+ * right after the ready streams (phase 3), so a fiber woken by a message
+ * runs in the same iteration. Runnable fibers run in the order they became
+ * runnable; each runs until it blocks, yields or returns, and resumes at
+ * most once per iteration. A fiber whose calls never have to wait (a
+ * receive loop on a busy stream) yields after the loop's batch (64) of
+ * them, so fibers, callbacks and streams share the loop fairly. No
+ * callback ever runs on a fiber's stack (zev_stream_flush refuses a fiber
+ * with EBUSY; a tracker's at-once on_done is deferred to the loop).
+ *
+ * Stacks are mmap'd with an inaccessible guard page below and pooled (no
+ * system call per spawn in steady state); a stack overflow kills the
+ * process with SIGSEGV and a line on stderr naming it (ASan builds: ASan's
+ * report). Each stack costs two of the process's vm.max_map_count mappings.
+ */
+
+typedef void (*zev_fiber_fn)(void *arg);
+
+typedef struct zev_fiber_opts {
+    size_t stack_size; /* bytes; 0 = 64 KiB; rounded up to pages, guard page below */
+} zev_fiber_opts_t;
+
+/* zev_fiber_poll's item: a stream, or (stream NULL) a plain fd. */
+typedef struct zev_fiber_pollitem {
+    zev_stream_t *stream;
+    int fd;
+    short events;  /* ZEV_READ | ZEV_WRITE */
+    short revents; /* set by zev_fiber_poll */
+} zev_fiber_pollitem_t;
+
+/* Makes a fiber that will run fn(arg). Call it on the loop's thread, from
+ * anywhere there (outside callbacks, inside them, from a fiber); the fiber
+ * first runs in a later fiber phase, never inside this call. opts may be
+ * NULL. Lifetime: until zev_fiber_join returned it, or, once detached,
+ * until fn returns; zev_loop_destroy frees the rest. Errors: NULL with
+ * EINVAL (NULL loop or fn), ENOMEM (also vm.max_map_count reached), EBUSY
+ * (the loop is being destroyed). */
+ZEV_API zev_fiber_t *zev_fiber_spawn(zev_loop_t *loop, zev_fiber_fn fn, void *arg,
+                                     const zev_fiber_opts_t *opts);
+
+/* From a fiber: waits until f has returned and frees it (0); timeout_us -1
+ * waits for ever, 0 does not wait. Errors: -1 with EPERM (not in a fiber),
+ * EINVAL (NULL, the calling fiber itself, a detached fiber, or one another
+ * fiber already joins), ETIMEDOUT (f still runs; it is not freed),
+ * ECANCELED (the caller was cancelled). */
+ZEV_API int zev_fiber_join(zev_fiber_t *f, int64_t timeout_us);
+
+/* f is freed when it returns (at once if it already has). Loop thread.
+ * Errors: EINVAL (NULL, already detached, or being joined). */
+ZEV_API int zev_fiber_detach(zev_fiber_t *f);
+
+/* Cancels f: its current blocking call and every later one fail with
+ * ECANCELED (zev_fiber_sleep and zev_fiber_yield too); fn should return.
+ * From any fiber or callback on the loop thread; a fiber may cancel
+ * itself. 0 also for a fiber that already returned. Errors: EINVAL (NULL). */
+ZEV_API int zev_fiber_cancel(zev_fiber_t *f);
+
+/* The calling fiber, or NULL outside fibers. */
+ZEV_API zev_fiber_t *zev_fiber_self(void);
+
+/* The blocking calls below work inside a fiber only (elsewhere -1 with
+ * EPERM) and fail with ECANCELED once the fiber is cancelled. timeout_us is
+ * -1 for no timeout and 0 for "do not wait". */
+
+/* Sleeps us microseconds (the loop's timer precision). 0, or -1 with EPERM,
+ * ECANCELED. */
+ZEV_API int zev_fiber_sleep(uint64_t us);
+
+/* Lets every other runnable fiber, and the rest of the loop, run first: the
+ * fiber resumes in the next iteration. 0, or -1 with EPERM, ECANCELED. */
+ZEV_API int zev_fiber_yield(void);
+
+/* Waits until fd is ready for events (ZEV_READ | ZEV_WRITE). Returns the
+ * ready events, 0 on timeout, or -1 with EPERM, ECANCELED, EINVAL (bad
+ * events), EBADF, EEXIST (the fd is watched already: by zev_io_start, a
+ * stream, or another fiber). */
+ZEV_API int zev_fiber_wait_fd(int fd, int events, int64_t timeout_us);
+
+/* Receives the stream's next whole message. *msg and its borrowed frames
+ * are valid until the calling fiber's next blocking call, or its return;
+ * zev_msg_keep keeps a frame beyond that, as in on_recv. Fibers receiving
+ * from one stream get one message each, first come first served. No heap
+ * allocation per message. Returns 0, or -1 with EAGAIN (timeout, or
+ * timeout 0 and nothing there), EPERM, ECANCELED, EINVAL (NULL), EBUSY (the
+ * stream has on_recv set), EBADF (closed, also while waiting: the stream
+ * stays valid for the call until it returns), ENOTSOCK/ETERM (socket gone). */
+ZEV_API int zev_fiber_recv(zev_stream_t *s, zev_msg_t **msg, int64_t timeout_us);
+
+/* Sends as zev_stream_send does (same stream, same order, same on_send
+ * report), but waits instead of queuing: the call returns once libzmq has
+ * taken the part, 0, or -1 with the errno on_send also reports. A fiber's
+ * message never waits in the stream's queue: it goes out after the
+ * messages queued before it, and on timeout nothing of it is taken (-1,
+ * EAGAIN; no number, no status). While a fiber builds a multipart message
+ * (ZMQ_SNDMORE), other fibers' sends on the stream wait for it and sends
+ * from callbacks fail with EBUSY. Errors as zev_stream_send, plus EAGAIN
+ * (timeout), EPERM, ECANCELED. */
+ZEV_API int zev_fiber_send(zev_stream_t *s, const void *data, size_t len, int flags,
+                           int64_t timeout_us);
+
+/* zev_stream_send_msg's parts (moved, as zmq_msg_send does, once taken),
+ * with zev_fiber_send's waiting. The first part may wait; the others never
+ * do (libzmq takes the rest of a message it began). On timeout nothing is
+ * taken. */
+ZEV_API int zev_fiber_send_msg(zev_stream_t *s, zmq_msg_t *parts, size_t nparts, int flags,
+                               int64_t timeout_us);
+
+/* zmq_poll for fibers, over streams and fds: for a stream, ZEV_READ means a
+ * zev_fiber_recv would not wait, ZEV_WRITE that a zev_fiber_send would not;
+ * for an fd, as zev_fiber_wait_fd. Sets each item's revents and returns how
+ * many items are ready, 0 on timeout, or -1 with EPERM, ECANCELED, EINVAL
+ * (NULL items with n > 0, bad events, a stream with on_recv set asked for
+ * ZEV_READ), EBADF, EEXIST (an fd watched already). A stream whose socket
+ * is gone is reported ready with the events asked for, as poll(2) reports
+ * an error: its calls then fail at once (ETERM, ENOTSOCK). So is a stream
+ * closed while the fiber waits, but that one is valid only until this call
+ * returns (as for the other calls: whoever closes a stream ends its use). */
+ZEV_API int zev_fiber_poll(zev_fiber_pollitem_t *items, size_t n, int64_t timeout_us);
 
 #ifdef __cplusplus
 }

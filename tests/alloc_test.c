@@ -750,3 +750,134 @@ Test(alloc, owned_timeouts_and_posts_allocate_nothing)
         cr_assert_eq(zev_timer_free(timeout[i]), 0);
     zev_loop_destroy(loop);
 }
+
+/* ------------------------------------------------------------- fibers */
+
+/* A fiber relaying messages (zev_fiber_recv from a PULL, zev_fiber_send of a
+ * copy to a PUSH) against the same relay in raw libzmq (zmq_msg_recv into
+ * one zmq_msg_t, zmq_send): zev adds no allocation per message, and none
+ * per blocking call (the fiber waits for each batch: the wait, its owned
+ * timer for the timeout, and its wake allocate nothing). */
+typedef struct relay {
+    zev_stream_t *in, *out;
+    size_t sz;
+    size_t relayed;
+    size_t bad;
+} relay_t;
+
+static void relay_fiber(void *arg)
+{
+    relay_t *r = arg;
+    for (;;) {
+        zev_msg_t *m;
+        if (zev_fiber_recv(r->in, &m, 1000000) < 0)
+            break; /* cancelled at destroy */
+        if (zev_msg_size(m, 0) != r->sz ||
+            zev_fiber_send(r->out, zev_msg_data(m, 0), r->sz, 0, -1) < 0)
+            r->bad++;
+        r->relayed++;
+    }
+}
+
+static size_t sink_drain(void *sink, size_t n, size_t sz)
+{
+    zmq_msg_t m;
+    zmq_msg_init(&m);
+    size_t bad = 0;
+    for (size_t i = 0; i < n; i++)
+        if (zmq_msg_recv(&m, sink, 0) != (int)sz)
+            bad++;
+    zmq_msg_close(&m);
+    return bad;
+}
+
+static size_t raw_relay(void *push, void *pull, void *out, void *sink, size_t n, size_t sz)
+{
+    zmq_msg_t one;
+    zmq_msg_init(&one);
+    size_t bad = 0;
+    for (size_t done = 0; done < n; done += BATCH) {
+        bad += send_batch(push, BATCH, sz);
+        for (size_t i = 0; i < BATCH; i++)
+            if (zmq_msg_recv(&one, pull, 0) != (int)sz ||
+                zmq_send(out, zmq_msg_data(&one), sz, 0) != (int)sz)
+                bad++;
+        bad += sink_drain(sink, BATCH, sz);
+    }
+    zmq_msg_close(&one);
+    return bad;
+}
+
+static size_t fiber_relay(zev_loop_t *loop, relay_t *r, void *push, void *sink, size_t n)
+{
+    size_t bad = 0;
+    for (size_t done = 0; done < n; done += BATCH) {
+        bad += send_batch(push, BATCH, r->sz);
+        size_t target = r->relayed + BATCH;
+        for (size_t spins = 0; r->relayed < target && spins < SPIN_LIMIT; spins++)
+            zev_loop_run_once(loop, 0);
+        if (r->relayed != target)
+            return bad + 1;
+        bad += sink_drain(sink, BATCH, r->sz);
+    }
+    return bad;
+}
+
+typedef struct relay_sockets {
+    void *ctx, *push, *pull, *out, *sink;
+} relay_sockets_t;
+
+static relay_sockets_t relay_open(void)
+{
+    relay_sockets_t k = {.ctx = zmq_ctx_new()};
+    k.pull = sock(k.ctx, ZMQ_PULL, 0);
+    k.push = sock(k.ctx, ZMQ_PUSH, 0);
+    k.out = sock(k.ctx, ZMQ_PUSH, 0);
+    k.sink = sock(k.ctx, ZMQ_PULL, 0);
+    test_bind_connect(k.pull, k.push, "inproc");
+    test_bind_connect(k.sink, k.out, "inproc");
+    return k;
+}
+
+static void relay_close(relay_sockets_t *k)
+{
+    test_close(k->push);
+    test_close(k->pull);
+    test_close(k->out);
+    test_close(k->sink);
+    zmq_ctx_term(k->ctx);
+}
+
+Test(alloc, fiber_relay_allocates_nothing_per_message)
+{
+    const size_t sz = 64;
+    memset(payload, 0x3c, sizeof payload);
+    relay_sockets_t k = relay_open();
+    cr_assert_eq(raw_relay(k.push, k.pull, k.out, k.sink, WARM, sz), 0);
+    alloc_count_start();
+    size_t bad = raw_relay(k.push, k.pull, k.out, k.sink, MEASURE, sz);
+    alloc_count_stop();
+    counts_t raw = {alloc_count_allocs(), alloc_count_frees()};
+    cr_assert_eq(bad, 0, "raw relay went wrong");
+    relay_close(&k);
+
+    k = relay_open();
+    zev_loop_t *loop = test_loop_new();
+    relay_t r = {.in = zev_stream_new(loop, k.pull), .out = zev_stream_new(loop, k.out), .sz = sz};
+    cr_assert(r.in && r.out);
+    cr_assert_not_null(zev_fiber_spawn(loop, relay_fiber, &r, NULL));
+    cr_assert_eq(fiber_relay(loop, &r, k.push, k.sink, WARM), 0);
+    alloc_count_start();
+    bad = fiber_relay(loop, &r, k.push, k.sink, MEASURE);
+    alloc_count_stop();
+    counts_t zev = {alloc_count_allocs(), alloc_count_frees()};
+    cr_assert_eq(bad + r.bad, 0, "fiber relay went wrong");
+    cr_assert_eq(r.relayed, WARM + MEASURE);
+    cr_assert_eq(zev_loop_destroy(loop), 0);
+    relay_close(&k);
+    report("fiber recv + send relay", sz, raw, zev);
+    cr_expect_geq(raw.allocs, MEASURE, "libzmq allocates once per %zu B message", sz);
+    cr_expect_leq(zev.allocs, raw.allocs,
+                  "fiber relay: zev %zu allocations vs raw libzmq %zu over %u messages", zev.allocs,
+                  raw.allocs, MEASURE);
+}

@@ -4,7 +4,10 @@
 #include <poll.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <signal.h>
 #include <string.h>
+#include <sys/resource.h>
+#include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -205,6 +208,72 @@ int test_readable(int fd, int timeout_ms)
 #define TEST_ASAN 1
 #endif
 #endif
+#if defined(__SANITIZE_THREAD__)
+#define TEST_TSAN 1
+#elif defined(__has_feature)
+#if __has_feature(thread_sanitizer)
+#define TEST_TSAN 1
+#endif
+#endif
+
+int test_asan(void)
+{
+#ifdef TEST_ASAN
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+int test_tsan(void)
+{
+#ifdef TEST_TSAN
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+void test_run_child(void (*fn)(void), test_child_t *r)
+{
+    int p[2];
+    cr_assert_eq(pipe(p), 0);
+    fflush(NULL);
+    pid_t pid = fork();
+    cr_assert_neq(pid, -1);
+    if (pid == 0) {
+        close(p[0]);
+        dup2(p[1], STDERR_FILENO);
+        struct rlimit none = {0, 0};
+        setrlimit(RLIMIT_CORE, &none);
+        fn();
+        _exit(0);
+    }
+    close(p[1]);
+    size_t len = 0;
+    for (;;) {
+        char buf[4096];
+        ssize_t n = read(p[0], buf, sizeof buf);
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n <= 0)
+            break;
+        size_t room = sizeof r->err - 1 - len;
+        size_t take = (size_t)n < room ? (size_t)n : room;
+        memcpy(r->err + len, buf, take);
+        len += take;
+    }
+    r->err[len] = '\0';
+    close(p[0]);
+    while (waitpid(pid, &r->status, 0) < 0)
+        cr_assert_eq(errno, EINTR);
+}
+
+int test_died_of_segv(int status)
+{
+    return WIFSIGNALED(status) && (WTERMSIG(status) == SIGSEGV || WTERMSIG(status) == SIGBUS);
+}
+
 #ifdef TEST_ASAN
 #include <sanitizer/lsan_interface.h>
 void test_expect_no_leaks(void)

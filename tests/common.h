@@ -128,6 +128,23 @@ int test_readable(int fd, int timeout_ms);
  * Does nothing in other builds. */
 void test_expect_no_leaks(void);
 
+/* Death tests: runs fn in a forked child with its stderr captured (the
+ * first TEST_CHILD_ERR - 1 bytes, NUL-terminated) and no core dump; fn's
+ * return is exit status 0. */
+#define TEST_CHILD_ERR 16384
+typedef struct test_child {
+    int status; /* waitpid's */
+    char err[TEST_CHILD_ERR];
+} test_child_t;
+void test_run_child(void (*fn)(void), test_child_t *r);
+
+/* Whether a child's status says it died of SIGSEGV or SIGBUS. */
+int test_died_of_segv(int status);
+
+/* Whether this build runs under AddressSanitizer or ThreadSanitizer. */
+int test_asan(void);
+int test_tsan(void);
+
 /* A watchdog for tests that run the loop with zev_loop_run, which blocks
  * until something wakes it: a lost wakeup then shows as a hang, not merely
  * as slowness hidden by a polling timeout. After ms the watchdog wakes the

@@ -9,7 +9,7 @@
 #include "ctx.h"
 #include "stack.h"
 
-#include <criterion/criterion.h>
+#include "common.h"
 #include <errno.h>
 #include <fenv.h>
 #include <pthread.h>
@@ -86,51 +86,6 @@ static void vma_perms(const void *addr, char perms[5])
         }
     }
     fclose(f);
-}
-
-typedef struct child_result {
-    int status;
-    char err[16384]; /* its stderr (the start of it) */
-} child_result_t;
-
-/* Runs fn in a forked child with stderr captured and no core dump. */
-static void run_child(void (*fn)(void), child_result_t *r)
-{
-    int p[2];
-    cr_assert_eq(pipe(p), 0);
-    fflush(NULL);
-    pid_t pid = fork();
-    cr_assert_neq(pid, -1);
-    if (pid == 0) {
-        close(p[0]);
-        dup2(p[1], STDERR_FILENO);
-        struct rlimit none = {0, 0};
-        setrlimit(RLIMIT_CORE, &none);
-        fn();
-        _exit(0);
-    }
-    close(p[1]);
-    size_t len = 0;
-    for (;;) {
-        char buf[4096];
-        ssize_t n = read(p[0], buf, sizeof buf);
-        if (n < 0 && errno == EINTR)
-            continue;
-        if (n <= 0)
-            break;
-        size_t take = (size_t)n < sizeof r->err - 1 - len ? (size_t)n : sizeof r->err - 1 - len;
-        memcpy(r->err + len, buf, take);
-        len += take;
-    }
-    r->err[len] = '\0';
-    close(p[0]);
-    while (waitpid(pid, &r->status, 0) < 0)
-        cr_assert_eq(errno, EINTR);
-}
-
-static int died_of_segv(int status)
-{
-    return WIFSIGNALED(status) && (WTERMSIG(status) == SIGSEGV || WTERMSIG(status) == SIGBUS);
 }
 
 /* -------------------------------------------------------- switching, order */
@@ -752,14 +707,14 @@ static void child_overflow(void)
     _exit(4);
 }
 
-static void expect_overflow_report(const child_result_t *r)
+static void expect_overflow_report(const test_child_t *r)
 {
 #ifdef ZEV__ASAN
     cr_assert(strstr(r->err, "AddressSanitizer") && strstr(r->err, "stack-overflow"),
               "no ASan stack-overflow report; stderr:\n%s", r->err);
     cr_assert(!(WIFEXITED(r->status) && WEXITSTATUS(r->status) == 0), "the child survived");
 #else
-    cr_assert(died_of_segv(r->status), "status %#x; stderr:\n%s", r->status, r->err);
+    cr_assert(test_died_of_segv(r->status), "status %#x; stderr:\n%s", r->status, r->err);
     cr_assert(strstr(r->err, "zev: fiber stack overflow (stack 0x"), "stderr:\n%s", r->err);
     cr_assert(strstr(r->err, ", 65536 bytes); raise zev_fiber_opts_t.stack_size\n"), "stderr:\n%s",
               r->err);
@@ -768,8 +723,8 @@ static void expect_overflow_report(const child_result_t *r)
 
 Test(overflow, guard_page_fault_is_reported, .timeout = 60)
 {
-    static child_result_t r;
-    run_child(child_overflow, &r);
+    static test_child_t r;
+    test_run_child(child_overflow, &r);
     expect_overflow_report(&r);
 }
 
@@ -778,14 +733,14 @@ Test(overflow, guard_page_fault_is_reported, .timeout = 60)
  * (ASan's own handler; TSan's, once zev's handler restored SIG_DFL), which
  * may call a fault within 64 KiB above the stack pointer a stack-overflow:
  * its guess, not zev's. */
-static void expect_plain_segv(const child_result_t *r)
+static void expect_plain_segv(const test_child_t *r)
 {
     cr_assert(!strstr(r->err, "fiber stack overflow"), "misreported:\n%s", r->err);
 #if defined(ZEV__ASAN) || defined(ZEV__TSAN)
     cr_assert(strstr(r->err, "Sanitizer"), "stderr:\n%s", r->err);
     cr_assert(!(WIFEXITED(r->status) && WEXITSTATUS(r->status) == 0), "the child survived");
 #else
-    cr_assert(died_of_segv(r->status), "status %#x; stderr:\n%s", r->status, r->err);
+    cr_assert(test_died_of_segv(r->status), "status %#x; stderr:\n%s", r->status, r->err);
 #endif
 }
 
@@ -845,22 +800,22 @@ static void child_wild_write_in_main(void)
 
 Test(overflow, wild_write_in_fiber_is_not_an_overflow, .timeout = 60)
 {
-    static child_result_t r;
-    run_child(child_wild_write, &r);
+    static test_child_t r;
+    test_run_child(child_wild_write, &r);
     expect_plain_segv(&r);
 }
 
 Test(overflow, other_fibers_guard_page_is_not_an_overflow, .timeout = 60)
 {
-    static child_result_t r;
-    run_child(child_foreign_guard, &r);
+    static test_child_t r;
+    test_run_child(child_foreign_guard, &r);
     expect_plain_segv(&r);
 }
 
 Test(overflow, wild_write_outside_fibers_is_not_an_overflow, .timeout = 60)
 {
-    static child_result_t r;
-    run_child(child_wild_write_in_main, &r);
+    static test_child_t r;
+    test_run_child(child_wild_write_in_main, &r);
     expect_plain_segv(&r);
 }
 
@@ -913,8 +868,8 @@ static void child_user_overflow(void)
 
 Test(overflow, earlier_siginfo_handler_gets_other_faults, .timeout = 60)
 {
-    static child_result_t r;
-    run_child(child_user_siginfo, &r);
+    static test_child_t r;
+    test_run_child(child_user_siginfo, &r);
     cr_assert(WIFEXITED(r.status) && WEXITSTATUS(r.status) == 42, "status %#x; stderr:\n%s",
               r.status, r.err);
     cr_assert(strstr(r.err, "user handler"));
@@ -922,8 +877,8 @@ Test(overflow, earlier_siginfo_handler_gets_other_faults, .timeout = 60)
 
 Test(overflow, earlier_plain_handler_gets_other_faults, .timeout = 60)
 {
-    static child_result_t r;
-    run_child(child_user_plain, &r);
+    static test_child_t r;
+    test_run_child(child_user_plain, &r);
     cr_assert(WIFEXITED(r.status) && WEXITSTATUS(r.status) == 43, "status %#x; stderr:\n%s",
               r.status, r.err);
 }
@@ -933,10 +888,10 @@ Test(overflow, earlier_plain_handler_gets_other_faults, .timeout = 60)
  * cannot even run on the overflowed stack, so the kernel kills the child). */
 Test(overflow, overflow_is_reported_before_a_user_handler, .timeout = 60)
 {
-    static child_result_t r;
-    run_child(child_user_overflow, &r);
+    static test_child_t r;
+    test_run_child(child_user_overflow, &r);
 #ifdef ZEV__ASAN
-    cr_assert(died_of_segv(r.status) || (WIFEXITED(r.status) && WEXITSTATUS(r.status) == 41),
+    cr_assert(test_died_of_segv(r.status) || (WIFEXITED(r.status) && WEXITSTATUS(r.status) == 41),
               "status %#x; stderr:\n%s", r.status, r.err);
 #else
     expect_overflow_report(&r);

@@ -1,0 +1,889 @@
+/*
+ * Fibers: blocking-style code on the loop (PyZMQ's zmq.green for C).
+ *
+ * Design notes
+ * - A fiber is a context (ctx.h) on a pooled, guarded stack (stack.h), run
+ *   by the loop in its fiber phase, right after the ready streams: a fiber
+ *   woken by a stream's pass runs in the same iteration. The phase resumes
+ *   runnable fibers in order until none is left that has not resumed in this
+ *   iteration (loop->iteration): each resumes at most once per iteration,
+ *   and a fiber woken by another in the same phase (the next receiver of a
+ *   stream) still runs in it. A fiber that yields goes to the next one.
+ * - Blocking calls run on the fiber's stack. When they would wait, they put
+ *   the fiber on what it waits for (a stream's recv or send waiters, its fds
+ *   registered with the backend, its own timer for the timeout, a fiber to
+ *   join) and switch to the loop. Whatever ends the wait calls wake(), which
+ *   takes the fiber off all of them at once and makes it runnable with the
+ *   reason: 0 (look again), ETIMEDOUT, ECANCELED, or a stream's error.
+ * - Streams keep their ZMQ_FD rule: a stream with waiting fibers wants POLLIN
+ *   (or POLLOUT) as one with on_recv (or a queue) does, and its pass, instead
+ *   of receiving, wakes the first waiter (handed_in), which then receives on
+ *   its own stack; every receive or send a fiber makes outside the pass puts
+ *   the stream on the ready-list, as any send from outside does. A fiber
+ *   that got a message wakes the next waiter, so a pool of receiving fibers
+ *   drains a stream within one phase, first come first served. No timeout
+ *   stands in for a missed edge.
+ * - A fiber's message never waits in the stream's queue: it goes to libzmq
+ *   when nothing is queued before it, else the fiber waits for its turn. So
+ *   the call returns once libzmq has the message, and a timeout takes
+ *   nothing. While a fiber builds a multipart message, the stream's
+ *   open_fiber keeps other senders out of its middle.
+ * - A fiber's calls that do not have to wait count against the loop's
+ *   batch; when it is spent the next call yields first, so a fiber looping
+ *   over a busy stream cannot hold the loop.
+ * - Borrowed frames: a received message lives in the stream's ring until
+ *   the fiber's next blocking call (release_borrowed, first thing in every
+ *   call), which is also the first moment another fiber can run.
+ * - Lifetimes: a stream a fiber is inside a call on (or holds a message of)
+ *   counts it in fiber_refs and is freed by the last such call to leave
+ *   (stream.c defers it). A fiber is freed by join, or when it returns once
+ *   detached; zev_loop_destroy cancels every live fiber and resumes each
+ *   until it returns (one that ignores ECANCELED and loops hangs destroy).
+ */
+#include "zev-internal.h"
+
+#include <errno.h>
+#include <poll.h>
+#include <stdlib.h>
+
+enum fiber_state { F_RUNNABLE, F_RUNNING, F_WAITING, F_DONE };
+
+/* An fd a fiber waits for, registered with the backend while it does. */
+typedef struct fiber_fd {
+    zev__kind_t kind; /* ZEV__H_FIBER_FD, first */
+    zev_fiber_t *fiber;
+    int fd, events, revents;
+    bool registered;
+} fiber_fd_t;
+
+struct zev_fiber {
+    zev_loop_t *loop;
+    zev__ctx_t ctx;
+    zev__stack_t stack;
+    zev_fiber_fn fn;
+    void *arg;
+    zev_timer_t *timer; /* owned: sleeps and timeouts */
+    zev__list_t run;    /* loop->fibers.runnable while runnable */
+    zev__list_t all;    /* loop->fibers.all until freed */
+    enum fiber_state state;
+    int wake; /* why it was made runnable */
+    bool cancelled, detached;
+    zev_fiber_t *joiner; /* the fiber joining it */
+    uint64_t resumed_in; /* the iteration it last resumed in */
+    unsigned budget;     /* calls that did not wait since it resumed */
+    zev_stream_t *borrowed;
+    zev__waiter_t *waits; /* stream waits of the current call */
+    size_t nwaits, waits_cap;
+    fiber_fd_t *fds; /* fd waits of the current call */
+    size_t nfds, fds_cap;
+};
+
+static _Thread_local zev_fiber_t *current;
+
+zev_fiber_t *zev__fiber_current(void)
+{
+    return current;
+}
+
+zev_fiber_t *zev_fiber_self(void)
+{
+    return current;
+}
+
+/* ------------------------------------------------------------- streams */
+
+static void stream_enter(zev_stream_t *s)
+{
+    s->fiber_refs++;
+}
+
+static void stream_leave(zev_stream_t *s)
+{
+    if (--s->fiber_refs == 0 && s->reaped)
+        zev__stream_free(s);
+}
+
+/* The previous message's frames go back to the ring (its next blocking
+ * call, or its return: the contract of zev_fiber_recv). */
+static void release_borrowed(zev_fiber_t *f)
+{
+    if (!f->borrowed)
+        return;
+    zev_stream_t *s = f->borrowed;
+    f->borrowed = NULL;
+    zev__ring_recycle(s);
+    stream_leave(s);
+}
+
+/* --------------------------------------------------------- wait and wake */
+
+static void make_runnable(zev_fiber_t *f, int why)
+{
+    f->wake = why;
+    f->state = F_RUNNABLE;
+    zev__list_push_tail(&f->loop->fibers.runnable, &f->run);
+    zev__loop_changed(f->loop);
+}
+
+/* Off everything it waits on. */
+static void stop_waiting(zev_fiber_t *f)
+{
+    for (size_t i = 0; i < f->nwaits; i++)
+        zev__list_remove(&f->waits[i].node);
+    f->nwaits = 0;
+    for (size_t i = 0; i < f->nfds; i++)
+        if (f->fds[i].registered) {
+            zev__unregister(f->loop, f->fds[i].fd);
+            f->fds[i].registered = false;
+        }
+    zev__timer_disarm(f->timer);
+}
+
+static void wake(zev_fiber_t *f, int why)
+{
+    if (f->state != F_WAITING)
+        return;
+    stop_waiting(f);
+    make_runnable(f, why);
+}
+
+static void fiber_timer(zev_timer_t *t, void *arg)
+{
+    (void)t;
+    wake(arg, ETIMEDOUT);
+}
+
+void zev__fiber_fd_fired(void *entry, int events)
+{
+    fiber_fd_t *e = entry;
+    e->revents |= events & e->events;
+    wake(e->fiber, 0);
+}
+
+void zev__stream_wake_waiter(zev_stream_t *s, int event)
+{
+    zev__list_t *list = event == ZMQ_POLLIN ? &s->recv_waiters : &s->send_waiters;
+    if (zev__list_empty(list))
+        return;
+    zev_fiber_t *f = zev__container_of(list->next, zev__waiter_t, node)->fiber;
+    if (event == ZMQ_POLLIN)
+        s->handed_in = f;
+    else
+        s->handed_out = f;
+    wake(f, 0);
+}
+
+void zev__stream_wake_all(zev_stream_t *s, int err)
+{
+    while (!zev__list_empty(&s->recv_waiters))
+        wake(zev__container_of(s->recv_waiters.next, zev__waiter_t, node)->fiber, err);
+    while (!zev__list_empty(&s->send_waiters))
+        wake(zev__container_of(s->send_waiters.next, zev__waiter_t, node)->fiber, err);
+}
+
+/* Room for n stream waits and m fd waits; the arrays are kept, so a fiber's
+ * calls allocate nothing in steady state. 0, or -1/ENOMEM. */
+static int reserve_waits(zev_fiber_t *f, size_t n, size_t m)
+{
+    if (n > f->waits_cap) {
+        size_t cap = zev__grown_cap(f->waits_cap, 2, n, sizeof *f->waits);
+        zev__waiter_t *w = cap ? realloc(f->waits, cap * sizeof *w) : NULL;
+        if (!w) {
+            errno = ENOMEM;
+            return -1;
+        }
+        f->waits = w;
+        f->waits_cap = cap;
+    }
+    if (m > f->fds_cap) {
+        size_t cap = zev__grown_cap(f->fds_cap, 2, m, sizeof *f->fds);
+        fiber_fd_t *e = cap ? realloc(f->fds, cap * sizeof *e) : NULL;
+        if (!e) {
+            errno = ENOMEM;
+            return -1;
+        }
+        f->fds = e;
+        f->fds_cap = cap;
+    }
+    return 0;
+}
+
+/* Waits on the stream (recv or send waiters), at the back of the line or,
+ * for a fiber that was just woken for it and found nothing, at the front. */
+static void wait_on(zev_fiber_t *f, zev__list_t *list, bool front)
+{
+    zev__waiter_t *w = &f->waits[f->nwaits++];
+    w->fiber = f;
+    if (front) {
+        w->node.next = list->next;
+        w->node.prev = list;
+        list->next->prev = &w->node;
+        list->next = &w->node;
+    } else {
+        zev__list_push_tail(list, &w->node);
+    }
+}
+
+/* Switches to the loop; returns when made runnable again, with the reason. */
+static int suspend(zev_fiber_t *f)
+{
+    zev__ctx_switch(&f->ctx, &f->loop->fibers.sched);
+    return f->wake;
+}
+
+/* Waits for what the caller registered, or until `deadline` (UINT64_MAX:
+ * none): 0, ETIMEDOUT, ECANCELED or a stream's error. */
+static int wait_until(zev_fiber_t *f, uint64_t deadline)
+{
+    if (deadline != UINT64_MAX)
+        zev__timer_arm_at(f->timer, deadline);
+    f->state = F_WAITING;
+    return suspend(f);
+}
+
+/* A blocking call's deadline counts from the clock at the call, not from
+ * the iteration's cached time (the fiber phase comes after the streams'):
+ * a wait never ends before its timeout, as with poll(2) or zmq_poll. */
+static uint64_t deadline_in(uint64_t us)
+{
+    return zev__sat_add(zev__clock_ns(), zev__us_to_ns(us));
+}
+
+static uint64_t deadline_of(int64_t timeout_us)
+{
+    return timeout_us < 0 ? UINT64_MAX : deadline_in((uint64_t)timeout_us);
+}
+
+/* Lets the rest of the loop run: back in the next iteration. */
+static int yield_now(zev_fiber_t *f)
+{
+    make_runnable(f, 0);
+    return suspend(f);
+}
+
+/* A call that does not wait counts against the batch; once it is spent the
+ * fiber yields before the next one. 0, or ECANCELED. */
+static int pace(zev_fiber_t *f)
+{
+    if (++f->budget <= f->loop->batch)
+        return 0;
+    return yield_now(f) ? ECANCELED : 0;
+}
+
+/* Every blocking call starts here: in a fiber, its borrowed frames
+ * returned, not cancelled. NULL with errno otherwise. */
+static zev_fiber_t *enter(void)
+{
+    zev_fiber_t *f = current;
+    if (!f) {
+        errno = EPERM;
+        return NULL;
+    }
+    release_borrowed(f);
+    if (f->cancelled) {
+        errno = ECANCELED;
+        return NULL;
+    }
+    return f;
+}
+
+/* -------------------------------------------------------------- lifecycle */
+
+void zev__fibers_init(zev_loop_t *loop)
+{
+    zev__list_init(&loop->fibers.runnable);
+    zev__list_init(&loop->fibers.all);
+    zev__stack_pool_init(&loop->fibers.stacks);
+}
+
+int zev__fibers_pending(const zev_loop_t *loop)
+{
+    return !zev__list_empty(&loop->fibers.runnable);
+}
+
+static void free_fiber(zev_fiber_t *f)
+{
+    zev__list_remove(&f->all);
+    free(f->waits);
+    free(f->fds);
+    free(f);
+}
+
+static void fiber_main(void *arg)
+{
+    zev_fiber_t *f = arg;
+    f->fn(f->arg);
+    release_borrowed(f);
+    f->state = F_DONE;
+    f->loop->fibers.live--;
+    if (f->joiner)
+        wake(f->joiner, 0);
+    zev__ctx_exit(&f->ctx, &f->loop->fibers.sched);
+}
+
+/* After its last switch: what only its running needed goes back. */
+static void finished(zev_fiber_t *f)
+{
+    zev__ctx_destroy(&f->ctx);
+    zev__stack_put(&f->loop->fibers.stacks, &f->stack);
+    zev__timer_free(f->timer);
+    f->timer = NULL;
+    if (f->detached)
+        free_fiber(f);
+}
+
+zev_fiber_t *zev_fiber_spawn(zev_loop_t *loop, zev_fiber_fn fn, void *arg,
+                             const zev_fiber_opts_t *opts)
+{
+    if (!loop || !fn) {
+        errno = EINVAL;
+        return NULL;
+    }
+    if (loop->destroying) {
+        errno = EBUSY;
+        return NULL;
+    }
+    int saved = errno;
+    zev_fiber_t *f = calloc(1, sizeof *f);
+    if (!f) {
+        errno = ENOMEM;
+        return NULL;
+    }
+    f->loop = loop;
+    f->fn = fn;
+    f->arg = arg;
+    zev__list_init(&f->run);
+    if (zev__stack_get(&loop->fibers.stacks, opts ? opts->stack_size : 0, &f->stack) < 0)
+        goto fail;
+    if (!(f->timer = zev__timer_new(loop, fiber_timer, f)) || reserve_waits(f, 2, 1) < 0 ||
+        zev__ctx_make(&f->ctx, f->stack.lo, f->stack.size, fiber_main, f) < 0) {
+        int err = errno;
+        zev__timer_free(f->timer);
+        zev__stack_put(&loop->fibers.stacks, &f->stack);
+        errno = err;
+        goto fail;
+    }
+    zev__list_push_tail(&loop->fibers.all, &f->all);
+    loop->fibers.live++;
+    make_runnable(f, 0);
+    errno = saved;
+    return f;
+fail:
+    free(f->waits);
+    free(f->fds);
+    free(f);
+    return NULL;
+}
+
+/* Resumes one fiber until it suspends or returns (the loop's stack). */
+static void resume(zev_loop_t *loop, zev_fiber_t *f)
+{
+    f->state = F_RUNNING;
+    f->resumed_in = loop->iteration;
+    f->budget = 0;
+    current = f;
+    loop->fibers.resumed++;
+    zev__ctx_switch(&loop->fibers.sched, &f->ctx);
+    current = NULL;
+    if (f->state == F_DONE)
+        finished(f);
+}
+
+size_t zev__fibers_run(zev_loop_t *loop)
+{
+    struct zev__fibers *fs = &loop->fibers;
+    if (zev__list_empty(&fs->runnable))
+        return 0;
+    if (!fs->sched_ready) { /* on the loop thread's own stack, once */
+        zev__ctx_init_main(&fs->sched);
+        fs->sched_ready = true;
+    }
+    zev__list_t later;
+    zev__list_init(&later);
+    size_t n = 0;
+    zev__list_t *node;
+    while ((node = zev__list_pop_head(&fs->runnable))) {
+        zev_fiber_t *f = zev__container_of(node, zev_fiber_t, run);
+        if (f->resumed_in == loop->iteration && f->resumed_in) {
+            zev__list_push_tail(&later, node); /* once per iteration */
+            continue;
+        }
+        resume(loop, f);
+        n++;
+    }
+    while ((node = zev__list_pop_head(&later)))
+        zev__list_push_tail(&fs->runnable, node);
+    return n;
+}
+
+void zev__fibers_destroy(zev_loop_t *loop)
+{
+    struct zev__fibers *fs = &loop->fibers;
+    while (fs->live) {
+        for (zev__list_t *p = fs->all.next; p != &fs->all; p = p->next) {
+            zev_fiber_t *f = zev__container_of(p, zev_fiber_t, all);
+            if (f->state != F_DONE)
+                zev_fiber_cancel(f);
+        }
+        loop->iteration++;
+        zev__fibers_run(loop);
+    }
+    while (!zev__list_empty(&fs->all))
+        free_fiber(zev__container_of(fs->all.next, zev_fiber_t, all));
+    zev__stack_pool_fini(&fs->stacks);
+}
+
+int zev_fiber_join(zev_fiber_t *t, int64_t timeout_us)
+{
+    zev_fiber_t *f = enter();
+    if (!f)
+        return -1;
+    if (!t || t == f || t->detached || (t->joiner && t->joiner != f)) {
+        errno = EINVAL;
+        return -1;
+    }
+    if (t->state != F_DONE) {
+        if (timeout_us == 0) {
+            errno = ETIMEDOUT;
+            return -1;
+        }
+        t->joiner = f;
+        int why = wait_until(f, deadline_of(timeout_us));
+        t->joiner = NULL;
+        if (why) {
+            errno = why;
+            return -1;
+        }
+    }
+    free_fiber(t);
+    return 0;
+}
+
+int zev_fiber_detach(zev_fiber_t *t)
+{
+    if (!t || t->detached || t->joiner) {
+        errno = EINVAL;
+        return -1;
+    }
+    t->detached = true;
+    if (t->state == F_DONE)
+        free_fiber(t);
+    return 0;
+}
+
+int zev_fiber_cancel(zev_fiber_t *t)
+{
+    if (!t) {
+        errno = EINVAL;
+        return -1;
+    }
+    if (t->state == F_DONE)
+        return 0;
+    t->cancelled = true;
+    if (t->state == F_WAITING)
+        wake(t, ECANCELED);
+    else if (t->state == F_RUNNABLE)
+        t->wake = ECANCELED; /* woken, not yet resumed: its call fails all the same */
+    return 0;
+}
+
+/* ------------------------------------------------------- sleeping, fds */
+
+int zev_fiber_sleep(uint64_t us)
+{
+    zev_fiber_t *f = enter();
+    if (!f)
+        return -1;
+    int why = wait_until(f, deadline_in(us));
+    if (why != ETIMEDOUT) {
+        errno = why ? why : ECANCELED;
+        return -1;
+    }
+    return 0;
+}
+
+int zev_fiber_yield(void)
+{
+    zev_fiber_t *f = enter();
+    if (!f)
+        return -1;
+    int why = yield_now(f);
+    if (why) {
+        errno = why;
+        return -1;
+    }
+    return 0;
+}
+
+static int valid_events(int events)
+{
+    return events && !(events & ~(ZEV_READ | ZEV_WRITE));
+}
+
+/* The fds of items ready now (poll(2), no wait): their revents. */
+static int fds_ready_now(fiber_fd_t *e, size_t n)
+{
+    struct pollfd p[16];
+    int ready = 0;
+    for (size_t i = 0; i < n; i += 16) {
+        size_t k = n - i < 16 ? n - i : 16;
+        for (size_t j = 0; j < k; j++)
+            p[j] =
+                (struct pollfd){.fd = e[i + j].fd,
+                                .events = (short)(((e[i + j].events & ZEV_READ) ? POLLIN : 0) |
+                                                  ((e[i + j].events & ZEV_WRITE) ? POLLOUT : 0))};
+        if (poll(p, (nfds_t)k, 0) < 0)
+            return -1;
+        for (size_t j = 0; j < k; j++) {
+            short re = p[j].revents;
+            if (re & POLLNVAL) {
+                errno = EBADF;
+                return -1;
+            }
+            int ev = ((re & (POLLIN | POLLERR | POLLHUP)) ? ZEV_READ : 0) |
+                     ((re & (POLLOUT | POLLERR | POLLHUP)) ? ZEV_WRITE : 0);
+            e[i + j].revents = ev & e[i + j].events;
+            ready += e[i + j].revents != 0;
+        }
+    }
+    return ready;
+}
+
+/* Registers the fd waits with the backend; on failure none stays. */
+static int register_fds(zev_fiber_t *f)
+{
+    for (size_t i = 0; i < f->nfds; i++) {
+        fiber_fd_t *e = &f->fds[i];
+        if (zev__register(f->loop, e->fd, e->events, e) < 0) {
+            int err = errno;
+            stop_waiting(f);
+            errno = err;
+            return -1;
+        }
+        e->registered = true;
+    }
+    return 0;
+}
+
+int zev_fiber_wait_fd(int fd, int events, int64_t timeout_us)
+{
+    zev_fiber_t *f = enter();
+    if (!f)
+        return -1;
+    if (!valid_events(events)) {
+        errno = EINVAL;
+        return -1;
+    }
+    if (fd < 0) {
+        errno = EBADF;
+        return -1;
+    }
+    f->fds[0] = (fiber_fd_t){.kind = ZEV__H_FIBER_FD, .fiber = f, .fd = fd, .events = events};
+    int ready = fds_ready_now(f->fds, 1);
+    if (ready != 0 || timeout_us == 0)
+        return ready < 0 ? -1 : f->fds[0].revents;
+    f->nfds = 1;
+    if (register_fds(f) < 0) {
+        f->nfds = 0;
+        return -1;
+    }
+    int why = wait_until(f, deadline_of(timeout_us));
+    f->nfds = 0;
+    if (why == ETIMEDOUT)
+        return 0;
+    if (why) {
+        errno = why;
+        return -1;
+    }
+    return f->fds[0].revents;
+}
+
+/* ---------------------------------------------------------------- recv */
+
+/* 0, or the errno that makes the stream unusable for a fiber's call. */
+static int stream_state(const zev_stream_t *s)
+{
+    return s->closed ? EBADF : s->err;
+}
+
+/* Whether it is f's turn: the one the stream was handed to goes first,
+ * else whoever waits longest, else whoever comes. */
+static bool my_turn(const zev__list_t *waiters, zev_fiber_t *handed, zev_fiber_t *f)
+{
+    return handed ? handed == f : zev__list_empty(waiters);
+}
+
+/* f no longer holds the stream's turn; if it did not act on it (cancelled,
+ * timed out), the stream looks again so that the next waiter gets it. */
+static void give_turn_back(zev_stream_t *s, zev_fiber_t **handed, zev_fiber_t *f)
+{
+    if (*handed == f) {
+        *handed = NULL;
+        zev__stream_mark_ready(s);
+    }
+}
+
+int zev_fiber_recv(zev_stream_t *s, zev_msg_t **msg, int64_t timeout_us)
+{
+    zev_fiber_t *f = enter();
+    if (!f)
+        return -1;
+    if (!s || !msg) {
+        errno = EINVAL;
+        return -1;
+    }
+    if (s->on_recv) {
+        errno = EBUSY;
+        return -1;
+    }
+    int err = stream_state(s);
+    if (!err)
+        err = pace(f);
+    if (err) {
+        errno = err;
+        return -1;
+    }
+    stream_enter(s);
+    uint64_t deadline = deadline_of(timeout_us);
+    bool woken = false;
+    int rc = -1;
+    for (;;) {
+        if ((err = stream_state(s)))
+            break;
+        if (my_turn(&s->recv_waiters, s->handed_in, f)) {
+            int got = zev__stream_recv_now(s); /* puts the stream on the ready-list */
+            if (s->handed_in == f)
+                s->handed_in = NULL;
+            if (got > 0) {
+                rc = 0;
+                break;
+            }
+            if (got < 0) {
+                err = errno;
+                break;
+            }
+        }
+        if (timeout_us == 0) {
+            err = EAGAIN;
+            break;
+        }
+        wait_on(f, &s->recv_waiters, woken);
+        int why = wait_until(f, deadline);
+        woken = true;
+        if (why) {
+            err = why == ETIMEDOUT ? EAGAIN : why;
+            break;
+        }
+    }
+    give_turn_back(s, &s->handed_in, f);
+    if (rc == 0) {
+        f->borrowed = s; /* held until its next blocking call */
+        stream_enter(s);
+        *msg = &s->msg;
+        zev__stream_wake_waiter(s, ZMQ_POLLIN); /* the next in line tries too */
+    }
+    stream_leave(s);
+    if (rc < 0)
+        errno = err;
+    return rc;
+}
+
+/* ---------------------------------------------------------------- send */
+
+/* Gives parts[0..n) as (the continuation of) a message, the first part
+ * waiting for its turn and for libzmq; `more`: more parts follow in a later
+ * call. 0 once libzmq took them, or -1 with errno (nothing taken when the
+ * first part was not). */
+static int send_parts(zev_stream_t *s, zmq_msg_t *parts, size_t n, bool more, int64_t timeout_us)
+{
+    zev_fiber_t *f = enter();
+    if (!f)
+        return -1;
+    int err = stream_state(s);
+    if (!err && s->open_fiber != f && s->open != OPEN_NONE && !s->open_fiber)
+        err = EBUSY; /* a callback is building a message on it */
+    if (!err)
+        err = pace(f);
+    if (err) {
+        errno = err;
+        return -1;
+    }
+    stream_enter(s);
+    uint64_t deadline = deadline_of(timeout_us);
+    uint64_t seq = s->seq_given;
+    bool woken = false;
+    for (;;) { /* the first part: its turn, then libzmq */
+        if ((err = stream_state(s)))
+            break;
+        bool continuing = s->open_fiber == f;
+        if (continuing ||
+            (!s->open_fiber && !s->qlen && my_turn(&s->send_waiters, s->handed_out, f))) {
+            err = zev__stream_send_now(s, &parts[0], n > 1 || more, s->handed_out == f);
+            if (s->handed_out == f)
+                s->handed_out = NULL;
+            if (err != EAGAIN)
+                break;
+        }
+        if (timeout_us == 0) {
+            err = EAGAIN;
+            break;
+        }
+        wait_on(f, &s->send_waiters, woken);
+        int why = wait_until(f, deadline);
+        woken = true;
+        if (why) {
+            err = why == ETIMEDOUT ? EAGAIN : why;
+            break;
+        }
+    }
+    give_turn_back(s, &s->handed_out, f);
+    for (size_t i = 1; i < n && !err; i++) /* the rest never waits */
+        err = zev__stream_send_now(s, &parts[i], i + 1 < n || more, false);
+    if (!err) {
+        s->open_fiber = more ? f : NULL;
+        /* The message's status, if it just became known: libzmq took it (0),
+         * or refused a later part (the errno on_send reports too). */
+        if (!more && s->seq_settled > seq && s->settled_status)
+            err = s->settled_status;
+        if (!s->open_fiber)
+            zev__stream_wake_waiter(s, ZMQ_POLLOUT); /* the next sender's turn */
+    }
+    stream_leave(s);
+    if (err) {
+        errno = err;
+        return -1;
+    }
+    return 0;
+}
+
+int zev_fiber_send(zev_stream_t *s, const void *data, size_t len, int flags, int64_t timeout_us)
+{
+    if (!s || (!data && len) || (flags & ~(ZMQ_SNDMORE | ZMQ_DONTWAIT))) {
+        errno = current ? EINVAL : EPERM;
+        return -1;
+    }
+    zmq_msg_t msg;
+    if (zmq_msg_init_size(&msg, len) < 0)
+        return -1;
+    if (len)
+        memcpy(zmq_msg_data(&msg), data, len);
+    int rc = send_parts(s, &msg, 1, flags & ZMQ_SNDMORE, timeout_us);
+    int err = errno;
+    zmq_msg_close(&msg); /* empty once taken */
+    errno = err;
+    return rc;
+}
+
+int zev_fiber_send_msg(zev_stream_t *s, zmq_msg_t *parts, size_t nparts, int flags,
+                       int64_t timeout_us)
+{
+    if (!s || !parts || !nparts || (flags & ~(ZMQ_SNDMORE | ZMQ_DONTWAIT))) {
+        errno = current ? EINVAL : EPERM;
+        return -1;
+    }
+    return send_parts(s, parts, nparts, flags & ZMQ_SNDMORE, timeout_us);
+}
+
+/* ---------------------------------------------------------------- poll */
+
+/* Each item's revents now; the count of ready items, or -1 with errno. */
+static int poll_now(zev_fiber_t *f, zev_fiber_pollitem_t *items, size_t n)
+{
+    int ready = 0;
+    f->nfds = 0;
+    for (size_t i = 0; i < n; i++) {
+        zev_fiber_pollitem_t *it = &items[i];
+        it->revents = 0;
+        if (!it->stream) {
+            f->fds[f->nfds++] = (fiber_fd_t){
+                .kind = ZEV__H_FIBER_FD, .fiber = f, .fd = it->fd, .events = it->events};
+            continue;
+        }
+        zev_stream_t *s = it->stream;
+        if (stream_state(s)) {
+            it->revents = it->events; /* its calls fail at once: not waiting */
+        } else {
+            if ((it->events & ZEV_READ) && my_turn(&s->recv_waiters, s->handed_in, f) &&
+                zev__stream_readable_now(s))
+                it->revents |= ZEV_READ;
+            if ((it->events & ZEV_WRITE) && !s->open_fiber &&
+                my_turn(&s->send_waiters, s->handed_out, f) && zev__stream_writable_now(s))
+                it->revents |= ZEV_WRITE;
+        }
+        ready += it->revents != 0;
+    }
+    if (f->nfds) {
+        int r = fds_ready_now(f->fds, f->nfds);
+        if (r < 0)
+            return -1;
+        for (size_t i = 0, k = 0; i < n; i++)
+            if (!items[i].stream)
+                ready += (items[i].revents = (short)f->fds[k++].revents) != 0;
+    }
+    return ready;
+}
+
+int zev_fiber_poll(zev_fiber_pollitem_t *items, size_t n, int64_t timeout_us)
+{
+    zev_fiber_t *f = enter();
+    if (!f)
+        return -1;
+    size_t nfds = 0;
+    if (!items && n) {
+        errno = EINVAL;
+        return -1;
+    }
+    for (size_t i = 0; i < n; i++) {
+        if (!valid_events(items[i].events) ||
+            (items[i].stream && items[i].stream->on_recv && (items[i].events & ZEV_READ))) {
+            errno = EINVAL;
+            return -1;
+        }
+        nfds += !items[i].stream;
+    }
+    if (reserve_waits(f, 2 * n, nfds) < 0)
+        return -1;
+    for (size_t i = 0; i < n; i++)
+        if (items[i].stream)
+            stream_enter(items[i].stream);
+    uint64_t deadline = deadline_of(timeout_us);
+    int rc;
+    for (;;) {
+        rc = poll_now(f, items, n);
+        if (rc != 0 || timeout_us == 0)
+            break;
+        for (size_t i = 0; i < n; i++) {
+            zev_stream_t *s = items[i].stream;
+            if (s && (items[i].events & ZEV_READ))
+                wait_on(f, &s->recv_waiters, false);
+            if (s && (items[i].events & ZEV_WRITE))
+                wait_on(f, &s->send_waiters, false);
+        }
+        if (register_fds(f) < 0) {
+            rc = -1;
+            break;
+        }
+        int why = wait_until(f, deadline);
+        for (size_t i = 0; i < n; i++) { /* it looks; the next waiter's turn after */
+            zev_stream_t *s = items[i].stream;
+            if (s) {
+                give_turn_back(s, &s->handed_in, f);
+                give_turn_back(s, &s->handed_out, f);
+            }
+        }
+        if (why == ETIMEDOUT) {
+            rc = poll_now(f, items, n); /* the last word: zmq_poll's 0, or what came */
+            break;
+        }
+        if (why && why != EBADF && why != ENOTSOCK && why != ETERM) {
+            errno = why;
+            rc = -1;
+            break;
+        }
+    }
+    f->nfds = 0;
+    for (size_t i = 0; i < n; i++)
+        if (items[i].stream)
+            stream_leave(items[i].stream);
+    return rc;
+}
