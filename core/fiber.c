@@ -651,16 +651,22 @@ int zev_fiber_recv(zev_stream_t *s, zev_msg_t **msg, int64_t timeout_us)
         if ((err = stream_state(s)))
             break;
         if (my_turn(&s->recv_waiters, s->handed_in, f)) {
-            int got = zev__stream_recv_now(s); /* puts the stream on the ready-list */
+            /* puts the stream on the ready-list */
+            int got = zev__stream_recv_now(s, f->loop->batch);
             if (s->handed_in == f)
                 s->handed_in = NULL;
-            if (got > 0) {
+            if (got == 1) {
                 rc = 0;
                 break;
             }
             if (got < 0) {
                 err = errno;
                 break;
+            }
+            if (got == 2) { /* a long message goes on, or one was dropped */
+                if ((err = yield_now(f)))
+                    break; /* the rest of the loop ran meanwhile */
+                continue;
             }
         }
         if (timeout_us == 0) {

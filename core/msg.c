@@ -3,8 +3,11 @@
  *
  * Design notes
  * - Each stream receives into a ring of zmq_msg_t that grows only when a
- *   message has more parts than it holds, and never shrinks; the recv
- *   callback borrows those frames. A slot's old content is freed by the
+ *   message has more parts than it holds; a slot is set up when first used
+ *   (growing touches no memory in advance: a long message's page faults
+ *   spread over the passes that receive it), and after an unusually long
+ *   message the ring gives back what it grew beyond RING_KEEP slots. The
+ *   recv callback borrows those frames. A slot's old content is freed by the
  *   next zmq_msg_recv into it (libzmq closes what a zmq_msg_t holds, as in
  *   a plain recv loop), and when the pass stops receiving the slots used
  *   are closed (zev__ring_recycle), so a large buffer is not held while the
@@ -61,30 +64,43 @@ int zev__ring_reserve(zev_stream_t *s, size_t n)
         return -1;
     }
     s->kept = kept;
-    for (size_t i = s->ring_cap; i < cap; i++) {
-        zmq_msg_init(&ring[i]);
-        kept[i] = NULL;
-    }
-    s->ring_cap = cap;
+    s->ring_cap = cap; /* the new slots are set up as they are first used */
     s->msg.kept = kept;
     return 0;
+}
+
+/* Gives back the ring's slots beyond RING_KEEP after an unusually long
+ * message: one realloc per such message, which received thousands of parts
+ * (a message of up to RING_KEEP parts never shrinks or grows it again). A
+ * failed shrink keeps the larger ring; nothing is lost. */
+#define RING_KEEP 1024u
+
+static void ring_shrink(zev_stream_t *s)
+{
+    zmq_msg_t *ring = realloc(s->ring, RING_KEEP * sizeof *ring); /* none is in use */
+    if (!ring)
+        return;
+    s->ring = s->msg.parts = ring;
+    zev_frame_t **kept = realloc(s->kept, RING_KEEP * sizeof *kept);
+    if (kept)
+        s->kept = s->msg.kept = kept; /* else the larger one stays: only its head is used */
+    s->ring_cap = RING_KEEP;
 }
 
 void zev__ring_recycle(zev_stream_t *s)
 {
     /* the first rx_parts slots hold a message still being received */
-    for (size_t i = s->rx_parts; i < s->ring_used; i++) {
+    for (size_t i = s->rx_parts; i < s->ring_used; i++)
         zmq_msg_close(&s->ring[i]); /* a kept part's slot is already empty */
-        zmq_msg_init(&s->ring[i]);
-        s->kept[i] = NULL;
-    }
     s->ring_used = s->rx_parts;
     s->msg.n = 0;
+    if (s->ring_cap > RING_KEEP && s->rx_parts == 0 && !s->rx_dropping)
+        ring_shrink(s);
 }
 
 void zev__ring_free(zev_stream_t *s)
 {
-    for (size_t i = 0; i < s->ring_cap; i++)
+    for (size_t i = 0; i < s->ring_used; i++)
         zmq_msg_close(&s->ring[i]);
     free(s->ring);
     free(s->kept);

@@ -62,6 +62,14 @@ void zev__report_add(zev_stream_t *s, int status)
 {
     uint64_t seq = ++s->seq_settled;
     s->settled_status = status;
+    if (status == 0)
+        s->stats.msgs_out++;
+    else if (status == ETIMEDOUT)
+        s->stats.timed_out++;
+    else if (status == ECANCELED)
+        s->stats.cancelled++;
+    else
+        s->stats.failed++;
     if (!s->on_send)
         return;
     if (zev__reports_owed(s)) {
@@ -137,6 +145,8 @@ void zev__sendq_push(zev_stream_t *s, zmq_msg_t *msg, bool more)
     p->more = more;
     if (s->open != OPEN_QUEUED) { /* its first queued part counts the message */
         s->qmsgs++;
+        if (s->qmsgs > s->stats.queue_peak)
+            s->stats.queue_peak = s->qmsgs;
         p->queued_ns = zev__now(s->loop);
         if (s->qlen == 1)
             zev__sendq_new_head(s);

@@ -173,6 +173,7 @@ zev_stream_t *zev_stream_new(zev_loop_t *loop, void *sock)
     s->sock = sock;
     s->fd = fd;
     s->max_queue = 1000;
+    s->max_parts = ZEV_MAX_PARTS_DEFAULT;
     s->type = type;
     s->lb_socket = type == ZMQ_PUSH || type == ZMQ_DEALER;
     s->routed = type == ZMQ_ROUTER || type == ZMQ_STREAM;
@@ -434,9 +435,18 @@ int zev_stream_stats(const zev_stream_t *s, zev_stream_stats_t *out)
         errno = EINVAL;
         return -1;
     }
+    *out = s->stats;
     out->ring_size = s->ring_cap;
     out->frames_kept = s->frames_out;
     out->queued_msgs = s->qmsgs;
     out->queued_parts = s->qlen;
+    return 0;
+}
+
+int zev_stream_set_max_parts(zev_stream_t *s, size_t n)
+{
+    if (!zev__stream_usable(s))
+        return -1;
+    s->max_parts = n; /* a message being received is judged by the new bound */
     return 0;
 }

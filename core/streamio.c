@@ -181,8 +181,10 @@ static int sock_send(zev_stream_t *s, zmq_msg_t *msg, bool more)
 {
     for (;;) {
         s->changes++;
-        if (zmq_msg_send(msg, s->sock, ZMQ_DONTWAIT | (more ? ZMQ_SNDMORE : 0)) >= 0) {
+        int n = zmq_msg_send(msg, s->sock, ZMQ_DONTWAIT | (more ? ZMQ_SNDMORE : 0));
+        if (n >= 0) {
             s->out_more = more;
+            s->stats.bytes_out += (uint64_t)n;
             return 0;
         }
         if (errno != EINTR)
@@ -252,7 +254,6 @@ static bool part_refused(zev_stream_t *s, int err, bool more)
 }
 
 static size_t send_some(zev_stream_t *s, size_t room);
-static int recv_message(zev_stream_t *s);
 
 /* Hands one part to libzmq now, or queues it (may_queue; a fiber's send
  * never queues: EAGAIN instead, nothing taken). Returns 0 when the part was taken (sent,
@@ -347,17 +348,6 @@ int zev__stream_send_now(zev_stream_t *s, zmq_msg_t *msg, bool more, bool pollou
     if (first && errno == EAGAIN && pollout_told)
         set_blocked(s);
     return errno;
-}
-
-int zev__stream_recv_now(zev_stream_t *s)
-{
-    int rc = recv_message(s);
-    int err = errno;
-    if (rc < 0 && socket_gone(err))
-        zev__stream_fail(s, err);
-    mark_ready(s); /* the socket was touched outside the stream's pass */
-    errno = err;
-    return rc;
 }
 
 int zev__stream_readable_now(zev_stream_t *s)
@@ -498,54 +488,142 @@ static size_t send_some(zev_stream_t *s, size_t room)
 
 /* ----------------------------------------------------------------- receiving */
 
-/* Receives one whole message into the ring: 1, 0 (nothing there), -1.
- * When the ring cannot grow for a long multipart message, the parts already
- * received stay in it (rx_parts) and the next call goes on from there:
- * leaving the rest in libzmq would make its tail look like a new message. */
-static int recv_message(zev_stream_t *s)
+/* What recv_message did. */
+enum rx { RX_ERR = -1, RX_NONE, RX_GOT, RX_MORE, RX_DROPPED };
+
+/* Receives (the rest of) one whole message into the ring, taking at most
+ * `allowance` parts (>= 1), and adds how many it took to *taken:
+ *   RX_GOT      a whole message is in s->msg;
+ *   RX_NONE     nothing there (libzmq's EAGAIN at a message's start);
+ *   RX_MORE     the allowance ran out inside a message: the parts so far
+ *               stay in the ring (rx_parts; or, while dropping, none) and
+ *               the next call goes on from there, so a long message is
+ *               received over several passes and still delivered whole;
+ *   RX_DROPPED  a message longer than max_parts was drained from libzmq,
+ *               its parts closed as they came, and dropped whole;
+ *   RX_ERR      errno; parts so far stay (rx_parts): when the ring cannot
+ *               grow (ENOMEM), leaving the rest in libzmq would make its
+ *               tail look like a new message.
+ * libzmq hands over a multipart message whole, so once its first part came
+ * the rest is there: only the allowance or an error stops in the middle. */
+static enum rx recv_message(zev_stream_t *s, size_t allowance, size_t *taken)
 {
-    size_t i = s->rx_parts;
+    size_t i = s->rx_parts, got = 0;
     s->rx_parts = 0;
+    enum rx rc;
     for (;;) {
-        if (i == s->ring_cap && zev__ring_reserve(s, i + 1) < 0) {
-            s->rx_parts = i;
-            return -1;
+        if (got == allowance) {
+            rc = RX_MORE;
+            break;
         }
-        if (i == s->ring_used)
-            s->ring_used++; /* its old content goes in the recv, its last in recycle */
-        s->kept[i] = NULL;
-        if (sock_recv(s, &s->ring[i]) < 0) {
+        size_t slot = s->rx_dropping ? 0 : i; /* a dropped message's parts pass through slot 0 */
+        if (slot == s->ring_cap && zev__ring_reserve(s, slot + 1) < 0) {
+            rc = RX_ERR;
+            break;
+        }
+        if (slot == s->ring_used) { /* first use since the last recycle */
+            zmq_msg_init(&s->ring[slot]);
+            s->ring_used++;
+        }
+        s->kept[slot] = NULL;
+        if (sock_recv(s, &s->ring[slot]) < 0) {
             if (errno == EINTR)
                 continue;
-            if (i == 0 && errno == EAGAIN)
-                return 0;
-            return -1;
-        }
-        if (!zmq_msg_more(&s->ring[i++]))
+            rc = i == 0 && !s->rx_dropping && errno == EAGAIN ? RX_NONE : RX_ERR;
             break;
+        }
+        got++;
+        bool more = zmq_msg_more(&s->ring[slot]);
+        if (s->rx_dropping) {
+            zmq_msg_close(&s->ring[0]);
+            zmq_msg_init(&s->ring[0]);
+            if (!more) {
+                s->rx_dropping = false;
+                s->stats.dropped_oversized++;
+                rc = RX_DROPPED;
+                break;
+            }
+            continue;
+        }
+        s->rx_bytes += zmq_msg_size(&s->ring[i]);
+        i++;
+        if (!more) {
+            rc = RX_GOT;
+            break;
+        }
+        if (s->max_parts && i >= s->max_parts) { /* another part comes: too long */
+            for (size_t k = 0; k < i; k++) {
+                zmq_msg_close(&s->ring[k]);
+                zmq_msg_init(&s->ring[k]);
+            }
+            i = 0;
+            s->rx_bytes = 0;
+            s->rx_dropping = true;
+        }
     }
-    s->msg.n = i;
-    return 1;
+    *taken += got;
+    if (rc == RX_GOT) {
+        s->msg.n = i;
+        s->stats.msgs_in++;
+        s->stats.bytes_in += s->rx_bytes;
+        s->rx_bytes = 0;
+    } else if (rc != RX_NONE) {
+        s->rx_parts = i;
+    }
+    return rc;
 }
 
-/* Receives and dispatches up to `room` messages. */
+/* A message's parts beyond this many count against the batch as further
+ * messages (each PARTS_PER_UNIT parts one more), so one message of a
+ * million parts is received over many passes while the rest of the loop
+ * runs, and delivered whole at the end. */
+#define PARTS_PER_UNIT 64u
+
+static size_t parts_allowance(size_t units)
+{
+    return units > SIZE_MAX / PARTS_PER_UNIT ? SIZE_MAX : units * PARTS_PER_UNIT;
+}
+
+static size_t units_of(size_t parts)
+{
+    return parts ? (parts - 1) / PARTS_PER_UNIT + 1 : 0;
+}
+
+/* Receives and dispatches messages worth up to `room` units (a message, or
+ * PARTS_PER_UNIT of a long message's parts); returns the units used. */
 static size_t recv_some(zev_stream_t *s, size_t room)
 {
-    size_t n = 0;
-    while (n < room && s->on_recv && !s->closed && frames_allow(s)) {
-        int rc = recv_message(s);
-        if (rc <= 0) {
-            if (rc < 0 && socket_gone(errno))
+    size_t used = 0;
+    while (used < room && s->on_recv && !s->closed && frames_allow(s)) {
+        size_t taken = 0;
+        enum rx rc = recv_message(s, parts_allowance(room - used), &taken);
+        used += units_of(taken);
+        if (rc == RX_GOT) {
+            s->in_recv_cb = true;
+            s->on_recv(s, &s->msg, s->recv_arg);
+            s->in_recv_cb = false;
+        } else if (rc == RX_ERR) {
+            if (socket_gone(errno))
                 zev__stream_fail(s, errno);
             break;
+        } else if (rc != RX_DROPPED) {
+            break; /* RX_NONE, or RX_MORE: out of allowance */
         }
-        s->in_recv_cb = true;
-        s->on_recv(s, &s->msg, s->recv_arg);
-        s->in_recv_cb = false;
-        n++;
     }
     zev__ring_recycle(s); /* nothing borrowed is held while the stream waits */
-    return n;
+    return used;
+}
+
+int zev__stream_recv_now(zev_stream_t *s, size_t units)
+{
+    size_t taken = 0;
+    enum rx rc = recv_message(s, parts_allowance(units), &taken);
+    int err = errno;
+    if (rc == RX_ERR && socket_gone(err))
+        zev__stream_fail(s, err);
+    mark_ready(s); /* the socket was touched outside the stream's pass */
+    errno = err;
+    return rc == RX_GOT ? 1 : rc == RX_NONE ? 0 : rc == RX_ERR ? -1 : 2;
 }
 
 /* ------------------------------------------------------------- the one pass */

@@ -254,6 +254,7 @@ struct zev_stream {
     size_t max_queue; /* messages, 0 = unbounded */
     size_t max_frames;
     size_t frames_out; /* kept frames not yet released */
+    zev_stream_stats_t stats; /* the counters zev_stream_stats reports */
     zev__list_t kept_frames;
 
     /* send queue: a ring of parts; qmsgs counts messages with parts in it */
@@ -271,8 +272,11 @@ struct zev_stream {
     zmq_msg_t *ring;
     zev_frame_t **kept;
     size_t ring_cap;
-    size_t ring_used; /* leading slots that may hold content (zev__ring_recycle) */
-    size_t rx_parts;  /* parts of a message received before the ring could not grow */
+    size_t ring_used; /* leading slots set up (zmq_msg_init); the rest are raw memory */
+    size_t rx_parts;  /* parts of a message being received (over several passes) */
+    size_t rx_bytes;  /* and their bytes */
+    bool rx_dropping; /* draining a message over max_parts */
+    size_t max_parts; /* zev_stream_set_max_parts; 0 = unbounded */
     zev_msg_t msg;
 
     /* What the ZMQ_FD invariant needs (streamio.c): libzmq's last word on
@@ -467,9 +471,11 @@ ZEV_INTERNAL void zev__stream_free(zev_stream_t *s);
 
 /* streamio.c: the ZMQ_FD readiness pass, recv and send */
 ZEV_INTERNAL void zev__stream_fired(zev_stream_t *s);
-/* For fibers: one whole message into the ring (1), nothing there (0), or -1
- * with errno; the stream re-reads its state afterwards. */
-ZEV_INTERNAL int zev__stream_recv_now(zev_stream_t *s);
+/* For fibers: one whole message into the ring (1), nothing there (0), -1
+ * with errno, or 2: no message yet, call again (a long message's parts
+ * beyond `units` batch units wait for the next call; or one over max_parts
+ * was dropped); the stream re-reads its state afterwards. */
+ZEV_INTERNAL int zev__stream_recv_now(zev_stream_t *s, size_t units);
 /* For fibers: one part to libzmq now, never queued: 0 taken, else the errno
  * (EAGAIN: it would have to wait; the caller waits and retries).
  * pollout_told: the stream's pass just found POLLOUT (the fiber was handed

@@ -458,13 +458,42 @@ ZEV_API int zev_stream_on_frame_release(zev_stream_t *s, zev_frame_fn fn, void *
  * one message may take the count past the bound. Errors: EINVAL, EBADF. */
 ZEV_API int zev_stream_set_max_frames(zev_stream_t *s, size_t n);
 
-/* Counters for tests and monitoring. */
+/* Bounds the parts of one received message (0 = unbounded; default
+ * ZEV_MAX_PARTS_DEFAULT). libzmq bounds a part's size (ZMQ_MAXMSGSIZE) and
+ * the messages in flight (the HWMs), but not the parts of one message: a
+ * peer could send one message of millions of empty parts, which zev would
+ * have to hold until its last part came. A message with more parts is
+ * drained from libzmq as it comes (never more than n parts held), dropped
+ * whole (never delivered in pieces) and counted in the stream's stats
+ * (dropped_oversized); the stream goes on with the next message. The
+ * default is far above what a protocol puts in one message (an envelope of
+ * routing frames and a few body frames) and bounds what one message can
+ * hold in zev to 64 Ki parts. Errors: EINVAL (NULL), EBADF (closed). */
+#define ZEV_MAX_PARTS_DEFAULT 65536
+ZEV_API int zev_stream_set_max_parts(zev_stream_t *s, size_t n);
+
+/* The stream's counters, for monitoring and tests; cheap enough to be
+ * always on (a few increments per message). Counts start at the stream's
+ * creation. */
 typedef struct zev_stream_stats {
-    size_t ring_size;    /* receive ring slots (grows only for more parts) */
+    size_t ring_size;    /* receive ring slots now (returns to its usual size
+                          * after an unusually long message) */
     size_t frames_kept;  /* kept frames not yet released */
-    size_t queued_msgs;  /* messages waiting in the send queue */
+    size_t queued_msgs;  /* messages waiting in the send queue now */
     size_t queued_parts; /* their parts */
+    size_t queue_peak;   /* the most messages the send queue held */
+    uint64_t msgs_in;    /* whole messages received (on_recv, fibers) */
+    uint64_t bytes_in;   /* their bytes, all parts */
+    uint64_t msgs_out;   /* messages libzmq took (on_send status 0) */
+    uint64_t bytes_out;  /* bytes of the parts libzmq took */
+    uint64_t timed_out;  /* messages reported ETIMEDOUT (send deadline) */
+    uint64_t cancelled;  /* messages reported ECANCELED (closed unsent) */
+    uint64_t failed;     /* messages reported with another error */
+    uint64_t dropped_oversized; /* received messages over max_parts, dropped */
 } zev_stream_stats_t;
+
+/* Fills *out with the stream's counters. Loop thread. Errors: EINVAL
+ * (NULL). */
 ZEV_API int zev_stream_stats(const zev_stream_t *s, zev_stream_stats_t *out);
 
 /* --------------------------------------------------- messages and frames */

@@ -44,7 +44,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 PY = "/usr/bin/python3"  # Debian's, with python3-zmq and python3-tornado
 
-STEPS = ["thr", "lat", "scale", "fair", "loop", "timers", "post", "alloc", "zcsend", "pyzmq_thr",
+STEPS = ["thr", "lat", "scale", "fair", "loop", "timers", "post", "hostile", "alloc", "zcsend", "pyzmq_thr",
          "pyzmq_lat", "pyzmq_fair", "syscalls", "instructions", "hyperfine"]
 
 
@@ -347,6 +347,29 @@ def sec_timers(R):
         k = dict(bench="timer_accuracy", case="oneshot_300us", impl=i)
         rows.append([i] + [cell(R.get(metric=m, **k)) for m in ("delay_p50", "delay_p99")])
     s.append(table(["impl", "p50", "p99"], rows))
+    return "".join(s)
+
+
+HOSTILE_IMPLS = ["raw", "zev_default", "zev_unbounded"]
+
+
+def sec_hostile(R):
+    s = ["## Hostile peers: one message of many parts (perf/hostile.c)\n",
+         "\nA peer process sends one message of N empty parts over tcp, then a one-part message; "
+         "the receiver runs in a process of its own. `raw` is the floor: a blocking "
+         "`zmq_msg_recv` loop holding nothing. `zev_default` keeps the default bound of "
+         "65,536 parts per message (longer messages are drained and dropped whole); "
+         "`zev_unbounded` sets `zev_stream_set_max_parts(s, 0)` and gets every message whole. "
+         "rss: peak RSS growth, MiB; stall: the longest time a 1 ms zev timer on the same loop "
+         "could not run, ms (raw: the whole receive, nothing else can run meanwhile); recv: "
+         "first part to the last message, ms. Medians of the runs.\n\n"]
+    rows = []
+    for parts in ("10000", "100000", "1000000"):
+        for i in HOSTILE_IMPLS:
+            k = dict(bench="hostile", parts=parts, impl=i)
+            rows.append([f"{int(parts):,}", i] + [cell(R.get(metric=m, **k), lambda v: f"{v:.1f}")
+                                                  for m in ("rss_mib", "stall_ms", "recv_ms")])
+    s.append(table(["parts", "impl", "rss MiB", "stall ms", "recv ms"], rows))
     return "".join(s)
 
 
@@ -847,7 +870,7 @@ def results_md(R, meta, ran, history, made, plot_errs, logs_ref):
         head.append(" ".join(f"![{m}]({m})" for m in made) + "\n")
     targets, why = sec_targets(R, history), sec_why(R, history)
     body = [targets, why, sec_thr(R), sec_lat(R), sec_syscalls(R), sec_instr(R), sec_scale(R), sec_fair(R),
-            sec_loop(R), sec_timers(R), sec_post(R), sec_alloc(R), sec_zcsend(R), sec_pyzmq(R),
+            sec_loop(R), sec_timers(R), sec_post(R), sec_hostile(R), sec_alloc(R), sec_zcsend(R), sec_pyzmq(R),
             sec_hyperfine(R)]
     tail = ["## Failures, skipped rows and empty cells\n"]
     if not R.fails and not any(f for _, _, _, f in ran) and not plot_errs:
