@@ -335,6 +335,7 @@ static void finished(zev_fiber_t *f)
 zev_fiber_t *zev_fiber_spawn(zev_loop_t *loop, zev_fiber_fn fn, void *arg,
                              const zev_fiber_opts_t *opts)
 {
+    ZEV__LOOP_THREAD(loop);
     if (!loop || !fn) {
         errno = EINVAL;
         return NULL;
@@ -382,9 +383,11 @@ static void resume(zev_loop_t *loop, zev_fiber_t *f)
     f->resumed_in = loop->iteration;
     f->budget = 0;
     current = f;
-    loop->fibers.resumed++;
+    loop->stats.fibers_resumed++;
+    uint64_t t0 = zev__watch_begin(loop);
     zev__ctx_switch(&loop->fibers.sched, &f->ctx);
-    current = NULL;
+    current = NULL; /* before the slow hook, which is no fiber */
+    zev__watch_end(loop, t0, ZEV_SLOW_FIBER, f, NULL);
     if (f->state == F_DONE)
         finished(f);
 }

@@ -22,6 +22,7 @@ static int valid_events(int events)
 
 zev_io_t *zev_io_start(zev_loop_t *loop, int fd, int events, zev_io_fn fn, void *arg)
 {
+    ZEV__LOOP_THREAD(loop);
     if (!loop || !fn || !valid_events(events)) {
         errno = EINVAL;
         return NULL;
@@ -59,6 +60,7 @@ int zev_io_update(zev_io_t *io, int events)
         errno = EINVAL;
         return -1;
     }
+    ZEV__LOOP_THREAD(io->loop);
     if (zev__reregister(io->loop, io->fd, events) < 0)
         return -1;
     io->events = events;
@@ -71,6 +73,7 @@ int zev_io_stop(zev_io_t *io)
         errno = EINVAL;
         return -1;
     }
+    ZEV__LOOP_THREAD(io->loop);
     zev_loop_t *loop = io->loop;
     zev__unregister(loop, io->fd);
     loop->nios--;
@@ -86,8 +89,12 @@ int zev_io_stop(zev_io_t *io)
 void zev__io_dispatch(zev_io_t *io, int events)
 {
     events &= io->events;
-    if (io->active && events)
+    if (io->active && events) {
+        zev_loop_t *loop = io->loop;
+        uint64_t t0 = zev__watch_begin(loop);
         io->fn(io, io->fd, events, io->arg);
+        zev__watch_end(loop, t0, ZEV_SLOW_IO, io, NULL); /* io may be stopped: only its address */
+    }
 }
 
 void zev__io_reap(zev_loop_t *loop)

@@ -45,6 +45,7 @@
 #include "zev-internal.h"
 
 #include <errno.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
@@ -263,6 +264,17 @@ static int wait_is_useless(zev_loop_t *loop)
            zev__streams_all_ready(loop);
 }
 
+/* Phase 2, counting the callbacks it ran for the statistics. */
+static size_t drain_callbacks(zev_loop_t *loop)
+{
+    uint64_t before = loop->stats.callbacks;
+    size_t n = zev__hub_drain(loop->hub, loop);
+    size_t ran = (size_t)(loop->stats.callbacks - before);
+    if (ran > loop->stats.callbacks_peak)
+        loop->stats.callbacks_peak = ran;
+    return n;
+}
+
 /* Phase 4. Busy-poll first when asked to, then block. */
 static int backend_wait(zev_loop_t *loop, int64_t timeout_ns)
 {
@@ -368,11 +380,12 @@ static int loop_iterate(zev_loop_t *loop, int64_t max_wait_ns, bool once)
 {
     loop->depth++;
     loop->iteration++;
+    loop->stats.iterations++;
     loop->now_ns = zev__clock_ns();
     const uint64_t timers_before = loop->timers.seq; /* later ones wait an iteration */
     const size_t reported_before = loop->reported;
     size_t progress = zev__timers_run(loop, timers_before); /* 1 */
-    progress += zev__hub_drain(loop->hub, loop);            /* 2 */
+    progress += drain_callbacks(loop);                      /* 2 */
     progress += zev__streams_process(loop);                 /* 3 */
     progress += loop->reported - reported_before;           /* on_send ran in 3 */
     progress += zev__fibers_run(loop);                      /* 3, the fibers */
@@ -383,8 +396,10 @@ static int loop_iterate(zev_loop_t *loop, int64_t max_wait_ns, bool once)
     int err = errno;
     if (n > 0 || (once && !progress))
         loop->now_ns = zev__clock_ns();
-    if (n > 0)
+    if (n > 0) {
+        loop->stats.wakeups++;
         dispatch(loop, n); /* 5 */
+    }
     if (once && !progress)
         zev__timers_run(loop, timers_before); /* the deadline the wait ended at */
     zev__io_reap(loop);
@@ -412,14 +427,38 @@ static int can_run(const zev_loop_t *loop)
     return 1;
 }
 
+/* The thread running the loop, for ZEV_THREAD_CHECKS. */
+static void running_on(zev_loop_t *loop, bool on)
+{
+    if (on)
+        loop->runner = pthread_self();
+    atomic_store_explicit(&loop->running, on, memory_order_release);
+}
+
+#ifdef ZEV_THREAD_CHECKS
+void zev__wrong_thread(const zev_loop_t *loop, const char *fn)
+{
+    fprintf(stderr,
+            "zev: %s() called from thread %#lx while loop %p runs on thread %#lx: only "
+            "zev_loop_add_callback, zev_loop_post, zev_loop_stop, the zev_frame_* functions and "
+            "zev_tracker_release may be called from other threads (ZEV_THREAD_CHECKS)\n",
+            fn, (unsigned long)pthread_self(), (const void *)loop, (unsigned long)loop->runner);
+    abort();
+}
+#endif
+
 int zev_loop_run(zev_loop_t *loop)
 {
     if (!can_run(loop))
         return -1;
     int saved = errno;
+    running_on(loop, true);
     while (!atomic_exchange(&loop->stop_requested, 0))
-        if (loop_iterate(loop, -1, false) < 0)
+        if (loop_iterate(loop, -1, false) < 0) {
+            running_on(loop, false);
             return -1;
+        }
+    running_on(loop, false);
     errno = saved;
     return 0;
 }
@@ -429,7 +468,9 @@ int zev_loop_run_once(zev_loop_t *loop, int timeout_ms)
     if (!can_run(loop))
         return -1;
     int saved = errno;
+    running_on(loop, true);
     int rc = loop_iterate(loop, timeout_ms < 0 ? -1 : (int64_t)timeout_ms * 1000000, true);
+    running_on(loop, false);
     atomic_exchange(&loop->stop_requested, 0); /* the stop was for this call */
     if (rc < 0)
         return -1;
@@ -525,15 +566,28 @@ _Static_assert(_Alignof(post_node_t) <= _Alignof(zev_post_t), "zev_post_t is mis
 static void run_post(zev__qnode_t *n, zev_loop_t *loop)
 {
     post_node_t *p = (post_node_t *)n;
-    p->fn(loop, p->arg);
+    if (!loop) {
+        p->fn(NULL, p->arg);
+        return;
+    }
+    loop->stats.callbacks++;
+    uint64_t t0 = zev__watch_begin(loop);
+    zev_cb_fn fn = p->fn;
+    void *arg = p->arg;
+    fn(loop, arg); /* may reuse its post: p is the caller's again */
+    zev__watch_end(loop, t0, ZEV_SLOW_CALLBACK, arg, fn);
 }
 
 /* zev's node: freed after it ran, or dropped (and freed) without a word. */
 static void run_callback(zev__qnode_t *n, zev_loop_t *loop)
 {
     post_node_t *p = (post_node_t *)n;
-    if (loop)
+    if (loop) {
+        loop->stats.callbacks++;
+        uint64_t t0 = zev__watch_begin(loop);
         p->fn(loop, p->arg);
+        zev__watch_end(loop, t0, ZEV_SLOW_CALLBACK, p->arg, p->fn);
+    }
     free(p);
 }
 

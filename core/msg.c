@@ -149,8 +149,11 @@ static void frame_returned(zev__qnode_t *n, zev_loop_t *loop)
         zev__list_remove(&f->node);
         bool was_full = s->max_frames && s->frames_out >= s->max_frames;
         s->frames_out--;
-        if (s->on_frame)
+        if (s->on_frame) {
+            uint64_t t0 = zev__watch_begin(loop);
             s->on_frame(s, f->size, s->frame_arg);
+            zev__watch_end(loop, t0, ZEV_SLOW_FRAME, s, NULL);
+        }
         if (was_full)
             zev__stream_mark_ready(s); /* reading resumes */
     }

@@ -104,8 +104,11 @@ void zev__reports_deliver(zev_stream_t *s)
         if (--r->count == 0)
             s->rep_head++;
         s->loop->reported++;
-        if (s->on_send)
+        if (s->on_send) {
+            uint64_t t0 = zev__watch_begin(s->loop);
             s->on_send(s, seq, status, s->send_arg); /* may add reports: r is stale now */
+            zev__watch_end(s->loop, t0, ZEV_SLOW_SEND, s, NULL);
+        }
     }
     s->delivering = false;
     size_t left = s->rep_len - s->rep_head;

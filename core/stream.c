@@ -148,6 +148,7 @@ void zev__stream_fail(zev_stream_t *s, int err)
 
 zev_stream_t *zev_stream_new(zev_loop_t *loop, void *sock)
 {
+    ZEV__LOOP_THREAD(loop);
     if (!loop || !sock) {
         errno = EINVAL;
         return NULL;
@@ -255,8 +256,11 @@ void zev__streams_reap(zev_loop_t *loop)
     while ((node = zev__list_pop_head(&loop->closing_streams))) {
         zev_stream_t *s = zev__container_of(node, zev_stream_t, node);
         zev__reports_deliver(s);
-        if (s->on_close)
+        if (s->on_close) {
+            uint64_t t0 = zev__watch_begin(loop);
             s->on_close(s, s->close_arg);
+            zev__watch_end(loop, t0, ZEV_SLOW_CLOSE, s, NULL);
+        }
         s->reaped = true;
         if (!s->fiber_refs)
             zev__stream_free(s);

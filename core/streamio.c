@@ -367,9 +367,9 @@ int zev__stream_writable_now(zev_stream_t *s)
 }
 
 /* Checks the state and the flags shared by the send functions. */
-static int send_allowed(const zev_stream_t *s, int flags)
+static int send_allowed_in(const zev_stream_t *s, int flags, const char *fn)
 {
-    if (!zev__stream_usable(s))
+    if (!zev__stream_usable_in(s, fn))
         return 0;
     if (flags & ~(ZMQ_SNDMORE | ZMQ_DONTWAIT)) {
         errno = EINVAL;
@@ -381,6 +381,7 @@ static int send_allowed(const zev_stream_t *s, int flags)
     }
     return 1;
 }
+#define send_allowed(s, flags) send_allowed_in((s), (flags), __func__)
 
 int zev_stream_send(zev_stream_t *s, const void *data, size_t len, int flags)
 {
@@ -506,9 +507,51 @@ enum rx { RX_ERR = -1, RX_NONE, RX_GOT, RX_MORE, RX_DROPPED };
  *               tail look like a new message.
  * libzmq hands over a multipart message whole, so once its first part came
  * the rest is there: only the allowance or an error stops in the middle. */
-static enum rx recv_message(zev_stream_t *s, size_t allowance, size_t *taken)
+/* Drains the rest of a message over max_parts (rx_dropping) through slot
+ * 0, closing each part as it comes, at most `allowance` parts: RX_DROPPED
+ * at its last part, RX_MORE, or RX_ERR. Off the per-message path. */
+static __attribute__((noinline)) enum rx drop_rest(zev_stream_t *s, size_t allowance,
+                                                   size_t *taken)
 {
+    if (!s->ring_used) {
+        zmq_msg_init(&s->ring[0]); /* the ring always has a slot (zev_stream_new) */
+        s->ring_used = 1;
+    }
+    s->kept[0] = NULL;
+    for (size_t got = 0;; got++) {
+        if (got == allowance) {
+            *taken += got;
+            return RX_MORE;
+        }
+        if (sock_recv(s, &s->ring[0]) < 0) {
+            if (errno == EINTR) {
+                got--;
+                continue;
+            }
+            *taken += got;
+            return RX_ERR; /* the rest of a message is there once its start is */
+        }
+        bool more = zmq_msg_more(&s->ring[0]);
+        zmq_msg_close(&s->ring[0]);
+        zmq_msg_init(&s->ring[0]);
+        if (!more) {
+            *taken += got + 1;
+            s->rx_dropping = false;
+            s->stats.dropped_oversized++;
+            return RX_DROPPED;
+        }
+    }
+}
+
+/* The per-message path (inlined into both callers). */
+static inline __attribute__((always_inline)) enum rx recv_message(zev_stream_t *s,
+                                                                  size_t allowance,
+                                                                  size_t *taken)
+{
+    if (__builtin_expect(s->rx_dropping, 0))
+        return drop_rest(s, allowance, taken);
     size_t i = s->rx_parts, got = 0;
+    uint64_t bytes = s->rx_bytes;
     s->rx_parts = 0;
     enum rx rc;
     for (;;) {
@@ -516,38 +559,25 @@ static enum rx recv_message(zev_stream_t *s, size_t allowance, size_t *taken)
             rc = RX_MORE;
             break;
         }
-        size_t slot = s->rx_dropping ? 0 : i; /* a dropped message's parts pass through slot 0 */
-        if (slot == s->ring_cap && zev__ring_reserve(s, slot + 1) < 0) {
+        if (i == s->ring_cap && zev__ring_reserve(s, i + 1) < 0) {
             rc = RX_ERR;
             break;
         }
-        if (slot == s->ring_used) { /* first use since the last recycle */
-            zmq_msg_init(&s->ring[slot]);
+        if (i == s->ring_used) { /* first use since the last recycle */
+            zmq_msg_init(&s->ring[i]);
             s->ring_used++;
         }
-        s->kept[slot] = NULL;
-        if (sock_recv(s, &s->ring[slot]) < 0) {
+        s->kept[i] = NULL;
+        int n = sock_recv(s, &s->ring[i]);
+        if (n < 0) {
             if (errno == EINTR)
                 continue;
-            rc = i == 0 && !s->rx_dropping && errno == EAGAIN ? RX_NONE : RX_ERR;
+            rc = i == 0 && errno == EAGAIN ? RX_NONE : RX_ERR;
             break;
         }
         got++;
-        bool more = zmq_msg_more(&s->ring[slot]);
-        if (s->rx_dropping) {
-            zmq_msg_close(&s->ring[0]);
-            zmq_msg_init(&s->ring[0]);
-            if (!more) {
-                s->rx_dropping = false;
-                s->stats.dropped_oversized++;
-                rc = RX_DROPPED;
-                break;
-            }
-            continue;
-        }
-        s->rx_bytes += zmq_msg_size(&s->ring[i]);
-        i++;
-        if (!more) {
+        bytes += (unsigned)n;
+        if (!zmq_msg_more(&s->ring[i++])) {
             rc = RX_GOT;
             break;
         }
@@ -556,27 +586,28 @@ static enum rx recv_message(zev_stream_t *s, size_t allowance, size_t *taken)
                 zmq_msg_close(&s->ring[k]);
                 zmq_msg_init(&s->ring[k]);
             }
-            i = 0;
+            *taken += got;
             s->rx_bytes = 0;
             s->rx_dropping = true;
+            return drop_rest(s, allowance - got, taken);
         }
     }
     *taken += got;
-    if (rc == RX_GOT) {
+    if (rc == RX_GOT) { /* the caller counts it in stats.msgs_in */
         s->msg.n = i;
-        s->stats.msgs_in++;
-        s->stats.bytes_in += s->rx_bytes;
+        s->stats.bytes_in += bytes;
         s->rx_bytes = 0;
     } else if (rc != RX_NONE) {
         s->rx_parts = i;
+        s->rx_bytes = bytes;
     }
     return rc;
 }
 
-/* A message's parts beyond this many count against the batch as further
- * messages (each PARTS_PER_UNIT parts one more), so one message of a
- * million parts is received over many passes while the rest of the loop
- * runs, and delivered whole at the end. */
+/* A pass takes at most `room` messages and PARTS_PER_UNIT x room parts:
+ * each PARTS_PER_UNIT parts of a long message count as one more message,
+ * so one message of a million parts is received over many passes while
+ * the rest of the loop runs, and delivered whole at the end. */
 #define PARTS_PER_UNIT 64u
 
 static size_t parts_allowance(size_t units)
@@ -584,34 +615,35 @@ static size_t parts_allowance(size_t units)
     return units > SIZE_MAX / PARTS_PER_UNIT ? SIZE_MAX : units * PARTS_PER_UNIT;
 }
 
-static size_t units_of(size_t parts)
-{
-    return parts ? (parts - 1) / PARTS_PER_UNIT + 1 : 0;
-}
-
-/* Receives and dispatches messages worth up to `room` units (a message, or
- * PARTS_PER_UNIT of a long message's parts); returns the units used. */
+/* Receives and dispatches messages worth up to `room` units; returns the
+ * units used: messages taken (delivered or dropped), plus one for every
+ * PARTS_PER_UNIT parts beyond one per message. */
 static size_t recv_some(zev_stream_t *s, size_t room)
 {
-    size_t used = 0;
-    while (used < room && s->on_recv && !s->closed && frames_allow(s)) {
-        size_t taken = 0;
-        enum rx rc = recv_message(s, parts_allowance(room - used), &taken);
-        used += units_of(taken);
+    const size_t budget = parts_allowance(room);
+    size_t msgs = 0, delivered = 0, parts = 0;
+    while (msgs < room && parts < budget && s->on_recv && !s->closed && frames_allow(s)) {
+        enum rx rc = recv_message(s, budget - parts, &parts);
         if (rc == RX_GOT) {
+            msgs++;
+            delivered++;
             s->in_recv_cb = true;
+            uint64_t t0 = zev__watch_begin(s->loop);
             s->on_recv(s, &s->msg, s->recv_arg);
+            zev__watch_end(s->loop, t0, ZEV_SLOW_RECV, s, NULL);
             s->in_recv_cb = false;
-        } else if (rc == RX_ERR) {
-            if (socket_gone(errno))
+        } else if (rc == RX_DROPPED) {
+            msgs++;
+        } else {
+            if (rc == RX_ERR && socket_gone(errno))
                 zev__stream_fail(s, errno);
-            break;
-        } else if (rc != RX_DROPPED) {
-            break; /* RX_NONE, or RX_MORE: out of allowance */
+            break; /* RX_NONE, an error, or RX_MORE: out of allowance */
         }
     }
+    s->stats.msgs_in += delivered;
     zev__ring_recycle(s); /* nothing borrowed is held while the stream waits */
-    return used;
+    size_t extra = parts > msgs ? (parts - msgs) / PARTS_PER_UNIT : 0;
+    return msgs + extra > room ? room : msgs + extra;
 }
 
 int zev__stream_recv_now(zev_stream_t *s, size_t units)
@@ -619,6 +651,8 @@ int zev__stream_recv_now(zev_stream_t *s, size_t units)
     size_t taken = 0;
     enum rx rc = recv_message(s, parts_allowance(units), &taken);
     int err = errno;
+    if (rc == RX_GOT)
+        s->stats.msgs_in++;
     if (rc == RX_ERR && socket_gone(err))
         zev__stream_fail(s, err);
     mark_ready(s); /* the socket was touched outside the stream's pass */
@@ -700,6 +734,8 @@ static size_t stream_work(zev_stream_t *s, int mask, size_t limit, bool *idle)
 
 void zev__stream_fired(zev_stream_t *s)
 {
+    if (s->loop->watching && !s->fired_ns)
+        s->fired_ns = s->loop->now_ns; /* the wait's end: lag counts from here */
     s->changes++;       /* an edge: what libzmq said before is stale */
     s->blocked = false; /* POLLOUT may be true again */
     s->backoff_until = 0;
@@ -761,14 +797,24 @@ size_t zev__streams_process(zev_loop_t *loop)
     zev__list_init(&loop->ready);
 
     zev__list_t *node;
+    size_t n = 0;
     while ((node = zev__list_pop_head(&batch))) {
         zev_stream_t *s = zev__container_of(node, zev_stream_t, ready);
+        n++;
+        if (s->fired_ns) {
+            if (loop->watching)
+                zev__lag(loop, s->fired_ns, zev__clock_ns());
+            s->fired_ns = 0;
+        }
         bool idle;
         handled +=
             stream_work(s, ZMQ_POLLIN | ZMQ_POLLOUT, s->batch ? s->batch : loop->batch, &idle);
         if (!idle)
             mark_ready(s);
     }
+    loop->stats.stream_passes += n;
+    if (n > loop->stats.ready_peak)
+        loop->stats.ready_peak = n;
     return handled;
 }
 

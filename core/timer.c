@@ -183,6 +183,7 @@ static zev_timer_t *timer_of(const zev_timer_t *handle)
         errno = EINVAL;
         return NULL;
     }
+    ZEV__LOOP_THREAD(t->loop);
     return t;
 }
 
@@ -242,6 +243,7 @@ void zev__timer_free(zev_timer_t *t)
 zev_timer_t *zev_timer_start(zev_loop_t *loop, uint64_t delay_us, uint64_t repeat_us,
                              zev_timer_fn fn, void *arg)
 {
+    ZEV__LOOP_THREAD(loop);
     if (!loop || !fn) {
         errno = EINVAL;
         return NULL;
@@ -266,6 +268,7 @@ int zev_timer_cancel(zev_timer_t *handle)
 
 zev_timer_t *zev_timer_new(zev_loop_t *loop, zev_timer_fn fn, void *arg)
 {
+    ZEV__LOOP_THREAD(loop);
     if (!loop || !fn) {
         errno = EINVAL;
         return NULL;
@@ -345,7 +348,13 @@ size_t zev__timers_run(zev_loop_t *loop, uint64_t seq_bound)
         ran++;
         t->armed = t->repeat_ns != 0; /* a one-shot has had its run */
         t->running = true;
-        t->fn((zev_timer_t *)t->handle, t->arg);
+        loop->stats.timers_fired++;
+        uint64_t t0 = zev__watch_begin(loop);
+        if (t0)
+            zev__lag(loop, t->deadline_ns, t0);
+        zev_timer_t *handle = (zev_timer_t *)t->handle;
+        t->fn(handle, t->arg);
+        zev__watch_end(loop, t0, ZEV_SLOW_TIMER, handle, NULL);
         t->running = false;
         if (t->dead) { /* cancelled or freed inside its callback */
             pool_put(t);

@@ -55,8 +55,11 @@ static void tracker_unref(zev_tracker_t *t)
 static void tracker_notify(zev__qnode_t *n, zev_loop_t *loop)
 {
     zev_tracker_t *t = (zev_tracker_t *)n;
-    if (loop && t->fn)
+    if (loop && t->fn) {
+        uint64_t t0 = zev__watch_begin(loop);
         t->fn(t, t->arg);
+        zev__watch_end(loop, t0, ZEV_SLOW_TRACKER, t, NULL);
+    }
     tracker_unref(t);
 }
 
@@ -66,8 +69,11 @@ static void tracker_completed(zev__qnode_t *n, zev_loop_t *loop)
     zev_tracker_t *t = (zev_tracker_t *)n;
     if (loop) {
         t->completed = true;
-        if (t->fn)
+        if (t->fn) {
+            uint64_t t0 = zev__watch_begin(loop);
             t->fn(t, t->arg);
+            zev__watch_end(loop, t0, ZEV_SLOW_TRACKER, t, NULL);
+        }
     }
     tracker_unref(t);
 }

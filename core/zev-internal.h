@@ -14,6 +14,7 @@
 #include "stack.h"
 
 #include <errno.h>
+#include <pthread.h>
 #include <stdatomic.h>
 #include <stdbool.h>
 #include <stddef.h>
@@ -42,6 +43,9 @@
 #define ZEV_HB_RELEASE(p) ((void)(p))
 #define ZEV_HB_ACQUIRE(p) ((void)(p))
 #endif
+
+/* Loop lag histogram (stats.c): 4 buckets per power of two of ns. */
+#define ZEV__LAG_BUCKETS (4 * 48)
 
 /* What a backend hands back in zev_fired_t.data: every registered object
  * starts with one of these. */
@@ -317,6 +321,7 @@ struct zev_stream {
     zev_fiber_t *handed_in, *handed_out;
     unsigned fiber_refs;
     bool reaped; /* its close callback ran; freed when fiber_refs is 0 */
+    uint64_t fired_ns; /* watching: when its last edge was reported, 0 = none pending */
     zev_fiber_t *open_fiber;
     /* Destinations whose last message timed out (sendq.c): a ROUTER's peers
      * by their first frame's hash, the whole socket for other types. */
@@ -335,6 +340,10 @@ struct zev_loop {
     unsigned spin_us;
     uint64_t now_ns;
     atomic_int stop_requested;
+    /* ZEV_THREAD_CHECKS: the thread inside zev_loop_run / run_once, while
+     * `running` (written by that thread; read by any with acquire). */
+    pthread_t runner;
+    atomic_bool running;
     int depth;       /* > 0 while an iteration runs (inside callbacks) */
     bool destroying; /* zev_loop_destroy runs: no new streams (they would outlive it) */
     bool forked;     /* destroyed in a forked child: leave the parent's kernel objects */
@@ -344,6 +353,16 @@ struct zev_loop {
     size_t reported; /* on_send statuses delivered (progress for run_once) */
     uint64_t iteration; /* iterations begun, for fibers' once-per-iteration rule */
 
+    /* Statistics (stats.c): the counters of zev_loop_stats; the timing
+     * ones and the slow hook only while `watching`. */
+    zev_loop_stats_t stats;
+    bool watching;   /* timing on or a slow hook set: callbacks are timed */
+    bool timing;     /* zev_loop_set_timing */
+    uint64_t slow_ns;
+    zev_slow_fn slow_fn;
+    void *slow_arg;
+    uint32_t lag_hist[ZEV__LAG_BUCKETS];
+
     /* Fibers (fiber.c). */
     struct zev__fibers {
         zev__ctx_t sched;       /* the loop thread's own context, while fibers run */
@@ -352,7 +371,6 @@ struct zev_loop {
         zev__list_t runnable;   /* fibers to resume, in order */
         zev__list_t all;        /* every fiber not yet freed */
         size_t live;            /* fibers that have not returned */
-        size_t resumed;         /* resumes (progress; stats) */
     } fibers;
 
     zev__timers_t timers;
@@ -373,6 +391,26 @@ struct zev_loop {
 };
 
 ZEV_INTERNAL uint64_t zev__clock_ns(void);
+
+/* stats.c: timing a callback while the loop watches them (one branch when
+ * it does not):
+ *     uint64_t t0 = zev__watch_begin(loop);
+ *     fn(...);
+ *     zev__watch_end(loop, t0, ZEV_SLOW_TIMER, timer, NULL);          */
+static inline uint64_t zev__watch_begin(const zev_loop_t *loop)
+{
+    return loop->watching ? zev__clock_ns() : 0;
+}
+ZEV_INTERNAL void zev__watched(zev_loop_t *loop, uint64_t began, int kind, const void *what,
+                               zev_cb_fn fn);
+static inline void zev__watch_end(zev_loop_t *loop, uint64_t began, int kind, const void *what,
+                                  zev_cb_fn fn)
+{
+    if (began)
+        zev__watched(loop, began, kind, what, fn);
+}
+/* A readiness-to-callback delay, while watching. */
+ZEV_INTERNAL void zev__lag(zev_loop_t *loop, uint64_t ready_ns, uint64_t now_ns);
 /* The loop's time for something that starts now: the iteration's cached
  * time inside its callbacks, the clock (cached afresh) outside them, where
  * the cached time may be old. */
@@ -431,20 +469,39 @@ static inline size_t zev__grown_cap(size_t cap, size_t first, size_t need, size_
     return cap;
 }
 
+/* Debug builds (ZEV_THREAD_CHECKS): a function only the loop's thread may
+ * call, called from another thread while the loop runs, prints which and
+ * aborts. Compiled out otherwise. */
+#ifdef ZEV_THREAD_CHECKS
+ZEV_INTERNAL void zev__wrong_thread(const zev_loop_t *loop, const char *fn);
+#define ZEV__LOOP_THREAD_AT(loop, fn)                                                            \
+    do {                                                                                       \
+        const zev_loop_t *loop_ = (loop);                                                      \
+        if (loop_ && atomic_load_explicit(&loop_->running, memory_order_acquire) &&           \
+            !pthread_equal(pthread_self(), loop_->runner))                                     \
+            zev__wrong_thread(loop_, (fn));                                                    \
+    } while (0)
+#else
+#define ZEV__LOOP_THREAD_AT(loop, fn) ((void)(fn))
+#endif
+#define ZEV__LOOP_THREAD(loop) ZEV__LOOP_THREAD_AT((loop), __func__)
+
 /* Validates a stream argument for the public setters and sends: 0 with
  * EINVAL or EBADF. Inline because every send checks it. */
-static inline int zev__stream_usable(const zev_stream_t *s)
+static inline int zev__stream_usable_in(const zev_stream_t *s, const char *fn)
 {
     if (!s) {
         errno = EINVAL;
         return 0;
     }
+    ZEV__LOOP_THREAD_AT(s->loop, fn);
     if (s->closed) {
         errno = EBADF;
         return 0;
     }
     return 1;
 }
+#define zev__stream_usable(s) zev__stream_usable_in((s), __func__)
 
 /* stream.c: a stream's lifetime; its timer */
 /* Makes sure the stream has its timer: 0, or -1/ENOMEM. */

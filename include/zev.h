@@ -160,6 +160,69 @@ ZEV_API int zev_loop_fd(zev_loop_t *loop);
  * loop, errno EINVAL). */
 ZEV_API int zev_loop_timeout(const zev_loop_t *loop);
 
+/* --------------------------------------------------------- loop statistics */
+
+/* What the loop did since it was made (or last reset). The counters cost an
+ * increment each and are always on; the timing fields need the clock around
+ * every callback and are kept only while timing is on (zev_loop_set_timing,
+ * or a slow-callback hook is set): 0 otherwise. */
+typedef struct zev_loop_stats {
+    uint64_t iterations;     /* iterations run */
+    uint64_t wakeups;        /* waits in the backend that returned ready fds */
+    uint64_t callbacks;      /* cross-thread callbacks and posts run */
+    uint64_t timers_fired;   /* timer callbacks run */
+    uint64_t stream_passes;  /* streams served from the ready-list */
+    uint64_t fibers_resumed; /* fiber resumes */
+    size_t ready_peak;       /* the most streams on the ready-list at a phase 3 */
+    size_t callbacks_peak;   /* the most cross-thread callbacks run in one drain */
+    /* timing on: */
+    uint64_t longest_ns;   /* the longest single callback (or fiber resume) */
+    int longest_kind;      /* its ZEV_SLOW_* kind */
+    uint64_t lag_samples;  /* readiness-to-callback delays recorded: */
+    uint64_t lag_p50_ns;   /* from an fd's readiness (the wait returning) to */
+    uint64_t lag_p99_ns;   /* its stream's pass, and from a timer's deadline */
+    uint64_t lag_max_ns;   /* to its callback; percentiles within 19 % */
+} zev_loop_stats_t;
+
+/* Fills *out. Loop thread. Errors: EINVAL (NULL). */
+ZEV_API int zev_loop_stats(const zev_loop_t *loop, zev_loop_stats_t *out);
+
+/* Zeroes the counters and the timing figures (the peaks too). Loop thread.
+ * Errors: EINVAL. */
+ZEV_API int zev_loop_stats_reset(zev_loop_t *loop);
+
+/* Turns the timing figures of zev_loop_stats on (1) or off (0); off by
+ * default. On, the loop reads the clock before and after every callback:
+ * about 2 x 20 ns each (perf/loop.c measures it). Errors: EINVAL. */
+ZEV_API int zev_loop_set_timing(zev_loop_t *loop, int on);
+
+/* What ran too long: a callback's kind and which one. */
+enum {
+    ZEV_SLOW_TIMER = 1, /* what: the zev_timer_t */
+    ZEV_SLOW_IO,        /* what: the zev_io_t */
+    ZEV_SLOW_RECV,      /* what: the zev_stream_t (its on_recv) */
+    ZEV_SLOW_SEND,      /* what: the zev_stream_t (its on_send) */
+    ZEV_SLOW_CLOSE,     /* what: the zev_stream_t (its on_close) */
+    ZEV_SLOW_FRAME,     /* what: the zev_stream_t (its on_frame_release) */
+    ZEV_SLOW_CALLBACK,  /* what: the arg of zev_loop_add_callback / zev_loop_post; fn: its fn */
+    ZEV_SLOW_TRACKER,   /* what: the zev_tracker_t (its on_done) */
+    ZEV_SLOW_FIBER      /* what: the zev_fiber_t (one resume, until it blocked) */
+};
+typedef struct zev_slow {
+    int kind;             /* ZEV_SLOW_* */
+    const void *what;     /* as the kind says; may be stale once the hook returns */
+    zev_cb_fn fn;         /* ZEV_SLOW_CALLBACK: the callback; else NULL */
+    uint64_t duration_ns; /* how long it held the loop */
+} zev_slow_t;
+typedef void (*zev_slow_fn)(zev_loop_t *loop, const zev_slow_t *slow, void *arg);
+
+/* asyncio's slow_callback_duration for zev: fn(loop, slow, arg) runs on the
+ * loop thread right after any callback (or fiber resume) that took
+ * threshold_us or longer, with what it was and how long it took; it is not
+ * itself timed. fn NULL removes the hook. While set, timing is on (see
+ * zev_loop_set_timing). Errors: EINVAL (NULL loop). */
+ZEV_API int zev_loop_on_slow(zev_loop_t *loop, uint64_t threshold_us, zev_slow_fn fn, void *arg);
+
 /* Queues fn(loop, arg) to run on the loop's thread. Thread-safe and
  * lock-free (one atomic exchange; a malloc for the node); wakes the loop with
  * one coalesced write. Callbacks run in FIFO order per producer, each exactly

@@ -19,6 +19,7 @@ the program's stall watchdog, whose share follows time, not N).
 
 Usage: perf/instructions.py --thr BUILD/perf/thr [--full] [--runs N] [--count N]
        [--transports ipc,tcp] [--impls raw,zev_borrowed,zev_kept,zev_copy]
+       (an impl with "+timing", e.g. zev_borrowed+timing, runs with zev_loop_set_timing on)
 Output: RESULT/DELTA/RATIO/FAIL lines in the grammar of perf/common.h:
   RESULT bench=instr transport=T size=64 thread=receiver|others impl=I
          metric=instr_per_msg unit=instr median=.. min=.. max=.. runs=N
@@ -53,10 +54,11 @@ def count(valgrind, thr, impl, transport, n, tmp, tag):
     or (None, reason)."""
     ep = endpoint(transport, tag)
     prefix = os.path.join(tmp, f"cg-{tag}")
+    base, _, extra = impl.partition("+")  # zev_borrowed+timing: with zev_loop_set_timing on
     srv, why = start_ready([valgrind, "--tool=callgrind", "--separate-threads=yes",
                             f"--callgrind-out-file={prefix}", "--log-file=/dev/null", thr,
-                            "--recv-only", ep, "--impl", impl, "--size", str(SIZE),
-                            "--count", str(n)], "receiver")
+                            "--recv-only", ep, "--impl", base, "--size", str(SIZE),
+                            "--count", str(n)] + (["--" + extra] if extra else []), "receiver")
     if not srv:
         return None, why
     snd = start_held([thr, "--send-only", ep, "--size", str(SIZE), "--count", str(n),

@@ -15,7 +15,7 @@
  *
  * Modes
  *   thr [--full] [--runs N] [--transports inproc,ipc,tcp] [--sizes 64,1024,65536]
- *       [--impls raw,zev_borrowed,...] [--count N] [--backend NAME] [--batch N]
+ *       [--impls raw,zev_borrowed,...] [--count N] [--backend NAME] [--batch N] [--timing]
  *       the comparison: per transport and size, `runs` rounds, each round
  *       runs every receiver once (interleaved, so drift hits all alike);
  *       prints RUN, RESULT (median, min, max) and RATIO lines.
@@ -52,6 +52,7 @@ static const char *const impl_names[R__N] = {"raw", "zev_borrowed", "zev_kept", 
 
 static const char *backend_name; /* --backend, NULL = zev's default */
 static unsigned batch;           /* --batch, 0 = zev's default (64) */
+static int timing;               /* --timing: zev_loop_set_timing on (what it costs) */
 
 /* ------------------------------------------------------------------ sender */
 
@@ -189,6 +190,8 @@ static int recv_zev(void *pull, rx_t *rx, int impl)
     rx->loop = zev_loop_new(&o);
     if (!rx->loop)
         return -1;
+    if (timing)
+        zev_loop_set_timing(rx->loop, 1);
     zev_stream_t *s = zev_stream_new(rx->loop, pull);
     if (!s) {
         zev_loop_destroy(rx->loop);
@@ -454,6 +457,7 @@ int main(int argc, char **argv)
     perf_args_init(&a, argc, argv, 5, 10);
     backend_name = perf_opt_str(&a, "--backend", NULL);
     batch = (unsigned)perf_opt_long(&a, "--batch", 0);
+    timing = perf_flag(&a, "--timing");
     if (perf_opt_str(&a, "--send-only", NULL))
         return mode_send_only(&a);
     if (perf_opt_str(&a, "--recv-only", NULL))

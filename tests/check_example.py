@@ -66,10 +66,11 @@ def check_marketdata(c, args, sanitizer):
     c.expect(ticks == args.seconds * 10000, f"published {ticks:.0f} ticks, not {args.seconds * 10000}")
     clients = c.records.get("client", [])
     c.expect(len(clients) == 3, f"{len(clients)} client lines")
-    # Loose, for a shared 2-core machine running other tests: the claim is
-    # relative (not held up by the slow one, whose median is near a second),
-    # checked below against the slow client's own median.
-    p99_max = 50000 if not sanitizer else 200000  # us
+    # The claim is relative: not held up by the slow one, whose median is
+    # near a second. Medians, not p99s: on a shared 2-core machine running
+    # other tests (load 8 seen) a client thread descheduled for 100 ms
+    # moves its p99, never its median.
+    p50_max = 5000 if not sanitizer else 20000  # us
     slow_p50 = [num(cl, "p50_us") for cl in clients if cl.get("slow") == "1"]
     for cl in clients:
         name = cl.get("name", "?")
@@ -81,11 +82,11 @@ def check_marketdata(c, args, sanitizer):
             c.expect(lost == 0, f"{name}: lost {lost:.0f}")
             c.expect(num(cl, "rate_hz") >= 0.8 * num(pub, "rate_hz"),
                      f"{name}: {cl['rate_hz']} Hz against the publisher's {pub['rate_hz']} Hz")
-            c.expect(num(cl, "p99_us") <= p99_max,
-                     f"{name}: p99 tick-to-receive {cl['p99_us']} us > {p99_max} us")
+            c.expect(num(cl, "p50_us") <= p50_max,
+                     f"{name}: median tick-to-receive {cl['p50_us']} us > {p50_max} us")
             if slow_p50:
-                c.expect(num(cl, "p99_us") * 10 <= slow_p50[0],
-                         f"{name}: p99 {cl['p99_us']} us is not far below the slow client's "
+                c.expect(num(cl, "p50_us") * 100 <= slow_p50[0],
+                         f"{name}: median {cl['p50_us']} us is not far below the slow client's "
                          f"median {slow_p50[0]:.0f} us: held up by it?")
         else:
             # libzmq's PUB drops the slow one's ticks at its high-water mark,
@@ -136,8 +137,11 @@ def check_embed(c, args, sanitizer):
     c.expect(tim.get("zev_fired") == "20" and tim.get("host_fired") == "20",
              f"timers fired: zev {tim.get('zev_fired')}, host {tim.get('host_fired')}")
     c.expect(tim.get("zev_early") == "0", f"{tim.get('zev_early')} zev timer runs came early")
-    c.expect(num(tim, "zev_late_max_us") <= 20000, f"zev timer {tim['zev_late_max_us']} us late")
-    c.expect(num(tim, "zev_late_avg_us") <= 3000, f"zev timers {tim['zev_late_avg_us']} us late "
+    # A missed wakeup makes a timer wait for the host's next event (a second
+    # or more here); the bounds leave room for a busy 2-core machine (load 8
+    # seen while other test suites ran), where a thread can wait 100 ms to run.
+    c.expect(num(tim, "zev_late_max_us") <= 250000, f"zev timer {tim['zev_late_max_us']} us late")
+    c.expect(num(tim, "zev_late_avg_us") <= 25000, f"zev timers {tim['zev_late_avg_us']} us late "
              "on average")
     c.expect(num(tim, "out_of_order") == 0, "host and zev timers ran out of deadline order")
     # Idle: nothing spins. A spinning loop burns the whole second.
