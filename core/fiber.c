@@ -72,6 +72,7 @@ struct zev_fiber {
     uint64_t resumed_in; /* the iteration it last resumed in */
     unsigned budget;     /* calls that did not wait since it resumed */
     zev_stream_t *borrowed;
+    unsigned building;    /* streams it has a multipart message open on */
     zev__waiter_t *waits; /* stream waits of the current call */
     size_t nwaits, waits_cap;
     fiber_fd_t *fds; /* fd waits of the current call */
@@ -135,6 +136,7 @@ static void stop_waiting(zev_fiber_t *f)
         if (f->fds[i].registered) {
             zev__unregister(f->loop, f->fds[i].fd);
             f->fds[i].registered = false;
+            f->loop->nfiberfds--;
         }
     zev__timer_disarm(f->timer);
 }
@@ -173,12 +175,24 @@ void zev__stream_wake_waiter(zev_stream_t *s, int event)
     wake(f, 0);
 }
 
+/* Wakes every fiber on a list (each wake takes it off all its lists). */
+static void wake_list(zev__list_t *list, int why)
+{
+    while (!zev__list_empty(list))
+        wake(zev__container_of(list->next, zev__waiter_t, node)->fiber, why);
+}
+
+void zev__stream_wake_pollers(zev_stream_t *s, int event)
+{
+    wake_list(event == ZMQ_POLLIN ? &s->poll_in : &s->poll_out, 0);
+}
+
 void zev__stream_wake_all(zev_stream_t *s, int err)
 {
-    while (!zev__list_empty(&s->recv_waiters))
-        wake(zev__container_of(s->recv_waiters.next, zev__waiter_t, node)->fiber, err);
-    while (!zev__list_empty(&s->send_waiters))
-        wake(zev__container_of(s->send_waiters.next, zev__waiter_t, node)->fiber, err);
+    wake_list(&s->recv_waiters, err);
+    wake_list(&s->send_waiters, err);
+    wake_list(&s->poll_in, err);
+    wake_list(&s->poll_out, err);
 }
 
 /* Room for n stream waits and m fd waits; the arrays are kept, so a fiber's
@@ -224,10 +238,14 @@ static void wait_on(zev_fiber_t *f, zev__list_t *list, bool front)
     }
 }
 
-/* Switches to the loop; returns when made runnable again, with the reason. */
+/* Switches to the loop; returns when made runnable again, with the reason.
+ * errno is the thread's, shared with the loop and every other fiber: the
+ * fiber's is kept across the switch (a call that succeeds leaves it). */
 static int suspend(zev_fiber_t *f)
 {
+    int saved = errno;
     zev__ctx_switch(&f->ctx, &f->loop->fibers.sched);
+    errno = saved;
     return f->wake;
 }
 
@@ -309,11 +327,31 @@ static void free_fiber(zev_fiber_t *f)
     free(f);
 }
 
+/* A fiber that ends in the middle of a multipart message (it returned, or
+ * was cancelled and could not finish it): the message is ended with an
+ * empty last part, reported ECANCELED, so the stream's next message is
+ * whole and no later fiber is taken for its builder. */
+static void end_open_messages(zev_fiber_t *f)
+{
+    zev__list_t *streams = &f->loop->streams;
+    for (zev__list_t *p = streams->next; f->building && p != streams; p = p->next) {
+        zev_stream_t *s = zev__container_of(p, zev_stream_t, node);
+        if (zev__stream_builder(s) == f) {
+            zev__stream_end_message(s, ECANCELED);
+            s->open_fiber = NULL;
+            f->building--;
+        }
+    }
+    f->building = 0;
+}
+
 static void fiber_main(void *arg)
 {
     zev_fiber_t *f = arg;
     f->fn(f->arg);
     release_borrowed(f);
+    if (f->building)
+        end_open_messages(f);
     f->state = F_DONE;
     f->loop->fibers.live--;
     if (f->joiner)
@@ -366,6 +404,8 @@ zev_fiber_t *zev_fiber_spawn(zev_loop_t *loop, zev_fiber_fn fn, void *arg,
     }
     zev__list_push_tail(&loop->fibers.all, &f->all);
     loop->fibers.live++;
+    if (loop->fibers.in_phase)
+        f->resumed_in = loop->iteration; /* the phase that runs now is bounded */
     make_runnable(f, 0);
     errno = saved;
     return f;
@@ -382,11 +422,12 @@ static void resume(zev_loop_t *loop, zev_fiber_t *f)
     f->state = F_RUNNING;
     f->resumed_in = loop->iteration;
     f->budget = 0;
+    zev_fiber_t *outer = current; /* a fiber of another loop running this one */
     current = f;
     loop->stats.fibers_resumed++;
     uint64_t t0 = zev__watch_begin(loop);
     zev__ctx_switch(&loop->fibers.sched, &f->ctx);
-    current = NULL; /* before the slow hook, which is no fiber */
+    current = outer; /* before the slow hook, which is no fiber of this loop */
     zev__watch_end(loop, t0, ZEV_SLOW_FIBER, f, NULL);
     if (f->state == F_DONE)
         finished(f);
@@ -397,10 +438,13 @@ size_t zev__fibers_run(zev_loop_t *loop)
     struct zev__fibers *fs = &loop->fibers;
     if (zev__list_empty(&fs->runnable))
         return 0;
-    if (!fs->sched_ready) { /* on the loop thread's own stack, once */
-        zev__ctx_init_main(&fs->sched);
-        fs->sched_ready = true;
-    }
+    /* The context fibers switch back to: whoever runs the loop now (its
+     * thread and, under TSan, its fiber may differ from the last phase's:
+     * a loop moved to another thread, or run from another loop's fiber). */
+    zev__ctx_init_main(&fs->sched);
+    zev__stack_thread_ready(); /* this thread can report an overflow */
+    bool outer_phase = fs->in_phase;
+    fs->in_phase = true;
     zev__list_t later;
     zev__list_init(&later);
     size_t n = 0;
@@ -416,6 +460,7 @@ size_t zev__fibers_run(zev_loop_t *loop)
     }
     while ((node = zev__list_pop_head(&later)))
         zev__list_push_tail(&fs->runnable, node);
+    fs->in_phase = outer_phase;
     return n;
 }
 
@@ -436,27 +481,35 @@ void zev__fibers_destroy(zev_loop_t *loop)
     zev__stack_pool_fini(&fs->stacks);
 }
 
-int zev_fiber_join(zev_fiber_t *t, int64_t timeout_us)
+static int join_impl(zev_fiber_t *t, int64_t timeout_us)
 {
-    zev_fiber_t *f = enter();
-    if (!f)
+    zev_fiber_t *f = current;
+    if (!f) {
+        errno = EPERM;
         return -1;
+    }
     if (!t || t == f || t->detached || (t->joiner && t->joiner != f)) {
         errno = EINVAL;
         return -1;
     }
-    if (t->state != F_DONE) {
-        if (timeout_us == 0) {
-            errno = ETIMEDOUT;
-            return -1;
-        }
-        t->joiner = f;
-        int why = wait_until(f, deadline_of(timeout_us));
-        t->joiner = NULL;
-        if (why) {
-            errno = why;
-            return -1;
-        }
+    if (t->state == F_DONE) { /* no wait: also for a cancelled fiber freeing its children */
+        release_borrowed(f);
+        free_fiber(t);
+        return 0;
+    }
+    if (!enter())
+        return -1;
+    if (timeout_us == 0) {
+        int err = pace(f); /* a join(.., 0) loop must let the loop run */
+        errno = err ? err : ETIMEDOUT;
+        return -1;
+    }
+    t->joiner = f;
+    int why = wait_until(f, deadline_of(timeout_us));
+    t->joiner = NULL;
+    if (why) {
+        errno = why;
+        return -1;
     }
     free_fiber(t);
     return 0;
@@ -492,7 +545,7 @@ int zev_fiber_cancel(zev_fiber_t *t)
 
 /* ------------------------------------------------------- sleeping, fds */
 
-int zev_fiber_sleep(uint64_t us)
+static int sleep_impl(uint64_t us)
 {
     zev_fiber_t *f = enter();
     if (!f)
@@ -505,7 +558,7 @@ int zev_fiber_sleep(uint64_t us)
     return 0;
 }
 
-int zev_fiber_yield(void)
+static int yield_impl(void)
 {
     zev_fiber_t *f = enter();
     if (!f)
@@ -564,11 +617,12 @@ static int register_fds(zev_fiber_t *f)
             return -1;
         }
         e->registered = true;
+        f->loop->nfiberfds++;
     }
     return 0;
 }
 
-int zev_fiber_wait_fd(int fd, int events, int64_t timeout_us)
+static int wait_fd_impl(int fd, int events, int64_t timeout_us)
 {
     zev_fiber_t *f = enter();
     if (!f)
@@ -583,8 +637,13 @@ int zev_fiber_wait_fd(int fd, int events, int64_t timeout_us)
     }
     f->fds[0] = (fiber_fd_t){.kind = ZEV__H_FIBER_FD, .fiber = f, .fd = fd, .events = events};
     int ready = fds_ready_now(f->fds, 1);
-    if (ready != 0 || timeout_us == 0)
-        return ready < 0 ? -1 : f->fds[0].revents;
+    if (ready != 0 || timeout_us == 0) {
+        int revents = f->fds[0].revents, err = errno;
+        if (ready >= 0 && (err = pace(f))) /* did not wait: counts against the batch */
+            ready = -1;
+        errno = err;
+        return ready < 0 ? -1 : revents;
+    }
     f->nfds = 1;
     if (register_fds(f) < 0) {
         f->nfds = 0;
@@ -610,14 +669,16 @@ static int stream_state(const zev_stream_t *s)
 }
 
 /* Whether it is f's turn: the one the stream was handed to goes first,
- * else whoever waits longest, else whoever comes. */
+ * else whoever waits longest, else whoever comes. (Pollers wait apart and
+ * never hold a turn.) */
 static bool my_turn(const zev__list_t *waiters, zev_fiber_t *handed, zev_fiber_t *f)
 {
     return handed ? handed == f : zev__list_empty(waiters);
 }
 
 /* f no longer holds the stream's turn; if it did not act on it (cancelled,
- * timed out), the stream looks again so that the next waiter gets it. */
+ * timed out, or found it could not), the stream looks again so that the
+ * next waiter gets it. */
 static void give_turn_back(zev_stream_t *s, zev_fiber_t **handed, zev_fiber_t *f)
 {
     if (*handed == f) {
@@ -626,7 +687,21 @@ static void give_turn_back(zev_stream_t *s, zev_fiber_t **handed, zev_fiber_t *f
     }
 }
 
-int zev_fiber_recv(zev_stream_t *s, zev_msg_t **msg, int64_t timeout_us)
+/* Enters a call on a stream: holds it (the stream stays allocated until
+ * leave_stream, whatever closes it meanwhile), then paces. 0, or the errno
+ * the call fails with (the stream released again). */
+static int enter_stream(zev_fiber_t *f, zev_stream_t *s)
+{
+    stream_enter(s);
+    int err = stream_state(s);
+    if (!err && !(err = pace(f)))
+        err = stream_state(s); /* it may have been closed while f yielded */
+    if (err)
+        stream_leave(s);
+    return err;
+}
+
+static int recv_impl(zev_stream_t *s, zev_msg_t **msg, int64_t timeout_us)
 {
     zev_fiber_t *f = enter();
     if (!f)
@@ -639,14 +714,15 @@ int zev_fiber_recv(zev_stream_t *s, zev_msg_t **msg, int64_t timeout_us)
         errno = EBUSY;
         return -1;
     }
-    int err = stream_state(s);
-    if (!err)
-        err = pace(f);
+    int err = enter_stream(f, s);
+    if (!err && s->on_recv)
+        err = EBUSY; /* set while f yielded */
     if (err) {
+        if (err == EBUSY)
+            stream_leave(s);
         errno = err;
         return -1;
     }
-    stream_enter(s);
     uint64_t deadline = deadline_of(timeout_us);
     bool woken = false;
     int rc = -1;
@@ -672,6 +748,7 @@ int zev_fiber_recv(zev_stream_t *s, zev_msg_t **msg, int64_t timeout_us)
                 continue;
             }
         }
+        give_turn_back(s, &s->handed_in, f); /* handed, but nothing to take */
         if (timeout_us == 0) {
             err = EAGAIN;
             break;
@@ -689,7 +766,8 @@ int zev_fiber_recv(zev_stream_t *s, zev_msg_t **msg, int64_t timeout_us)
         f->borrowed = s; /* held until its next blocking call */
         stream_enter(s);
         *msg = &s->msg;
-        zev__stream_wake_waiter(s, ZMQ_POLLIN); /* the next in line tries too */
+        if (!s->handed_in)
+            zev__stream_wake_waiter(s, ZMQ_POLLIN); /* the next in line tries too */
     }
     stream_leave(s);
     if (rc < 0)
@@ -708,31 +786,30 @@ static int send_parts(zev_stream_t *s, zmq_msg_t *parts, size_t n, bool more, in
     zev_fiber_t *f = enter();
     if (!f)
         return -1;
-    int err = stream_state(s);
-    if (!err && s->open_fiber != f && s->open != OPEN_NONE && !s->open_fiber)
-        err = EBUSY; /* a callback is building a message on it */
-    if (!err)
-        err = pace(f);
+    int err = enter_stream(f, s);
     if (err) {
         errno = err;
         return -1;
     }
-    stream_enter(s);
     uint64_t deadline = deadline_of(timeout_us);
-    uint64_t seq = s->seq_given;
+    bool continuing = zev__stream_builder(s) == f;
+    /* the number its status is reported under: the open message's own, or
+     * the next one */
+    uint64_t number = continuing ? s->seq_given : s->seq_given + 1;
     bool woken = false;
     for (;;) { /* the first part: its turn, then libzmq */
         if ((err = stream_state(s)))
             break;
-        bool continuing = s->open_fiber == f;
         if (continuing ||
-            (!s->open_fiber && !s->qlen && my_turn(&s->send_waiters, s->handed_out, f))) {
-            err = zev__stream_send_now(s, &parts[0], n > 1 || more, s->handed_out == f);
-            if (s->handed_out == f)
+            (s->open == OPEN_NONE && !s->qlen && my_turn(&s->send_waiters, s->handed_out, f))) {
+            bool handed = s->handed_out == f;
+            if (handed)
                 s->handed_out = NULL;
-            if (err != EAGAIN)
+            err = zev__stream_send_now(s, &parts[0], n > 1 || more, handed);
+            if (err != EAGAIN && err != EFSM)
                 break;
         }
+        give_turn_back(s, &s->handed_out, f); /* handed, but a message came first */
         if (timeout_us == 0) {
             err = EAGAIN;
             break;
@@ -749,12 +826,17 @@ static int send_parts(zev_stream_t *s, zmq_msg_t *parts, size_t n, bool more, in
     for (size_t i = 1; i < n && !err; i++) /* the rest never waits */
         err = zev__stream_send_now(s, &parts[i], i + 1 < n || more, false);
     if (!err) {
-        s->open_fiber = more ? f : NULL;
+        bool open = more && s->open != OPEN_NONE;
+        if (open && !continuing)
+            f->building++;
+        else if (!open && continuing && f->building)
+            f->building--;
+        s->open_fiber = open ? f : NULL;
         /* The message's status, if it just became known: libzmq took it (0),
          * or refused a later part (the errno on_send reports too). */
-        if (!more && s->seq_settled > seq && s->settled_status)
+        if (!more && s->seq_settled >= number && s->settled_status)
             err = s->settled_status;
-        if (!s->open_fiber)
+        if (!open && !s->handed_out)
             zev__stream_wake_waiter(s, ZMQ_POLLOUT); /* the next sender's turn */
     }
     stream_leave(s);
@@ -765,9 +847,15 @@ static int send_parts(zev_stream_t *s, zmq_msg_t *parts, size_t n, bool more, in
     return 0;
 }
 
-int zev_fiber_send(zev_stream_t *s, const void *data, size_t len, int flags, int64_t timeout_us)
+/* The flags both sends take: ZMQ_SNDMORE, and ZMQ_DONTWAIT as timeout 0. */
+static int send_flags_ok(int flags)
 {
-    if (!s || (!data && len) || (flags & ~(ZMQ_SNDMORE | ZMQ_DONTWAIT))) {
+    return !(flags & ~(ZMQ_SNDMORE | ZMQ_DONTWAIT));
+}
+
+static int send_impl(zev_stream_t *s, const void *data, size_t len, int flags, int64_t timeout_us)
+{
+    if (!s || (!data && len) || !send_flags_ok(flags)) {
         errno = current ? EINVAL : EPERM;
         return -1;
     }
@@ -776,26 +864,29 @@ int zev_fiber_send(zev_stream_t *s, const void *data, size_t len, int flags, int
         return -1;
     if (len)
         memcpy(zmq_msg_data(&msg), data, len);
-    int rc = send_parts(s, &msg, 1, flags & ZMQ_SNDMORE, timeout_us);
+    int rc = send_parts(s, &msg, 1, flags & ZMQ_SNDMORE, (flags & ZMQ_DONTWAIT) ? 0 : timeout_us);
     int err = errno;
     zmq_msg_close(&msg); /* empty once taken */
     errno = err;
     return rc;
 }
 
-int zev_fiber_send_msg(zev_stream_t *s, zmq_msg_t *parts, size_t nparts, int flags,
-                       int64_t timeout_us)
+static int send_msg_impl(zev_stream_t *s, zmq_msg_t *parts, size_t nparts, int flags,
+                         int64_t timeout_us)
 {
-    if (!s || !parts || !nparts || (flags & ~(ZMQ_SNDMORE | ZMQ_DONTWAIT))) {
+    if (!s || !parts || !nparts || !send_flags_ok(flags)) {
         errno = current ? EINVAL : EPERM;
         return -1;
     }
-    return send_parts(s, parts, nparts, flags & ZMQ_SNDMORE, timeout_us);
+    return send_parts(s, parts, nparts, flags & ZMQ_SNDMORE,
+                      (flags & ZMQ_DONTWAIT) ? 0 : timeout_us);
 }
 
 /* ---------------------------------------------------------------- poll */
 
-/* Each item's revents now; the count of ready items, or -1 with errno. */
+/* Each item's revents now; the count of ready items, or -1 with errno.
+ * READ: a message is there; WRITE: a send would go to libzmq now (no
+ * message open but the caller's own, nothing queued, libzmq has room). */
 static int poll_now(zev_fiber_t *f, zev_fiber_pollitem_t *items, size_t n)
 {
     int ready = 0;
@@ -812,11 +903,10 @@ static int poll_now(zev_fiber_t *f, zev_fiber_pollitem_t *items, size_t n)
         if (stream_state(s)) {
             it->revents = it->events; /* its calls fail at once: not waiting */
         } else {
-            if ((it->events & ZEV_READ) && my_turn(&s->recv_waiters, s->handed_in, f) &&
-                zev__stream_readable_now(s))
+            if ((it->events & ZEV_READ) && zev__stream_readable_now(s))
                 it->revents |= ZEV_READ;
-            if ((it->events & ZEV_WRITE) && !s->open_fiber &&
-                my_turn(&s->send_waiters, s->handed_out, f) && zev__stream_writable_now(s))
+            if ((it->events & ZEV_WRITE) &&
+                (zev__stream_builder(s) == f || zev__stream_writable_now(s)))
                 it->revents |= ZEV_WRITE;
         }
         ready += it->revents != 0;
@@ -832,7 +922,7 @@ static int poll_now(zev_fiber_t *f, zev_fiber_pollitem_t *items, size_t n)
     return ready;
 }
 
-int zev_fiber_poll(zev_fiber_pollitem_t *items, size_t n, int64_t timeout_us)
+static int poll_impl(zev_fiber_pollitem_t *items, size_t n, int64_t timeout_us)
 {
     zev_fiber_t *f = enter();
     if (!f)
@@ -857,6 +947,7 @@ int zev_fiber_poll(zev_fiber_pollitem_t *items, size_t n, int64_t timeout_us)
             stream_enter(items[i].stream);
     uint64_t deadline = deadline_of(timeout_us);
     int rc;
+    bool waited = false;
     for (;;) {
         rc = poll_now(f, items, n);
         if (rc != 0 || timeout_us == 0)
@@ -864,22 +955,16 @@ int zev_fiber_poll(zev_fiber_pollitem_t *items, size_t n, int64_t timeout_us)
         for (size_t i = 0; i < n; i++) {
             zev_stream_t *s = items[i].stream;
             if (s && (items[i].events & ZEV_READ))
-                wait_on(f, &s->recv_waiters, false);
+                wait_on(f, &s->poll_in, false);
             if (s && (items[i].events & ZEV_WRITE))
-                wait_on(f, &s->send_waiters, false);
+                wait_on(f, &s->poll_out, false);
         }
         if (register_fds(f) < 0) {
             rc = -1;
             break;
         }
         int why = wait_until(f, deadline);
-        for (size_t i = 0; i < n; i++) { /* it looks; the next waiter's turn after */
-            zev_stream_t *s = items[i].stream;
-            if (s) {
-                give_turn_back(s, &s->handed_in, f);
-                give_turn_back(s, &s->handed_out, f);
-            }
-        }
+        waited = true;
         if (why == ETIMEDOUT) {
             rc = poll_now(f, items, n); /* the last word: zmq_poll's 0, or what came */
             break;
@@ -891,8 +976,70 @@ int zev_fiber_poll(zev_fiber_pollitem_t *items, size_t n, int64_t timeout_us)
         }
     }
     f->nfds = 0;
+    if (rc >= 0 && !waited) {
+        int err = pace(f); /* did not wait: counts against the batch */
+        if (err) {
+            errno = err;
+            rc = -1;
+        }
+    }
     for (size_t i = 0; i < n; i++)
         if (items[i].stream)
             stream_leave(items[i].stream);
     return rc;
+}
+
+/* ------------------------------------------------- the public entry points */
+
+/* A call that succeeds leaves errno as it found it: what the loop, other
+ * fibers and the call's own tries (an EAGAIN before it waited) set in
+ * between is not the caller's business. */
+#define KEEP_ERRNO(call)                                                                           \
+    do {                                                                                           \
+        int saved_ = errno;                                                                        \
+        int rc_ = (call);                                                                          \
+        if (rc_ >= 0)                                                                              \
+            errno = saved_;                                                                        \
+        return rc_;                                                                                \
+    } while (0)
+
+int zev_fiber_join(zev_fiber_t *t, int64_t timeout_us)
+{
+    KEEP_ERRNO(join_impl(t, timeout_us));
+}
+
+int zev_fiber_sleep(uint64_t us)
+{
+    KEEP_ERRNO(sleep_impl(us));
+}
+
+int zev_fiber_yield(void)
+{
+    KEEP_ERRNO(yield_impl());
+}
+
+int zev_fiber_wait_fd(int fd, int events, int64_t timeout_us)
+{
+    KEEP_ERRNO(wait_fd_impl(fd, events, timeout_us));
+}
+
+int zev_fiber_recv(zev_stream_t *s, zev_msg_t **msg, int64_t timeout_us)
+{
+    KEEP_ERRNO(recv_impl(s, msg, timeout_us));
+}
+
+int zev_fiber_send(zev_stream_t *s, const void *data, size_t len, int flags, int64_t timeout_us)
+{
+    KEEP_ERRNO(send_impl(s, data, len, flags, timeout_us));
+}
+
+int zev_fiber_send_msg(zev_stream_t *s, zmq_msg_t *parts, size_t nparts, int flags,
+                       int64_t timeout_us)
+{
+    KEEP_ERRNO(send_msg_impl(s, parts, nparts, flags, timeout_us));
+}
+
+int zev_fiber_poll(zev_fiber_pollitem_t *items, size_t n, int64_t timeout_us)
+{
+    KEEP_ERRNO(poll_impl(items, n, timeout_us));
 }

@@ -260,7 +260,7 @@ static int64_t wait_timeout(zev_loop_t *loop, int64_t max_ns)
  * epoll_wait per batch for a firehose. */
 static int wait_is_useless(zev_loop_t *loop)
 {
-    return !loop->embedded && !loop->nios && !zev__hub_wake_pending(loop->hub) &&
+    return !loop->embedded && !loop->nios && !loop->nfiberfds && !zev__hub_wake_pending(loop->hub) &&
            zev__streams_all_ready(loop);
 }
 
@@ -281,7 +281,7 @@ static int backend_wait(zev_loop_t *loop, int64_t timeout_ns)
     const int max = (int)(sizeof loop->fired / sizeof loop->fired[0]);
     if (loop->spin_us && timeout_ns != 0) {
         /* one stream and nothing else registered: spin on its ZMQ_EVENTS */
-        zev_stream_t *s = loop->nstreams == 1 && !loop->nios && !loop->embedded
+        zev_stream_t *s = loop->nstreams == 1 && !loop->nios && !loop->nfiberfds && !loop->embedded
                               ? zev__stream_spin_candidate(loop)
                               : NULL;
         uint64_t start = zev__clock_ns();

@@ -4,8 +4,8 @@
  *
  * Design notes
  * - A stack is mapped PROT_NONE as a whole, then everything above the
- *   bottom page is made read-write: the guard page is never charged as
- *   committed memory, and a failure of either call (ENOMEM, vm.max_map_count)
+ *   guard (ZEV__STACK_GUARD, 64 KiB) is made read-write: the guard is never
+ *   charged as committed memory, and a failure of either call (ENOMEM, vm.max_map_count)
  *   leaves nothing behind (munmap of a whole mapping cannot fail for lack of
  *   VMAs: it splits none).
  * - The pool is a LIFO list threaded through the idle stacks themselves (a
@@ -53,6 +53,14 @@
 
 _Thread_local zev__running_stack_t zev__running_stack __attribute__((tls_model("initial-exec")));
 
+/* The guard below a stack: ZEV__STACK_GUARD bytes, whole pages. A single
+ * frame larger than the guard could step over it into whatever is mapped
+ * below; 64 KiB of PROT_NONE costs no memory and no extra mapping. */
+static size_t guard_bytes(size_t page)
+{
+    return (ZEV__STACK_GUARD + page - 1) & ~(page - 1);
+}
+
 /* What the pool keeps at the top of an idle stack. */
 struct zev__idle_stack {
     struct zev__idle_stack *next;
@@ -74,6 +82,8 @@ static void *idle_lo(struct zev__idle_stack *n)
 
 static pthread_once_t install_once = PTHREAD_ONCE_INIT;
 static size_t handler_page;
+static size_t handler_guard; /* guard_bytes(handler_page) */
+
 static struct sigaction prev_segv, prev_bus; /* as installed before zev's */
 static pthread_key_t altstack_key;
 static bool altstack_key_made;
@@ -175,7 +185,7 @@ static void on_fault(int sig, siginfo_t *si, void *uc)
     int saved_errno = errno;
     zev__running_stack_t run = zev__running_stack;
     uintptr_t addr = (uintptr_t)si->si_addr, lo = (uintptr_t)run.lo;
-    if (run.lo && si->si_code > 0 && addr < lo && addr >= lo - handler_page) {
+    if (run.lo && si->si_code > 0 && addr < lo && addr >= lo - handler_guard) {
         report_overflow(run);
         set_default(sig); /* the instruction faults again, and kills */
     } else {
@@ -199,6 +209,7 @@ static void altstack_free(void *mem)
 static void install(void)
 {
     handler_page = (size_t)sysconf(_SC_PAGESIZE);
+    handler_guard = guard_bytes(handler_page);
     altstack_size = ALTSTACK_SIZE;
     if ((size_t)SIGSTKSZ > altstack_size)
         altstack_size = ((size_t)SIGSTKSZ + handler_page - 1) & ~(handler_page - 1);
@@ -216,7 +227,7 @@ static void install(void)
 
 /* The handler (once per process) and an alternate signal stack (once per
  * thread, unless the thread has one), before a stack is handed out. */
-static void prepare_thread(void)
+void zev__stack_thread_ready(void)
 {
     if (thread_ready)
         return;
@@ -245,7 +256,7 @@ static void prepare_thread(void)
 
 #else /* ZEV__ASAN: ASan owns SIGSEGV */
 
-static void prepare_thread(void)
+void zev__stack_thread_ready(void)
 {
 }
 
@@ -263,7 +274,8 @@ void zev__stack_pool_init(zev__stack_pool_t *pool)
 
 static void unmap(zev__stack_pool_t *pool, void *lo, size_t size)
 {
-    munmap((char *)lo - pool->page, size + pool->page);
+    size_t guard = guard_bytes(pool->page);
+    munmap((char *)lo - guard, size + guard);
     pool->mapped--;
 }
 
@@ -299,25 +311,30 @@ int zev__stack_get(zev__stack_pool_t *pool, size_t size, zev__stack_t *st)
         pool->reuses++;
         st->lo = idle_lo(n);
         st->size = size;
-        prepare_thread();
+        zev__stack_thread_ready();
         return 0;
     }
 
-    char *base = mmap(NULL, size + page, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_STACK, -1, 0);
+    size_t guard = guard_bytes(page);
+    if (size > SIZE_MAX - guard) {
+        errno = ENOMEM;
+        return -1;
+    }
+    char *base = mmap(NULL, size + guard, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_STACK, -1, 0);
     if (base == MAP_FAILED) {
         errno = ENOMEM;
         return -1;
     }
-    if (mprotect(base + page, size, PROT_READ | PROT_WRITE) != 0) {
-        munmap(base, size + page);
+    if (mprotect(base + guard, size, PROT_READ | PROT_WRITE) != 0) {
+        munmap(base, size + guard);
         errno = ENOMEM;
         return -1;
     }
     pool->maps++;
     pool->mapped++;
-    st->lo = base + page;
+    st->lo = base + guard;
     st->size = size;
-    prepare_thread();
+    zev__stack_thread_ready();
     return 0;
 }
 

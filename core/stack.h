@@ -1,11 +1,11 @@
 /*
- * Fiber stacks: mmap'd, with an inaccessible guard page below, pooled per
- * owner (the loop embeds one pool), and a SIGSEGV/SIGBUS handler that names
- * an overflow into a guard page as what it is. Internal, loop thread only.
+ * Fiber stacks: mmap'd, with an inaccessible guard below, pooled per owner
+ * (the loop embeds one pool), and a SIGSEGV/SIGBUS handler that names an
+ * overflow into a guard as what it is. Internal, loop thread only.
  *
  * Memory. A stack of size S (rounded up to whole pages; 0 means 64 KiB) is
- * one mapping of S + one page: the page at the bottom is PROT_NONE. It costs
- * address space S + page and resident memory only for the pages its fiber
+ * one mapping of S + 64 KiB: the 64 KiB at the bottom are PROT_NONE. It
+ * costs address space S + 64 KiB and resident memory only for the pages its fiber
  * touched (the kernel maps them on first touch): 100,000 sleeping fibers
  * that each touched 8 KiB fit in about 800 MiB. Each stack is 2 VMAs (the
  * guard and the rest); Linux allows vm.max_map_count VMAs per process
@@ -23,16 +23,17 @@
  * page faults of refilling the pages, which is what the pool is for. The
  * free list lives in the idle stacks themselves; the pool allocates nothing.
  *
- * Overflow. Running past the bottom of a stack faults on its guard page; the
+ * Overflow. Running past the bottom of a stack faults on its guard (64 KiB
+ * of PROT_NONE, ZEV__STACK_GUARD: no memory, no extra mapping); the
  * process then dies of SIGSEGV, never by silent corruption of a neighbour
- * (except for a single frame larger than the guard page, which can step
- * over it: build fiber code with -fstack-clash-protection, gcc's default on
- * several distributions, to rule that out). The first zev__stack_get of the
+ * (except for a single frame larger than 64 KiB, which can step over the
+ * guard: build fiber code with -fstack-clash-protection, which probes
+ * every page of a large frame, to rule that out). The first zev__stack_get of the
  * process installs a SIGSEGV and SIGBUS handler (SA_ONSTACK); the first one
  * on each thread gives that thread an alternate signal stack (sigaltstack,
  * 64 KiB, unmapped at thread exit) if it has none, since the overflowing
  * stack has no room left to run a handler. A fault in the running fiber's
- * guard page (or with the stack pointer just below its stack) writes one
+ * guard writes one
  * line to stderr,
  *   zev: fiber stack overflow (stack 0x...-0x..., 65536 bytes); raise zev_fiber_opts_t.stack_size
  * restores the default action and returns, so the faulting instruction
@@ -56,11 +57,13 @@
 #endif
 
 #define ZEV__STACK_DEFAULT_SIZE ((size_t)64 * 1024)
+#define ZEV__STACK_GUARD ((size_t)64 * 1024) /* below each stack, PROT_NONE */
 #define ZEV__STACK_POOL_MAX_IDLE 64
 #define ZEV__STACK_POOL_MAX_IDLE_BYTES ((size_t)16 * 1024 * 1024)
 
 /* A stack handed out by zev__stack_get: [lo, lo + size) is read-write, the
- * page below lo is the guard. Pass lo and size to zev__ctx_make. */
+ * ZEV__STACK_GUARD bytes below lo are the guard. Pass lo and size to
+ * zev__ctx_make. */
 typedef struct zev__stack {
     void *lo;
     size_t size;
@@ -100,6 +103,12 @@ ZEV_INTERNAL int zev__stack_get(zev__stack_pool_t *pool, size_t size, zev__stack
 /* Gives a stack back: kept idle if the pool's limits allow, else unmapped.
  * Its fiber must have finished (zev__ctx_exit) or never run. *st is cleared. */
 ZEV_INTERNAL void zev__stack_put(zev__stack_pool_t *pool, zev__stack_t *st);
+
+/* Makes the calling thread ready to report an overflow (the handler, once
+ * per process; an alternate signal stack, once per thread). zev__stack_get
+ * calls it; so must a thread that runs fibers on stacks another thread got
+ * (a loop moved to another thread). Cheap after the first call. */
+ZEV_INTERNAL void zev__stack_thread_ready(void);
 
 /* The running fiber's stack, for the overflow handler: lo is NULL while a
  * main context runs. zev__ctx_switch and zev__ctx_exit set it on every

@@ -185,6 +185,8 @@ zev_stream_t *zev_stream_new(zev_loop_t *loop, void *sock)
     zev__list_init(&s->kept_frames);
     zev__list_init(&s->recv_waiters);
     zev__list_init(&s->send_waiters);
+    zev__list_init(&s->poll_in);
+    zev__list_init(&s->poll_out);
     /* The fd number held by another socket's stream: that socket's mailbox
      * was closed (zmq_close under its stream) and the number reused by
      * this one. The old stream fails without its socket being touched. */
@@ -227,6 +229,7 @@ int zev_stream_close(zev_stream_t *s, int flags)
             s->closed = true;
             s->close_socket = flags & ZEV_CLOSE_SOCKET;
             s->flushing = true;
+            zev__stream_wake_all(s, EBADF); /* closed for fibers now, flushing or not */
             zev__stream_mark_ready(s);
             errno = saved;
             return 0;
@@ -282,6 +285,11 @@ int zev_stream_on_recv(zev_stream_t *s, zev_recv_fn fn, void *arg)
 {
     if (!zev__stream_usable(s))
         return -1;
+    if (fn && (!zev__list_empty(&s->recv_waiters) || s->handed_in ||
+               !zev__list_empty(&s->poll_in))) {
+        errno = EBUSY; /* fibers receive from it: they would wait for ever */
+        return -1;
+    }
     s->on_recv = fn;
     s->recv_arg = arg;
     if (fn)

@@ -129,15 +129,20 @@ static int frames_allow(const zev_stream_t *s)
 }
 
 /* Fibers waiting to receive or send want what on_recv and the queue want,
- * until the one woken for it has acted (handed_in / handed_out). */
+ * until the one woken for it has acted (handed_in / handed_out); a fiber's
+ * first part waits until no message is open (a callback's, or another
+ * fiber's: that one's builder goes on without waiting). Pollers want the
+ * event as long as they wait. */
 static bool fibers_read(const zev_stream_t *s)
 {
-    return !zev__list_empty(&s->recv_waiters) && !s->handed_in;
+    return (!zev__list_empty(&s->recv_waiters) && !s->handed_in) || !zev__list_empty(&s->poll_in);
 }
 
 static bool fibers_write(const zev_stream_t *s)
 {
-    return !zev__list_empty(&s->send_waiters) && !s->handed_out;
+    return s->open == OPEN_NONE &&
+           ((!zev__list_empty(&s->send_waiters) && !s->handed_out) ||
+            !zev__list_empty(&s->poll_out));
 }
 
 static int wants(const zev_stream_t *s)
@@ -148,6 +153,11 @@ static int wants(const zev_stream_t *s)
     if ((s->qlen || fibers_write(s)) && !s->blocked)
         w |= ZMQ_POLLOUT;
     return w;
+}
+
+zev_fiber_t *zev__stream_builder(const zev_stream_t *s)
+{
+    return s->open != OPEN_NONE ? s->open_fiber : NULL;
 }
 
 /* libzmq's last word is current: nothing since could have consumed an edge. */
@@ -330,11 +340,25 @@ static int give_part(zev_stream_t *s, zmq_msg_t *msg, bool more, bool may_queue)
 
 static int send_part(zev_stream_t *s, zmq_msg_t *msg, bool more)
 {
-    if (s->open_fiber && s->open_fiber != zev__fiber_current()) {
+    zev_fiber_t *builder = zev__stream_builder(s);
+    if (builder && builder != zev__fiber_current()) {
         errno = EBUSY; /* a fiber is building a multipart message on it */
         return -1;
     }
     return give_part(s, msg, more, true);
+}
+
+void zev__stream_end_message(zev_stream_t *s, int status)
+{
+    if (s->open == OPEN_NONE)
+        return;
+    if (s->open == OPEN_DIRECT && !s->broken)
+        s->broken = status; /* message_done reports it so */
+    zmq_msg_t empty;
+    zmq_msg_init(&empty);
+    if (s->open != OPEN_QUEUED || zev__sendq_reserve(s, 1) == 0)
+        (void)hand_part(s, &empty, false, true);
+    zmq_msg_close(&empty);
 }
 
 int zev__stream_send_now(zev_stream_t *s, zmq_msg_t *msg, bool more, bool pollout_told)
@@ -352,6 +376,8 @@ int zev__stream_send_now(zev_stream_t *s, zmq_msg_t *msg, bool more, bool pollou
 
 int zev__stream_readable_now(zev_stream_t *s)
 {
+    if (!frames_allow(s))
+        return 0; /* its receives wait for kept frames to be released */
     int events = sock_events(s);
     mark_ready(s);
     return events >= 0 && (events & ZMQ_POLLIN);
@@ -648,6 +674,8 @@ static size_t recv_some(zev_stream_t *s, size_t room)
 
 int zev__stream_recv_now(zev_stream_t *s, size_t units)
 {
+    if (!frames_allow(s))
+        return 0; /* max_frames: it waits until kept frames are released */
     size_t taken = 0;
     enum rx rc = recv_message(s, parts_allowance(units), &taken);
     int err = errno;
@@ -708,14 +736,20 @@ static size_t stream_work(zev_stream_t *s, int mask, size_t limit, bool *idle)
         }
         const int wanted = wants(s);
         size_t room = limit ? limit - done : SIZE_MAX, n = 0;
-        if ((act & ZMQ_POLLIN) && s->on_recv)
+        if ((act & ZMQ_POLLIN) && s->on_recv) {
             n += recv_some(s, room);
-        else if (act & ZMQ_POLLIN)
-            zev__stream_wake_waiter(s, ZMQ_POLLIN); /* the fiber receives */
+        } else if (act & ZMQ_POLLIN) { /* fibers receive on their own stacks */
+            zev__stream_wake_pollers(s, ZMQ_POLLIN);
+            if (!s->handed_in)
+                zev__stream_wake_waiter(s, ZMQ_POLLIN);
+        }
         if ((act & ZMQ_POLLOUT) && n < room)
             n += send_some(s, room - n);
-        if ((act & ZMQ_POLLOUT) && !s->qlen && fibers_write(s))
-            zev__stream_wake_waiter(s, ZMQ_POLLOUT); /* the queue is empty: a fiber sends */
+        if ((act & ZMQ_POLLOUT) && !s->qlen && fibers_write(s)) { /* a fiber sends */
+            zev__stream_wake_pollers(s, ZMQ_POLLOUT);
+            if (!s->handed_out)
+                zev__stream_wake_waiter(s, ZMQ_POLLOUT);
+        }
         zev__reports_deliver(s);
         done += n;
         if (s->flushing && zev__sendq_flush_done(s))

@@ -37,6 +37,7 @@ struct zev_tracker {
     atomic_int done; /* the free function ran (any thread) */
     bool completed;  /* the completion ran on the loop thread */
     bool abandoned;  /* the send failed: the buffer stays the caller's */
+    unsigned notify_pending; /* on_done calls from fibers tracker_notify will answer */
     zev_tracker_fn fn;
     void *arg;
     zev_free_fn free_fn;
@@ -55,7 +56,11 @@ static void tracker_unref(zev_tracker_t *t)
 static void tracker_notify(zev__qnode_t *n, zev_loop_t *loop)
 {
     zev_tracker_t *t = (zev_tracker_t *)n;
-    if (loop && t->fn) {
+    unsigned calls = t->notify_pending; /* one per on_done call, as outside fibers */
+    t->notify_pending = 0;
+    for (; loop && calls; calls--) {
+        if (!t->fn)
+            break;
         uint64_t t0 = zev__watch_begin(loop);
         t->fn(t, t->arg);
         zev__watch_end(loop, t0, ZEV_SLOW_TRACKER, t, NULL);
@@ -174,6 +179,8 @@ int zev_tracker_on_done(zev_tracker_t *t, zev_tracker_fn fn, void *arg)
     t->fn = fn;
     t->arg = arg;
     if (fn && t->completed && zev__fiber_current()) { /* not on a fiber's stack */
+        if (t->notify_pending++)
+            return 0; /* queued already (its node is in use): it answers this call too */
         atomic_fetch_add_explicit(&t->refs, 1, memory_order_relaxed);
         t->qnode.run = tracker_notify;
         zev__hub_push(t->hub, &t->qnode);

@@ -314,10 +314,13 @@ struct zev_stream {
     uint64_t send_timeout_ns; /* zev_stream_set_send_timeout; 0 = none */
     uint64_t head_since_ns;   /* when the queue's head message became the head */
     /* Fibers (fiber.c): waiting to receive or to send, in arrival order; the
-     * one woken for the last POLLIN / POLLOUT, until it has acted on it; how
-     * many are inside a call on the stream (it is freed after they left);
-     * the fiber building a multipart message on it. */
+     * one woken for the last POLLIN / POLLOUT, until it has acted on it;
+     * fibers polling for POLLIN / POLLOUT (all woken together, as zmq_poll
+     * wakes every poller); how many are inside a call on the stream (it is
+     * freed after they left); the fiber building a multipart message on it
+     * (valid while s->open != OPEN_NONE: zev__stream_builder). */
     zev__list_t recv_waiters, send_waiters;
+    zev__list_t poll_in, poll_out;
     zev_fiber_t *handed_in, *handed_out;
     unsigned fiber_refs;
     bool reaped; /* its close callback ran; freed when fiber_refs is 0 */
@@ -350,6 +353,7 @@ struct zev_loop {
     pid_t pid;       /* the process that made the loop */
     size_t nstreams; /* streams registered with the backend */
     size_t nios;     /* io watchers registered with the backend */
+    size_t nfiberfds; /* fds fibers wait for (zev_fiber_wait_fd, _poll) */
     size_t reported; /* on_send statuses delivered (progress for run_once) */
     uint64_t iteration; /* iterations begun, for fibers' once-per-iteration rule */
 
@@ -366,7 +370,7 @@ struct zev_loop {
     /* Fibers (fiber.c). */
     struct zev__fibers {
         zev__ctx_t sched;       /* the loop thread's own context, while fibers run */
-        bool sched_ready;       /* sched was initialised (on the loop's own stack) */
+        bool in_phase;          /* the fiber phase runs: spawns wait for the next */
         zev__stack_pool_t stacks;
         zev__list_t runnable;   /* fibers to resume, in order */
         zev__list_t all;        /* every fiber not yet freed */
@@ -523,6 +527,8 @@ ZEV_INTERNAL zev_fiber_t *zev__fiber_current(void);
 ZEV_INTERNAL void zev__stream_wake_waiter(zev_stream_t *s, int event);
 /* Wakes every fiber waiting on the stream with err (closed: EBADF). */
 ZEV_INTERNAL void zev__stream_wake_all(zev_stream_t *s, int err);
+/* Wakes every fiber polling the stream for POLLIN or POLLOUT. */
+ZEV_INTERNAL void zev__stream_wake_pollers(zev_stream_t *s, int event);
 ZEV_INTERNAL void zev__fiber_fd_fired(void *entry, int events);
 ZEV_INTERNAL void zev__stream_free(zev_stream_t *s);
 
@@ -539,6 +545,11 @@ ZEV_INTERNAL int zev__stream_recv_now(zev_stream_t *s, size_t units);
  * the stream), so an EAGAIN now blocks POLLOUT until an edge or back-off. */
 ZEV_INTERNAL int zev__stream_send_now(zev_stream_t *s, zmq_msg_t *msg, bool more,
                                       bool pollout_told);
+/* The fiber whose multipart message is open on the stream, or NULL. */
+ZEV_INTERNAL zev_fiber_t *zev__stream_builder(const zev_stream_t *s);
+/* Ends the message open on the stream (a last, empty part; or, if libzmq
+ * refuses it, whatever part_refused does), its status `status`. */
+ZEV_INTERNAL void zev__stream_end_message(zev_stream_t *s, int status);
 /* 1 if a message is there to receive, per libzmq now (fiber poll). */
 ZEV_INTERNAL int zev__stream_readable_now(zev_stream_t *s);
 /* 1 if a send would not wait now (fiber poll). */

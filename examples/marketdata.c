@@ -48,6 +48,7 @@
 #define TICK_US 100       /* 10 kHz */
 #define SLOW_WORK_US 1000 /* what the slow subscriber spends on each tick */
 #define SLOW_RCVHWM 100   /* its pipe: the publisher's 1000 + these 100 ticks */
+#define FAST_RCVHWM 20000 /* 2 s of ticks: a fast client descheduled a while loses none */
 #define DRAIN_US 3000000  /* after the last tick, how long the fast ones may take */
 #define NCLIENTS 3
 
@@ -151,8 +152,8 @@ static void *client_main(void *arg)
     client_t *c = arg;
     void *sub = zmq_socket(c->pub->ctx, ZMQ_SUB);
     zev_stream_t *s = NULL;
-    int hwm = SLOW_RCVHWM;
-    if (sub && c->work_us)
+    int hwm = c->work_us ? SLOW_RCVHWM : FAST_RCVHWM;
+    if (sub)
         zmq_setsockopt(sub, ZMQ_RCVHWM, &hwm, sizeof hwm); /* before connecting */
     if (sub && zmq_setsockopt(sub, ZMQ_SUBSCRIBE, SYMBOL, strlen(SYMBOL)) == 0 &&
         zmq_connect(sub, c->pub->endpoint) == 0)

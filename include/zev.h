@@ -385,7 +385,8 @@ ZEV_API int zev_stream_unbind(zev_stream_t *s, const char *endpoint);
 /* Sets the receive callback: fn gets every whole message (always multipart,
  * even with one frame) with frames borrowed for the duration of the call.
  * fn == NULL stops receiving; messages then stay queued in libzmq.
- * Errors: EINVAL (NULL stream), EBADF (closed). */
+ * Errors: EINVAL (NULL stream), EBADF (closed), EBUSY (fibers receive from
+ * or poll the stream for ZEV_READ: they would wait for ever). */
 ZEV_API int zev_stream_on_recv(zev_stream_t *s, zev_recv_fn fn, void *arg);
 
 /* Sets the send callback. Every message given to a send function gets one
@@ -420,7 +421,9 @@ ZEV_API int zev_stream_on_close(zev_stream_t *s, zev_close_fn fn, void *arg);
  * max_queue messages; nothing taken), EINVAL (NULL, data NULL with len > 0,
  * flags other than ZMQ_SNDMORE/ZMQ_DONTWAIT), EBADF (closed), ENOTSOCK/ETERM
  * (the socket is gone), ENOMEM (no room to queue it or for its on_send
- * status; nothing taken) or another errno libzmq gave at once. */
+ * status; nothing taken), EBUSY (a fiber is in the middle of a multipart
+ * message on the stream: zev_fiber_send) or another errno libzmq gave at
+ * once. The other send functions fail the same ways. */
 ZEV_API int zev_stream_send(zev_stream_t *s, const void *data, size_t len, int flags);
 
 /* Sends nparts messages as one multipart message (ZMQ_SNDMORE in flags: more
@@ -634,20 +637,27 @@ ZEV_API int zev_tracker_release(zev_tracker_t *t);
  * runnable; each runs until it blocks, yields or returns, and resumes at
  * most once per iteration. A fiber whose calls never have to wait (a
  * receive loop on a busy stream) yields after the loop's batch (64) of
- * them, so fibers, callbacks and streams share the loop fairly. No
+ * them (every call that returns without waiting counts: recv, send, poll,
+ * wait_fd, join), so fibers, callbacks and streams share the loop fairly;
+ * a fiber spawned while fibers run first runs in the next iteration. No
  * callback ever runs on a fiber's stack (zev_stream_flush refuses a fiber
- * with EBUSY; a tracker's at-once on_done is deferred to the loop).
+ * with EBUSY; a tracker's at-once on_done is deferred to the loop). A call
+ * that succeeds leaves errno as the fiber had it.
  *
- * Stacks are mmap'd with an inaccessible guard page below and pooled (no
- * system call per spawn in steady state); a stack overflow kills the
- * process with SIGSEGV and a line on stderr naming it (ASan builds: ASan's
- * report). Each stack costs two of the process's vm.max_map_count mappings.
+ * Stacks are mmap'd with an inaccessible 64 KiB guard below and pooled (no
+ * system call per spawn while at most 64 idle stacks, 16 MiB, cover the
+ * churn); running into the guard kills the process with SIGSEGV and a line
+ * on stderr naming it (ASan builds: ASan's report). A single frame larger
+ * than the guard could step over it: build fiber code with
+ * -fstack-clash-protection to rule that out. Each stack costs two of the
+ * process's vm.max_map_count mappings (65530 by default: about 32,000 live
+ * fibers; raise it, e.g. sysctl vm.max_map_count=262144, for more).
  */
 
 typedef void (*zev_fiber_fn)(void *arg);
 
 typedef struct zev_fiber_opts {
-    size_t stack_size; /* bytes; 0 = 64 KiB; rounded up to pages, guard page below */
+    size_t stack_size; /* bytes; 0 = 64 KiB; rounded up to pages, 64 KiB guard below */
 } zev_fiber_opts_t;
 
 /* zev_fiber_poll's item: a stream, or (stream NULL) a plain fd. */
@@ -669,10 +679,12 @@ ZEV_API zev_fiber_t *zev_fiber_spawn(zev_loop_t *loop, zev_fiber_fn fn, void *ar
                                      const zev_fiber_opts_t *opts);
 
 /* From a fiber: waits until f has returned and frees it (0); timeout_us -1
- * waits for ever, 0 does not wait. Errors: -1 with EPERM (not in a fiber),
- * EINVAL (NULL, the calling fiber itself, a detached fiber, or one another
- * fiber already joins), ETIMEDOUT (f still runs; it is not freed),
- * ECANCELED (the caller was cancelled). */
+ * waits for ever, 0 does not wait. Joining a fiber that has returned never
+ * waits, so it works in a cancelled fiber too (one freeing its children on
+ * its way out). Errors: -1 with EPERM (not in a fiber), EINVAL (NULL, the
+ * calling fiber itself, a detached fiber, or one another fiber already
+ * joins), ETIMEDOUT (f still runs; it is not freed), ECANCELED (the caller
+ * was cancelled and f still runs). */
 ZEV_API int zev_fiber_join(zev_fiber_t *f, int64_t timeout_us);
 
 /* f is freed when it returns (at once if it already has). Loop thread.
@@ -681,6 +693,10 @@ ZEV_API int zev_fiber_detach(zev_fiber_t *f);
 
 /* Cancels f: its current blocking call and every later one fail with
  * ECANCELED (zev_fiber_sleep and zev_fiber_yield too); fn should return.
+ * A fiber that returns in the middle of a multipart message it was sending
+ * (ZMQ_SNDMORE given, last part not) has that message ended for it with an
+ * empty last part, reported ECANCELED through on_send, so the stream's
+ * next message is whole.
  * From any fiber or callback on the loop thread; a fiber may cancel
  * itself. 0 also for a fiber that already returned. Errors: EINVAL (NULL). */
 ZEV_API int zev_fiber_cancel(zev_fiber_t *f);
@@ -702,29 +718,37 @@ ZEV_API int zev_fiber_yield(void);
 
 /* Waits until fd is ready for events (ZEV_READ | ZEV_WRITE). Returns the
  * ready events, 0 on timeout, or -1 with EPERM, ECANCELED, EINVAL (bad
- * events), EBADF, EEXIST (the fd is watched already: by zev_io_start, a
- * stream, or another fiber). */
+ * events), EBADF, EEXIST (it has to wait, and the fd is watched already: by
+ * zev_io_start, a stream, or another fiber; one ready at once is reported
+ * whoever watches it). */
 ZEV_API int zev_fiber_wait_fd(int fd, int events, int64_t timeout_us);
 
 /* Receives the stream's next whole message. *msg and its borrowed frames
  * are valid until the calling fiber's next blocking call, or its return;
  * zev_msg_keep keeps a frame beyond that, as in on_recv. Fibers receiving
  * from one stream get one message each, first come first served. No heap
- * allocation per message. Returns 0, or -1 with EAGAIN (timeout, or
- * timeout 0 and nothing there), EPERM, ECANCELED, EINVAL (NULL), EBUSY (the
- * stream has on_recv set), EBADF (closed, also while waiting: the stream
- * stays valid for the call until it returns), ENOTSOCK/ETERM (socket gone). */
+ * allocation per message. zev_stream_set_max_frames holds fibers back as
+ * it holds on_recv. Returns 0, or -1 with EAGAIN (timeout, or timeout 0
+ * and nothing there), EPERM, ECANCELED, EINVAL (NULL), EBUSY (the stream
+ * has on_recv set), EBADF (closed, also while waiting: the stream stays
+ * valid for the call until it returns), ENOTSOCK/ETERM (socket gone),
+ * EFSM (a REQ socket expecting to send, as zmq_recv). */
 ZEV_API int zev_fiber_recv(zev_stream_t *s, zev_msg_t **msg, int64_t timeout_us);
 
 /* Sends as zev_stream_send does (same stream, same order, same on_send
  * report), but waits instead of queuing: the call returns once libzmq has
- * taken the part, 0, or -1 with the errno on_send also reports. A fiber's
- * message never waits in the stream's queue: it goes out after the
- * messages queued before it, and on timeout nothing of it is taken (-1,
- * EAGAIN; no number, no status). While a fiber builds a multipart message
- * (ZMQ_SNDMORE), other fibers' sends on the stream wait for it and sends
- * from callbacks fail with EBUSY. Errors as zev_stream_send, plus EAGAIN
- * (timeout), EPERM, ECANCELED. */
+ * taken the part, 0, or -1 with the errno on_send also reports (for a
+ * message built over several calls, the call giving its last part). A
+ * fiber's message never waits in the stream's queue: it goes out after the
+ * messages queued before it and after a multipart message a callback has
+ * begun (whose end it waits for), and on timeout nothing of it is taken
+ * (-1, EAGAIN; no number, no status). While a fiber builds a multipart
+ * message (ZMQ_SNDMORE), other fibers' sends on the stream wait for it and
+ * sends from callbacks fail with EBUSY. libzmq's EAGAIN and EFSM (a REQ
+ * waiting for its reply) both mean "wait": several fibers can share one
+ * REQ socket, each request waiting for the previous reply. flags:
+ * ZMQ_SNDMORE; ZMQ_DONTWAIT means timeout 0. Errors as zev_stream_send,
+ * plus EAGAIN (timeout), EPERM, ECANCELED. */
 ZEV_API int zev_fiber_send(zev_stream_t *s, const void *data, size_t len, int flags,
                            int64_t timeout_us);
 
@@ -736,8 +760,10 @@ ZEV_API int zev_fiber_send_msg(zev_stream_t *s, zmq_msg_t *parts, size_t nparts,
                                int64_t timeout_us);
 
 /* zmq_poll for fibers, over streams and fds: for a stream, ZEV_READ means a
- * zev_fiber_recv would not wait, ZEV_WRITE that a zev_fiber_send would not;
- * for an fd, as zev_fiber_wait_fd. Sets each item's revents and returns how
+ * message is there, ZEV_WRITE that a zev_fiber_send would go to libzmq at
+ * once (another fiber may act first, as with zmq_poll and other threads);
+ * for an fd, as zev_fiber_wait_fd. Every fiber polling a stream is woken
+ * when it becomes ready. Sets each item's revents and returns how
  * many items are ready, 0 on timeout, or -1 with EPERM, ECANCELED, EINVAL
  * (NULL items with n > 0, bad events, a stream with on_recv set asked for
  * ZEV_READ), EBADF, EEXIST (an fd watched already). A stream whose socket

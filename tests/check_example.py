@@ -143,7 +143,10 @@ def check_embed(c, args, sanitizer):
     c.expect(num(tim, "zev_late_max_us") <= 250000, f"zev timer {tim['zev_late_max_us']} us late")
     c.expect(num(tim, "zev_late_avg_us") <= 25000, f"zev timers {tim['zev_late_avg_us']} us late "
              "on average")
-    c.expect(num(tim, "out_of_order") == 0, "host and zev timers ran out of deadline order")
+    # Deadline order is only meaningful while timers run on time: timers that
+    # fell due together during a stall of the process run in loop-phase order.
+    if num(tim, "zev_late_max_us") < 5000:
+        c.expect(num(tim, "out_of_order") == 0, "host and zev timers ran out of deadline order")
     # Idle: nothing spins. A spinning loop burns the whole second.
     c.expect(num(idle, "cpu_thread_us") <= 50000, f"idle second cost {idle['cpu_thread_us']} us "
              "of the loop thread's CPU")

@@ -985,7 +985,8 @@ static void fill(tx_t *t)
     char txt[16];
     for (;;) {
         snprintf(txt, sizeof txt, "p%d", t->prefill);
-        CALL(t->full, zev_fiber_send(t->s, txt, strlen(txt), 0, 0));
+        /* the first waits (a tcp peer may not be connected yet), then until full */
+        CALL(t->full, zev_fiber_send(t->s, txt, strlen(txt), 0, t->prefill ? 0 : FOREVER));
         if (t->full.rc < 0)
             break;
         t->prefill++;
