@@ -19,6 +19,8 @@
  *   - wait reports at most `max` entries; the same data may appear twice in
  *     one wait (kqueue reports read and write separately); the core copes;
  *   - all functions return 0 / a count on success, -1 with errno on failure.
+ *     errno after a success is not the backend's concern (epoll's modify
+ *     may see ENOENT and then add): the core restores the caller's.
  */
 #ifndef ZEV_BACKEND_H
 #define ZEV_BACKEND_H

@@ -81,12 +81,18 @@ static const zev_backend_ops_t *find_backend(const char *name)
     return NULL;
 }
 
+/* The three calls into the backend's registrations. A backend may try
+ * one system call, get an errno and succeed another way (epoll: a modify
+ * that finds no entry adds one; a remove of an fd the kernel no longer
+ * holds): on success these leave errno as they found it, for every
+ * backend, so the public calls built on them do too. */
 int zev__register(zev_loop_t *loop, int fd, int events, void *obj)
 {
     if (zev__fdmap_get(&loop->fds, fd)) {
         errno = EEXIST;
         return -1;
     }
+    int saved = errno;
     if (zev__fdmap_put(&loop->fds, fd, obj) < 0)
         return -1;
     if (loop->ops->add(loop->be, fd, events, zev__fdmap_token(&loop->fds, fd)) < 0) {
@@ -95,21 +101,29 @@ int zev__register(zev_loop_t *loop, int fd, int events, void *obj)
         errno = err;
         return -1;
     }
+    errno = saved;
     return 0;
 }
 
 int zev__reregister(zev_loop_t *loop, int fd, int events)
 {
-    return loop->ops->modify(loop->be, fd, events, zev__fdmap_token(&loop->fds, fd));
+    int saved = errno;
+    if (loop->ops->modify(loop->be, fd, events, zev__fdmap_token(&loop->fds, fd)) < 0)
+        return -1;
+    errno = saved;
+    return 0;
 }
 
 /* In a forked child's destroy the backend's kernel object is shared with
- * the parent: only zev's own table is updated. */
+ * the parent: only zev's own table is updated. Cannot fail (a closed fd
+ * has left the kernel's set already). */
 void zev__unregister(zev_loop_t *loop, int fd)
 {
+    int saved = errno;
     if (!loop->forked)
         loop->ops->remove(loop->be, fd);
     zev__fdmap_del(&loop->fds, fd);
+    errno = saved;
 }
 
 zev_loop_t *zev_loop_new(const zev_loop_opts_t *opts)
@@ -189,10 +203,12 @@ int zev_loop_destroy(zev_loop_t *loop)
         zev__unregister(loop, loop->timer_fd);
         close(loop->timer_fd);
     }
-    /* Queued callbacks are dropped (posts told so, with loop NULL); frame and
-     * tracker completions still run their free-only path. Late releases find
-     * the hub, not the loop. */
-    zev__hub_drain(loop->hub, NULL);
+    /* Everything queued before now runs now, a push still in flight on
+     * another thread included: add_callback's nodes are freed unrun, posts
+     * run with loop NULL (here, before destroy returns: the caller may free
+     * them next), frame and tracker completions take their free-only path.
+     * Later releases find the hub, not the loop. */
+    zev__hub_drain_all(loop->hub, NULL);
     zev__hub_unref(loop->hub);
     loop->ops->destroy(loop->be);
     zev__fdmap_free(&loop->fds);

@@ -18,7 +18,9 @@
  *   steady-state keeping allocates nothing. Handles carry the frame's
  *   generation (handle.h): a second release, or any use after release,
  *   fails with EINVAL from whatever thread, and never touches the frame's
- *   next owner.
+ *   next owner. A frame whose generations are spent (2^19 reuses) is
+ *   retired instead of recycled, so that no handle ever comes round again;
+ *   a chunk replaces 64 retired frames, once in tens of millions kept.
  * - zev_frame_release may run on any thread: it closes the zmq_msg_t there
  *   (libzmq's reference counts are atomic) and sends the handle home
  *   through the hub's lock-free queue. On the loop thread the stream is
@@ -29,7 +31,10 @@
  * - zev_stream_send_frame forwards a kept frame without copying: libzmq gets
  *   a message referencing the frame's buffer whose free function brings the
  *   frame home exactly as a release would, so on_frame_release and
- *   max_frames count it until libzmq is done with it.
+ *   max_frames count it until libzmq is done with it. It claims the frame
+ *   (the same compare-and-swap as a release) before it reads it, on every
+ *   path, the copy of a small frame included, and gives it back if the send
+ *   takes nothing: a release racing it on a worker either wins or fails.
  */
 #include "zev-internal.h"
 
@@ -158,8 +163,9 @@ static void frame_returned(zev__qnode_t *n, zev_loop_t *loop)
             zev__stream_mark_ready(s); /* reading resumes */
     }
     f->stream = NULL;
-    f->gen++;
     atomic_store_explicit(&f->handle, 0, memory_order_relaxed);
+    if (zev__handle_retired(++f->gen))
+        return; /* its generations are spent: it stays in its chunk unused */
     f->next_free = NULL;
     zev__hub_t *hub = f->hub;
     if (hub->frame_free_tail)
@@ -324,43 +330,55 @@ static void frame_forwarded(void *data, void *hint)
         frame_home(f);
 }
 
+/* A send that took nothing gives the frame back to the caller's handle. */
+static void give_back(zev_frame_t *f, const zev_frame_t *handle)
+{
+    atomic_store_explicit(&f->handle, (uintptr_t)handle, memory_order_release);
+}
+
+/* Sends the claimed frame's buffer by reference: libzmq's free function
+ * (frame_forwarded) brings the frame home when libzmq is done with it. */
+static int send_referenced(zev_stream_t *s, zev_frame_t *f, const zev_frame_t *handle, int flags)
+{
+    zmq_msg_t m;
+    ZEV_HB_RELEASE(f);
+    if (zmq_msg_init_data(&m, zmq_msg_data(&f->msg), f->size, frame_forwarded, f) < 0) {
+        give_back(f, handle);
+        return -1;
+    }
+    int rc = zev_stream_send_msg(s, &m, 1, flags);
+    int err = errno;
+    if (rc < 0)
+        give_back(f, handle); /* first: the close below then finds the frame not zev's */
+    zmq_msg_close(&m);        /* empty if the send took it */
+    errno = err;
+    return rc;
+}
+
 int zev_stream_send_frame(zev_stream_t *s, zev_frame_t *handle, int flags)
 {
-    zev_frame_t *f = frame_of(handle);
-    if (!f || !s) {
+    zev_frame_t *f = handle ? zev__handle_obj(handle) : NULL;
+    /* The claim comes first on every path: of this send and a release on
+     * another thread, exactly one takes the frame. */
+    if (!s || !f || !claim(f, handle, ZEV__FRAME_ZEVS)) {
         errno = EINVAL;
         return -1;
     }
     int saved = errno;
-    zmq_msg_t m;
-    if (f->size <= ZEV_ZC_COPY_MAX) { /* libzmq keeps it inline: copy, release now */
-        if (zev_stream_send(s, zmq_msg_data(&f->msg), f->size, flags) < 0)
+    if (f->size > ZEV_ZC_COPY_MAX) {
+        if (send_referenced(s, f, handle, flags) < 0)
             return -1;
-        zev_frame_release(handle);
-        errno = saved;
-        return 0;
-    }
-    if (!claim(f, handle, ZEV__FRAME_ZEVS)) { /* released meanwhile by another thread */
-        errno = EINVAL;
-        return -1;
-    }
-    ZEV_HB_RELEASE(f);
-    int rc = zmq_msg_init_data(&m, zmq_msg_data(&f->msg), f->size, frame_forwarded, f);
-    if (rc == 0) {
-        rc = zev_stream_send_msg(s, &m, 1, flags);
-        if (rc < 0) {
+    } else { /* libzmq keeps it inline: copy it, and the frame goes home now */
+        if (zev_stream_send(s, zmq_msg_data(&f->msg), f->size, flags) < 0) {
             int err = errno;
-            atomic_store_explicit(&f->handle, (uintptr_t)handle, memory_order_release);
-            zmq_msg_close(&m); /* runs frame_forwarded, which finds the frame not zev's */
+            give_back(f, handle);
             errno = err;
             return -1;
         }
-        zmq_msg_close(&m);
-        errno = saved;
-        return 0;
+        frame_home(f);
     }
-    atomic_store_explicit(&f->handle, (uintptr_t)handle, memory_order_release);
-    return -1;
+    errno = saved;
+    return 0;
 }
 
 /* ------------------------------------------------------- stream settings */

@@ -10,7 +10,13 @@
  * - Between a producer's exchange and its link store, the consumer can see a
  *   node with no successor although `head` moved on: it then stops and the
  *   rest is taken next iteration (zev__hub_pending stays true, so the loop
- *   does not block meanwhile).
+ *   does not block meanwhile). The last drain, at zev_loop_destroy or when
+ *   the hub's last reference goes, cannot leave anything for later: it
+ *   waits until the queue is empty (zev__hub_drain_all). Producers still
+ *   pushing then are those allowed to (frame releases and tracker
+ *   completions, each holding a hub reference until its push is done, and
+ *   finite in number), so the wait ends; every post made before destroy
+ *   was called runs before it returns, on the thread that called it.
  * - One coalesced wakeup: `wake_pending` is exchanged to 1 by producers and
  *   only the one that saw 0 writes the fd. The loop reads the fd empty, then
  *   clears the flag, and drains the queue after that; a producer links its
@@ -36,6 +42,7 @@
 
 #include <errno.h>
 #include <fcntl.h>
+#include <sched.h>
 #include <stdlib.h>
 #include <unistd.h>
 #ifdef __linux__
@@ -92,7 +99,7 @@ void zev__hub_unref(zev__hub_t *hub)
 {
     if (atomic_fetch_sub_explicit(&hub->refs, 1, memory_order_acq_rel) != 1)
         return;
-    zev__hub_drain(hub, NULL);
+    zev__hub_drain_all(hub, NULL);
     zev__frame_pool_free(hub);
     close(hub->wake_rfd);
     if (hub->wake_wfd != hub->wake_rfd)
@@ -169,6 +176,20 @@ static zev__qnode_t *pop(zev__hub_t *hub)
         return tail;
     }
     return NULL;
+}
+
+size_t zev__hub_drain_all(zev__hub_t *hub, zev_loop_t *loop)
+{
+    size_t n = 0;
+    for (;;) {
+        n += zev__hub_drain(hub, loop);
+        if (!zev__hub_pending(hub))
+            return n;
+        /* A producer between its exchange and its link (or nodes pushed
+         * since the drain began): its very next store links the node, so
+         * the wait is as short as the producer's thread is scheduled. */
+        sched_yield();
+    }
 }
 
 size_t zev__hub_drain(zev__hub_t *hub, zev_loop_t *loop)

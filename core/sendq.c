@@ -24,10 +24,13 @@
  *   message, so its destination is remembered once a message to it timed
  *   out, and its next messages, once they have waited the timeout in the
  *   queue, fail at once when refused. The destination is a ROUTER's peer
- *   (the message's first frame, hashed; eight kept) and, for other socket
+ *   (the message's first frame, hashed; up to TIMED_OUT_MAX of them, in a
+ *   hash set grown only when a destination times out) and, for other socket
  *   types, the socket: an EAGAIN there is the whole socket's. A message to
- *   it that libzmq takes forgets it. Only the head's deadline matters at any
- *   time, so the stream's one timer waits for it.
+ *   it that libzmq takes forgets it, whether it went straight from a send
+ *   call or from the queue (streamio.c's sock_send_first, which reads the
+ *   destination before libzmq empties the frame). Only the head's deadline
+ *   matters at any time, so the stream's one timer waits for it.
  * - Every message given to zev gets exactly one status: 0 when handed to
  *   libzmq, the errno libzmq gave, or ECANCELED / ENOTSOCK / ETERM from
  *   zev__sendq_cancel when it never went out. The room for that status is
@@ -198,12 +201,12 @@ void zev__sendq_cancel(zev_stream_t *s, int status)
     s->broken = 0;
 }
 
-/* The head message's destination (see the design notes); never 0. */
-static uint64_t head_destination(const zev_stream_t *s)
+/* The destination of the message whose first part is `first` (see the
+ * design notes); never 0. */
+static uint64_t destination(const zev_stream_t *s, const zmq_msg_t *first)
 {
     if (!s->routed)
         return 1;
-    const zmq_msg_t *first = &zev__sendq_at((zev_stream_t *)s, 0)->msg;
     const unsigned char *p = zmq_msg_data((zmq_msg_t *)first);
     size_t n = zmq_msg_size((zmq_msg_t *)first);
     uint64_t h = 14695981039346656037u; /* FNV-1a */
@@ -212,12 +215,114 @@ static uint64_t head_destination(const zev_stream_t *s)
     return h | 1;
 }
 
-static int timed_out_slot(const zev_stream_t *s, uint64_t dest)
+static uint64_t head_destination(const zev_stream_t *s)
 {
-    for (unsigned i = 0; i < s->ntimed_out; i++)
+    return destination(s, &zev__sendq_at((zev_stream_t *)s, 0)->msg);
+}
+
+/* ------------------------------------------------ timed-out destinations */
+
+/* A set of destination hashes (never 0: 0 marks an empty slot) with linear
+ * probing, kept at most half full, and deletion by backward shift, so no
+ * tombstones pile up. It is allocated when the first destination times out
+ * and grows (doubling) only when a new one does, never per message. Bounded
+ * at TIMED_OUT_MAX destinations: a ROUTER whose peers time out and leave
+ * for good (they are forgotten only when a message to them is taken) must
+ * not grow it without end. At the bound, or if growing fails, a new
+ * destination evicts one found by a hand that sweeps the table. */
+#define TIMED_OUT_MAX 4096
+
+static size_t home_slot(uint64_t dest, size_t cap)
+{
+    uint64_t h = dest * 0x9e3779b97f4a7c15u; /* the hash's high bits, mixed down */
+    return (size_t)(h ^ (h >> 32)) & (cap - 1);
+}
+
+/* The slot holding dest, or SIZE_MAX. */
+static size_t timed_out_find(const zev_stream_t *s, uint64_t dest)
+{
+    if (!s->ntimed_out)
+        return SIZE_MAX;
+    size_t mask = s->timed_out_cap - 1;
+    for (size_t i = home_slot(dest, s->timed_out_cap);; i = (i + 1) & mask) {
         if (s->timed_out[i] == dest)
-            return (int)i;
-    return -1;
+            return i;
+        if (!s->timed_out[i])
+            return SIZE_MAX;
+    }
+}
+
+/* Empties slot i, moving later entries of its probe run back so that every
+ * entry stays reachable from its home slot. */
+static void timed_out_remove_at(zev_stream_t *s, size_t i)
+{
+    size_t mask = s->timed_out_cap - 1;
+    for (size_t j = (i + 1) & mask; s->timed_out[j]; j = (j + 1) & mask) {
+        size_t home = home_slot(s->timed_out[j], s->timed_out_cap);
+        /* j's entry may fill the hole at i unless its home lies in (i, j] */
+        if (((j - home) & mask) >= ((j - i) & mask)) {
+            s->timed_out[i] = s->timed_out[j];
+            i = j;
+        }
+    }
+    s->timed_out[i] = 0;
+    s->ntimed_out--;
+}
+
+static void timed_out_put(zev_stream_t *s, uint64_t dest)
+{
+    size_t mask = s->timed_out_cap - 1, i = home_slot(dest, s->timed_out_cap);
+    while (s->timed_out[i])
+        i = (i + 1) & mask;
+    s->timed_out[i] = dest;
+    s->ntimed_out++;
+}
+
+/* Room for one more destination, growing the table when that keeps it
+ * within the bound; 0, or -1 when it could not grow. */
+static int timed_out_grow(zev_stream_t *s)
+{
+    if (2 * (s->ntimed_out + 1) <= s->timed_out_cap)
+        return 0;
+    size_t cap = s->timed_out_cap ? 2 * s->timed_out_cap : 16;
+    if (cap > 2 * TIMED_OUT_MAX)
+        return -1;
+    uint64_t *old = s->timed_out;
+    size_t old_cap = s->timed_out_cap;
+    s->timed_out = calloc(cap, sizeof *s->timed_out);
+    if (!s->timed_out) {
+        s->timed_out = old;
+        return -1;
+    }
+    s->timed_out_cap = cap;
+    s->ntimed_out = 0;
+    for (size_t i = 0; i < old_cap; i++)
+        if (old[i])
+            timed_out_put(s, old[i]);
+    free(old);
+    return 0;
+}
+
+static void timed_out_add(zev_stream_t *s, uint64_t dest)
+{
+    if (timed_out_find(s, dest) != SIZE_MAX)
+        return;
+    if (timed_out_grow(s) < 0) {
+        if (!s->ntimed_out)
+            return; /* no table and no memory for one: not remembered */
+        size_t mask = s->timed_out_cap - 1;
+        while (!s->timed_out[s->timed_out_hand & mask])
+            s->timed_out_hand++;
+        timed_out_remove_at(s, s->timed_out_hand++ & mask);
+    }
+    timed_out_put(s, dest);
+}
+
+void zev__sendq_timed_out_free(zev_stream_t *s)
+{
+    free(s->timed_out);
+    s->timed_out = NULL;
+    s->timed_out_cap = s->ntimed_out = 0;
 }
 
 uint64_t zev__sendq_deadline(const zev_stream_t *s)
@@ -226,31 +331,28 @@ uint64_t zev__sendq_deadline(const zev_stream_t *s)
     if (!s->send_timeout_ns || !s->qlen || s->out_more)
         return UINT64_MAX;
     uint64_t queued = zev__sendq_at((zev_stream_t *)s, 0)->queued_ns;
-    if (s->ntimed_out && timed_out_slot(s, head_destination(s)) >= 0)
+    if (s->ntimed_out && timed_out_find(s, head_destination(s)) != SIZE_MAX)
         return zev__sat_add(queued, s->send_timeout_ns);
     return zev__sat_add(s->head_since_ns > queued ? s->head_since_ns : queued, s->send_timeout_ns);
 }
 
 void zev__sendq_time_out_head(zev_stream_t *s)
 {
-    uint64_t dest = head_destination(s);
-    if (timed_out_slot(s, dest) < 0) {
-        unsigned cap = sizeof s->timed_out / sizeof s->timed_out[0];
-        if (s->ntimed_out < cap)
-            s->timed_out[s->ntimed_out++] = dest;
-        else
-            s->timed_out[s->timed_out_next++ % cap] = dest;
-    }
+    timed_out_add(s, head_destination(s));
     zev__sendq_drop_head(s, ETIMEDOUT);
 }
 
-void zev__sendq_head_taken(zev_stream_t *s)
+uint64_t zev__sendq_timed_out_dest(const zev_stream_t *s, const zmq_msg_t *first)
 {
-    if (!s->ntimed_out)
-        return;
-    int i = timed_out_slot(s, head_destination(s));
-    if (i >= 0)
-        s->timed_out[i] = s->timed_out[--s->ntimed_out];
+    uint64_t dest = destination(s, first);
+    return timed_out_find(s, dest) != SIZE_MAX ? dest : 0;
+}
+
+void zev__sendq_forget(zev_stream_t *s, uint64_t dest)
+{
+    size_t i = timed_out_find(s, dest);
+    if (i != SIZE_MAX)
+        timed_out_remove_at(s, i);
 }
 
 /* With ZEV_CLOSE_FLUSH: done when only a message the user never finished

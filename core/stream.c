@@ -248,6 +248,7 @@ void zev__stream_free(zev_stream_t *s)
     zev__ring_free(s);
     free(s->q);
     free(s->rep);
+    zev__sendq_timed_out_free(s);
     free(s);
 }
 

@@ -202,6 +202,19 @@ static int sock_send(zev_stream_t *s, zmq_msg_t *msg, bool more)
     }
 }
 
+/* sock_send for the first part of a message, on either path (direct or
+ * from the queue): a destination remembered as timed out (sendq.c) is
+ * forgotten once libzmq takes a message for it. The destination is read
+ * first: libzmq empties the part it takes. */
+static int sock_send_first(zev_stream_t *s, zmq_msg_t *msg, bool more)
+{
+    uint64_t timed_out = zev__sendq_timed_out(s, msg);
+    int err = sock_send(s, msg, more);
+    if (!err && timed_out)
+        zev__sendq_forget(s, timed_out);
+    return err;
+}
+
 /* One part from libzmq without blocking: as zmq_msg_recv. A recv that
  * found nothing is libzmq's word on POLLIN (none), not on POLLOUT: that one
  * is left "maybe", so a stream with sends queued still asks. */
@@ -283,7 +296,7 @@ static int hand_part(zev_stream_t *s, zmq_msg_t *msg, bool more, bool may_queue)
         return 0;
     }
     if (first ? s->qlen == 0 : s->open == OPEN_DIRECT) {
-        int err = sock_send(s, msg, more);
+        int err = first ? sock_send_first(s, msg, more) : sock_send(s, msg, more);
         if (!s->in_pass)
             mark_ready(s); /* the send may have consumed the ZMQ_FD edge */
         if (!err) {
@@ -464,7 +477,7 @@ static size_t send_some(zev_stream_t *s, size_t room)
             break;
         zev__sendpart_t *p = zev__sendq_at(s, 0);
         bool more = p->more, first = !s->out_more;
-        int err = sock_send(s, &p->msg, more);
+        int err = first ? sock_send_first(s, &p->msg, more) : sock_send(s, &p->msg, more);
         if (err && first) {
             if (would_block(err) && head_overdue(s)) {
                 zev__sendq_time_out_head(s); /* waited its time, still refused */
@@ -491,8 +504,6 @@ static size_t send_some(zev_stream_t *s, size_t room)
             n++;
             continue;
         }
-        if (!err && first)
-            zev__sendq_head_taken(s);
         if (err && !part_refused(s, err, more)) {
             if (!s->err) /* zev drops the rest of it: reported already */
                 zev__sendq_drop_rest(s);

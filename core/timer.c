@@ -13,9 +13,11 @@
  *   the slot freed longest ago; handles carry the slot's generation
  *   (handle.h), so a stale handle (a cancel after the one-shot fired, a
  *   free twice) fails with EINVAL instead of reaching the slot's next timer.
- *   In steady state neither flavour allocates: the heap's room for every
- *   timer out of the pool is reserved when the timer is made, so arming
- *   never needs memory.
+ *   A slot whose generations are spent (2^19 reuses) is retired rather than
+ *   reused, so that never comes round. In steady state neither flavour
+ *   allocates (but for the chunk that replaces 64 retired slots, once in
+ *   tens of millions of timers): the heap's room for every timer out of the
+ *   pool is reserved when the timer is made, so arming never needs memory.
  * - O(log n) arm, disarm and cancel: each timer knows its heap index, so
  *   removal from the middle needs no scan.
  * - seq is a per-loop counter taken at every (re)arm: equal deadlines fire
@@ -25,8 +27,10 @@
  * - Timers run one at a time off the top of the heap instead of being
  *   collected first: a callback that cancels another due timer simply
  *   removes it from the heap, and nothing stale is left to skip.
- * - A timer whose callback is on the stack is not pooled by cancel or free;
- *   the run phase pools it when the callback returns.
+ * - A timer whose callback is on the stack is not pooled by cancel or free:
+ *   its handle is cleared at once (stale from that call on, as for any
+ *   ended timer), and the run phase pools the slot when the callback
+ *   returns.
  * - Deadlines are nanoseconds and saturate (zev__sat_add): UINT64_MAX is
  *   "never", which zev__timers_next reports as nothing scheduled.
  * - A periodic timer's n-th run is due at start + n x period, as PyZMQ's
@@ -158,21 +162,23 @@ static zev_timer_t *pool_get(zev_loop_t *loop, zev_timer_fn fn, void *arg, bool 
     return t;
 }
 
-/* Back to the pool, at the far end (FIFO: its handle stays stale longest). */
+/* Back to the pool, at the far end (FIFO), unless its generations are
+ * spent: then it is retired and stays in its chunk unused (handle.h). */
 static void pool_put(zev_timer_t *t)
 {
     zev__timers_t *h = &t->loop->timers;
     if (t->heap_index != SIZE_MAX)
         heap_remove(h, t);
     t->handle = 0;
-    t->gen++;
+    h->live--;
+    if (zev__handle_retired(++t->gen))
+        return;
     t->next_free = NULL;
     if (h->free_tail)
         h->free_tail->next_free = t;
     else
         h->free_head = t;
     h->free_tail = t;
-    h->live--;
 }
 
 /* The timer a handle names, if it is still the handle's; NULL/EINVAL. */
@@ -214,11 +220,13 @@ static void arm(zev_timer_t *t, uint64_t delay_us, uint64_t repeat_us)
     zev__timer_arm_at(t, zev__sat_add(zev__now(t->loop), zev__us_to_ns(delay_us)));
 }
 
-/* Ends a timer: now, or when its callback returns. */
+/* Ends a timer: its handle is stale at once; the slot goes back to the
+ * pool now, or when its callback returns. */
 static void end(zev_timer_t *t)
 {
     if (t->running) {
         t->dead = true;
+        t->handle = 0;        /* no handle names it any more (pool_put's rule) */
         zev__timer_disarm(t); /* if re-armed inside its callback */
         return;
     }

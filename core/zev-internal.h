@@ -104,6 +104,9 @@ static inline int zev__hub_wake_pending(zev__hub_t *hub)
 }
 /* Runs what was queued when the call began; returns the number run. */
 ZEV_INTERNAL size_t zev__hub_drain(zev__hub_t *hub, zev_loop_t *loop);
+/* Runs everything until the queue is empty, waiting out a producer between
+ * its exchange and its link (the last drain: destroy, the last reference). */
+ZEV_INTERNAL size_t zev__hub_drain_all(zev__hub_t *hub, zev_loop_t *loop);
 
 /* ------------------------------------------------------------- fd map (fdmap.c) */
 
@@ -149,7 +152,7 @@ static inline uint64_t zev__us_to_ns(uint64_t us)
 /* Every timer comes from its loop's pool (timer.c) and is named by a
  * generation-tagged handle (handle.h). */
 struct zev_timer {
-    zev_loop_t *loop;
+    _Alignas(ZEV__HANDLE_ALIGN) zev_loop_t *loop; /* the handle's low bits (handle.h) */
     uint64_t deadline_ns;
     uint64_t repeat_ns;
     uint64_t seq;      /* (re)arm order, breaks deadline ties (FIFO) */
@@ -158,7 +161,7 @@ struct zev_timer {
     void *arg;
     uintptr_t handle;       /* what its owner holds; 0 while in the pool */
     zev_timer_t *next_free; /* the pool's FIFO */
-    uint32_t gen;           /* bumped each time it goes back to the pool */
+    uint32_t gen;           /* bumped each time it ends; retired when spent */
     bool owned;             /* zev_timer_new: the user's until zev_timer_free */
     bool armed;             /* due to run (again); false once a one-shot ran */
     bool running;           /* its callback is on the stack */
@@ -219,7 +222,7 @@ struct zev_msg {
  * never matches. */
 #define ZEV__FRAME_ZEVS ((uintptr_t)1)
 struct zev_frame {
-    zev__qnode_t qnode; /* release travels back through the hub */
+    _Alignas(ZEV__HANDLE_ALIGN) zev__qnode_t qnode; /* release travels back through the hub */
     zmq_msg_t msg;
     zev__hub_t *hub;
     zev_stream_t *stream; /* NULL once the stream is gone (loop thread) */
@@ -327,9 +330,13 @@ struct zev_stream {
     uint64_t fired_ns; /* watching: when its last edge was reported, 0 = none pending */
     zev_fiber_t *open_fiber;
     /* Destinations whose last message timed out (sendq.c): a ROUTER's peers
-     * by their first frame's hash, the whole socket for other types. */
-    uint64_t timed_out[8];
-    unsigned ntimed_out, timed_out_next;
+     * by their first frame's hash, the whole socket for other types. A hash
+     * set (open addressing, 0 = empty slot), allocated when a destination
+     * first times out and grown only then. */
+    uint64_t *timed_out;
+    size_t timed_out_cap; /* slots: 0 or a power of two */
+    size_t ntimed_out;    /* destinations in it */
+    size_t timed_out_hand; /* where eviction looks next, at the bound */
     bool routed; /* ROUTER, STREAM: a message's first frame names its peer */
 };
 
@@ -432,10 +439,14 @@ ZEV_INTERNAL void zev__loop_changed(zev_loop_t *loop);
 /* Around user callbacks zev runs outside an iteration (a flush from host
  * code, a tracker's on_done called at once): inside them the loop counts as
  * running (zev_loop_run/destroy are refused), and what they made is
- * signalled when they are over. */
+ * signalled when they are over. The outermost one caches the time afresh,
+ * as an iteration does: inside the callbacks zev__now returns the cached
+ * time, and the last iteration's may be long past (a timer armed there
+ * would be due early, a message queued there overdue at once). */
 static inline void zev__callbacks_enter(zev_loop_t *loop)
 {
-    loop->depth++;
+    if (loop->depth++ == 0)
+        loop->now_ns = zev__clock_ns();
 }
 static inline void zev__callbacks_leave(zev_loop_t *loop)
 {
@@ -602,9 +613,19 @@ ZEV_INTERNAL uint64_t zev__sendq_deadline(const zev_stream_t *s);
 /* The head message was refused past its deadline: dropped, ETIMEDOUT, and
  * its destination remembered as timed out. */
 ZEV_INTERNAL void zev__sendq_time_out_head(zev_stream_t *s);
-/* libzmq took the head message's first part: its destination is not timed
- * out any more. */
-ZEV_INTERNAL void zev__sendq_head_taken(zev_stream_t *s);
+/* The destination of the message whose first part is `first` if the last
+ * message to it timed out, else 0. The caller reads it before the part goes
+ * to libzmq, which empties it, and when libzmq took the part, forgets it:
+ * the destination is not timed out any more. */
+ZEV_INTERNAL uint64_t zev__sendq_timed_out_dest(const zev_stream_t *s, const zmq_msg_t *first);
+ZEV_INTERNAL void zev__sendq_forget(zev_stream_t *s, uint64_t dest);
+ZEV_INTERNAL void zev__sendq_timed_out_free(zev_stream_t *s); /* the stream is freed */
+/* zev__sendq_timed_out_dest at the cost of one branch while nothing timed
+ * out (every message of a healthy stream). */
+static inline uint64_t zev__sendq_timed_out(const zev_stream_t *s, const zmq_msg_t *first)
+{
+    return s->ntimed_out ? zev__sendq_timed_out_dest(s, first) : 0;
+}
 /* The head message changed (sent, dropped, or a first one queued). */
 static inline void zev__sendq_new_head(zev_stream_t *s)
 {

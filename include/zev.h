@@ -16,11 +16,16 @@
  *   - handles are opaque. Timers and kept frames come from pools, and their
  *     handles carry a generation: using one after its timer or frame ended
  *     (a cancel after the one-shot fired, a second release) fails with
- *     EINVAL and never touches whatever reuses the slot, as long as the loop
- *     (for frames, any frame of the loop) still exists. Other handles whose
- *     lifetime has ended (a stopped io watcher, a stream after its close
- *     callback returned, a released tracker, a destroyed loop) are dangling
- *     pointers, exactly as after free(): zev cannot detect that use.
+ *     EINVAL and never touches whatever reuses the slot, however often it
+ *     was reused, as long as the loop (for frames, any frame of the loop)
+ *     still exists. (A pool slot is retired when its handles would repeat,
+ *     after 524,288 reuses: about 150 bytes kept until the loop goes, per
+ *     half a million timers or kept frames through one slot. On 32-bit
+ *     platforms a handle is the bare address, and only a use while its slot
+ *     is still free is detected.) Other handles whose lifetime has ended
+ *     (a stopped io watcher, a stream after its close callback returned, a
+ *     released tracker, a destroyed loop) are dangling pointers, exactly as
+ *     after free(): zev cannot detect that use.
  */
 #ifndef ZEV_H
 #define ZEV_H
@@ -92,8 +97,11 @@ ZEV_API zev_loop_t *zev_loop_new(const zev_loop_opts_t *opts);
 /* Destroys the loop and everything still registered on it: open streams are
  * closed as zev_stream_close(s, 0) would (queued sends reported ECANCELED,
  * close callbacks run once; sockets are closed only for streams closed with
- * ZEV_CLOSE_SOCKET), io watchers and timers are freed, queued callbacks are
- * dropped without running; zev_stream_new from those close (or send)
+ * ZEV_CLOSE_SOCKET), io watchers and timers are freed; callbacks still
+ * queued by zev_loop_add_callback are dropped without running, and posts
+ * still queued (zev_loop_post) run once with loop == NULL, on this thread,
+ * before it returns (also a post queued behind a frame release that another
+ * thread is making at that moment); zev_stream_new from those close (or send)
  * callbacks fails with EBUSY. Kept frames and trackers stay valid and may be
  * released later from any thread. Must not be called from inside one of the
  * loop's callbacks (it is then refused: -1 with EBUSY, the loop keeps
@@ -225,12 +233,13 @@ ZEV_API int zev_loop_on_slow(zev_loop_t *loop, uint64_t threshold_us, zev_slow_f
 
 /* Queues fn(loop, arg) to run on the loop's thread. Thread-safe and
  * lock-free (one atomic exchange; a malloc for the node); wakes the loop with
- * one coalesced write. Callbacks run in FIFO order per producer, each exactly
- * once; an iteration runs only what was queued when its drain began.
- * Callbacks still queued at zev_loop_destroy are dropped without a word, and
- * so is whatever their arg points to: a producer that must free it then
- * posts with zev_loop_post instead. Errors: -1 with EINVAL (NULL loop or
- * fn), ENOMEM. */
+ * one coalesced write. Callbacks run in FIFO order per producer, each at most
+ * once: exactly once unless the loop is destroyed first (an iteration runs
+ * only what was queued when its drain began). Callbacks still queued at
+ * zev_loop_destroy never run: they are dropped without a word, and so is
+ * whatever their arg points to; a producer that must free it then posts
+ * with zev_loop_post instead. Errors: -1 with EINVAL (NULL loop or fn),
+ * ENOMEM. */
 ZEV_API int zev_loop_add_callback(zev_loop_t *loop, zev_cb_fn fn, void *arg);
 
 /* A cross-thread post the caller owns: zev_loop_post without an allocation.
@@ -245,15 +254,18 @@ typedef struct zev_post {
  * the caller's post for the node: no allocation, and no failure but bad
  * input. fn runs exactly once: on the loop's thread with the loop; or, if
  * the loop is destroyed with the post still queued, from zev_loop_destroy
- * with loop == NULL, so that fn can free what arg holds (it must call
- * nothing of the loop's then). The post belongs to zev from this call until
- * fn starts; posting it again before that is undefined. Posting to a loop
- * that is being (or was) destroyed is a use after free, as for
- * zev_loop_add_callback: stop the producers first.
+ * with loop == NULL, before destroy returns, so that fn can free what arg
+ * holds (it must call nothing of the loop's then). The post belongs to zev
+ * from this call until fn starts; posting it again before that is
+ * undefined. Posting to a loop that is being (or was) destroyed is a use
+ * after free, as for zev_loop_add_callback: stop the producers first.
  * Errors: -1 with EINVAL (NULL loop, post or fn). */
 ZEV_API int zev_loop_post(zev_loop_t *loop, zev_post_t *post, zev_cb_fn fn, void *arg);
 
-/* Cached CLOCK_MONOTONIC time of the current iteration, in ns (0 for NULL). */
+/* Cached CLOCK_MONOTONIC time of the current iteration, in ns (0 for NULL).
+ * Callbacks that zev_stream_flush or zev_tracker_on_done run when called
+ * from outside the loop's callbacks see the time of that call instead: the
+ * last iteration may be long past. */
 ZEV_API uint64_t zev_now_ns(const zev_loop_t *loop);
 
 /* ---------------------------------------------------------------- timers */
@@ -390,24 +402,34 @@ ZEV_API int zev_stream_unbind(zev_stream_t *s, const char *endpoint);
 ZEV_API int zev_stream_on_recv(zev_stream_t *s, zev_recv_fn fn, void *arg);
 
 /* Sets the send callback. Every message given to a send function gets one
- * status, in send order, with the message's number (zev_stream_send_seq): 0 when handed to libzmq (what libzmq does with it
- * then is libzmq's: a PUB at its high-water mark drops it, as zmq_send
- * would), or the errno (ECANCELED if never sent; EPIPE if its peer went
- * away after libzmq took its first parts and libzmq refused the rest: no
- * part of it is sent later on its own, and the next message is whole; when
- * libzmq drops the rest silently itself, the message is reported 0, as
- * libzmq reports it; a REQ socket cannot be used after such a loss, so its
- * stream then fails with EPIPE). Each status goes to the callback set when it is delivered:
- * a message given before on_send was set is reported if its status comes
- * later, a callback set from inside on_send gets the statuses that follow,
- * and with none set a status is dropped. Runs from the loop, never nested
- * inside a send call; zev_stream_flush reports what it sent before it
- * returns, except from inside on_send, where those statuses follow after
- * that on_send returns, in order. A pass reports the statuses owed when it
+ * status, in send order, with the message's number (zev_stream_send_seq):
+ * 0 when handed to libzmq (what libzmq does with it then is libzmq's: a PUB
+ * at its high-water mark drops it, as zmq_send would), or the errno:
+ *   ECANCELED  never sent: the stream was closed or the loop destroyed
+ *              first;
+ *   ETIMEDOUT  libzmq refused it until the stream's send timeout ran out
+ *              (zev_stream_set_send_timeout);
+ *   EPIPE      its peer went away after libzmq took its first parts and
+ *              libzmq refused the rest: no part of it is sent later on its
+ *              own, and the next message is whole (when libzmq drops the
+ *              rest silently itself, the message is reported 0, as libzmq
+ *              reports it; a REQ socket cannot be used after such a loss,
+ *              so its stream then fails with EPIPE);
+ *   ENOTSOCK, ETERM  the socket was closed under the stream, or its context
+ *              terminated, before it was sent;
+ *   or another errno libzmq gave when it left the queue (EHOSTUNREACH: a
+ *   ROUTER_MANDATORY peer that is not connected).
+ * Each status goes to the callback set when it is delivered: a message
+ * given before on_send was set is reported if its status comes later, a
+ * callback set from inside on_send gets the statuses that follow, and with
+ * none set a status is dropped. Runs from the loop, never nested inside a
+ * send call; zev_stream_flush reports what it sent before it returns,
+ * except from inside on_send, where those statuses follow after that
+ * on_send returns, in order. A pass reports the statuses owed when it
  * began: those of messages sent from inside on_send come in the stream's
  * next pass, so an on_send that sends again on every success cannot hold
- * the loop. The memory for the statuses
- * is reserved when a message is given (ENOMEM there), so none is lost later.
+ * the loop. The memory for the statuses is reserved when a message is given
+ * (ENOMEM there), so none is lost later.
  * Errors: EINVAL, EBADF, ENOMEM (no room for the statuses of messages
  * already queued; the previous callback stays). */
 ZEV_API int zev_stream_on_send(zev_stream_t *s, zev_send_fn fn, void *arg);
@@ -464,7 +486,11 @@ ZEV_API uint64_t zev_stream_send_seq(const zev_stream_t *s);
  * ZMQ_SNDTIMEO); and, when the last message to the same destination timed
  * out, as soon as it has waited timeout_us since it was queued. The
  * destination is the peer for a ROUTER (the message's first frame) and the
- * whole socket for other types. So a peer that stopped reading (a
+ * whole socket for other types. A destination stays remembered as timed
+ * out until libzmq takes a message for it; the stream remembers up to 4096
+ * (its memory is taken when a destination first times out, never per
+ * message; past 4096, a new one displaces another, whose next message then
+ * waits at the head again). So a peer that stopped reading (a
  * ROUTER_MANDATORY peer whose pipe is full) costs its own messages, not the
  * ones queued behind it for other peers, and a peer that is merely slow
  * loses nothing as long as it catches up within the timeout. Checked by the
@@ -599,7 +625,9 @@ ZEV_API int zev_frame_release(zev_frame_t *f);
  * handle is stale at once. Frames of at most ZEV_ZC_COPY_MAX bytes are
  * copied and released at once. The stream's queue, order, bound and on_send
  * report are those of zev_stream_send. On failure nothing is taken and the
- * frame stays the caller's. Loop thread only (the stream's).
+ * frame stays the caller's. Loop thread only (the stream's); a worker may
+ * release the same frame meanwhile: exactly one of the two calls takes it,
+ * the other fails with EINVAL.
  * Errors: as zev_stream_send, plus EINVAL (NULL or stale frame). */
 ZEV_API int zev_stream_send_frame(zev_stream_t *s, zev_frame_t *f, int flags);
 

@@ -364,6 +364,25 @@ Test(badinput, success_leaves_errno_alone)
     cr_expect_eq(errno, SENTINEL);
     KEEPS_ERRNO(zev_io_update(io, ZEV_READ | ZEV_WRITE));
     KEEPS_ERRNO(zev_io_stop(io));
+    /* A watcher of no events: epoll keeps such an fd out of its set, so the
+     * update that asks for events adds it after the kernel said ENOENT to a
+     * modify, and an update back to none, or a stop at none, removes what the
+     * kernel may not have. All of them succeed and must leave errno alone. */
+    errno = SENTINEL;
+    io = zev_io_start(loop, p[0], 0, io_noop, NULL);
+    cr_assert_not_null(io);
+    cr_expect_eq(errno, SENTINEL);
+    KEEPS_ERRNO(zev_io_update(io, ZEV_READ));
+    KEEPS_ERRNO(zev_io_update(io, 0));
+    KEEPS_ERRNO(zev_io_update(io, 0));
+    KEEPS_ERRNO(zev_io_stop(io));
+    io = zev_io_start(loop, p[1], ZEV_WRITE, io_noop, NULL);
+    cr_assert_not_null(io);
+    KEEPS_ERRNO(zev_io_update(io, 0));
+    KEEPS_ERRNO(zev_io_update(io, ZEV_WRITE));
+    KEEPS_ERRNO(zev_io_update(io, 0));
+    KEEPS_ERRNO(zev_loop_run_once(loop, 0));
+    KEEPS_ERRNO(zev_io_stop(io));
     close(p[0]);
     close(p[1]);
 

@@ -2,11 +2,14 @@
  * Cross-thread callbacks (issue #2): zev_loop_add_callback from many threads
  * (4 producers x 250,000: every callback exactly once, per-producer FIFO, on
  * the loop thread), zev_loop_stop from another thread, "an iteration runs
- * only what was queued when its drain began", and callbacks still queued at
- * zev_loop_destroy are dropped. Meant to pass under TSan
+ * only what was queued when its drain began", callbacks still queued at
+ * zev_loop_destroy are dropped and posts run before it returns, even behind
+ * a push still in flight on another thread. Meant to pass under TSan
  * (-DZEV_SANITIZE=thread) as well as ASan.
  */
 #include "common.h"
+
+#include "../core/zev-internal.h" /* the hub, for a push held half done (below) */
 
 #include <errno.h>
 #include <pthread.h>
@@ -728,4 +731,81 @@ Test(callback, posts_dropped_at_destroy_run_with_null)
     cr_assert_eq(zev_loop_post(NULL, &posts[0], post_free, NULL), -1);
     cr_assert_eq(errno, EINVAL);
     test_expect_no_leaks();
+}
+
+/* ------------------------------------- destroy while a producer is mid-push */
+
+/* A post queued before zev_loop_destroy runs exactly once before destroy
+ * returns, even when another thread's push is half done. Frame releases
+ * and tracker completions push from any thread at any time, destroy
+ * included; a push is an exchange on the queue's head and then a store
+ * that links the node in. A post made between the two sits behind a node
+ * the consumer cannot reach yet. destroy's drain stopped there, and the
+ * post ran later, on the releasing thread, after destroy had returned and
+ * the caller had freed what the post lives in (review finding 6, found with
+ * gdb holding a releasing thread). Nothing public can stop a thread between
+ * those two instructions, so this test takes the producer's place: it does
+ * the exchange itself, as zev__hub_push does, with a node of its own, and a
+ * second thread links it 50 ms later, holding a hub reference meanwhile as
+ * a kept frame does (hence core/zev-internal.h). */
+
+typedef struct midpush {
+    zev__hub_t *hub;
+    zev__qnode_t node; /* the half-pushed node */
+    zev__qnode_t *prev;
+    atomic_int node_ran, post_ran, post_ran_in_destroy;
+    atomic_int destroying;
+    zev_post_t post;
+} midpush_t;
+
+static void midpush_node_run(zev__qnode_t *n, zev_loop_t *loop)
+{
+    (void)loop;
+    midpush_t *m = zev__container_of(n, midpush_t, node);
+    atomic_fetch_add(&m->node_ran, 1);
+}
+
+static void midpush_post_cb(zev_loop_t *loop, void *arg)
+{
+    midpush_t *m = arg;
+    cr_expect_null(loop, "a post drained by destroy gets loop NULL");
+    atomic_fetch_add(&m->post_ran, 1);
+    if (atomic_load(&m->destroying))
+        atomic_fetch_add(&m->post_ran_in_destroy, 1);
+}
+
+static void *midpush_linker(void *arg)
+{
+    midpush_t *m = arg;
+    test_sleep_ms(50); /* destroy is running (or has returned) meanwhile */
+    atomic_store_explicit(&m->prev->next, &m->node, memory_order_release); /* the link */
+    zev__hub_wake(m->hub);
+    zev__hub_unref(m->hub); /* as frame_home does after its push */
+    return NULL;
+}
+
+Test(callback, destroy_runs_posts_queued_behind_a_push_in_flight)
+{
+    static midpush_t m; /* outlives a failing assertion: the linker uses it */
+    m = (midpush_t){0};
+    zev_loop_t *loop = test_loop_new();
+    cr_assert_geq(zev_loop_run_once(loop, 0), 0);
+    m.hub = loop->hub;
+    zev__hub_ref(m.hub); /* the producer's reference, as a kept frame's */
+    m.node.run = midpush_node_run;
+    atomic_store_explicit(&m.node.next, NULL, memory_order_relaxed);
+    m.prev = atomic_exchange_explicit(&m.hub->head, &m.node, memory_order_acq_rel); /* half */
+    cr_assert_eq(zev_loop_post(loop, &m.post, midpush_post_cb, &m), 0); /* behind it */
+    pthread_t th;
+    cr_assert_eq(pthread_create(&th, NULL, midpush_linker, &m), 0);
+    atomic_store(&m.destroying, 1);
+    cr_expect_eq(zev_loop_destroy(loop), 0);
+    atomic_store(&m.destroying, 0);
+    int in_destroy = atomic_load(&m.post_ran_in_destroy);
+    cr_assert_eq(pthread_join(th, NULL), 0);
+    cr_expect_eq(in_destroy, 1, "the post ran %d times before zev_loop_destroy returned",
+                 in_destroy);
+    cr_expect_eq(atomic_load(&m.post_ran), 1, "the post ran %d times in all",
+                 atomic_load(&m.post_ran));
+    cr_expect_eq(atomic_load(&m.node_ran), 1);
 }

@@ -1115,3 +1115,213 @@ Test(frames, send_frame_small_is_copied)
 {
     forward_run(16);
 }
+
+/* zev_stream_send_frame on the loop thread while a worker releases the same
+ * frame: exactly one of the two takes it, whatever the frame's size. A small
+ * frame (copied, not referenced) used to be sent and then released without
+ * a claim, so both calls succeeded: the copy read a buffer the worker had
+ * freed, or libzmq aborted on the double close (review finding 2). */
+typedef struct sfrace {
+    zev_frame_t *kept;
+    size_t got, released;
+    zev_frame_t *_Atomic handoff;
+    atomic_int go, done, quit, rc;
+} sfrace_t;
+
+static void sfrace_keep(zev_stream_t *s, zev_msg_t *m, void *arg)
+{
+    (void)s;
+    sfrace_t *r = arg;
+    r->kept = zev_msg_keep(m, 0);
+    cr_assert_not_null(r->kept);
+    r->got++;
+}
+
+static void sfrace_released(zev_stream_t *s, size_t size, void *arg)
+{
+    (void)s;
+    (void)size;
+    ((sfrace_t *)arg)->released++;
+}
+
+static void *sfrace_worker(void *arg)
+{
+    sfrace_t *r = arg;
+    for (;;) {
+        while (!atomic_load(&r->go))
+            if (atomic_load(&r->quit))
+                return NULL;
+        atomic_store(&r->go, 0);
+        atomic_store(&r->rc, zev_frame_release(atomic_load(&r->handoff)));
+        atomic_store(&r->done, 1);
+    }
+}
+
+static void send_frame_race_run(size_t size)
+{
+    test_pair_t p = test_pair_open(ZMQ_PULL, ZMQ_PUSH, "inproc");
+    void *out = test_socket(p.ctx, ZMQ_PUSH), *sink = test_socket(p.ctx, ZMQ_PULL);
+    test_set_int(out, ZMQ_SNDHWM, 0);
+    test_set_int(sink, ZMQ_RCVHWM, 0);
+    test_bind_connect(sink, out, "inproc");
+    zev_stream_t *in = test_stream_new(p.loop, p.a);
+    zev_stream_t *eg = test_stream_new(p.loop, out);
+    sfrace_t r = {0};
+    cr_assert_eq(zev_stream_on_recv(in, sfrace_keep, &r), 0);
+    cr_assert_eq(zev_stream_on_frame_release(in, sfrace_released, &r), 0);
+    pthread_t th;
+    cr_assert_eq(pthread_create(&th, NULL, sfrace_worker, &r), 0);
+
+    enum { ROUNDS = 2000 };
+    char payload[64], got[65];
+    size_t sent = 0, released = 0;
+    for (uint32_t i = 0; i < ROUNDS; i++) {
+        memset(payload, 'a' + (int)(i % 26), size);
+        memcpy(payload, &i, sizeof i);
+        cr_assert_eq(zmq_send(p.b, payload, size, 0), (int)size);
+        test_run_until_count(p.loop, &r.got, i + 1, 5000);
+        zev_frame_t *f = r.kept;
+        atomic_store(&r.handoff, f);
+        atomic_store(&r.done, 0);
+        atomic_store(&r.go, 1); /* the worker releases it ... */
+        for (volatile unsigned k = 0; k < (i % 8) * 40; k = k + 1)
+            ; /* (a head start for the worker, some rounds) */
+        errno = 0;
+        int rc = zev_stream_send_frame(eg, f, 0); /* ... while the loop forwards it */
+        int err = errno;
+        while (!atomic_load(&r.done))
+            ;
+        int wrc = atomic_load(&r.rc);
+        cr_assert((rc == 0) != (wrc == 0),
+                  "round %u (%zu B): send_frame returned %d, the release %d: exactly one "
+                  "may take the frame", i, size, rc, wrc);
+        if (rc == 0) {
+            sent++;
+            int n = -1;
+            for (uint64_t end = test_ms() + 5000; n < 0;) {
+                cr_assert(test_ms() < end, "round %u: the forwarded frame never arrived", i);
+                test_spin(p.loop, 1, 0);
+                n = zmq_recv(sink, got, sizeof got, ZMQ_DONTWAIT);
+            }
+            cr_assert_eq(n, (int)size);
+            cr_assert_eq(memcmp(got, payload, size), 0, "round %u: forwarded bytes differ", i);
+        } else {
+            cr_assert_eq(err, EINVAL, "round %u: send_frame lost the race with %s", i,
+                         zmq_strerror(err));
+            released++;
+        }
+    }
+    atomic_store(&r.quit, 1);
+    pthread_join(th, NULL);
+    test_run_until_count(p.loop, &r.released, ROUNDS, 5000);
+    test_spin(p.loop, 3, 1);
+    cr_assert_eq(r.released, ROUNDS, "%zu frames came home for %d kept", r.released, ROUNDS);
+    zev_stream_stats_t st;
+    cr_assert_eq(zev_stream_stats(in, &st), 0);
+    cr_assert_eq(st.frames_kept, 0);
+    cr_assert_eq(zmq_recv(sink, got, sizeof got, ZMQ_DONTWAIT), -1, "a frame was sent twice");
+    cr_log_info("%zu B: send_frame won %zu rounds, the release %zu", size, sent, released);
+    zev_loop_destroy(p.loop);
+    p.loop = NULL;
+    test_close(out);
+    test_close(sink);
+    test_pair_close(&p);
+}
+
+Test(frames, send_frame_races_release_small_one_wins)
+{
+    send_frame_race_run(16);
+}
+
+Test(frames, send_frame_races_release_large_one_wins)
+{
+    send_frame_race_run(64);
+}
+
+/* A stale frame handle never names a later frame, however often its slot is
+ * reused. With 63 frames of a pool chunk held (by workers, say), every new
+ * kept frame takes the one slot left, so a handle kept from its first use
+ * met the slot's generation again after 32,768 messages, and a duplicate
+ * release freed another owner's frame (review finding 1). A slot whose
+ * generations are spent is now retired; 600,000 messages (more than its
+ * 524,288 generations) never bring the stale handle back. One message per
+ * iteration (batch 1), each fed from the callback, so each release is home
+ * before the next keep. */
+typedef struct cycle {
+    void *push;
+    zev_frame_t *held[63];
+    size_t nheld;
+    zev_frame_t *stale, *last;
+    size_t got, target, aliased_at;
+    size_t released;
+} cycle_t;
+
+static void cycle_recv(zev_stream_t *s, zev_msg_t *m, void *arg)
+{
+    (void)s;
+    cycle_t *c = arg;
+    zev_frame_t *f = zev_msg_keep(m, 0);
+    cr_assert_not_null(f, "keep: %s", zmq_strerror(errno));
+    c->got++;
+    if (c->nheld < 63) {
+        c->held[c->nheld++] = f;
+    } else if (!c->stale) {
+        c->stale = f;
+        cr_assert_eq(zev_frame_release(f), 0);
+    } else {
+        if (f == c->stale && !c->aliased_at)
+            c->aliased_at = c->got;
+        if (c->got < c->target)
+            cr_assert_eq(zev_frame_release(f), 0); /* home before the next keep */
+        else
+            c->last = f; /* the last one stays kept */
+    }
+    if (c->got < c->target) {
+        uint64_t v = c->got;
+        cr_assert_eq(zmq_send(c->push, &v, sizeof v, 0), (int)sizeof v);
+    }
+}
+
+static void cycle_released(zev_stream_t *s, size_t size, void *arg)
+{
+    (void)s;
+    (void)size;
+    ((cycle_t *)arg)->released++;
+}
+
+Test(frames, stale_handle_never_returns_however_often_the_slot_is_reused)
+{
+    test_pair_t p = test_pair_open(ZMQ_PULL, ZMQ_PUSH, "inproc");
+    zev_stream_t *s = test_stream_new(p.loop, p.a);
+    cr_assert_eq(zev_stream_set_batch(s, 1), 0);
+    static cycle_t c;
+    c = (cycle_t){.push = p.b, .target = 600000};
+    cr_assert_eq(zev_stream_on_recv(s, cycle_recv, &c), 0);
+    cr_assert_eq(zev_stream_on_frame_release(s, cycle_released, &c), 0);
+    uint64_t v = 0;
+    cr_assert_eq(zmq_send(p.b, &v, sizeof v, 0), (int)sizeof v);
+    uint64_t end = test_ms() + 100000;
+    while (c.got < c.target && !c.aliased_at) {
+        cr_assert(test_ms() < end, "watchdog: %zu of %zu messages", c.got, c.target);
+        cr_assert_geq(zev_loop_run_once(p.loop, 100), 0);
+    }
+    cr_assert_eq(c.aliased_at, 0, "message %zu got the stale handle's value", c.aliased_at);
+    cr_assert_not_null(c.last);
+
+    errno = 0;
+    cr_assert_eq(zev_frame_release(c.stale), -1, "a duplicate release of the first frame");
+    cr_assert_eq(errno, EINVAL);
+    cr_assert_null(zev_frame_data(c.stale));
+    cr_assert_eq(zev_frame_size(c.last), sizeof v, "the live frame was touched");
+    memcpy(&v, zev_frame_data(c.last), sizeof v);
+    cr_assert_eq(v, c.target - 1);
+    cr_assert_eq(zev_frame_release(c.last), 0, "the owner's release: %s", zmq_strerror(errno));
+    for (size_t i = 0; i < c.nheld; i++) {
+        memcpy(&v, zev_frame_data(c.held[i]), sizeof v);
+        cr_assert_eq(v, i, "held frame %zu was touched", i);
+        cr_assert_eq(zev_frame_release(c.held[i]), 0);
+    }
+    test_run_until_count(p.loop, &c.released, c.target, 5000);
+    cr_assert_eq(c.released, c.target);
+    test_pair_close(&p);
+}

@@ -1892,6 +1892,329 @@ Test(stream_send, send_timeout_counts_from_each_message, .timeout = 30)
     test_pair_close(&p);
 }
 
+/* ------------------------------------ send deadlines: which peers time out */
+
+/* A ROUTER (ROUTER_MANDATORY, SNDHWM 1) and DEALER peers (RCVHWM 1) named by
+ * their routing ids, on inproc: a peer's pipe holds two messages. The
+ * router's stream logs each status with the loop's time and, when the
+ * status of message `drain_at` comes, drains peer `drain` (a stalled peer
+ * that starts reading again). */
+enum { RT_MAX_PEERS = 16 };
+typedef struct rtpeers {
+    test_pair_t p;
+    zev_stream_t *r;
+    void *peer[RT_MAX_PEERS];
+    char id[RT_MAX_PEERS][8];
+    int npeers;
+    seqlog_t l;
+    uint64_t at[4096]; /* zev_now_ns when status l.status[i] came */
+    uint64_t drain_at;
+    int drain;
+    int healthy;         /* a peer that reads at every status, or -1 */
+    int healthy_got;     /* what it read */
+} rtpeers_t;
+
+static void rt_on_send(zev_stream_t *s, uint64_t seq, int status, void *arg);
+
+static void rt_open(rtpeers_t *t, int npeers, uint64_t timeout_us)
+{
+    cr_assert_leq(npeers, RT_MAX_PEERS);
+    t->p = test_pair_open(ZMQ_ROUTER, TEST_NO_SOCKET, NULL);
+    test_set_int(t->p.a, ZMQ_ROUTER_MANDATORY, 1);
+    test_set_int(t->p.a, ZMQ_SNDHWM, 1);
+    char ep[64];
+    test_bind_ep(t->p.a, "inproc", ep, sizeof ep);
+    t->npeers = npeers;
+    for (int i = 0; i < npeers; i++) {
+        snprintf(t->id[i], sizeof t->id[i], "peer%d", i);
+        t->peer[i] = test_socket(t->p.ctx, ZMQ_DEALER);
+        test_set_int(t->peer[i], ZMQ_RCVHWM, 1);
+        cr_assert_eq(zmq_setsockopt(t->peer[i], ZMQ_ROUTING_ID, t->id[i], strlen(t->id[i])), 0);
+        cr_assert_eq(zmq_connect(t->peer[i], ep), 0);
+    }
+    t->r = test_stream_new(t->p.loop, t->p.a);
+    t->drain = t->healthy = -1;
+    cr_assert_eq(zev_stream_on_send(t->r, rt_on_send, t), 0);
+    cr_assert_eq(zev_stream_set_send_timeout(t->r, timeout_us), 0);
+    cr_assert_eq(zev_stream_set_max_queue(t->r, 0), 0);
+}
+
+static int rt_drain(rtpeers_t *t, int i)
+{
+    char buf[64];
+    int n = 0;
+    while (zmq_recv(t->peer[i], buf, sizeof buf, ZMQ_DONTWAIT) >= 0)
+        n++;
+    return n;
+}
+
+static void rt_on_send(zev_stream_t *s, uint64_t seq, int status, void *arg)
+{
+    rtpeers_t *t = arg;
+    t->at[t->l.n] = zev_now_ns(zev_stream_loop(s));
+    log_seq(s, seq, status, &t->l);
+    if (t->drain >= 0 && seq == t->drain_at)
+        rt_drain(t, t->drain);
+    if (t->healthy >= 0)
+        t->healthy_got += rt_drain(t, t->healthy);
+}
+
+/* Fills peer i's pipe behind zev's back (raw sends until libzmq says
+ * EAGAIN), then has the stream look again, as zev.h asks after a raw call. */
+static void rt_fill(rtpeers_t *t, int i)
+{
+    for (uint64_t end = test_ms() + 5000;;) {
+        if (zmq_send(t->p.a, t->id[i], strlen(t->id[i]), ZMQ_SNDMORE | ZMQ_DONTWAIT) < 0) {
+            if (errno == EAGAIN)
+                break;
+            /* the router has not attached this peer yet */
+            cr_assert_eq(errno, EHOSTUNREACH, "fill: %s", zmq_strerror(errno));
+            cr_assert(test_ms() < end, "the router never learned %s", t->id[i]);
+            test_sleep_ms(1);
+            continue;
+        }
+        cr_assert_eq(zmq_send(t->p.a, "fill", 4, ZMQ_DONTWAIT), 4);
+    }
+    cr_assert_geq(zev_stream_flush(t->r, ZEV_READ | ZEV_WRITE, 0), 0);
+}
+
+/* Sends body to peer i through the stream; returns the message's number. */
+static uint64_t rt_send(rtpeers_t *t, int i, const char *body)
+{
+    cr_assert_eq(zev_stream_send(t->r, t->id[i], strlen(t->id[i]), ZMQ_SNDMORE), 0);
+    cr_assert_eq(zev_stream_send(t->r, body, strlen(body), 0), 0, "%s", zmq_strerror(errno));
+    return zev_stream_send_seq(t->r);
+}
+
+/* The status of message seq (the log is in send order, numbers from 1). */
+static int rt_status(rtpeers_t *t, uint64_t seq)
+{
+    test_run_until_count(t->p.loop, &t->l.n, (size_t)seq, 5000);
+    cr_assert_eq(t->l.seq[seq - 1], seq);
+    return t->l.status[seq - 1];
+}
+
+static void rt_close(rtpeers_t *t)
+{
+    zev_loop_destroy(t->p.loop);
+    t->p.loop = NULL;
+    for (int i = 0; i < t->npeers; i++)
+        test_close(t->peer[i]);
+    test_pair_close(&t->p);
+}
+
+/* A peer that timed out once and recovered is a healthy peer again as soon
+ * as libzmq takes a message for it, whether that message went straight to
+ * libzmq (the queue was empty) or waited in the queue: its later messages
+ * get their whole timeout at the head of the queue again. Before, the
+ * stream hashed the first frame after libzmq had emptied it (queued path)
+ * or not at all (direct path), so the peer stayed "timed out" and lost, at
+ * once, a message it would have caught up on (review finding 3). */
+static void recovered_peer_run(bool direct)
+{
+    enum { P, Q0, Q1, Q2 };
+    rtpeers_t *t = calloc(1, sizeof *t);
+    cr_assert_not_null(t);
+    rt_open(t, 4, 200000); /* 200 ms: the margin the recovered peer's message has */
+
+    /* P stops reading: a message to it times out, and P is remembered. */
+    rt_fill(t, P);
+    uint64_t a = rt_send(t, P, "a");
+    cr_assert_eq(rt_status(t, a), ETIMEDOUT);
+
+    /* P reads again; a message to it is taken. */
+    cr_assert_gt(rt_drain(t, P), 0);
+    cr_assert_geq(zev_stream_flush(t->r, ZEV_WRITE, 0), 0); /* the router sees P's room */
+    uint64_t c;
+    if (direct) {
+        c = rt_send(t, P, "c");
+        cr_assert_eq(zev_stream_sending(t->r), 0, "the message to P was queued, not sent");
+    } else { /* behind a message to another stalled peer */
+        rt_fill(t, Q0);
+        uint64_t x = rt_send(t, Q0, "x");
+        c = rt_send(t, P, "c");
+        cr_assert_eq(zev_stream_sending(t->r), 1);
+        cr_assert_eq(rt_status(t, x), ETIMEDOUT);
+    }
+    cr_assert_eq(rt_status(t, c), 0);
+
+    /* P's pipe is full again, and a message to it waits behind two stalled
+     * peers' messages, which hold the head for a timeout each. P drains as
+     * soon as the second of them times out: the message to P has then been
+     * queued for two timeouts but at the head for none, and must go. */
+    rt_fill(t, P);
+    rt_fill(t, Q1);
+    rt_fill(t, Q2);
+    uint64_t y1 = rt_send(t, Q1, "y1");
+    uint64_t y2 = rt_send(t, Q2, "y2");
+    uint64_t m = rt_send(t, P, "m");
+    t->drain = P;
+    t->drain_at = y2;
+    cr_assert_eq(rt_status(t, y1), ETIMEDOUT);
+    cr_assert_eq(rt_status(t, y2), ETIMEDOUT);
+    int st = rt_status(t, m);
+    cr_assert_eq(st, 0, "the recovered peer's message: %s", zmq_strerror(st));
+    char buf[8] = "";
+    int n = -1;
+    for (uint64_t end = test_ms() + 5000; n < 0 && test_ms() < end;) {
+        test_spin(t->p.loop, 1, 1);
+        n = zmq_recv(t->peer[P], buf, sizeof buf, ZMQ_DONTWAIT);
+    }
+    cr_assert_eq(n, 1);
+    cr_assert_eq(buf[0], 'm');
+    rt_close(t);
+    free(t);
+}
+
+Test(stream_send, send_timeout_forgets_a_recovered_peer_direct, .timeout = 30)
+{
+    recovered_peer_run(true);
+}
+
+Test(stream_send, send_timeout_forgets_a_recovered_peer_queued, .timeout = 30)
+{
+    recovered_peer_run(false);
+}
+
+/* Many stalled peers: each holds the head of the queue for one timeout,
+ * the first time; after that the stream remembers it, and its later
+ * messages (once they waited the timeout in the queue) fail at once,
+ * whatever the number of stalled peers. Every head-of-line wait ends in its
+ * own loop iteration (a timeout counts from when the message became the
+ * head), while the drops of remembered peers' messages come in the
+ * iteration that freed the head: the number of distinct loop times at which
+ * ETIMEDOUT is reported is the number of waits. With eight destinations
+ * remembered and round-robin eviction, twelve stalled peers each waited
+ * again in every round, and the healthy client's replies behind them
+ * (review finding 4). */
+Test(stream_send, send_timeout_remembers_many_stalled_peers, .timeout = 60)
+{
+    enum { STALLED = 12, HEALTHY = STALLED, ROUNDS = 3 };
+    rtpeers_t *t = calloc(1, sizeof *t);
+    cr_assert_not_null(t);
+    rt_open(t, STALLED + 1, 20000); /* 20 ms */
+    t->healthy = HEALTHY;
+    for (int i = 0; i < STALLED; i++)
+        rt_fill(t, i);
+    uint64_t healthy[ROUNDS];
+    for (int k = 0; k < ROUNDS; k++) {
+        for (int i = 0; i < STALLED; i++)
+            rt_send(t, i, "stalled");
+        healthy[k] = rt_send(t, HEALTHY, "reply");
+    }
+    uint64_t last = zev_stream_send_seq(t->r);
+    cr_assert_eq(last, ROUNDS * (STALLED + 1));
+    test_run_until_count(t->p.loop, &t->l.n, (size_t)last, 20000);
+
+    size_t waits = 0, timed_out = 0;
+    uint64_t prev = 0;
+    for (size_t i = 0; i < t->l.n; i++) {
+        cr_assert_eq(t->l.seq[i], i + 1);
+        bool is_healthy = false;
+        for (int k = 0; k < ROUNDS; k++)
+            is_healthy |= t->l.seq[i] == healthy[k];
+        if (is_healthy) {
+            cr_assert_eq(t->l.status[i], 0, "a reply to the healthy peer: %s",
+                         zmq_strerror(t->l.status[i]));
+            continue;
+        }
+        cr_assert_eq(t->l.status[i], ETIMEDOUT, "message %zu to a stalled peer: %s", i + 1,
+                     zmq_strerror(t->l.status[i]));
+        timed_out++;
+        if (t->at[i] != prev)
+            waits++;
+        prev = t->at[i];
+    }
+    cr_assert_eq(timed_out, ROUNDS * STALLED);
+    cr_assert_eq(waits, STALLED, "%zu head-of-line waits for %d stalled peers in %d rounds",
+                 waits, STALLED, ROUNDS);
+    for (uint64_t end = test_ms() + 5000; t->healthy_got < ROUNDS && test_ms() < end;) {
+        test_spin(t->p.loop, 1, 1);
+        t->healthy_got += rt_drain(t, HEALTHY);
+    }
+    cr_assert_eq(t->healthy_got, ROUNDS);
+    rt_close(t);
+    free(t);
+}
+
+/* Callbacks that zev_stream_flush runs from host code, outside any
+ * iteration, count from the moment of the flush, not from the cached time
+ * of the last iteration (which may be long past): zev_now_ns there, a timer
+ * armed there and a send deadline that starts there. Before, the timer was
+ * due at once and the message timed out at once (review finding 5). */
+typedef struct hostflush {
+    zev_loop_t *loop;
+    zev_timer_t *timer;
+    zev_stream_t *out;
+    int calls;
+    uint64_t now_in_cb, due, sent_at;
+} hostflush_t;
+
+static void hostflush_recv(zev_stream_t *s, zev_msg_t *m, void *arg)
+{
+    (void)s;
+    (void)m;
+    hostflush_t *h = arg;
+    h->calls++;
+    h->now_in_cb = zev_now_ns(h->loop);
+    cr_assert_eq(zev_timer_arm(h->timer, 20000, 0), 0); /* a 20 ms request timeout */
+    h->due = zev_timer_due(h->timer);
+    h->sent_at = test_clock_ns();
+    cr_assert_eq(zev_stream_send(h->out, "req", 3, 0), 0); /* its peer is full: queued */
+}
+
+static void hostflush_timer(zev_timer_t *t, void *arg)
+{
+    (void)t;
+    (*(int *)arg)++;
+}
+
+Test(stream_flush, host_code_callbacks_count_from_now, .timeout = 30)
+{
+    test_pair_t p = test_pair_open(ZMQ_PULL, ZMQ_PUSH, "inproc");
+    void *out = test_socket(p.ctx, ZMQ_PUSH), *sink = test_socket(p.ctx, ZMQ_PULL);
+    test_set_int(out, ZMQ_SNDHWM, 1);
+    test_set_int(sink, ZMQ_RCVHWM, 1);
+    test_bind_connect(sink, out, "inproc");
+    while (zmq_send(out, "f", 1, ZMQ_DONTWAIT) == 1) /* the sink never reads */
+        ;
+    cr_assert_eq(errno, EAGAIN);
+    zev_stream_t *in = test_stream_new(p.loop, p.a);
+    int fired = 0;
+    hostflush_t h = {.loop = p.loop};
+    h.out = test_stream_new(p.loop, out);
+    h.timer = zev_timer_new(p.loop, hostflush_timer, &fired);
+    cr_assert_not_null(h.timer);
+    seqlog_t l = {0};
+    cr_assert_eq(zev_stream_on_send(h.out, log_seq, &l), 0);
+    cr_assert_eq(zev_stream_set_send_timeout(h.out, 20000), 0);
+    test_spin(p.loop, 2, 0); /* iterations: the loop caches the time */
+    test_sleep_ms(50);       /* the host does other things meanwhile */
+
+    cr_assert_eq(zev_stream_on_recv(in, hostflush_recv, &h), 0);
+    cr_assert_eq(zmq_send(p.b, "x", 1, 0), 1);
+    uint64_t before = test_clock_ns();
+    cr_assert_eq(zev_stream_flush(in, ZEV_READ, 0), 1);
+    cr_assert_eq(h.calls, 1);
+    cr_expect_geq(h.now_in_cb, before, "zev_now_ns inside the flush is %.1f ms old",
+                  (double)(before - h.now_in_cb) / 1e6);
+    cr_expect_geq(h.due, before + 20000000u, "the 20 ms timer is due %.1f ms after the flush",
+                  ((double)h.due - (double)before) / 1e6);
+
+    test_run_until_count(p.loop, &l.n, 1, 5000);
+    uint64_t waited = test_clock_ns() - h.sent_at;
+    cr_assert_eq(l.status[0], ETIMEDOUT, "status %s", zmq_strerror(l.status[0]));
+    cr_expect_geq(waited, 20000000u, "a 20 ms send timeout ran out after %.1f ms",
+                  (double)waited / 1e6);
+    test_run_until(p.loop, &fired, 5000);
+    cr_assert_eq(zev_timer_free(h.timer), 0);
+    zev_loop_destroy(p.loop);
+    p.loop = NULL;
+    test_close(out);
+    test_close(sink);
+    test_pair_close(&p);
+}
+
 /* ------------------------------------- the socket used through the stream */
 
 static void count_recv_flag(zev_stream_t *s, zev_msg_t *m, void *arg)

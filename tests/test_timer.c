@@ -946,3 +946,113 @@ Test(timer, destroy_frees_owned_timers)
     cr_assert_eq(zev_loop_destroy(loop), 0);
     cr_assert_eq(n, 0);
 }
+
+/* A timer that ends inside its own callback (zev_timer_free of an owned
+ * one, zev_timer_cancel of a started one) has a stale handle from that
+ * moment, as after any other end: a second free or cancel, an arm, a
+ * disarm and zev_timer_due all fail with EINVAL, and the timer runs no more. */
+typedef struct selfend {
+    int calls;
+    int second_rc, second_errno; /* the second free / cancel */
+    int arm_rc, arm_errno;
+    int disarm_rc, disarm_errno;
+    uint64_t due;
+    int due_errno;
+} selfend_t;
+
+static void selfend_check(zev_timer_t *t, selfend_t *se, int (*end)(zev_timer_t *))
+{
+    cr_assert_eq(end(t), 0, "the first end: %s", zmq_strerror(errno));
+    errno = 0;
+    se->second_rc = end(t);
+    se->second_errno = errno;
+    errno = 0;
+    se->arm_rc = zev_timer_arm(t, 1000, 0);
+    se->arm_errno = errno;
+    errno = 0;
+    se->disarm_rc = zev_timer_disarm(t);
+    se->disarm_errno = errno;
+    errno = 0;
+    se->due = zev_timer_due(t);
+    se->due_errno = errno;
+}
+
+static void selfend_free_timer(zev_timer_t *t, void *arg)
+{
+    selfend_t *se = arg;
+    if (se->calls++ == 0)
+        selfend_check(t, se, zev_timer_free);
+}
+
+static void selfend_cancel_timer(zev_timer_t *t, void *arg)
+{
+    selfend_t *se = arg;
+    if (se->calls++ == 0)
+        selfend_check(t, se, zev_timer_cancel);
+}
+
+Test(timer, ended_inside_own_callback_handle_is_stale_at_once)
+{
+    zev_loop_t *loop = test_loop_new();
+    selfend_t se[2] = {{0}, {0}};
+    zev_timer_t *owned = zev_timer_new(loop, selfend_free_timer, &se[0]);
+    cr_assert_not_null(owned);
+    cr_assert_eq(zev_timer_arm(owned, 0, 1000), 0); /* periodic */
+    cr_assert_not_null(zev_timer_start(loop, 0, 1000, selfend_cancel_timer, &se[1]));
+    run_past(loop, 20000);
+    const char *what[2] = {"owned, freed", "started, cancelled"};
+    for (int i = 0; i < 2; i++) {
+        cr_expect_eq(se[i].calls, 1, "%s in its callback: ran %d times", what[i], se[i].calls);
+        cr_expect_eq(se[i].second_rc, -1, "%s: the second end succeeded", what[i]);
+        cr_expect_eq(se[i].second_errno, EINVAL, "%s", what[i]);
+        cr_expect_eq(se[i].arm_rc, -1, "%s: arm after the end succeeded", what[i]);
+        cr_expect_eq(se[i].arm_errno, EINVAL, "%s", what[i]);
+        cr_expect_eq(se[i].disarm_rc, -1, "%s: disarm after the end succeeded", what[i]);
+        cr_expect_eq(se[i].disarm_errno, EINVAL, "%s", what[i]);
+        cr_expect_eq(se[i].due, 0, "%s: due after the end", what[i]);
+        cr_expect_eq(se[i].due_errno, EINVAL, "%s", what[i]);
+    }
+    cr_assert_eq(zev_loop_timeout(loop), -1, "an ended timer is still scheduled");
+    zev_loop_destroy(loop);
+}
+
+/* A stale handle never names a later timer, however often its slot is
+ * reused. With every pooled slot but one held (an owned timeout per client),
+ * every new timer takes that one slot, so a handle kept from its first use
+ * met the slot's generation again after 32,768 reuses: a late cancel then
+ * cancelled someone else's timer (review finding 1). A slot whose
+ * generations are spent is now retired, so a million reuses never bring the
+ * stale handle back, and the timer living in the slot is never touched. */
+Test(timer, stale_handle_never_returns_however_often_the_slot_is_reused)
+{
+    zev_loop_t *loop = test_loop_new();
+    enum { HELD = 63, REUSES = 1000000 }; /* a pool chunk holds 64 */
+    int held_fired = 0, live_fired = 0;
+    zev_timer_t *held[HELD];
+    for (int i = 0; i < HELD; i++) {
+        held[i] = zev_timer_new(loop, count_timer, &held_fired);
+        cr_assert_not_null(held[i]);
+    }
+    zev_timer_t *stale = zev_timer_start(loop, 1000000, 0, count_timer, &live_fired);
+    cr_assert_not_null(stale);
+    cr_assert_eq(zev_timer_cancel(stale), 0);
+    zev_timer_t *t = NULL;
+    for (long n = 1; n <= REUSES; n++) {
+        t = zev_timer_start(loop, 1000000, 0, count_timer, &live_fired);
+        cr_assert_not_null(t, "zev_timer_start: %s", zmq_strerror(errno));
+        if (t == stale)
+            cr_assert_fail("reuse %ld of the slot gave the stale handle's value", n);
+        if (n < REUSES)
+            cr_assert_eq(zev_timer_cancel(t), 0);
+    }
+    errno = 0;
+    cr_assert_eq(zev_timer_cancel(stale), -1, "the stale handle's late cancel");
+    cr_assert_eq(errno, EINVAL);
+    cr_assert_eq(zev_timer_due(stale), 0);
+    cr_assert_gt(zev_timer_due(t), 0, "the live timer was touched by the stale cancel");
+    cr_assert_eq(zev_timer_cancel(t), 0);
+    for (int i = 0; i < HELD; i++)
+        cr_assert_eq(zev_timer_free(held[i]), 0, "held timer %d: %s", i, zmq_strerror(errno));
+    cr_assert_eq(held_fired + live_fired, 0);
+    zev_loop_destroy(loop);
+}

@@ -706,3 +706,58 @@ Test(tracker, done_after_destroy_while_a_frame_is_kept)
     close(port_fd);
     test_expect_no_leaks();
 }
+
+/* zev_tracker_on_done on a tracker that already completed calls fn at once,
+ * from host code here, outside any iteration: inside fn the loop's time is
+ * the current time, not the cached time of the last iteration, so a timer
+ * armed there is not due early (review finding 5). */
+typedef struct hostdone {
+    zev_loop_t *loop;
+    zev_timer_t *timer;
+    int calls;
+    uint64_t now_in_cb, due;
+} hostdone_t;
+
+static void hostdone_fn(zev_tracker_t *t, void *arg)
+{
+    (void)t;
+    hostdone_t *h = arg;
+    h->calls++;
+    h->now_in_cb = zev_now_ns(h->loop);
+    cr_assert_eq(zev_timer_arm(h->timer, 20000, 0), 0);
+    h->due = zev_timer_due(h->timer);
+}
+
+static void hostdone_timer(zev_timer_t *t, void *arg)
+{
+    (void)t;
+    (void)arg;
+}
+
+Test(tracker, on_done_at_once_from_host_code_counts_from_now)
+{
+    test_pair_t p = test_pair_open(ZMQ_PUSH, ZMQ_PULL, "inproc");
+    zev_stream_t *s = test_stream_new(p.loop, p.a);
+    static char buf[8] = "tracked";
+    zev_tracker_t *t = NULL;
+    cr_assert_eq(zev_stream_send_zc(s, buf, sizeof buf, NULL, NULL, &t), 0);
+    cr_assert_not_null(t);
+    for (uint64_t end = test_ms() + 5000; !zev_tracker_done(t);) /* small: copied at once */
+        cr_assert(test_ms() < end, "the tracker never completed");
+    test_spin(p.loop, 2, 0); /* its completion runs on the loop; the time is cached */
+    test_sleep_ms(50);       /* the host does other things meanwhile */
+
+    hostdone_t h = {.loop = p.loop};
+    h.timer = zev_timer_new(p.loop, hostdone_timer, NULL);
+    cr_assert_not_null(h.timer);
+    uint64_t before = test_clock_ns();
+    cr_assert_eq(zev_tracker_on_done(t, hostdone_fn, &h), 0);
+    cr_assert_eq(h.calls, 1, "on_done of a completed tracker did not run at once");
+    cr_expect_geq(h.now_in_cb, before, "zev_now_ns inside on_done is %.1f ms old",
+                  (double)(before - h.now_in_cb) / 1e6);
+    cr_expect_geq(h.due, before + 20000000u, "the 20 ms timer is due %.1f ms after the call",
+                  ((double)h.due - (double)before) / 1e6);
+    cr_assert_eq(zev_timer_free(h.timer), 0);
+    cr_assert_eq(zev_tracker_release(t), 0);
+    cr_assert_eq(test_pair_close(&p), 0);
+}
