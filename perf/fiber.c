@@ -39,12 +39,15 @@
  *                   (spawn + join rate). Baseline: `timer`, N one-shot zev
  *                   timers (the callback way to wait): rss/growth, start_ns.
  *                   Target: rss_mib <= 1024.
+ *   fiber_spawn     one fiber at a time: a parent fiber spawns a child that
+ *                   returns at once and joins it (stacks from the pool, the
+ *                   steady state): ns per spawn + join.
  *                   Needs vm.max_map_count >= 2 N + a few thousand (each
  *                   stack is a mapping split in two by its guard page;
  *                   perf/run raises it for its run): when a stack cannot be
  *                   mapped the row fails with a FAIL line and a message.
  *
- *   fiber [--full] [--runs N] [--cases pingpong,thr,yield,sleep]
+ *   fiber [--full] [--runs N] [--cases pingpong,thr,yield,sleep,spawn]
  *         [--impls ..] [--transports inproc,ipc,tcp] [--count N] [--fibers N]
  *   fiber --once --case pingpong|yield --impl I [--count N]
  *         one run, a SAMPLE line (for perf/pyzmq_green.py)
@@ -449,7 +452,7 @@ static perf_sample_t thr_run(int impl, void *arg)
 static void case_thr(const perf_args_t *a, int *fails)
 {
     static const char *const transports[] = {"inproc", "ipc", "tcp"};
-    long count = perf_opt_long(a, "--count", a->full ? 2000000 : 200000);
+    long count = perf_opt_long(a, "--count", a->full ? 3000000 : 300000);
     for (int t = 0; t < 3; t++) {
         if (!perf_selected(a, "--transports", transports[t]))
             continue;
@@ -806,6 +809,66 @@ static void case_sleep(const perf_args_t *a, int *fails)
     printf("INFO fiber_sleep vm_hwm_mib=%.1f\n", vm_kib("VmHWM") / 1024);
 }
 
+/* One fiber at a time: spawn, join (the child returns at once); pooled
+ * stacks, the steady state. ns per spawn + join. */
+typedef struct serial {
+    zev_loop_t *loop;
+    long n, done;
+} serial_t;
+
+static void noop_child(void *arg)
+{
+    (void)arg;
+}
+
+static void serial_parent(void *arg)
+{
+    serial_t *se = arg;
+    for (long i = 0; i < se->n; i++) {
+        zev_fiber_t *c = zev_fiber_spawn(se->loop, noop_child, NULL, NULL);
+        if (!c || zev_fiber_join(c, -1) < 0)
+            break;
+        se->done++;
+    }
+    zev_loop_stop(se->loop);
+}
+
+static double serial_run(long n)
+{
+    serial_t se = {.loop = zev_loop_new(NULL), .n = n};
+    if (!se.loop)
+        return NAN;
+    zev_fiber_t *p = zev_fiber_spawn(se.loop, serial_parent, &se, NULL);
+    if (!p) {
+        zev_loop_destroy(se.loop);
+        return NAN;
+    }
+    zev_fiber_detach(p);
+    uint64_t t0 = perf_now_ns();
+    zev_loop_run(se.loop);
+    uint64_t t1 = perf_now_ns();
+    zev_loop_destroy(se.loop);
+    return se.done == n ? (double)(t1 - t0) / (double)n : NAN;
+}
+
+static void case_spawn(const perf_args_t *a, int *fails)
+{
+    long n = perf_opt_long(a, "--spawns", a->full ? 1000000 : 200000);
+    const char *keys = "bench=fiber_spawn";
+    perf_series_t s = {0};
+    serial_run(n / 10);
+    for (int r = 0; r < a->runs; r++) {
+        double v = serial_run(n);
+        perf_series_add(&s, v);
+        if (isnan(v)) {
+            printf("RUNFAIL %s impl=serial run=%d reason=failed\n", keys, r);
+            (*fails)++;
+        } else
+            printf("RUN %s impl=serial run=%d count=%ld ns=%.4g\n", keys, r, n, v);
+    }
+    perf_report(keys, "serial", "ns_per_spawn_join", "ns", &s);
+}
+
 /* ------------------------------------------------------------------- once */
 
 static int mode_once(const perf_args_t *a)
@@ -847,5 +910,7 @@ int main(int argc, char **argv)
         case_yield(&a, &fails);
     if (perf_selected(&a, "--cases", "sleep"))
         case_sleep(&a, &fails);
+    if (perf_selected(&a, "--cases", "spawn"))
+        case_spawn(&a, &fails);
     return fails ? 1 : 0;
 }
