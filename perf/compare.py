@@ -583,9 +583,10 @@ def sec_fiber(R):
                  + "; ".join(f"{instr[j][0]} stream {instr[j][1]['median']:.0f}, fiber "
                              f"{instr[j + 1][1]['median']:.0f}"
                              for j in (0, 2) if instr[j][1] and instr[j + 1][1]) + ".\n")
-    s.append("\n**Yield**: k fibers calling `zev_fiber_yield` in a loop, ns per yield (a yield "
-             "resumes in the next loop iteration, so it costs two context switches and 1/k of an "
-             "iteration); beside it, in the same run, core/ctx.c's bare switch (main ↔ one "
+    s.append("\n**Yield**: k fibers calling `zev_fiber_yield` in a loop, ns per yield, the "
+             "thread's CPU time (it never waits, and a busy machine's preemptions are left out). "
+             "A yield resumes in the next loop iteration, so it costs two context switches and 1/k "
+             "of an iteration. Beside it, in the same run, core/ctx.c's bare switch (main ↔ one "
              "context, ns per switch) and a bare yield through a scheduler context (two "
              "switches, no loop; perf/ctxswitch.c's op=yield):\n\n")
     rows = []

@@ -444,8 +444,10 @@ def _why_fiber_yield(R, m, history):
                  f"switches (fiber → loop → fiber) plus half an iteration. In this run the bare "
                  f"switch costs {num(sw)} ns, a bare two-switch yield through a scheduler "
                  f"context {num(bare)} ns, one fiber yielding {num(y1)} ns (a whole iteration + "
-                 f"two switches), so an iteration is about {num(2 * (y1 - y2))} ns and two "
-                 f"switches about {num(2 * y2 - y1)} ns"
+                 f"two switches)"
+                 + (f", so an iteration is about {num(2 * (y1 - y2))} ns and two switches about "
+                    f"{num(2 * y2 - y1)} ns" if 0 < 2 * y2 - y1 < 2 * y2 else
+                    " (the run was too noisy to split an iteration from the switches)")
                  + (f"; with 100 fibers the iteration is spread thin: {num(y100)} ns" if y100
                     else "")
                  + ". The two switches alone come near the 30 ns; the iteration's fixed work "
