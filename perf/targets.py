@@ -424,10 +424,20 @@ def _why_fiber_thr(R, m, history):
         if d is not None:
             cpu.append(f"{t} {d:+.0f} ns")
     if cpu:
-        s.append(" The receiver is not what sets the rate (the sender and libzmq's I/O thread "
-                 f"share {os.cpu_count()} cores with it): the steadier figure is its CPU per "
-                 "message, fiber − stream: " + ", ".join(cpu) + " (the per-call entry, pacing "
-                 "and turn-taking of `zev_fiber_recv`, above on_recv's dispatch).")
+        s.append(" The sender thread, libzmq's I/O thread and the receiver share "
+                 f"{os.cpu_count()} cores, so the rate follows the CPU all three spend per "
+                 "message and swings from run to run; the steadier figure is the receiver's CPU "
+                 "per message, fiber − stream: " + ", ".join(cpu) + ".")
+    k = dict(bench="instr", transport="ipc", size="64", thread="receiver", metric="instr_per_msg")
+    st, fb = R.get(impl="zev_borrowed", **k), R.get(impl="zev_fiber", **k)
+    if st and fb:
+        s.append(f" Counted (`perf/instructions.py`, ipc): {st['median']:.0f} user-space "
+                 f"instructions per message for the stream, {fb['median']:.0f} for the fiber "
+                 f"({fb['median'] - st['median']:+.0f}): each `zev_fiber_recv` is a call of its "
+                 "own (entry checks, errno kept, the stream held and released, pacing, the turn "
+                 "among waiting fibers, the stream put on the ready-list), and the borrowed "
+                 "message is given back at the next call by closing and re-initialising its "
+                 "ring slot, where on_recv's pass lets the next `zmq_msg_recv` reuse it.")
     return "".join(s)
 
 
