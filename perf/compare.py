@@ -44,8 +44,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 PY = "/usr/bin/python3"  # Debian's, with python3-zmq and python3-tornado
 
-STEPS = ["thr", "lat", "scale", "fair", "loop", "timers", "post", "hostile", "alloc", "zcsend", "pyzmq_thr",
-         "pyzmq_lat", "pyzmq_fair", "syscalls", "instructions", "hyperfine"]
+STEPS = ["thr", "lat", "scale", "fair", "loop", "timers", "post", "hostile", "alloc", "zcsend", "fiber",
+         "pyzmq_thr", "pyzmq_lat", "pyzmq_fair", "pyzmq_green", "syscalls", "instructions", "hyperfine"]
 
 
 # --------------------------------------------------------------------- running
@@ -540,6 +540,107 @@ def sec_pyzmq(R):
     return "".join(s)
 
 
+FIBER_YIELD_IMPLS = ["fibers_1", "fibers_2", "fibers_100", "bare_yield", "bare_switch"]
+
+
+def sec_fiber(R):
+    s = ["## Fibers beside callbacks (perf/fiber.c, perf/pyzmq_green.py)\n",
+         "Each fiber row runs beside the callback code doing the same work, interleaved run by "
+         "run in one process; median (min–max) over runs.\n",
+         "\n**Ping-pong**, PAIR ↔ PAIR over inproc, 64 B, both ends on one loop in one thread: "
+         "wall ns per round trip and the thread's CPU ns per round trip. `callback`: two streams "
+         "whose on_recv echo and send the next ping; `fiber`: two fibers calling "
+         "`zev_fiber_send` + `zev_fiber_recv`; `raw`: one thread calling zmq_send / "
+         "zmq_msg_recv on both sockets in turn, never waiting (no loop at all: the floor of "
+         "libzmq's own work).\n\n"]
+    k = dict(bench="fiber_pingpong", transport="inproc", size="64")
+    rows = [[i, cell(R.get(impl=i, metric="rtt_ns", **k)),
+             cell(R.get(impl=i, metric="cpu_ns", **k), spread=False)]
+            for i in ("callback", "fiber", "raw")]
+    s.append(table(["impl", "RTT ns", "CPU ns"], rows))
+    s.append(f"\nfiber / callback: {xr(R.ratio(metric='rtt_ns', num='fiber', den='callback', **k))}"
+             " (target ≤ 1.15×).\n")
+    s.append("\n**PUSH → PULL**, 64 B, perf/thr.c's sender thread, the receiver on the loop "
+             "thread: `stream` is on_recv with borrowed frames (thr's zev_borrowed), `fiber` one "
+             "fiber calling `zev_fiber_recv` in a loop, `raw` a blocking `zmq_msg_recv` loop; msg/s "
+             "and the receiver's CPU ns per message:\n\n")
+    rows = []
+    for t in TRANSPORTS:
+        k = dict(bench="fiber_thr", transport=t, size="64")
+        rows.append([t] + [cell(R.get(impl=i, metric="msgs_per_s", **k), si)
+                           for i in ("raw", "stream", "fiber")] +
+                    [xr(R.ratio(metric="msgs_per_s", num="fiber", den="stream", **k))] +
+                    [cell(R.get(impl=i, metric="rx_cpu_ns", **k), spread=False)
+                     for i in ("stream", "fiber")])
+    s.append(table(["transport", "raw", "stream", "fiber", "fiber/stream", "stream CPU ns",
+                    "fiber CPU ns"], rows))
+    instr = [(t, R.get(bench="instr", transport=t, size="64", thread="receiver", impl=i,
+                       metric="instr_per_msg"))
+             for t in ("ipc", "tcp") for i in ("zev_borrowed", "zev_fiber")]
+    if all(v for _, v in instr[:2]):
+        s.append("\nInstructions per message of the receiving thread (perf/instructions.py, "
+                 "callgrind, `thr --recv-only`): "
+                 + "; ".join(f"{instr[j][0]} stream {instr[j][1]['median']:.0f}, fiber "
+                             f"{instr[j + 1][1]['median']:.0f}"
+                             for j in (0, 2) if instr[j][1] and instr[j + 1][1]) + ".\n")
+    s.append("\n**Yield**: k fibers calling `zev_fiber_yield` in a loop, ns per yield, the "
+             "thread's CPU time (it never waits, and a busy machine's preemptions are left out). "
+             "A yield resumes in the next loop iteration, so it costs two context switches and 1/k "
+             "of an iteration. Beside it, in the same run, core/ctx.c's bare switch (main ↔ one "
+             "context, ns per switch) and a bare yield through a scheduler context (two "
+             "switches, no loop; perf/ctxswitch.c's op=yield):\n\n")
+    rows = []
+    for i in FIBER_YIELD_IMPLS:
+        m = "ns_per_switch" if i == "bare_switch" else "ns_per_yield"
+        rows.append([i, cell(R.get(bench="fiber_yield", impl=i, metric=m))])
+    s.append(table(["impl", "ns"], rows))
+    it, sw = R.info_value("fiber_yield", "iteration_ns"), R.info_value("fiber_yield",
+                                                                      "two_switches_ns")
+    if it and sw:
+        s.append(f"\nFrom fibers_1 = I + 2s and fibers_2 = I/2 + 2s: one loop iteration I ≈ {it} "
+                 f"ns, two switches 2s ≈ {sw} ns.\n")
+    n = R.info_value("fiber_sleep", "fibers") or "100000"
+    mmc = R.info_value("fiber_sleep", "max_map_count")
+    s.append(f"\n**{int(n):,} sleeping fibers**, default stacks (64 KiB + a guard page), all "
+             "asleep in `zev_fiber_sleep` at once: the process's RSS then (rss) and its growth "
+             "over the RSS before the spawns; per fiber: `zev_fiber_spawn`, first resume until "
+             "asleep, cancel + return + join; fibers/s over the whole cycle (spawn + join rate). "
+             f"`timer` is the callback way: {int(n):,} one-shot zev timers (start, cancel)"
+             + (f". vm.max_map_count was {int(mmc):,}" if mmc else "") + ":\n\n")
+    rows = []
+    for i in ("fiber", "timer"):
+        k = dict(bench="fiber_sleep", fibers=n, impl=i)
+        rows.append([i] + [cell(R.get(metric=m, **k), lambda v: f"{v:,.1f}")
+                           for m in ("rss_mib", "growth_mib")] +
+                    [cell(R.get(metric=m, **k), spread=False)
+                     for m in ("spawn_ns", "start_ns", "exit_ns")] +
+                    [cell(R.get(metric="fibers_per_s", **k), si)])
+    s.append(table(["impl", "rss MiB", "growth MiB", "spawn ns", "start ns", "exit ns", "per s"],
+                   rows))
+    sp = R.get(bench="fiber_spawn", impl="serial", metric="ns_per_spawn_join")
+    s.append(f"\nOne fiber at a time (spawn, the child returns, join; stacks from the pool): "
+             f"{cell(sp)} ns per spawn + join.\n")
+    s.append("\n**zmq.green on gevent** (perf/pyzmq_green.py): the same ping-pong (two greenlets "
+             "on gevent's hub, inproc, in-process; `c_fiber` / `c_callback` are `fiber --once` "
+             "runs), and PUSH → PULL fed by `thr --send-only` in its own process (`c_fiber` is "
+             "`thr --recv-only --impl zev_fiber`, `c_stream` zev_borrowed, `c_raw` a blocking "
+             "recv loop, the ceiling for this sender); round trips or messages per second:\n\n")
+    rows = []
+    k = dict(bench="green_pingpong", transport="inproc", size="64", metric="rt_per_s")
+    rows.append(["ping-pong", "inproc"] + [cell(R.get(impl=i, **k), si) for i in
+                                           ("c_fiber", "c_callback")] + [DASH] +
+                [cell(R.get(impl="pyzmq_green", **k), si),
+                 xr(R.ratio(num="c_fiber", den="pyzmq_green", **k))])
+    for t in ("ipc", "tcp"):
+        k = dict(bench="green_thr", transport=t, size="64", metric="msgs_per_s")
+        rows.append(["PUSH → PULL", t] + [cell(R.get(impl=i, **k), si) for i in
+                                          ("c_fiber", "c_stream", "c_raw", "pyzmq_green")] +
+                    [xr(R.ratio(num="c_fiber", den="pyzmq_green", **k))])
+    s.append(table(["work", "transport", "c_fiber", "c_callback / c_stream", "c_raw",
+                    "pyzmq_green", "c_fiber / green"], rows))
+    return "".join(s)
+
+
 def sec_syscalls(R):
     tracer = R.info_value("syscalls", "tracer") or "perf or strace"
     s = ["## Syscalls per round trip (perf/syscalls.py)\n",
@@ -830,6 +931,14 @@ def run_steps(steps, bindir, full, logdir):
             prog = "lat" if step == "syscalls" else "thr"
             lines, secs, fail = run_step(step, [PY, os.path.join(HERE, step + ".py"), "--" + prog,
                                                 os.path.join(bindir, prog)] + mode, timeout, logdir)
+        elif step == "pyzmq_green":  # drives two C programs: thr and fiber
+            if not os.path.exists(PY):
+                lines, secs, fail = [], 0.0, f"{PY} not found"
+            else:
+                lines, secs, fail = run_step(step, [PY, os.path.join(HERE, step + ".py"), "--thr",
+                                                    os.path.join(bindir, "thr"), "--fiber",
+                                                    os.path.join(bindir, "fiber")] + mode,
+                                             timeout, logdir)
         elif step.startswith("pyzmq_"):
             name = step[len("pyzmq_"):]  # the C program the script drives: thr, lat, fair
             prog, flag = os.path.join(bindir, name), "--" + name
@@ -871,7 +980,7 @@ def results_md(R, meta, ran, history, made, plot_errs, logs_ref):
     targets, why = sec_targets(R, history), sec_why(R, history)
     body = [targets, why, sec_thr(R), sec_lat(R), sec_syscalls(R), sec_instr(R), sec_scale(R), sec_fair(R),
             sec_loop(R), sec_timers(R), sec_post(R), sec_hostile(R), sec_alloc(R), sec_zcsend(R), sec_pyzmq(R),
-            sec_hyperfine(R)]
+            sec_fiber(R), sec_hyperfine(R)]
     tail = ["## Failures, skipped rows and empty cells\n"]
     if not R.fails and not any(f for _, _, _, f in ran) and not plot_errs:
         tail.append("None.\n")

@@ -18,7 +18,7 @@ main thread), `others` the sum of the rest (libzmq's I/O thread and reaper,
 the program's stall watchdog, whose share follows time, not N).
 
 Usage: perf/instructions.py --thr BUILD/perf/thr [--full] [--runs N] [--count N]
-       [--transports ipc,tcp] [--impls raw,zev_borrowed,zev_kept,zev_copy]
+       [--transports ipc,tcp] [--impls raw,zev_borrowed,zev_kept,zev_copy,zev_fiber]
        (an impl with "+timing", e.g. zev_borrowed+timing, runs with zev_loop_set_timing on)
 Output: RESULT/DELTA/RATIO/FAIL lines in the grammar of perf/common.h:
   RESULT bench=instr transport=T size=64 thread=receiver|others impl=I
@@ -78,7 +78,7 @@ def main():
     ap = arg_parser(__doc__, "thr")
     ap.add_argument("--count", type=int)
     ap.add_argument("--transports")
-    ap.add_argument("--impls", default="raw,zev_borrowed,zev_kept,zev_copy")
+    ap.add_argument("--impls", default="raw,zev_borrowed,zev_kept,zev_copy,zev_fiber")
     a = ap.parse_args()
     impls = a.impls.split(",")
     transports = (a.transports or ("ipc,tcp" if a.full else "ipc")).split(",")

@@ -59,6 +59,21 @@ def measure(R):
         drift = R.get(bench="timer_accuracy", case="periodic_1ms", impl=f"zev_{be}",
                       metric="drift")
         m[f"drift1ms_{be}"] = abs(drift["median"]) if drift else None
+    # fibers (issue 12): perf/fiber.c and perf/pyzmq_green.py
+    m["fiber_rtt_inproc"] = R.ratio(bench="fiber_pingpong", transport="inproc", size="64",
+                                    metric="rtt_ns", num="fiber", den="callback")
+    for t in TRANSPORTS:
+        m[f"fiber_thr_{t}"] = R.ratio(bench="fiber_thr", transport=t, size="64",
+                                      metric="msgs_per_s", num="fiber", den="stream")
+    y = R.get(bench="fiber_yield", impl="fibers_2", metric="ns_per_yield")
+    m["fiber_yield_2fibers"] = y["median"] if y else None
+    rss = R.get(bench="fiber_sleep", fibers="100000", impl="fiber", metric="rss_mib")
+    m["fiber_rss_100k"] = rss["median"] if rss else None
+    m["green_pingpong"] = R.ratio(bench="green_pingpong", transport="inproc", size="64",
+                                  metric="rt_per_s", num="c_fiber", den="pyzmq_green")
+    for t in ("ipc", "tcp"):
+        m[f"green_{t}"] = R.ratio(bench="green_thr", transport=t, size="64", metric="msgs_per_s",
+                                  num="c_fiber", den="pyzmq_green")
     for p in POST_PRODUCERS:
         m[f"post_{p}"] = R.ratio(bench="post", producers=p[0], metric="p50_us", num="zev_post",
                                  den="eventfd",
@@ -72,6 +87,14 @@ def _us(v):
 
 def _per_msg(v):
     return DASH if v is None else f"{v:.2g} per message"
+
+
+def _ns(v):
+    return DASH if v is None else f"{num(v)} ns"
+
+
+def _mib(v):
+    return DASH if v is None else f"{v:,.0f} MiB"
 
 
 def _pct(v):
@@ -100,6 +123,17 @@ TARGETS = [
     ("post", "cross-thread post p50 ≤ 1.2× eventfd (zev_post; 1, 2, 4 producers; cores apart "
      "and one core)", "post",
      POST_PRODUCERS, 1.2, "max", xr),
+    # issue 12's fiber targets (perf/fiber.c, perf/pyzmq_green.py)
+    ("fiber_rtt", "fiber ping-pong RTT ≤ 1.15× on_recv callbacks (inproc, one loop)", "fiber_rtt",
+     ["inproc"], 1.15, "max", xr),
+    ("fiber_thr", "fiber recv loop ≥ 0.9× a callback stream (PUSH → PULL 64 B)", "fiber_thr",
+     TRANSPORTS, 0.9, "min", xr),
+    ("fiber_yield", "yield between two fibers ≤ 30 ns", "fiber_yield", ["2fibers"], 30.0, "max",
+     _ns),
+    ("fiber_rss", "100,000 sleeping fibers, default stacks: RSS ≤ 1 GiB", "fiber_rss", ["100k"],
+     1024.0, "max", _mib),
+    ("green", "zev fibers ≥ 50× PyZMQ zmq.green on gevent (ping-pong; PUSH → PULL 64 B)",
+     "green", ["pingpong", "ipc", "tcp"], 50.0, "min", xr),
 ]
 
 
@@ -380,7 +414,90 @@ def _why_post(R, m, history):
     return "".join(s)
 
 
-WHY = {"rtt_p50": _why_rtt, "thr": _why_thr, "rtt_p999": _why_p999, "spin": _why_spin,
+def _why_fiber_thr(R, m, history):
+    s = [_opening("Fiber receive loop (target ≥ 0.9× a callback stream)", m, "fiber_thr",
+                  TRANSPORTS, xr, history, "fiber_thr") + "."]
+    cpu = []
+    for t in TRANSPORTS:
+        d = R.delta(bench="fiber_thr", transport=t, size="64", metric="rx_cpu_ns", num="fiber",
+                    den="stream")
+        if d is not None:
+            cpu.append(f"{t} {d:+.0f} ns")
+    if cpu:
+        s.append(" The sender thread, libzmq's I/O thread and the receiver share "
+                 f"{os.cpu_count()} cores, so the rate follows the CPU all three spend per "
+                 "message and swings from run to run; the steadier figure is the receiver's CPU "
+                 "per message, fiber − stream: " + ", ".join(cpu) + ".")
+    k = dict(bench="instr", transport="ipc", size="64", thread="receiver", metric="instr_per_msg")
+    st, fb = R.get(impl="zev_borrowed", **k), R.get(impl="zev_fiber", **k)
+    if st and fb:
+        s.append(f" Counted (`perf/instructions.py`, ipc): {st['median']:.0f} user-space "
+                 f"instructions per message for the stream, {fb['median']:.0f} for the fiber "
+                 f"({fb['median'] - st['median']:+.0f}): each `zev_fiber_recv` is a call of its "
+                 "own (entry checks, errno kept, the stream held and released, pacing, the turn "
+                 "among waiting fibers, the stream put on the ready-list), and the borrowed "
+                 "message is given back at the next call by closing and re-initialising its "
+                 "ring slot, where on_recv's pass lets the next `zmq_msg_recv` reuse it.")
+    return "".join(s)
+
+
+def _why_fiber_yield(R, m, history):
+    g = lambda i, mt="ns_per_yield": (R.get(bench="fiber_yield", impl=i, metric=mt) or {}).get(
+        "median")
+    y1, y2, y100, bare, sw = (g("fibers_1"), g("fibers_2"), g("fibers_100"), g("bare_yield"),
+                              g("bare_switch", "ns_per_switch"))
+    s = [_opening("Yield between two fibers (target ≤ 30 ns)", m, "fiber_yield", ["2fibers"], _ns,
+                  history, "fiber_yield") + "."]
+    if None not in (y1, y2, bare, sw):
+        s.append(f" A yield resumes the fiber in the next loop iteration (DESIGN.md: at most one "
+                 f"resume per fiber per iteration), so with two fibers each yield is two context "
+                 f"switches (fiber → loop → fiber) plus half an iteration. In this run the bare "
+                 f"switch costs {num(sw)} ns, a bare two-switch yield through a scheduler "
+                 f"context {num(bare)} ns, one fiber yielding {num(y1)} ns (a whole iteration + "
+                 f"two switches)"
+                 + (f", so an iteration is about {num(2 * (y1 - y2))} ns and two switches about "
+                    f"{num(2 * y2 - y1)} ns" if 0 < 2 * y2 - y1 < 2 * y2 else
+                    " (the run was too noisy to split an iteration from the switches)")
+                 + (f"; with 100 fibers the iteration is spread thin: {num(y100)} ns" if y100
+                    else "")
+                 + ". The two switches alone come near the 30 ns; the iteration's fixed work "
+                 "(clock read, timers, callback queue, ready-list, the wait decision) is what "
+                 "two fibers cannot amortise.")
+    return "".join(s)
+
+
+def _why_green(R, m, history):
+    s = [_opening("zmq.green (target ≥ 50× on the same work)", m, "green",
+                  ["pingpong", "ipc", "tcp"], xr, history, "green") + "."]
+    pp = {i: R.get(bench="green_pingpong", transport="inproc", size="64", impl=i, metric="rtt_ns")
+          for i in ("c_fiber", "c_callback", "pyzmq_green")}
+    raw = R.get(bench="fiber_pingpong", transport="inproc", size="64", impl="raw",
+                metric="rtt_ns")
+    if all(pp.values()):
+        s.append(f" Ping-pong: a round trip costs zev fibers {num(pp['c_fiber']['median'])} ns, "
+                 f"zev callbacks {num(pp['c_callback']['median'])} ns and zmq.green "
+                 f"{num(pp['pyzmq_green']['median'])} ns"
+                 + (f", where libzmq's own calls without any waiting take {num(raw['median'])} ns"
+                    if raw else "")
+                 + ": on one loop every message wakes the other socket through libzmq's mailbox "
+                 "(an eventfd write, the loop's wait, the mailbox read and ZMQ_EVENTS), system "
+                 "calls that zev and gevent pay alike, so the ratio is bounded by them, not by "
+                 "either scheduler.")
+    for t in ("ipc", "tcp"):
+        c = {i: R.get(bench="green_thr", transport=t, size="64", impl=i, metric="msgs_per_s")
+             for i in ("c_fiber", "c_raw", "pyzmq_green")}
+        if all(c.values()):
+            s.append(f" PUSH → PULL {t}: fiber {c['c_fiber']['median'] / 1e6:.2f} M, raw "
+                     f"{c['c_raw']['median'] / 1e6:.2f} M, zmq.green "
+                     f"{c['pyzmq_green']['median'] / 1e3:.0f} k msg/s: raw libzmq's own "
+                     f"blocking receiver is "
+                     f"{c['c_raw']['median'] / c['pyzmq_green']['median']:.0f}× zmq.green here, "
+                     "the ceiling for any C receiver fed by this sender.")
+    return "".join(s)
+
+
+WHY = {"fiber_thr": _why_fiber_thr, "fiber_yield": _why_fiber_yield, "green": _why_green,
+       "rtt_p50": _why_rtt, "thr": _why_thr, "rtt_p999": _why_p999, "spin": _why_spin,
        "pyzmq": _why_pyzmq, "post": _why_post}
 
 

@@ -9,6 +9,10 @@
  *   zev_copy      zev stream, each frame copied out into a user buffer
  *   zloop         CZMQ zloop_poller, one zmq_msg_recv per readiness callback
  *                 (the usual zloop handler shape)
+ *   zev_fiber     a zev fiber calling zev_fiber_recv in a loop (borrowed frames).
+ *                 Not in the comparison unless --impls names it: perf/fiber.c
+ *                 compares fibers with streams; this row is for
+ *                 perf/instructions.py and perf/pyzmq_green.py (--recv-only).
  * Every receiver touches the payload (first byte) so none of them is skipped.
  * The clock runs from the first message received to the last; receiver CPU
  * time (CLOCK_THREAD_CPUTIME_ID) over the same span gives ns per message.
@@ -46,9 +50,9 @@
 #include <czmq.h>
 #endif
 
-enum { R_RAW, R_ZEV_BORROWED, R_ZEV_KEPT, R_ZEV_COPY, R_ZLOOP, R__N };
-static const char *const impl_names[R__N] = {"raw", "zev_borrowed", "zev_kept", "zev_copy",
-                                             "zloop"};
+enum { R_RAW, R_ZEV_BORROWED, R_ZEV_KEPT, R_ZEV_COPY, R_ZLOOP, R_ZEV_FIBER, R__N };
+static const char *const impl_names[R__N] = {"raw",   "zev_borrowed", "zev_kept", "zev_copy",
+                                             "zloop", "zev_fiber"};
 
 static const char *backend_name; /* --backend, NULL = zev's default */
 static unsigned batch;           /* --batch, 0 = zev's default (64) */
@@ -184,6 +188,26 @@ static void on_copy(zev_stream_t *s, zev_msg_t *m, void *arg)
         zev_loop_stop(rx->loop);
 }
 
+/* The fiber receiver: blocking-style code on the loop. */
+typedef struct fiber_rx {
+    rx_t *rx;
+    zev_stream_t *s;
+    int rc;
+} fiber_rx_t;
+
+static void fiber_recv_main(void *arg)
+{
+    fiber_rx_t *fr = arg;
+    zev_msg_t *m;
+    fr->rc = -1;
+    while (zev_fiber_recv(fr->s, &m, -1) == 0)
+        if (tick(fr->rx, zev_msg_data(m, 0), zev_msg_size(m, 0))) {
+            fr->rc = 0;
+            break;
+        }
+    zev_loop_stop(fr->rx->loop);
+}
+
 static int recv_zev(void *pull, rx_t *rx, int impl)
 {
     zev_loop_opts_t o = {.backend = backend_name, .batch = batch};
@@ -197,9 +221,23 @@ static int recv_zev(void *pull, rx_t *rx, int impl)
         zev_loop_destroy(rx->loop);
         return -1;
     }
-    zev_recv_fn fn = impl == R_ZEV_KEPT ? on_kept : impl == R_ZEV_COPY ? on_copy : on_borrowed;
-    zev_stream_on_recv(s, fn, rx);
+    fiber_rx_t fr = {.rx = rx, .s = s, .rc = -1};
+    zev_fiber_t *f = NULL;
+    if (impl == R_ZEV_FIBER) {
+        if (!(f = zev_fiber_spawn(rx->loop, fiber_recv_main, &fr, NULL))) {
+            zev_stream_close(s, 0);
+            zev_loop_destroy(rx->loop);
+            return -1;
+        }
+        zev_fiber_detach(f);
+    } else {
+        zev_recv_fn fn =
+            impl == R_ZEV_KEPT ? on_kept : impl == R_ZEV_COPY ? on_copy : on_borrowed;
+        zev_stream_on_recv(s, fn, rx);
+    }
     int rc = zev_loop_run(rx->loop);
+    if (f && rc == 0)
+        rc = fr.rc;
     zev_stream_close(s, 0);
     zev_loop_destroy(rx->loop);
     rx->loop = NULL;
@@ -289,6 +327,7 @@ static sample_t receive(int impl, void *ctx, void *pull, const char *ep, long co
     case R_ZEV_BORROWED:
     case R_ZEV_KEPT:
     case R_ZEV_COPY:
+    case R_ZEV_FIBER:
         rc = recv_zev(pull, rx, impl);
         break;
 #ifdef PERF_HAVE_CZMQ
@@ -483,6 +522,8 @@ int main(int argc, char **argv)
             int on[R__N];
             for (int i = 0; i < R__N; i++)
                 on[i] = perf_selected(&a, "--impls", impl_names[i]);
+            /* perf/fiber.c compares fibers with streams; here only if asked */
+            on[R_ZEV_FIBER] = perf_in_list(perf_opt_str(&a, "--impls", ""), "zev_fiber");
 #ifndef PERF_HAVE_CZMQ
             if (on[R_ZLOOP]) {
                 printf("FAIL %s impl=zloop metric=msgs_per_s reason=czmq_not_available\n", keys);
@@ -499,6 +540,8 @@ int main(int argc, char **argv)
                 perf_ratio(keys, "rx_cpu_ns", impl_names[i], cmed[i], "raw", cmed[R_RAW]);
             }
             perf_ratio(keys, "msgs_per_s", "zloop", med[R_ZLOOP], "raw", med[R_RAW]);
+            perf_ratio(keys, "msgs_per_s", "zev_fiber", med[R_ZEV_FIBER], "zev_borrowed",
+                       med[R_ZEV_BORROWED]);
         }
     }
     return fails ? 1 : 0;
