@@ -547,6 +547,7 @@ int zev_loop_fd(zev_loop_t *loop)
 
 int zev_loop_timeout(const zev_loop_t *loop)
 {
+    ZEV__LOOP_THREAD(loop);
     if (!loop) {
         errno = EINVAL;
         return -1;

@@ -645,6 +645,13 @@ static inline void zev__msg_move(zmq_msg_t *dst, zmq_msg_t *src)
 ZEV_INTERNAL int zev__ring_reserve(zev_stream_t *s, size_t n);
 ZEV_INTERNAL void zev__ring_recycle(zev_stream_t *s);
 ZEV_INTERNAL void zev__ring_free(zev_stream_t *s);
+/* A message being received has reached a lowered max_parts: drop it whole
+ * (set_max_parts). */
+ZEV_INTERNAL void zev__stream_rx_bound(zev_stream_t *s);
+/* The stream stops receiving (finalize) in the middle of a message: its
+ * parts are dropped and the rest drained from libzmq, so the socket, which
+ * stays the caller's, starts at a message boundary (REP: answered empty). */
+ZEV_INTERNAL void zev__stream_rx_abandon(zev_stream_t *s);
 ZEV_INTERNAL void zev__frames_detach(zev_stream_t *s);
 ZEV_INTERNAL void zev__frame_pool_free(zev__hub_t *hub);
 

@@ -114,8 +114,12 @@ ZEV_API zev_loop_t *zev_loop_new(const zev_loop_opts_t *opts);
  * memory and closes the loop's own descriptors, but unregisters nothing from
  * the kernel objects it shares with the parent (which would silence the
  * parent's watchers) and closes no socket, even for ZEV_CLOSE_SOCKET; the
- * callbacks run as described above. A child that needs a loop makes its own,
- * as libuv advises. */
+ * callbacks run as described above. A child forked while another thread was
+ * running the loop holds a copy taken in the middle of an iteration: there
+ * destroy refuses (-1/EBUSY, as from inside the loop) and the child must
+ * leave the copy alone (exec or _exit, as POSIX asks of a child of a
+ * threaded process anyway). A child that needs a loop makes its own, as
+ * libuv advises. */
 ZEV_API int zev_loop_destroy(zev_loop_t *loop);
 
 /* Runs iterations until zev_loop_stop. Returns 0 after a stop, -1 with EINVAL
@@ -165,7 +169,7 @@ ZEV_API int zev_loop_fd(zev_loop_t *loop);
 /* Milliseconds until the loop next needs to run, rounded up (a host that
  * waits this long is never early): 0 when work is pending, -1 when nothing
  * is scheduled (no timers, or only timers at the end of time; or for a NULL
- * loop, errno EINVAL). */
+ * loop, errno EINVAL). Loop thread (the host's thread, in embedded mode). */
 ZEV_API int zev_loop_timeout(const zev_loop_t *loop);
 
 /* --------------------------------------------------------- loop statistics */
@@ -201,7 +205,8 @@ ZEV_API int zev_loop_stats_reset(zev_loop_t *loop);
 
 /* Turns the timing figures of zev_loop_stats on (1) or off (0); off by
  * default. On, the loop reads the clock before and after every callback:
- * about 2 x 20 ns each (perf/loop.c measures it). Errors: EINVAL. */
+ * about 2 x 20 ns each (perf/loop.c measures it). Loop thread. Errors:
+ * EINVAL. */
 ZEV_API int zev_loop_set_timing(zev_loop_t *loop, int on);
 
 /* What ran too long: a callback's kind and which one. */
@@ -228,7 +233,9 @@ typedef void (*zev_slow_fn)(zev_loop_t *loop, const zev_slow_t *slow, void *arg)
  * loop thread right after any callback (or fiber resume) that took
  * threshold_us or longer, with what it was and how long it took; it is not
  * itself timed. fn NULL removes the hook. While set, timing is on (see
- * zev_loop_set_timing). Errors: EINVAL (NULL loop). */
+ * zev_loop_set_timing). fn may call any loop-thread function, set or clear
+ * the hook itself, but not run the loop (EBUSY). Loop thread. Errors:
+ * EINVAL (NULL loop). */
 ZEV_API int zev_loop_on_slow(zev_loop_t *loop, uint64_t threshold_us, zev_slow_fn fn, void *arg);
 
 /* Queues fn(loop, arg) to run on the loop's thread. Thread-safe and
@@ -509,9 +516,12 @@ ZEV_API int zev_stream_set_max_queue(zev_stream_t *s, size_t n);
 ZEV_API int zev_stream_set_batch(zev_stream_t *s, unsigned n);
 
 /* Handles pending work now: ZEV_READ receives and dispatches, ZEV_WRITE sends
- * queued messages, at most limit messages (0 = no limit); on_send statuses
- * of what it sent are reported before it returns (from inside on_send: after
- * that on_send returns, see zev_stream_on_send). Returns the count handled,
+ * queued messages, at most limit messages (0 = no limit; as in a pass of the
+ * loop, each 64 parts of a long message count as one more, so a message of
+ * many parts may take several calls, and is delivered whole by the last);
+ * on_send statuses of what it sent are reported before it returns (from
+ * inside on_send: after that on_send returns, see zev_stream_on_send).
+ * Returns the messages handled: delivered, dropped (max_parts) and sent;
  * -1 with EINVAL (NULL, bad flags) or EBADF. */
 ZEV_API int zev_stream_flush(zev_stream_t *s, int flags, size_t limit);
 
@@ -521,6 +531,10 @@ ZEV_API int zev_stream_flush(zev_stream_t *s, int flags, size_t limit);
  * is handed to libzmq first, from the loop, for at most the socket's
  * ZMQ_LINGER (-1: until drained or the loop is destroyed); the rest is then
  * ECANCELED; the socket is the stream's until its close callback has run.
+ * A message zev was in the middle of receiving (a long one, taken over
+ * several passes) is dropped and the rest of it drained from the socket, so
+ * the socket is left at a message boundary (on REP, the request is answered
+ * with one empty part, see zev_stream_set_max_parts).
  * ZEV_CLOSE_SOCKET also zmq_closes the socket; with ZEV_CLOSE_FLUSH too, the
  * two waits share one ZMQ_LINGER: zev sets the socket's ZMQ_LINGER to what is
  * left of it before zmq_close, so libzmq's own linger for what it still
@@ -557,7 +571,11 @@ ZEV_API int zev_stream_set_max_frames(zev_stream_t *s, size_t n);
  * have to hold until its last part came. A message with more parts is
  * drained from libzmq as it comes (never more than n parts held), dropped
  * whole (never delivered in pieces) and counted in the stream's stats
- * (dropped_oversized); the stream goes on with the next message. The
+ * (dropped_oversized); the stream goes on with the next message. On a REP
+ * socket, which must answer every request it received before it can receive
+ * the next, zev answers a dropped request with one empty part (the only
+ * message zev ever sends by itself). A message being received when n is
+ * lowered below its parts so far is dropped the same way. The
  * default is far above what a protocol puts in one message (an envelope of
  * routing frames and a few body frames) and bounds what one message can
  * hold in zev to 64 Ki parts. Errors: EINVAL (NULL), EBADF (closed). */
