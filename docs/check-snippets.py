@@ -12,8 +12,9 @@ function whose parameters give it `loop` (zev_loop_t *), `s`
 blocks are whole translation units (functions, declarations, a main). A
 block after `<!-- snippet: skip -->` is not compiled (pseudo-code).
 
-Relative links ([text](path) and [text](path#anchor)) must name a file or
-directory of the repository, and must not leave it.
+Relative links ([text](path), [text](path#anchor), [text](#anchor)) must
+name a file or directory of the repository without leaving it, and an
+anchor into a Markdown file must name one of its headings.
 """
 import os
 import re
@@ -76,18 +77,34 @@ def compile_block(cc, include, kind, code):
         os.unlink(path)
 
 
+def anchors(path):
+    """GitHub's anchors for the headings of a Markdown file."""
+    out = set()
+    in_code = False
+    for line in open(path, encoding="utf-8"):
+        if line.startswith("```"):
+            in_code = not in_code
+        m = re.match(r"#{1,6}\s+(.*)", line)
+        if m and not in_code:
+            slug = re.sub(r"[^\w\- ]", "", m.group(1).strip().lower()).replace(" ", "-")
+            out.add(slug)
+    return out
+
+
 def check_links(md, text, root):
     bad = []
     for m in re.finditer(r"\]\(([^)\s]+)\)", text):
         target = m.group(1)
-        if re.match(r"[a-z]+:", target) or target.startswith("#"):
+        if re.match(r"[a-z]+:", target):
             continue
-        path = target.split("#", 1)[0]
-        full = os.path.normpath(os.path.join(os.path.dirname(md), path))
+        path, _, anchor = target.partition("#")
+        full = os.path.normpath(os.path.join(os.path.dirname(md), path)) if path else md
         if not full.startswith(root + os.sep) and full != root:
             bad.append(f"{md}: link {target} leaves the repository")
         elif not os.path.exists(full):
             bad.append(f"{md}: link {target}: no such file")
+        elif anchor and full.endswith(".md") and anchor not in anchors(full):
+            bad.append(f"{md}: link {target}: no such heading")
     return bad
 
 
