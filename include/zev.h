@@ -625,9 +625,14 @@ ZEV_API zmq_msg_t *zev_msg_frame(zev_msg_t *m, size_t i);
  * the stream and the loop. Keeping the same part twice fails with EINVAL. */
 ZEV_API zev_frame_t *zev_msg_keep(zev_msg_t *m, size_t i);
 
+/* A kept frame's bytes, its size, and its zmq_msg_t (read it; do not close
+ * or move it: the frame still owns it). Thread-safe, like
+ * zev_frame_release: a worker holding the frame reads it there. Valid until
+ * the frame is released. A NULL or stale handle (released, or sent with
+ * zev_stream_send_frame) gives NULL / 0 with EINVAL. */
 ZEV_API const void *zev_frame_data(const zev_frame_t *f);
 ZEV_API size_t zev_frame_size(const zev_frame_t *f);
-ZEV_API zmq_msg_t *zev_frame_msg(zev_frame_t *f); /* read it; do not close or move it */
+ZEV_API zmq_msg_t *zev_frame_msg(zev_frame_t *f);
 
 /* Gives a kept frame back. Thread-safe and lock-free: call it from any
  * thread. The stream's on_frame_release runs later on the loop thread. The
