@@ -12,7 +12,12 @@
  *   - every function except zev_loop_add_callback, zev_loop_post,
  *     zev_loop_stop, zev_frame_release, the other zev_frame_* accessors and
  *     zev_tracker_done must be called on the loop's thread (the thread that
- *     runs it, or any one thread while it is not running);
+ *     runs it, or any one thread while it is not running); fibers run on
+ *     that thread, so a fiber may call them too. Builds configured with
+ *     -DZEV_THREAD_CHECKS=ON (the default for CMAKE_BUILD_TYPE=Debug)
+ *     catch a call from another thread while the loop runs: they print the
+ *     function's name and both threads to stderr and abort. Other builds
+ *     do not check;
  *   - handles are opaque. Timers and kept frames come from pools, and their
  *     handles carry a generation: using one after its timer or frame ended
  *     (a cancel after the one-shot fired, a second release) fails with
@@ -360,7 +365,9 @@ ZEV_API uint64_t zev_timer_due(const zev_timer_t *t);
  * EPERM (the backend cannot watch this fd, e.g. a regular file with epoll). */
 ZEV_API zev_io_t *zev_io_start(zev_loop_t *loop, int fd, int events, zev_io_fn fn, void *arg);
 
-/* Changes the watched events. Safe from any callback. Errors: EINVAL. */
+/* Changes the watched events (ZEV_READ | ZEV_WRITE, or 0). Safe from any
+ * callback. Errors: -1 with EINVAL (NULL, stopped watcher, bad events), or
+ * the backend's errno. */
 ZEV_API int zev_io_update(zev_io_t *io, int events);
 
 /* Stops and frees the watcher. Safe from any callback, including for a
@@ -441,7 +448,9 @@ ZEV_API int zev_stream_on_recv(zev_stream_t *s, zev_recv_fn fn, void *arg);
  * already queued; the previous callback stays). */
 ZEV_API int zev_stream_on_send(zev_stream_t *s, zev_send_fn fn, void *arg);
 
-/* Sets the close callback, run once after zev_stream_close (or destroy). */
+/* Sets the close callback, run once after zev_stream_close (or destroy),
+ * from the loop, never from inside the close call. Errors: EINVAL (NULL),
+ * EBADF (already closed). */
 ZEV_API int zev_stream_on_close(zev_stream_t *s, zev_close_fn fn, void *arg);
 
 /* Sends a copy of data as one part; ZMQ_SNDMORE builds a multipart message
@@ -508,11 +517,17 @@ ZEV_API uint64_t zev_stream_send_seq(const zev_stream_t *s);
  * Errors: EINVAL, EBADF, ENOMEM (the stream's timer). */
 ZEV_API int zev_stream_set_send_timeout(zev_stream_t *s, uint64_t timeout_us);
 
-/* Bounds the send queue in messages (0 = unbounded; default 1000). */
+/* Bounds the send queue in messages (0 = unbounded; default 1000). A
+ * smaller bound than the messages queued now drops none of them: sends
+ * fail with EAGAIN until the queue is below it. Errors: EINVAL (NULL),
+ * EBADF (closed). */
 ZEV_API int zev_stream_set_max_queue(zev_stream_t *s, size_t n);
 
 /* Bounds messages handled per loop iteration (recv and send together);
- * 0 restores the loop's batch. */
+ * 0 restores the loop's batch (zev_loop_opts_t.batch). A smaller batch
+ * shortens how long other streams wait behind this one, a larger one gives
+ * it more throughput per wake-up (docs/design.md, Fairness). Errors: EINVAL
+ * (NULL), EBADF (closed). */
 ZEV_API int zev_stream_set_batch(zev_stream_t *s, unsigned n);
 
 /* Handles pending work now: ZEV_READ receives and dispatches, ZEV_WRITE sends
@@ -550,7 +565,10 @@ ZEV_API int zev_stream_sending(const zev_stream_t *s);
 ZEV_API int zev_stream_receiving(const zev_stream_t *s);
 /* 1 once close was called; 0 before (and for NULL: EINVAL). */
 ZEV_API int zev_stream_closed(const zev_stream_t *s);
+/* The stream's libzmq socket (still the caller's unless closed with
+ * ZEV_CLOSE_SOCKET); NULL with EINVAL for NULL. */
 ZEV_API void *zev_stream_socket(const zev_stream_t *s);
+/* The loop the stream belongs to; NULL with EINVAL for NULL. */
 ZEV_API zev_loop_t *zev_stream_loop(const zev_stream_t *s);
 
 /* Called on the loop thread once for every frame kept from this stream
@@ -625,9 +643,14 @@ ZEV_API zmq_msg_t *zev_msg_frame(zev_msg_t *m, size_t i);
  * the stream and the loop. Keeping the same part twice fails with EINVAL. */
 ZEV_API zev_frame_t *zev_msg_keep(zev_msg_t *m, size_t i);
 
+/* A kept frame's bytes, its size, and its zmq_msg_t (read it; do not close
+ * or move it: the frame still owns it). Thread-safe, like
+ * zev_frame_release: a worker holding the frame reads it there. Valid until
+ * the frame is released. A NULL or stale handle (released, or sent with
+ * zev_stream_send_frame) gives NULL / 0 with EINVAL. */
 ZEV_API const void *zev_frame_data(const zev_frame_t *f);
 ZEV_API size_t zev_frame_size(const zev_frame_t *f);
-ZEV_API zmq_msg_t *zev_frame_msg(zev_frame_t *f); /* read it; do not close or move it */
+ZEV_API zmq_msg_t *zev_frame_msg(zev_frame_t *f);
 
 /* Gives a kept frame back. Thread-safe and lock-free: call it from any
  * thread. The stream's on_frame_release runs later on the loop thread. The
@@ -665,7 +688,10 @@ ZEV_API int zev_tracker_done(const zev_tracker_t *t);
  * the loop exists. Errors: EINVAL. */
 ZEV_API int zev_tracker_on_done(zev_tracker_t *t, zev_tracker_fn fn, void *arg);
 
-/* Drops the caller's tracker; its callback will not run any more. */
+/* Drops the caller's tracker; its callback will not run any more (the
+ * free function still runs, once, when libzmq lets the buffer go). Call it
+ * on the loop's thread, or from any thread once the loop is destroyed.
+ * The handle is stale afterwards. Errors: EINVAL (NULL). */
 ZEV_API int zev_tracker_release(zev_tracker_t *t);
 
 /* ---------------------------------------------------------------- fibers */
@@ -788,7 +814,9 @@ ZEV_API int zev_fiber_recv(zev_stream_t *s, zev_msg_t **msg, int64_t timeout_us)
  * fiber's message never waits in the stream's queue: it goes out after the
  * messages queued before it and after a multipart message a callback has
  * begun (whose end it waits for), and on timeout nothing of it is taken
- * (-1, EAGAIN; no number, no status). While a fiber builds a multipart
+ * (-1, EAGAIN; no number, no status). data is copied when the call
+ * starts, so it may point into a message this fiber received (whose frames
+ * the call gives back to the ring). While a fiber builds a multipart
  * message (ZMQ_SNDMORE), other fibers' sends on the stream wait for it and
  * sends from callbacks fail with EBUSY. libzmq's EAGAIN and EFSM (a REQ
  * waiting for its reply) both mean "wait": several fibers can share one
