@@ -457,7 +457,7 @@ void zev__wrong_thread(const zev_loop_t *loop, const char *fn)
     fprintf(stderr,
             "zev: %s() called from thread %#lx while loop %p runs on thread %#lx: only "
             "zev_loop_add_callback, zev_loop_post, zev_loop_stop, the zev_frame_* functions and "
-            "zev_tracker_release may be called from other threads (ZEV_THREAD_CHECKS)\n",
+            "zev_tracker_done may be called from other threads (ZEV_THREAD_CHECKS)\n",
             fn, (unsigned long)pthread_self(), (const void *)loop, (unsigned long)loop->runner);
     abort();
 }

@@ -6,7 +6,7 @@
  *
  * Design notes
  * - ZMQ_FD is edge-triggered, and any zmq_send, zmq_recv or ZMQ_EVENTS read
- *   on the socket can consume its edge. The invariant (DESIGN.md, "Loop
+ *   on the socket can consume its edge. The invariant (docs/design.md, "Loop
  *   iteration") is checked in one predicate, may_leave_ready_list(): a
  *   stream leaves the ready-list only when libzmq's last word on the socket
  *   is still current and offers nothing the stream wants. Four fields carry

@@ -917,7 +917,12 @@ Test(timer, owned_disarm_rearm_free_inside_own_callback)
         cr_assert_not_null(so[i].t);
         cr_assert_eq(zev_timer_arm(so[i].t, 1000, 2000), 0); /* periodic */
     }
-    run_past(loop, 60000);
+    /* until the re-armed one ran (load may delay it past any fixed wait),
+     * then a while more, for runs that should not come */
+    uint64_t t0 = test_ms();
+    while (so[1].calls < 2 && test_ms() - t0 < 10000)
+        zev_loop_run_once(loop, 10);
+    run_past(loop, 30000);
     cr_assert_eq(so[0].calls, 1, "disarmed in its callback, it repeated");
     cr_assert_eq(zev_timer_due(so[0].t), 0);
     cr_assert_eq(so[1].calls, 2, "re-armed once as a one-shot: %d runs", so[1].calls);
