@@ -97,6 +97,11 @@ ZEV_INTERNAL void zev__hub_push(zev__hub_t *hub, zev__qnode_t *n); /* any thread
 ZEV_INTERNAL void zev__hub_wake(zev__hub_t *hub);                  /* any thread */
 ZEV_INTERNAL void zev__hub_clear_wake(zev__hub_t *hub);            /* loop thread */
 ZEV_INTERNAL int zev__hub_pending(zev__hub_t *hub);                /* loop thread */
+/* The loop this thread is iterating (loop_iterate sets it, and restores the
+ * outer one when a callback runs another loop's iteration), else NULL. A
+ * frame released on that thread comes home without the queue (msg.c). */
+extern _Thread_local zev_loop_t *zev__iterating
+    __attribute__((tls_model("initial-exec"), visibility("hidden")));
 /* 1 while a wakeup is written and not yet read (loop thread). */
 static inline int zev__hub_wake_pending(zev__hub_t *hub)
 {
