@@ -173,9 +173,16 @@ struct zev_timer {
     bool dead;              /* cancelled or freed in its callback: pooled after it */
 };
 
+/* A heap entry: the timer's key beside it, so ordering reads no timer. */
+typedef struct zev__heap_entry {
+    uint64_t deadline_ns;
+    uint64_t seq;
+    zev_timer_t *t;
+} zev__heap_entry_t;
+
 /* A loop's timers: the heap of armed ones and the pool they all come from. */
 typedef struct zev__timers {
-    zev_timer_t **heap; /* binary min-heap on (deadline_ns, seq) */
+    zev__heap_entry_t *heap; /* 4-ary min-heap on (deadline_ns, seq) */
     size_t heap_len, heap_cap;
     size_t live;                   /* timers out of the pool: heap_cap >= live */
     uint64_t seq;                  /* next (re)arm order */
