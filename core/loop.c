@@ -556,7 +556,7 @@ int zev_loop_timeout(const zev_loop_t *loop)
         errno = EINVAL;
         return -1;
     }
-    zev_loop_t *l = (zev_loop_t *)loop; /* has_pending_work reads only */
+    zev_loop_t *l = (zev_loop_t *)loop; /* reads, but for dead timer entries dropped */
     if (has_pending_work(l))
         return 0;
     return ms_until(zev__timers_next(l), zev__clock_ns());

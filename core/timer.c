@@ -60,7 +60,13 @@ struct zev__timer_chunk {
 /* Four children per node: half the levels of a binary heap, and the
  * children of a node side by side in memory; each entry carries its key,
  * so sifting compares without touching the timers (with a million armed,
- * every timer touched is a cache miss). */
+ * every timer touched is a cache miss).
+ * Removal is lazy: disarming or cancelling a timer only clears its in_heap,
+ * and re-arming gives it a new entry (a new seq); an entry is live while
+ * its timer is in the heap with that seq. Dead entries are dropped when
+ * they come to the top, or all at once when the array is full (compact);
+ * the array has room for twice the timers out of the pool, so compacting
+ * frees at least half of it and costs O(1) per removal, amortised. */
 #define ARITY 4
 
 static bool before(const zev__heap_entry_t *a, const zev__heap_entry_t *b)
@@ -68,10 +74,9 @@ static bool before(const zev__heap_entry_t *a, const zev__heap_entry_t *b)
     return a->deadline_ns < b->deadline_ns || (a->deadline_ns == b->deadline_ns && a->seq < b->seq);
 }
 
-static void place(zev__timers_t *h, size_t i, zev__heap_entry_t e)
+static bool entry_live(const zev__heap_entry_t *e)
 {
-    h->heap[i] = e;
-    e.t->heap_index = i;
+    return e->t->in_heap && e->t->seq == e->seq;
 }
 
 static void sift_up(zev__timers_t *h, size_t i)
@@ -81,10 +86,10 @@ static void sift_up(zev__timers_t *h, size_t i)
         size_t parent = (i - 1) / ARITY;
         if (!before(&e, &h->heap[parent]))
             break;
-        place(h, i, h->heap[parent]);
+        h->heap[i] = h->heap[parent];
         i = parent;
     }
-    place(h, i, e);
+    h->heap[i] = e;
 }
 
 static void sift_down(zev__timers_t *h, size_t i)
@@ -101,32 +106,59 @@ static void sift_down(zev__timers_t *h, size_t i)
                 best = child;
         if (!before(&h->heap[best], &e))
             break;
-        place(h, i, h->heap[best]);
+        h->heap[i] = h->heap[best];
         i = best;
     }
-    place(h, i, e);
+    h->heap[i] = e;
 }
 
-/* Room was reserved when t left the pool. */
+/* Drops every dead entry and restores the heap: O(n). */
+static void compact(zev__timers_t *h)
+{
+    size_t n = 0, i = 0;
+    while (i < h->heap_len) {
+        if (entry_live(&h->heap[i]))
+            h->heap[n++] = h->heap[i];
+        i++;
+    }
+    h->heap_len = n;
+    i = n > 1 ? (n - 2) / ARITY + 1 : 0; /* one past the last parent */
+    while (i-- > 0)
+        sift_down(h, i);
+}
+
+/* Room was reserved when t left the pool: at most live entries are live,
+ * so a full array compacts to at most half. */
 static void heap_insert(zev__timers_t *h, zev_timer_t *t)
 {
+    if (h->heap_len == h->heap_cap)
+        compact(h);
     t->seq = h->seq++;
-    place(h, h->heap_len++, (zev__heap_entry_t){t->deadline_ns, t->seq, t});
-    sift_up(h, t->heap_index);
+    t->in_heap = true;
+    h->heap[h->heap_len] = (zev__heap_entry_t){t->deadline_ns, t->seq, t};
+    sift_up(h, h->heap_len++);
 }
 
+/* Lazy: the entry stays, dead, until it comes to the top or a compaction. */
 static void heap_remove(zev__timers_t *h, zev_timer_t *t)
 {
-    size_t i = t->heap_index;
-    zev__heap_entry_t last = h->heap[--h->heap_len];
-    t->heap_index = SIZE_MAX;
-    if (last.t == t)
-        return;
-    place(h, i, last);
-    if (i > 0 && before(&last, &h->heap[(i - 1) / ARITY]))
-        sift_up(h, i);
-    else
-        sift_down(h, i);
+    (void)h;
+    t->in_heap = false;
+}
+
+static void pop_top(zev__timers_t *h)
+{
+    if (--h->heap_len) {
+        h->heap[0] = h->heap[h->heap_len];
+        sift_down(h, 0);
+    }
+}
+
+/* The top entry is live, or the heap empty. */
+static void drop_dead_tops(zev__timers_t *h)
+{
+    while (h->heap_len && !entry_live(&h->heap[0]))
+        pop_top(h);
 }
 
 /* ------------------------------------------------------------------- pool */
@@ -135,8 +167,8 @@ static void heap_remove(zev__timers_t *h, zev_timer_t *t)
 static zev_timer_t *pool_get(zev_loop_t *loop, zev_timer_fn fn, void *arg, bool owned)
 {
     zev__timers_t *h = &loop->timers;
-    if (h->live == h->heap_cap) {
-        size_t cap = zev__grown_cap(h->heap_cap, 64, h->live + 1, sizeof *h->heap);
+    if (2 * (h->live + 1) > h->heap_cap) { /* room for compact() to free half */
+        size_t cap = zev__grown_cap(h->heap_cap, 64, 2 * (h->live + 1), sizeof *h->heap);
         zev__heap_entry_t *heap = cap ? realloc(h->heap, cap * sizeof *heap) : NULL;
         if (!heap) {
             errno = ENOMEM;
@@ -155,7 +187,7 @@ static zev_timer_t *pool_get(zev_loop_t *loop, zev_timer_fn fn, void *arg, bool 
         h->chunks = c;
         for (size_t i = 0; i < CHUNK_TIMERS; i++) {
             c->timers[i].next_free = i + 1 < CHUNK_TIMERS ? &c->timers[i + 1] : NULL;
-            c->timers[i].heap_index = SIZE_MAX;
+            c->timers[i].in_heap = false;
         }
         h->free_head = &c->timers[0];
         h->free_tail = &c->timers[CHUNK_TIMERS - 1];
@@ -180,7 +212,7 @@ static zev_timer_t *pool_get(zev_loop_t *loop, zev_timer_fn fn, void *arg, bool 
 static void pool_put(zev_timer_t *t)
 {
     zev__timers_t *h = &t->loop->timers;
-    if (t->heap_index != SIZE_MAX)
+    if (t->in_heap)
         heap_remove(h, t);
     t->handle = 0;
     h->live--;
@@ -211,7 +243,7 @@ static zev_timer_t *timer_of(const zev_timer_t *handle)
 void zev__timer_arm_at(zev_timer_t *t, uint64_t deadline_ns)
 {
     zev__timers_t *h = &t->loop->timers;
-    if (t->heap_index != SIZE_MAX)
+    if (t->in_heap)
         heap_remove(h, t);
     t->deadline_ns = deadline_ns;
     t->armed = true;
@@ -221,7 +253,7 @@ void zev__timer_arm_at(zev_timer_t *t, uint64_t deadline_ns)
 
 void zev__timer_disarm(zev_timer_t *t)
 {
-    if (t->heap_index != SIZE_MAX)
+    if (t->in_heap)
         heap_remove(&t->loop->timers, t);
     t->armed = false;
     zev__loop_changed(t->loop); /* the host need not wake for it */
@@ -361,11 +393,13 @@ size_t zev__timers_run(zev_loop_t *loop, uint64_t seq_bound)
 {
     zev__timers_t *h = &loop->timers;
     size_t ran = 0;
-    while (h->heap_len) {
-        if (h->heap[0].deadline_ns > loop->now_ns || h->heap[0].seq >= seq_bound)
+    for (;;) {
+        drop_dead_tops(h);
+        if (!h->heap_len || h->heap[0].deadline_ns > loop->now_ns || h->heap[0].seq >= seq_bound)
             break;
         zev_timer_t *t = h->heap[0].t;
-        heap_remove(h, t);
+        pop_top(h);
+        t->in_heap = false;
         ran++;
         t->armed = t->repeat_ns != 0; /* a one-shot has had its run */
         t->running = true;
@@ -381,7 +415,7 @@ size_t zev__timers_run(zev_loop_t *loop, uint64_t seq_bound)
             pool_put(t);
             continue;
         }
-        if (t->heap_index != SIZE_MAX)
+        if (t->in_heap)
             continue; /* re-armed inside its callback: that deadline stands */
         if (t->armed)
             zev__timer_arm_at(t, next_on_grid(t->deadline_ns, t->repeat_ns, loop->now_ns));
@@ -391,8 +425,9 @@ size_t zev__timers_run(zev_loop_t *loop, uint64_t seq_bound)
     return ran;
 }
 
-uint64_t zev__timers_next(const zev_loop_t *loop)
+uint64_t zev__timers_next(zev_loop_t *loop)
 {
+    drop_dead_tops(&loop->timers);
     return loop->timers.heap_len ? loop->timers.heap[0].deadline_ns : UINT64_MAX;
 }
 

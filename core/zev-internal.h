@@ -161,7 +161,7 @@ struct zev_timer {
     uint64_t deadline_ns;
     uint64_t repeat_ns;
     uint64_t seq;      /* (re)arm order, breaks deadline ties (FIFO) */
-    size_t heap_index; /* SIZE_MAX when not in the heap */
+    bool in_heap;      /* armed: the heap entry with its seq is live */
     zev_timer_fn fn;
     void *arg;
     uintptr_t handle;       /* what its owner holds; 0 while in the pool */
@@ -182,9 +182,9 @@ typedef struct zev__heap_entry {
 
 /* A loop's timers: the heap of armed ones and the pool they all come from. */
 typedef struct zev__timers {
-    zev__heap_entry_t *heap; /* 4-ary min-heap on (deadline_ns, seq) */
+    zev__heap_entry_t *heap; /* 4-ary min-heap on (deadline_ns, seq), with dead entries */
     size_t heap_len, heap_cap;
-    size_t live;                   /* timers out of the pool: heap_cap >= live */
+    size_t live;                   /* timers out of the pool: heap_cap >= 2 x live */
     uint64_t seq;                  /* next (re)arm order */
     zev_timer_t *free_head, *free_tail;
     struct zev__timer_chunk *chunks;
@@ -469,7 +469,7 @@ static inline void zev__callbacks_leave(zev_loop_t *loop)
 /* timer.c: runs the due timers armed before `seq_bound` (loop->timers.seq
  * when the iteration began); returns timers run. */
 ZEV_INTERNAL size_t zev__timers_run(zev_loop_t *loop, uint64_t seq_bound);
-ZEV_INTERNAL uint64_t zev__timers_next(const zev_loop_t *loop); /* UINT64_MAX if none */
+ZEV_INTERNAL uint64_t zev__timers_next(zev_loop_t *loop); /* UINT64_MAX if none */
 ZEV_INTERNAL void zev__timers_free(zev_loop_t *loop);
 /* zev's own timers (streams): owned timers used through the object, never
  * through a handle. New: NULL/ENOMEM. Arm and disarm cannot fail. */
