@@ -74,8 +74,14 @@ int zev__ring_reserve(zev_stream_t *s, size_t n)
         return -1;
     }
     s->kept = kept;
-    s->ring_cap = cap; /* the new slots are set up as they are first used */
     s->msg.kept = kept;
+    size_t *sizes = realloc(s->msg.sizes, cap * sizeof *sizes);
+    if (!sizes) {
+        errno = ENOMEM;
+        return -1;
+    }
+    s->msg.sizes = sizes;
+    s->ring_cap = cap; /* the new slots are set up as they are first used */
     return 0;
 }
 
@@ -94,6 +100,9 @@ static void ring_shrink(zev_stream_t *s)
     zev_frame_t **kept = realloc(s->kept, RING_KEEP * sizeof *kept);
     if (kept)
         s->kept = s->msg.kept = kept; /* else the larger one stays: only its head is used */
+    size_t *sizes = realloc(s->msg.sizes, RING_KEEP * sizeof *sizes);
+    if (sizes)
+        s->msg.sizes = sizes; /* as kept */
     s->ring_cap = RING_KEEP;
 }
 
@@ -114,8 +123,10 @@ void zev__ring_free(zev_stream_t *s)
         zmq_msg_close(&s->ring[i]);
     free(s->ring);
     free(s->kept);
+    free(s->msg.sizes);
     s->ring = NULL;
     s->kept = NULL;
+    s->msg.sizes = NULL;
     s->ring_cap = 0;
 }
 
@@ -228,9 +239,22 @@ static zmq_msg_t *part_at(const zev_msg_t *m, size_t i)
     return m->kept[i] ? &m->kept[i]->msg : &m->parts[i];
 }
 
+/* The size of a part still in the ring: what zmq_msg_recv returned, unless
+ * the caller got the zmq_msg_t itself (zev_msg_frame) or it was too big
+ * for zmq_msg_recv's int. */
+static size_t slot_size(const zev_msg_t *m, size_t i)
+{
+    size_t size = m->sizes[i];
+    return size != SIZE_MAX ? size : zmq_msg_size(&m->parts[i]);
+}
+
 zmq_msg_t *zev_msg_frame(zev_msg_t *m, size_t i)
 {
-    return part_ok(m, i) ? part_at(m, i) : NULL;
+    if (!part_ok(m, i))
+        return NULL;
+    if (!m->kept[i])
+        m->sizes[i] = SIZE_MAX; /* the caller may change it: ask libzmq from now on */
+    return part_at(m, i);
 }
 
 const void *zev_msg_data(const zev_msg_t *m, size_t i)
@@ -240,7 +264,9 @@ const void *zev_msg_data(const zev_msg_t *m, size_t i)
 
 size_t zev_msg_size(const zev_msg_t *m, size_t i)
 {
-    return part_ok(m, i) ? zmq_msg_size(part_at(m, i)) : 0;
+    if (!part_ok(m, i))
+        return 0;
+    return m->kept[i] ? zmq_msg_size(&m->kept[i]->msg) : slot_size(m, i);
 }
 
 int zev_msg_more(const zev_msg_t *m, size_t i)
@@ -265,7 +291,7 @@ zev_frame_t *zev_msg_keep(zev_msg_t *m, size_t i)
     f->qnode.run = frame_returned;
     f->hub = hub;
     f->stream = s;
-    f->size = zmq_msg_size(&m->parts[i]);
+    f->size = slot_size(m, i);
     zev__msg_move(&f->msg, &m->parts[i]); /* the slot is left empty */
     zev__list_push_tail(&s->kept_frames, &f->node);
     s->frames_out++;

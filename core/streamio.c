@@ -94,6 +94,7 @@
 #include "zev-internal.h"
 
 #include <errno.h>
+#include <limits.h>
 #include <string.h>
 
 #define BACKOFF_MIN_NS 100000u   /* 100 µs */
@@ -580,6 +581,13 @@ static __attribute__((noinline)) enum rx drop_rest(zev_stream_t *s, size_t allow
     }
 }
 
+/* A received part's size for zev_msg_size and zev_msg_keep (msg.c), from
+ * zmq_msg_recv's return: SIZE_MAX (ask libzmq) where that int is clipped. */
+static size_t part_size(int n)
+{
+    return n < INT_MAX ? (size_t)n : SIZE_MAX;
+}
+
 /* A message goes on past max_parts after its i-th part: close the parts
  * so far, and drain the rest of it (drop_rest). */
 static __attribute__((noinline)) enum rx start_drop(zev_stream_t *s, size_t i, size_t allowance,
@@ -611,6 +619,7 @@ static inline __attribute__((always_inline)) enum rx recv_message(zev_stream_t *
             return errno == EAGAIN ? RX_NONE : RX_ERR; /* nothing taken */
         if (n >= 0) {
             *taken += 1;
+            s->msg.sizes[0] = part_size(n);
             if (!zmq_msg_more(&s->ring[0])) {
                 s->msg.n = 1;
                 s->stats.bytes_in += (unsigned)n;
@@ -650,6 +659,7 @@ static inline __attribute__((always_inline)) enum rx recv_message(zev_stream_t *
         }
         got++;
         bytes += (unsigned)n;
+        s->msg.sizes[i] = part_size(n);
         if (!zmq_msg_more(&s->ring[i++])) {
             rc = RX_GOT;
             break;

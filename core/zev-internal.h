@@ -223,6 +223,7 @@ struct zev_msg {
     zev_stream_t *stream;
     zmq_msg_t *parts;   /* the stream's receive ring */
     zev_frame_t **kept; /* kept[i] != NULL once part i was kept */
+    size_t *sizes;      /* part i's size as zmq_msg_recv said, SIZE_MAX: ask libzmq */
     size_t n;
 };
 
