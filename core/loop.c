@@ -392,8 +392,12 @@ void zev__loop_changed(zev_loop_t *loop)
  * phases 1-3 already ran callbacks does not block in the wait: the caller
  * gets control back after progress; one that did wait runs the timers that
  * became due meanwhile before it returns. Both as libuv's UV_RUN_ONCE. */
+_Thread_local zev_loop_t *zev__iterating __attribute__((tls_model("initial-exec")));
+
 static int loop_iterate(zev_loop_t *loop, int64_t max_wait_ns, bool once)
 {
+    zev_loop_t *outer = zev__iterating;
+    zev__iterating = loop;
     loop->depth++;
     loop->iteration++;
     loop->stats.iterations++;
@@ -421,6 +425,7 @@ static int loop_iterate(zev_loop_t *loop, int64_t max_wait_ns, bool once)
     zev__io_reap(loop);
     zev__streams_reap(loop);
     loop->depth--;
+    zev__iterating = outer;
     if (loop->embedded)
         embedded_signal(loop);
     errno = err;
@@ -552,7 +557,7 @@ int zev_loop_timeout(const zev_loop_t *loop)
         errno = EINVAL;
         return -1;
     }
-    zev_loop_t *l = (zev_loop_t *)loop; /* has_pending_work reads only */
+    zev_loop_t *l = (zev_loop_t *)loop; /* reads, but for dead timer entries dropped */
     if (has_pending_work(l))
         return 0;
     return ms_until(zev__timers_next(l), zev__clock_ns());

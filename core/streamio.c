@@ -609,6 +609,22 @@ static __attribute__((noinline)) enum rx drop_rest(zev_stream_t *s, size_t allow
     }
 }
 
+/* A received part's size for zev_msg_size and zev_msg_keep (msg.c), from
+ * zmq_msg_recv's return: SIZE_MAX (ask libzmq) where that int is clipped. */
+static size_t part_size(int n)
+{
+    return n < INT_MAX ? (size_t)n : SIZE_MAX;
+}
+
+/* A message goes on past max_parts after its i-th part: close the parts
+ * so far, and drain the rest of it (drop_rest). */
+static __attribute__((noinline)) enum rx start_drop(zev_stream_t *s, size_t i, size_t allowance,
+                                                    size_t *taken)
+{
+    start_dropping(s, i);
+    return drop_rest(s, allowance, taken);
+}
+
 /* The per-message path (inlined into both callers). */
 static inline __attribute__((always_inline)) enum rx recv_message(zev_stream_t *s,
                                                                   size_t allowance,
@@ -616,6 +632,29 @@ static inline __attribute__((always_inline)) enum rx recv_message(zev_stream_t *
 {
     if (__builtin_expect(s->rx_dropping, 0))
         return drop_rest(s, allowance, taken);
+    if (__builtin_expect(!s->rx_parts && s->ring_used && allowance, 1)) {
+        /* A message's first part into slot 0, set up already: the common
+         * case, and a whole message when it has one part. Anything else
+         * goes on below as if the loop had received this part. */
+        s->kept[0] = NULL;
+        int n = sock_recv(s, &s->ring[0]);
+        if (n < 0 && errno != EINTR)
+            return errno == EAGAIN ? RX_NONE : RX_ERR; /* nothing taken */
+        if (n >= 0) {
+            *taken += 1;
+            s->msg.sizes[0] = part_size(n);
+            if (!zmq_msg_more(&s->ring[0])) {
+                s->msg.n = 1;
+                s->stats.bytes_in += n < INT_MAX ? (unsigned)n : zmq_msg_size(&s->ring[0]);
+                return RX_GOT;
+            }
+            if (s->max_parts == 1) /* another part comes: too long */
+                return start_drop(s, 1, allowance - 1, taken);
+            s->rx_parts = 1;
+            s->rx_bytes = n < INT_MAX ? (unsigned)n : zmq_msg_size(&s->ring[0]);
+            allowance--;
+        }
+    }
     size_t i = s->rx_parts, got = 0;
     uint64_t bytes = s->rx_bytes;
     s->rx_parts = 0;
@@ -643,14 +682,14 @@ static inline __attribute__((always_inline)) enum rx recv_message(zev_stream_t *
         }
         got++;
         bytes += n < INT_MAX ? (unsigned)n : zmq_msg_size(&s->ring[i]); /* n stops at INT_MAX */
+        s->msg.sizes[i] = part_size(n);
         if (!zmq_msg_more(&s->ring[i++])) {
             rc = RX_GOT;
             break;
         }
         if (s->max_parts && i >= s->max_parts) { /* another part comes: too long */
-            start_dropping(s, i);
             *taken += got;
-            return drop_rest(s, allowance - got, taken);
+            return start_drop(s, i, allowance - got, taken);
         }
     }
     *taken += got;
