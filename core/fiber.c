@@ -68,6 +68,7 @@ struct zev_fiber {
     enum fiber_state state;
     int wake; /* why it was made runnable */
     bool cancelled, detached;
+    bool reporting;      /* returned, its resume reported to the slow hook */
     zev_fiber_t *joiner; /* the fiber joining it */
     uint64_t resumed_in; /* the iteration it last resumed in */
     unsigned budget;     /* calls that did not wait since it resumed */
@@ -359,15 +360,14 @@ static void fiber_main(void *arg)
     zev__ctx_exit(&f->ctx, &f->loop->fibers.sched);
 }
 
-/* After its last switch: what only its running needed goes back. */
+/* After its last switch: what only its running needed goes back (the
+ * caller frees a detached one). */
 static void finished(zev_fiber_t *f)
 {
     zev__ctx_destroy(&f->ctx);
     zev__stack_put(&f->loop->fibers.stacks, &f->stack);
     zev__timer_free(f->timer);
     f->timer = NULL;
-    if (f->detached)
-        free_fiber(f);
 }
 
 zev_fiber_t *zev_fiber_spawn(zev_loop_t *loop, zev_fiber_fn fn, void *arg,
@@ -428,9 +428,19 @@ static void resume(zev_loop_t *loop, zev_fiber_t *f)
     uint64_t t0 = zev__watch_begin(loop);
     zev__ctx_switch(&loop->fibers.sched, &f->ctx);
     current = outer; /* before the slow hook, which is no fiber of this loop */
+    if (f->state != F_DONE) {
+        zev__watch_end(loop, t0, ZEV_SLOW_FIBER, f, NULL);
+        return;
+    }
+    /* Returned: the slow hook may call any fiber function on it (detach
+     * it, join it from a fiber of another loop): f is freed after the
+     * hook, never under it. */
+    finished(f);
+    f->reporting = true;
     zev__watch_end(loop, t0, ZEV_SLOW_FIBER, f, NULL);
-    if (f->state == F_DONE)
-        finished(f);
+    f->reporting = false;
+    if (f->detached)
+        free_fiber(f);
 }
 
 size_t zev__fibers_run(zev_loop_t *loop)
@@ -494,7 +504,10 @@ static int join_impl(zev_fiber_t *t, int64_t timeout_us)
     }
     if (t->state == F_DONE) { /* no wait: also for a cancelled fiber freeing its children */
         release_borrowed(f);
-        free_fiber(t);
+        if (t->reporting)
+            t->detached = true; /* joined under the slow hook: resume frees it */
+        else
+            free_fiber(t);
         return 0;
     }
     if (!enter())
@@ -522,7 +535,7 @@ int zev_fiber_detach(zev_fiber_t *t)
         return -1;
     }
     t->detached = true;
-    if (t->state == F_DONE)
+    if (t->state == F_DONE && !t->reporting) /* else resume frees it */
         free_fiber(t);
     return 0;
 }
@@ -743,6 +756,19 @@ static int recv_impl(zev_stream_t *s, zev_msg_t **msg, int64_t timeout_us)
                 break;
             }
             if (got == 2) { /* a long message goes on, or one was dropped */
+                /* Timeout 0 does not wait for the rest; a deadline bounds
+                 * the call (it returns at most one piece after it). The
+                 * parts taken stay in the ring for the stream's next
+                 * receive, which goes on from there: never lost, never
+                 * split. */
+                if (timeout_us == 0 || (deadline != UINT64_MAX && zev__clock_ns() >= deadline)) {
+                    err = EAGAIN;
+                    break;
+                }
+                /* The fiber that began a message keeps the turn until it
+                 * has it: the stream's pass wakes no other waiter, and a
+                 * fiber that comes meanwhile queues behind it. */
+                s->handed_in = f;
                 if ((err = yield_now(f)))
                     break; /* the rest of the loop ran meanwhile */
                 continue;
