@@ -714,25 +714,47 @@ static int enter_stream(zev_fiber_t *f, zev_stream_t *s)
     return err;
 }
 
-static int recv_impl(zev_stream_t *s, zev_msg_t **msg, int64_t timeout_us)
+/* The ring's slots past the message just received: a longer message's
+ * parts that the fast path (which lets each receive overwrite the slots, as
+ * the stream's pass does) left behind. Not held while f has the message. */
+static void ring_trim(zev_stream_t *s)
 {
-    zev_fiber_t *f = enter();
-    if (!f)
-        return -1;
-    if (!s || !msg) {
-        errno = EINVAL;
-        return -1;
+    for (size_t i = s->msg.n; i < s->ring_used; i++)
+        zmq_msg_close(&s->ring[i]); /* a kept part's slot is already empty */
+    s->ring_used = s->msg.n;
+}
+
+/* The ring size up to which the fast path lets slots be overwritten (msg.c
+ * gives a larger ring back at its recycle: RING_KEEP). */
+#define RING_SMALL 1024u
+
+/* The general path of zev_fiber_recv. `held`: the caller holds s already
+ * (the fast path), paced, and `got` is what its receive gave. */
+static int recv_slow(zev_fiber_t *f, zev_stream_t *s, zev_msg_t **msg, int64_t timeout_us,
+                     bool held, int got)
+{
+    int err;
+    if (held) {
+        err = stream_state(s);
+    } else {
+        if (!s || !msg) {
+            errno = EINVAL;
+            return -1;
+        }
+        if (s->on_recv) {
+            errno = EBUSY;
+            return -1;
+        }
+        err = enter_stream(f, s);
+        if (err) {
+            errno = err;
+            return -1;
+        }
+        if (s->on_recv)
+            err = EBUSY; /* set while f yielded */
     }
-    if (s->on_recv) {
-        errno = EBUSY;
-        return -1;
-    }
-    int err = enter_stream(f, s);
-    if (!err && s->on_recv)
-        err = EBUSY; /* set while f yielded */
     if (err) {
-        if (err == EBUSY)
-            stream_leave(s);
+        stream_leave(s);
         errno = err;
         return -1;
     }
@@ -740,11 +762,16 @@ static int recv_impl(zev_stream_t *s, zev_msg_t **msg, int64_t timeout_us)
     bool woken = false;
     int rc = -1;
     for (;;) {
+        if (held) { /* the fast path's receive, as if made here */
+            held = false;
+            goto got_it;
+        }
         if ((err = stream_state(s)))
             break;
         if (my_turn(&s->recv_waiters, s->handed_in, f)) {
             /* puts the stream on the ready-list */
-            int got = zev__stream_recv_now(s, f->loop->batch);
+            got = zev__stream_recv_now(s, f->loop->batch);
+        got_it:
             if (s->handed_in == f)
                 s->handed_in = NULL;
             if (got == 1) {
@@ -789,6 +816,7 @@ static int recv_impl(zev_stream_t *s, zev_msg_t **msg, int64_t timeout_us)
     }
     give_turn_back(s, &s->handed_in, f);
     if (rc == 0) {
+        ring_trim(s);
         f->borrowed = s; /* held until its next blocking call */
         stream_enter(s);
         *msg = &s->msg;
@@ -799,6 +827,45 @@ static int recv_impl(zev_stream_t *s, zev_msg_t **msg, int64_t timeout_us)
     if (rc < 0)
         errno = err;
     return rc;
+}
+
+/* Fast path: a fiber receiving from the stream it has its last message of,
+ * in its turn, its batch not spent, nothing amiss. The hold on the stream
+ * moves from the old message to the call and on to the new one, and the
+ * ring's slots are overwritten by the receive (as in the stream's pass)
+ * rather than closed and made again; anything else takes recv_slow. */
+static int recv_impl(zev_stream_t *s, zev_msg_t **msg, int64_t timeout_us)
+{
+    zev_fiber_t *f = current;
+    if (__builtin_expect(f && s && f->borrowed == s && msg && !f->cancelled && !s->on_recv &&
+                             !stream_state(s) && f->budget < f->loop->batch &&
+                             my_turn(&s->recv_waiters, s->handed_in, f),
+                         1)) {
+        f->borrowed = NULL;
+        f->budget++; /* pace(): within the batch */
+        if (__builtin_expect(s->ring_cap > RING_SMALL, 0))
+            zev__ring_recycle(s); /* which gives a grown ring's memory back */
+        int got = zev__stream_recv_now(s, f->loop->batch);
+        if (__builtin_expect(got == 1 && !s->handed_in, 1)) {
+            if (__builtin_expect(s->ring_used > s->msg.n, 0))
+                ring_trim(s);
+            f->borrowed = s;
+            *msg = &s->msg;
+            if (__builtin_expect(!zev__list_empty(&s->recv_waiters), 0))
+                zev__stream_wake_waiter(s, ZMQ_POLLIN); /* the next in line tries too */
+            return 0;
+        }
+        if (got != 1) { /* nothing borrowed is held while the fiber waits */
+            int err = errno;
+            zev__ring_recycle(s);
+            errno = err;
+        }
+        return recv_slow(f, s, msg, timeout_us, true, got);
+    }
+    f = enter();
+    if (!f)
+        return -1;
+    return recv_slow(f, s, msg, timeout_us, false, 0);
 }
 
 /* ---------------------------------------------------------------- send */
