@@ -730,7 +730,8 @@ static void ring_trim(zev_stream_t *s)
 
 /* The general path of zev_fiber_recv. `held`: the caller holds s already
  * (the fast path), paced, and `got` is what its receive gave. */
-static int recv_slow(zev_fiber_t *f, zev_stream_t *s, zev_msg_t **msg, int64_t timeout_us,
+static __attribute__((noinline)) int recv_slow(zev_fiber_t *f, zev_stream_t *s, zev_msg_t **msg,
+                                               int64_t timeout_us,
                      bool held, int got)
 {
     int err;
