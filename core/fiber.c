@@ -126,9 +126,11 @@ static void make_runnable(zev_fiber_t *f, int why)
     zev_loop_t *loop = f->loop;
     f->wake = why;
     f->state = F_RUNNABLE;
-    bool later = loop->fibers.in_phase && f->resumed_in == loop->iteration;
+    bool in_phase = loop->fibers.in_phase;
+    bool later = in_phase && f->resumed_in == loop->iteration;
     zev__list_push_tail(later ? &loop->fibers.later : &loop->fibers.runnable, &f->run);
-    zev__loop_changed(loop);
+    if (!in_phase) /* in the phase, the iteration's end looks at them */
+        zev__loop_changed(loop);
 }
 
 /* Off everything it waits on. */
@@ -1143,7 +1145,15 @@ int zev_fiber_sleep(uint64_t us)
 
 int zev_fiber_yield(void)
 {
-    KEEP_ERRNO(yield_impl());
+    zev_fiber_t *f = current;
+    if (__builtin_expect(!f || f->borrowed || f->cancelled, 0))
+        KEEP_ERRNO(yield_impl());
+    int why = yield_now(f); /* suspend() keeps errno */
+    if (why) {
+        errno = why;
+        return -1;
+    }
+    return 0;
 }
 
 int zev_fiber_wait_fd(int fd, int events, int64_t timeout_us)
