@@ -866,43 +866,54 @@ static __attribute__((noinline)) int recv_slow(zev_fiber_t *f, zev_stream_t *s, 
     return rc;
 }
 
-/* Fast path: a fiber receiving from the stream it has its last message of,
- * in its turn, its batch not spent, nothing amiss. The hold on the stream
- * moves from the old message to the call and on to the new one, and the
- * ring's slots are overwritten by the receive (as in the stream's pass)
- * rather than closed and made again; anything else takes recv_slow. */
-static int recv_impl(zev_stream_t *s, zev_msg_t **msg, int64_t timeout_us)
+/* Any zev_fiber_recv: the general path (errno kept as KEEP_ERRNO does). */
+static __attribute__((noinline)) int recv_any(zev_stream_t *s, zev_msg_t **msg,
+                                              int64_t timeout_us)
 {
-    zev_fiber_t *f = current;
-    if (__builtin_expect(f && s && f->borrowed == s && msg && !f->cancelled && !s->on_recv &&
-                             !stream_state(s) && f->budget < f->loop->batch &&
-                             my_turn(&s->recv_waiters, s->handed_in, f),
-                         1)) {
-        f->borrowed = NULL;
-        f->budget++; /* pace(): within the batch */
-        if (__builtin_expect(s->ring_cap > RING_SMALL, 0))
-            zev__ring_recycle(s); /* which gives a grown ring's memory back */
-        int got = zev__stream_recv_now(s, f->loop->batch);
-        if (__builtin_expect(got == 1 && !s->handed_in, 1)) {
-            if (__builtin_expect(s->ring_used > s->msg.n, 0))
-                ring_trim(s);
-            f->borrowed = s;
-            *msg = &s->msg;
-            if (__builtin_expect(!zev__list_empty(&s->recv_waiters), 0))
-                zev__stream_wake_waiter(s, ZMQ_POLLIN); /* the next in line tries too */
-            return 0;
-        }
-        if (got != 1) { /* nothing borrowed is held while the fiber waits */
-            int err = errno;
-            zev__ring_recycle(s);
-            errno = err;
-        }
-        return recv_slow(f, s, msg, timeout_us, true, got);
-    }
-    f = enter();
+    int saved = errno;
+    zev_fiber_t *f = enter();
     if (!f)
         return -1;
-    return recv_slow(f, s, msg, timeout_us, false, 0);
+    int rc = recv_slow(f, s, msg, timeout_us, false, 0);
+    if (rc >= 0)
+        errno = saved;
+    return rc;
+}
+
+/* f receives from s, the stream of its last message (f->borrowed). */
+static __attribute__((noinline)) int recv_again(zev_fiber_t *f, zev_stream_t *s, zev_msg_t **msg,
+                                                int64_t timeout_us)
+{
+    if (__builtin_expect(!msg || f->cancelled || s->on_recv || stream_state(s) ||
+                             f->budget >= f->loop->batch ||
+                             !my_turn(&s->recv_waiters, s->handed_in, f),
+                         0))
+        return recv_any(s, msg, timeout_us);
+    int saved = errno;
+    f->borrowed = NULL;
+    f->budget++; /* pace(): within the batch */
+    if (__builtin_expect(s->ring_cap > RING_SMALL, 0))
+        zev__ring_recycle(s); /* which gives a grown ring's memory back */
+    int got = zev__stream_recv_now(s, f->loop->batch);
+    if (__builtin_expect(got == 1 && !s->handed_in, 1)) {
+        if (__builtin_expect(s->ring_used > s->msg.n, 0))
+            ring_trim(s);
+        f->borrowed = s;
+        *msg = &s->msg;
+        if (__builtin_expect(!zev__list_empty(&s->recv_waiters), 0))
+            zev__stream_wake_waiter(s, ZMQ_POLLIN); /* the next in line tries too */
+        errno = saved;
+        return 0;
+    }
+    if (got != 1) { /* nothing borrowed is held while the fiber waits */
+        int err = errno;
+        zev__ring_recycle(s);
+        errno = err;
+    }
+    int rc = recv_slow(f, s, msg, timeout_us, true, got);
+    if (rc >= 0)
+        errno = saved;
+    return rc;
 }
 
 /* ---------------------------------------------------------------- send */
@@ -1161,9 +1172,17 @@ int zev_fiber_wait_fd(int fd, int events, int64_t timeout_us)
     KEEP_ERRNO(wait_fd_impl(fd, events, timeout_us));
 }
 
+/* Fast path: a fiber receiving from the stream it has its last message of,
+ * in its turn, its batch not spent, nothing amiss (recv_again). The hold on
+ * the stream moves from the old message to the call and on to the new one,
+ * and the ring's slots are overwritten by the receive (as in the stream's
+ * pass) rather than closed and made again. Anything else: recv_any. */
 int zev_fiber_recv(zev_stream_t *s, zev_msg_t **msg, int64_t timeout_us)
 {
-    KEEP_ERRNO(recv_impl(s, msg, timeout_us));
+    zev_fiber_t *f = current;
+    if (__builtin_expect(f && s && f->borrowed == s, 1))
+        return recv_again(f, s, msg, timeout_us);
+    return recv_any(s, msg, timeout_us);
 }
 
 int zev_fiber_send(zev_stream_t *s, const void *data, size_t len, int flags, int64_t timeout_us)
