@@ -80,7 +80,7 @@ struct zev_fiber {
     size_t nfds, fds_cap;
 };
 
-static _Thread_local zev_fiber_t *current;
+static _Thread_local zev_fiber_t *current __attribute__((tls_model("initial-exec")));
 
 zev_fiber_t *zev__fiber_current(void)
 {
@@ -766,7 +766,7 @@ static void ring_trim(zev_stream_t *s)
 
 /* The general path of zev_fiber_recv. `held`: the caller holds s already
  * (the fast path), paced, and `got` is what its receive gave. */
-static __attribute__((noinline)) int recv_slow(zev_fiber_t *f, zev_stream_t *s, zev_msg_t **msg,
+static inline __attribute__((always_inline)) int recv_slow(zev_fiber_t *f, zev_stream_t *s, zev_msg_t **msg,
                                                int64_t timeout_us,
                      bool held, int got)
 {
@@ -880,31 +880,12 @@ static __attribute__((noinline)) int recv_any(zev_stream_t *s, zev_msg_t **msg,
     return rc;
 }
 
-/* f receives from s, the stream of its last message (f->borrowed). */
-static __attribute__((noinline)) int recv_again(zev_fiber_t *f, zev_stream_t *s, zev_msg_t **msg,
-                                                int64_t timeout_us)
+/* The fast path's receive gave no message for f to have at once: the
+ * general path goes on from there. */
+static __attribute__((noinline, cold)) int recv_held(zev_fiber_t *f, zev_stream_t *s,
+                                                     zev_msg_t **msg, int64_t timeout_us,
+                                                     int got, int saved)
 {
-    if (__builtin_expect(!msg || f->cancelled || s->on_recv || stream_state(s) ||
-                             f->budget >= f->loop->batch ||
-                             !my_turn(&s->recv_waiters, s->handed_in, f),
-                         0))
-        return recv_any(s, msg, timeout_us);
-    int saved = errno;
-    f->borrowed = NULL;
-    f->budget++; /* pace(): within the batch */
-    if (__builtin_expect(s->ring_cap > RING_SMALL, 0))
-        zev__ring_recycle(s); /* which gives a grown ring's memory back */
-    int got = zev__stream_recv_now(s, f->loop->batch);
-    if (__builtin_expect(got == 1 && !s->handed_in, 1)) {
-        if (__builtin_expect(s->ring_used > s->msg.n, 0))
-            ring_trim(s);
-        f->borrowed = s;
-        *msg = &s->msg;
-        if (__builtin_expect(!zev__list_empty(&s->recv_waiters), 0))
-            zev__stream_wake_waiter(s, ZMQ_POLLIN); /* the next in line tries too */
-        errno = saved;
-        return 0;
-    }
     if (got != 1) { /* nothing borrowed is held while the fiber waits */
         int err = errno;
         zev__ring_recycle(s);
@@ -1173,10 +1154,36 @@ int zev_fiber_wait_fd(int fd, int events, int64_t timeout_us)
 }
 
 /* Fast path: a fiber receiving from the stream it has its last message of,
- * in its turn, its batch not spent, nothing amiss (recv_again). The hold on
- * the stream moves from the old message to the call and on to the new one,
- * and the ring's slots are overwritten by the receive (as in the stream's
- * pass) rather than closed and made again. Anything else: recv_any. */
+ * in its turn, its batch not spent, nothing amiss. The hold on the stream
+ * moves from the old message to the call and on to the new one, and the
+ * ring's slots are overwritten by the receive (as in the stream's pass)
+ * rather than closed and made again. Anything else: recv_any. */
+static __attribute__((noinline)) int recv_again(zev_fiber_t *f, zev_stream_t *s, zev_msg_t **msg,
+                                                int64_t timeout_us)
+{
+    if (__builtin_expect(!msg || f->cancelled || s->on_recv ||
+                             stream_state(s) || f->budget >= f->loop->batch ||
+                             !my_turn(&s->recv_waiters, s->handed_in, f),
+                         0))
+        return recv_any(s, msg, timeout_us);
+    int saved = errno;
+    f->borrowed = NULL;
+    f->budget++; /* pace(): within the batch */
+    if (__builtin_expect(s->ring_cap > RING_SMALL, 0))
+        zev__ring_recycle(s); /* which gives a grown ring's memory back */
+    int got = zev__stream_recv_now(s, f->loop->batch);
+    if (__builtin_expect(got != 1 || s->handed_in, 0))
+        return recv_held(f, s, msg, timeout_us, got, saved);
+    if (__builtin_expect(s->ring_used > s->msg.n, 0))
+        ring_trim(s);
+    f->borrowed = s;
+    *msg = &s->msg;
+    if (__builtin_expect(!zev__list_empty(&s->recv_waiters), 0))
+        zev__stream_wake_waiter(s, ZMQ_POLLIN); /* the next in line tries too */
+    errno = saved;
+    return 0;
+}
+
 int zev_fiber_recv(zev_stream_t *s, zev_msg_t **msg, int64_t timeout_us)
 {
     zev_fiber_t *f = current;
