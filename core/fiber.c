@@ -33,7 +33,18 @@
  *   over a busy stream cannot hold the loop.
  * - Borrowed frames: a received message lives in the stream's ring until
  *   the fiber's next blocking call (release_borrowed, first thing in every
- *   call), which is also the first moment another fiber can run.
+ *   call), which is also the first moment another fiber can run. The fast
+ *   path (zev_fiber_recv on the stream of the fiber's last message, in its
+ *   turn, within its batch) lets the next receive overwrite the ring's
+ *   slots, as the stream's own pass does, and recycles the ring before
+ *   the fiber waits.
+ * - A message longer than one pass is received over several iterations by
+ *   the fiber that began it: it keeps the stream's turn (handed_in) while
+ *   it yields between pieces, and its timeout bounds the call (timeout 0:
+ *   EAGAIN unless it is whole in the one pass; the parts stay in the ring).
+ * - The fiber phase: a fiber made runnable after it resumed in the phase
+ *   goes on loop->fibers.later, spliced onto the runnable list at the end;
+ *   the slow hook reports a fiber that returned before it is freed.
  * - Lifetimes: a stream a fiber is inside a call on (or holds a message of)
  *   counts it in fiber_refs and is freed by the last such call to leave
  *   (stream.c defers it). A fiber is freed by join, or when it returns once
