@@ -1,6 +1,6 @@
 /*
  * Execution contexts for fibers: switching stacks and what must be told to
- * the sanitizers on each switch. No scheduling here (see DESIGN.md,
+ * the sanitizers on each switch. No scheduling here (see docs/design.md,
  * "Fibers"); stacks come from core/stack.h. Internal, loop thread only.
  *
  * A context is either a thread's own ("main") context, made with

@@ -392,8 +392,12 @@ void zev__loop_changed(zev_loop_t *loop)
  * phases 1-3 already ran callbacks does not block in the wait: the caller
  * gets control back after progress; one that did wait runs the timers that
  * became due meanwhile before it returns. Both as libuv's UV_RUN_ONCE. */
+_Thread_local zev_loop_t *zev__iterating __attribute__((tls_model("initial-exec")));
+
 static int loop_iterate(zev_loop_t *loop, int64_t max_wait_ns, bool once)
 {
+    zev_loop_t *outer = zev__iterating;
+    zev__iterating = loop;
     loop->depth++;
     loop->iteration++;
     loop->stats.iterations++;
@@ -421,6 +425,7 @@ static int loop_iterate(zev_loop_t *loop, int64_t max_wait_ns, bool once)
     zev__io_reap(loop);
     zev__streams_reap(loop);
     loop->depth--;
+    zev__iterating = outer;
     if (loop->embedded)
         embedded_signal(loop);
     errno = err;
@@ -457,7 +462,7 @@ void zev__wrong_thread(const zev_loop_t *loop, const char *fn)
     fprintf(stderr,
             "zev: %s() called from thread %#lx while loop %p runs on thread %#lx: only "
             "zev_loop_add_callback, zev_loop_post, zev_loop_stop, the zev_frame_* functions and "
-            "zev_tracker_release may be called from other threads (ZEV_THREAD_CHECKS)\n",
+            "zev_tracker_done may be called from other threads (ZEV_THREAD_CHECKS)\n",
             fn, (unsigned long)pthread_self(), (const void *)loop, (unsigned long)loop->runner);
     abort();
 }
@@ -547,11 +552,12 @@ int zev_loop_fd(zev_loop_t *loop)
 
 int zev_loop_timeout(const zev_loop_t *loop)
 {
+    ZEV__LOOP_THREAD(loop);
     if (!loop) {
         errno = EINVAL;
         return -1;
     }
-    zev_loop_t *l = (zev_loop_t *)loop; /* has_pending_work reads only */
+    zev_loop_t *l = (zev_loop_t *)loop; /* reads, but for dead timer entries dropped */
     if (has_pending_work(l))
         return 0;
     return ms_until(zev__timers_next(l), zev__clock_ns());

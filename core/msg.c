@@ -25,7 +25,12 @@
  *   (libzmq's reference counts are atomic) and sends the handle home
  *   through the hub's lock-free queue. On the loop thread the stream is
  *   told (on_frame_release, and reading resumes under max_frames) and the
- *   handle goes back to the pool. A kept frame holds a reference on the hub,
+ *   handle goes back to the pool. A release on the thread iterating the
+ *   loop (zev__iterating: inside its callbacks) does that at once, without
+ *   the queue and its wakeup, unless the stream has an on_frame_release:
+ *   that one must not run inside zev_frame_release, so such a frame is
+ *   queued (no wakeup needed: the loop does not wait while the queue holds
+ *   anything) and returned by the next drain. A kept frame holds a reference on the hub,
  *   so a release after zev_loop_destroy is still safe: the handle then just
  *   returns to a pool that dies with the hub.
  * - zev_stream_send_frame forwards a kept frame without copying: libzmq gets
@@ -69,8 +74,14 @@ int zev__ring_reserve(zev_stream_t *s, size_t n)
         return -1;
     }
     s->kept = kept;
-    s->ring_cap = cap; /* the new slots are set up as they are first used */
     s->msg.kept = kept;
+    size_t *sizes = realloc(s->msg.sizes, cap * sizeof *sizes);
+    if (!sizes) {
+        errno = ENOMEM;
+        return -1;
+    }
+    s->msg.sizes = sizes;
+    s->ring_cap = cap; /* the new slots are set up as they are first used */
     return 0;
 }
 
@@ -89,6 +100,9 @@ static void ring_shrink(zev_stream_t *s)
     zev_frame_t **kept = realloc(s->kept, RING_KEEP * sizeof *kept);
     if (kept)
         s->kept = s->msg.kept = kept; /* else the larger one stays: only its head is used */
+    size_t *sizes = realloc(s->msg.sizes, RING_KEEP * sizeof *sizes);
+    if (sizes)
+        s->msg.sizes = sizes; /* as kept */
     s->ring_cap = RING_KEEP;
 }
 
@@ -109,8 +123,10 @@ void zev__ring_free(zev_stream_t *s)
         zmq_msg_close(&s->ring[i]);
     free(s->ring);
     free(s->kept);
+    free(s->msg.sizes);
     s->ring = NULL;
     s->kept = NULL;
+    s->msg.sizes = NULL;
     s->ring_cap = 0;
 }
 
@@ -145,23 +161,19 @@ void zev__frame_pool_free(zev__hub_t *hub)
     hub->frame_free = hub->frame_free_tail = NULL;
 }
 
-/* Back on the loop thread (loop != NULL) or on the hub's last owner. */
-static void frame_returned(zev__qnode_t *n, zev_loop_t *loop)
+/* The stream stops counting the frame; true if it was at its max_frames
+ * (reading resumes: the caller marks it ready). Loop thread. */
+static inline __attribute__((always_inline)) bool frame_untrack(zev_frame_t *f, zev_stream_t *s)
 {
-    zev_frame_t *f = (zev_frame_t *)n;
-    zev_stream_t *s = loop ? f->stream : NULL;
-    if (s) {
-        zev__list_remove(&f->node);
-        bool was_full = s->max_frames && s->frames_out >= s->max_frames;
-        s->frames_out--;
-        if (s->on_frame) {
-            uint64_t t0 = zev__watch_begin(loop);
-            s->on_frame(s, f->size, s->frame_arg);
-            zev__watch_end(loop, t0, ZEV_SLOW_FRAME, s, NULL);
-        }
-        if (was_full)
-            zev__stream_mark_ready(s); /* reading resumes */
-    }
+    zev__list_remove(&f->node);
+    bool was_full = s->max_frames && s->frames_out >= s->max_frames;
+    s->frames_out--;
+    return was_full;
+}
+
+/* Back to the pool (the loop thread, or the hub's last owner). */
+static inline __attribute__((always_inline)) void frame_to_pool(zev_frame_t *f)
+{
     f->stream = NULL;
     atomic_store_explicit(&f->handle, 0, memory_order_relaxed);
     if (zev__handle_retired(++f->gen))
@@ -173,6 +185,24 @@ static void frame_returned(zev__qnode_t *n, zev_loop_t *loop)
     else
         hub->frame_free = f;
     hub->frame_free_tail = f;
+}
+
+/* Back on the loop thread (loop != NULL) or on the hub's last owner. */
+static void frame_returned(zev__qnode_t *n, zev_loop_t *loop)
+{
+    zev_frame_t *f = (zev_frame_t *)n;
+    zev_stream_t *s = loop ? f->stream : NULL;
+    if (s) {
+        bool was_full = frame_untrack(f, s);
+        if (s->on_frame) {
+            uint64_t t0 = zev__watch_begin(loop);
+            s->on_frame(s, f->size, s->frame_arg);
+            zev__watch_end(loop, t0, ZEV_SLOW_FRAME, s, NULL);
+        }
+        if (was_full)
+            zev__stream_mark_ready(s); /* reading resumes */
+    }
+    frame_to_pool(f);
 }
 
 /* A stream going away leaves its frames kept, just no longer tracked. */
@@ -209,9 +239,22 @@ static zmq_msg_t *part_at(const zev_msg_t *m, size_t i)
     return m->kept[i] ? &m->kept[i]->msg : &m->parts[i];
 }
 
+/* The size of a part still in the ring: what zmq_msg_recv returned, unless
+ * the caller got the zmq_msg_t itself (zev_msg_frame) or it was too big
+ * for zmq_msg_recv's int. */
+static size_t slot_size(const zev_msg_t *m, size_t i)
+{
+    size_t size = m->sizes[i];
+    return size != SIZE_MAX ? size : zmq_msg_size(&m->parts[i]);
+}
+
 zmq_msg_t *zev_msg_frame(zev_msg_t *m, size_t i)
 {
-    return part_ok(m, i) ? part_at(m, i) : NULL;
+    if (!part_ok(m, i))
+        return NULL;
+    if (!m->kept[i])
+        m->sizes[i] = SIZE_MAX; /* the caller may change it: ask libzmq from now on */
+    return part_at(m, i);
 }
 
 const void *zev_msg_data(const zev_msg_t *m, size_t i)
@@ -221,7 +264,9 @@ const void *zev_msg_data(const zev_msg_t *m, size_t i)
 
 size_t zev_msg_size(const zev_msg_t *m, size_t i)
 {
-    return part_ok(m, i) ? zmq_msg_size(part_at(m, i)) : 0;
+    if (!part_ok(m, i))
+        return 0;
+    return m->kept[i] ? zmq_msg_size(&m->kept[i]->msg) : slot_size(m, i);
 }
 
 int zev_msg_more(const zev_msg_t *m, size_t i)
@@ -246,7 +291,7 @@ zev_frame_t *zev_msg_keep(zev_msg_t *m, size_t i)
     f->qnode.run = frame_returned;
     f->hub = hub;
     f->stream = s;
-    f->size = zmq_msg_size(&m->parts[i]);
+    f->size = slot_size(m, i);
     zev__msg_move(&f->msg, &m->parts[i]); /* the slot is left empty */
     zev__list_push_tail(&s->kept_frames, &f->node);
     s->frames_out++;
@@ -308,6 +353,27 @@ zmq_msg_t *zev_frame_msg(zev_frame_t *handle)
     return f ? &f->msg : NULL;
 }
 
+/* frame_home on the thread iterating the frame's loop: the frame is
+ * returned now, with no trip through the queue and no wakeup. Only
+ * on_frame_release waits, since it must not run inside zev_frame_release:
+ * a frame whose stream has one is queued (without a wakeup: the loop does
+ * not wait while its queue holds anything) and returned by the next drain,
+ * on_frame_release included. */
+static void frame_home_here(zev_frame_t *f)
+{
+    zev__hub_t *hub = f->hub;
+    zev_stream_t *s = f->stream;
+    zmq_msg_close(&f->msg);
+    if (s && s->on_frame) {
+        zev__hub_push(hub, &f->qnode);
+    } else {
+        if (s && frame_untrack(f, s))
+            zev__stream_mark_ready(s); /* reading resumes */
+        frame_to_pool(f);
+    }
+    zev__hub_unref(hub); /* never the last reference: the loop holds one */
+}
+
 int zev_frame_release(zev_frame_t *handle)
 {
     zev_frame_t *f = handle ? zev__handle_obj(handle) : NULL;
@@ -315,7 +381,11 @@ int zev_frame_release(zev_frame_t *handle)
         errno = EINVAL;
         return -1;
     }
-    frame_home(f);
+    zev_loop_t *here = zev__iterating;
+    if (here && here->hub == f->hub)
+        frame_home_here(f);
+    else
+        frame_home(f);
     return 0;
 }
 

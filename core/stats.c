@@ -91,6 +91,7 @@ static uint64_t percentile(const zev_loop_t *loop, double p)
 
 int zev_loop_stats(const zev_loop_t *loop, zev_loop_stats_t *out)
 {
+    ZEV__LOOP_THREAD(loop);
     if (!loop || !out) {
         errno = EINVAL;
         return -1;
@@ -103,6 +104,7 @@ int zev_loop_stats(const zev_loop_t *loop, zev_loop_stats_t *out)
 
 int zev_loop_stats_reset(zev_loop_t *loop)
 {
+    ZEV__LOOP_THREAD(loop);
     if (!loop) {
         errno = EINVAL;
         return -1;
@@ -114,6 +116,7 @@ int zev_loop_stats_reset(zev_loop_t *loop)
 
 int zev_loop_set_timing(zev_loop_t *loop, int on)
 {
+    ZEV__LOOP_THREAD(loop);
     if (!loop) {
         errno = EINVAL;
         return -1;
@@ -125,6 +128,7 @@ int zev_loop_set_timing(zev_loop_t *loop, int on)
 
 int zev_loop_on_slow(zev_loop_t *loop, uint64_t threshold_us, zev_slow_fn fn, void *arg)
 {
+    ZEV__LOOP_THREAD(loop);
     if (!loop) {
         errno = EINVAL;
         return -1;

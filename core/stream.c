@@ -114,6 +114,7 @@ void zev__stream_finalize(zev_stream_t *s)
         return;
     s->finalized = true;
     zev__sendq_cancel(s, ECANCELED);
+    zev__stream_rx_abandon(s); /* never leave half a message in the socket */
     if (!s->err)
         unregister(s);
     zev__list_remove(&s->ready);
@@ -444,6 +445,8 @@ zev_loop_t *zev_stream_loop(const zev_stream_t *s)
 
 int zev_stream_stats(const zev_stream_t *s, zev_stream_stats_t *out)
 {
+    if (s)
+        ZEV__LOOP_THREAD(s->loop);
     if (!s || !out) {
         errno = EINVAL;
         return -1;
@@ -460,6 +463,7 @@ int zev_stream_set_max_parts(zev_stream_t *s, size_t n)
 {
     if (!zev__stream_usable(s))
         return -1;
-    s->max_parts = n; /* a message being received is judged by the new bound */
+    s->max_parts = n;
+    zev__stream_rx_bound(s); /* a message being received is judged by the new bound */
     return 0;
 }

@@ -6,7 +6,7 @@
  *
  * Design notes
  * - ZMQ_FD is edge-triggered, and any zmq_send, zmq_recv or ZMQ_EVENTS read
- *   on the socket can consume its edge. The invariant (DESIGN.md, "Loop
+ *   on the socket can consume its edge. The invariant (docs/design.md, "Loop
  *   iteration") is checked in one predicate, may_leave_ready_list(): a
  *   stream leaves the ready-list only when libzmq's last word on the socket
  *   is still current and offers nothing the stream wants. Four fields carry
@@ -94,6 +94,7 @@
 #include "zev-internal.h"
 
 #include <errno.h>
+#include <limits.h>
 #include <string.h>
 
 #define BACKOFF_MIN_NS 100000u   /* 100 µs */
@@ -191,10 +192,11 @@ static int sock_send(zev_stream_t *s, zmq_msg_t *msg, bool more)
 {
     for (;;) {
         s->changes++;
+        size_t size = zmq_msg_size(msg); /* the return stops at INT_MAX */
         int n = zmq_msg_send(msg, s->sock, ZMQ_DONTWAIT | (more ? ZMQ_SNDMORE : 0));
         if (n >= 0) {
             s->out_more = more;
-            s->stats.bytes_out += (uint64_t)n;
+            s->stats.bytes_out += size;
             return 0;
         }
         if (errno != EINTR)
@@ -544,9 +546,36 @@ enum rx { RX_ERR = -1, RX_NONE, RX_GOT, RX_MORE, RX_DROPPED };
  *               tail look like a new message.
  * libzmq hands over a multipart message whole, so once its first part came
  * the rest is there: only the allowance or an error stops in the middle. */
-/* Drains the rest of a message over max_parts (rx_dropping) through slot
- * 0, closing each part as it comes, at most `allowance` parts: RX_DROPPED
- * at its last part, RX_MORE, or RX_ERR. Off the per-message path. */
+/* Gives up a message whose first `held` parts are in the ring (none,
+ * while dropping already): they are emptied, and drop_rest drains the
+ * rest from libzmq. */
+static void start_dropping(zev_stream_t *s, size_t held)
+{
+    for (size_t k = 0; k < held; k++) {
+        zmq_msg_close(&s->ring[k]);
+        zmq_msg_init(&s->ring[k]);
+    }
+    s->rx_parts = 0;
+    s->rx_bytes = 0;
+    s->rx_dropping = true;
+}
+
+/* A REP socket that received a request waits for its reply, and refuses
+ * every later recv with EFSM: a request zev dropped (over max_parts, or cut
+ * by a close) is answered with one empty part so the socket goes on with
+ * the next request. The only message zev ever sends on its own. */
+static void answer_dropped_request(zev_stream_t *s)
+{
+    if (s->type != ZMQ_REP)
+        return;
+    s->changes++;
+    while (zmq_send(s->sock, NULL, 0, ZMQ_DONTWAIT) < 0 && errno == EINTR)
+        continue;
+}
+
+/* Drains the rest of a message given up (rx_dropping) through slot 0,
+ * closing each part as it comes, at most `allowance` parts: RX_DROPPED at
+ * its last part, RX_MORE, or RX_ERR. Off the per-message path. */
 static __attribute__((noinline)) enum rx drop_rest(zev_stream_t *s, size_t allowance,
                                                    size_t *taken)
 {
@@ -574,10 +603,26 @@ static __attribute__((noinline)) enum rx drop_rest(zev_stream_t *s, size_t allow
         if (!more) {
             *taken += got + 1;
             s->rx_dropping = false;
-            s->stats.dropped_oversized++;
+            answer_dropped_request(s);
             return RX_DROPPED;
         }
     }
+}
+
+/* A received part's size for zev_msg_size and zev_msg_keep (msg.c), from
+ * zmq_msg_recv's return: SIZE_MAX (ask libzmq) where that int is clipped. */
+static size_t part_size(int n)
+{
+    return n < INT_MAX ? (size_t)n : SIZE_MAX;
+}
+
+/* A message goes on past max_parts after its i-th part: close the parts
+ * so far, and drain the rest of it (drop_rest). */
+static __attribute__((noinline)) enum rx start_drop(zev_stream_t *s, size_t i, size_t allowance,
+                                                    size_t *taken)
+{
+    start_dropping(s, i);
+    return drop_rest(s, allowance, taken);
 }
 
 /* The per-message path (inlined into both callers). */
@@ -587,6 +632,29 @@ static inline __attribute__((always_inline)) enum rx recv_message(zev_stream_t *
 {
     if (__builtin_expect(s->rx_dropping, 0))
         return drop_rest(s, allowance, taken);
+    if (__builtin_expect(!s->rx_parts && s->ring_used && allowance, 1)) {
+        /* A message's first part into slot 0, set up already: the common
+         * case, and a whole message when it has one part. Anything else
+         * goes on below as if the loop had received this part. */
+        s->kept[0] = NULL;
+        int n = sock_recv(s, &s->ring[0]);
+        if (n < 0 && errno != EINTR)
+            return errno == EAGAIN ? RX_NONE : RX_ERR; /* nothing taken */
+        if (n >= 0) {
+            *taken += 1;
+            s->msg.sizes[0] = part_size(n);
+            if (!zmq_msg_more(&s->ring[0])) {
+                s->msg.n = 1;
+                s->stats.bytes_in += n < INT_MAX ? (unsigned)n : zmq_msg_size(&s->ring[0]);
+                return RX_GOT;
+            }
+            if (s->max_parts == 1) /* another part comes: too long */
+                return start_drop(s, 1, allowance - 1, taken);
+            s->rx_parts = 1;
+            s->rx_bytes = n < INT_MAX ? (unsigned)n : zmq_msg_size(&s->ring[0]);
+            allowance--;
+        }
+    }
     size_t i = s->rx_parts, got = 0;
     uint64_t bytes = s->rx_bytes;
     s->rx_parts = 0;
@@ -613,20 +681,15 @@ static inline __attribute__((always_inline)) enum rx recv_message(zev_stream_t *
             break;
         }
         got++;
-        bytes += (unsigned)n;
+        bytes += n < INT_MAX ? (unsigned)n : zmq_msg_size(&s->ring[i]); /* n stops at INT_MAX */
+        s->msg.sizes[i] = part_size(n);
         if (!zmq_msg_more(&s->ring[i++])) {
             rc = RX_GOT;
             break;
         }
         if (s->max_parts && i >= s->max_parts) { /* another part comes: too long */
-            for (size_t k = 0; k < i; k++) {
-                zmq_msg_close(&s->ring[k]);
-                zmq_msg_init(&s->ring[k]);
-            }
             *taken += got;
-            s->rx_bytes = 0;
-            s->rx_dropping = true;
-            return drop_rest(s, allowance - got, taken);
+            return start_drop(s, i, allowance - got, taken);
         }
     }
     *taken += got;
@@ -671,6 +734,7 @@ static size_t recv_some(zev_stream_t *s, size_t room)
             s->in_recv_cb = false;
         } else if (rc == RX_DROPPED) {
             msgs++;
+            s->stats.dropped_oversized++;
         } else {
             if (rc == RX_ERR && socket_gone(errno))
                 zev__stream_fail(s, errno);
@@ -692,11 +756,36 @@ int zev__stream_recv_now(zev_stream_t *s, size_t units)
     int err = errno;
     if (rc == RX_GOT)
         s->stats.msgs_in++;
+    else if (rc == RX_DROPPED)
+        s->stats.dropped_oversized++;
     if (rc == RX_ERR && socket_gone(err))
         zev__stream_fail(s, err);
     mark_ready(s); /* the socket was touched outside the stream's pass */
     errno = err;
     return rc == RX_GOT ? 1 : rc == RX_NONE ? 0 : rc == RX_ERR ? -1 : 2;
+}
+
+void zev__stream_rx_bound(zev_stream_t *s)
+{
+    if (s->max_parts && s->rx_parts >= s->max_parts) { /* and another part comes */
+        start_dropping(s, s->rx_parts);
+        mark_ready(s); /* the rest is drained by the next pass or fiber call */
+    }
+}
+
+void zev__stream_rx_abandon(zev_stream_t *s)
+{
+    if (!s->rx_parts && !s->rx_dropping)
+        return;
+    if (s->err || s->close_socket) { /* nothing left in libzmq for anyone */
+        s->rx_parts = 0;
+        s->rx_dropping = false;
+        return;
+    }
+    size_t taken = 0;
+    start_dropping(s, s->rx_parts);
+    if (drop_rest(s, SIZE_MAX, &taken) == RX_ERR)
+        s->rx_dropping = false; /* the socket failed: nothing more to drain */
 }
 
 /* ------------------------------------------------------------- the one pass */
@@ -886,10 +975,14 @@ int zev_stream_flush(zev_stream_t *s, int flags, size_t limit)
     int saved = errno;
     bool idle;
     zev_loop_t *loop = s->loop;
+    /* messages, not the pass's units (a long message takes several) */
+    const uint64_t before = s->stats.msgs_in + s->stats.dropped_oversized + s->stats.msgs_out;
     zev__callbacks_enter(loop); /* on_recv and on_send run from here */
-    size_t n = mask ? stream_work(s, mask, limit, &idle) : 0;
+    if (mask)
+        stream_work(s, mask, limit, &idle);
     mark_ready(s); /* the socket was touched outside the stream's pass */
     zev__callbacks_leave(loop);
+    uint64_t n = s->stats.msgs_in + s->stats.dropped_oversized + s->stats.msgs_out - before;
     if (n == 0 && s->err) { /* the socket turned out to be gone: say so */
         errno = s->err;
         return -1;

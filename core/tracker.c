@@ -12,7 +12,10 @@
  * - A tracker has two references: the user's (until zev_tracker_release)
  *   and the completion's (until it has run). It holds a hub reference until
  *   its completion is queued, so completions after zev_loop_destroy are safe
- *   (they then call nothing).
+ *   (they then call nothing). A send without a tracker out (out NULL) has
+ *   no completion to run: its trampoline ends the tracker on libzmq's
+ *   thread, with no trip to the loop and no wakeup (it holds no hub
+ *   reference); without a free function either, no tracker is made at all.
  * - `done` is set by the trampoline itself, right after the free function,
  *   on libzmq's thread: zev_tracker_done answers from any thread without
  *   waiting for the loop to drain the completion, which after
@@ -92,15 +95,38 @@ static void trampoline(void *data, void *hint)
     zev__hub_t *hub = t->hub;
     if (t->abandoned) {
         tracker_unref(t);
-        zev__hub_unref(hub);
+        if (hub)
+            zev__hub_unref(hub);
         return;
     }
     if (t->free_fn)
         t->free_fn(t->data, t->hint);
+    if (!hub) { /* no one holds the tracker: no completion to run, no wakeup */
+        tracker_unref(t);
+        return;
+    }
     atomic_store(&t->done, 1);
     zev__hub_push(hub, &t->qnode); /* the loop owns the completion now */
     zev__hub_wake(hub);
     zev__hub_unref(hub);
+}
+
+/* zev_stream_send_zc with neither a free function nor a tracker: nothing
+ * to call back, so no tracker at all (no allocation; libzmq references a
+ * buffer without a free function without allocating either). */
+static int send_untracked(zev_stream_t *s, void *data, size_t len)
+{
+    if (len <= ZEV_ZC_COPY_MAX)
+        return zev_stream_send(s, data, len, 0);
+    zmq_msg_t msg;
+    if (zmq_msg_init_data(&msg, data, len, NULL, NULL) < 0)
+        return -1;
+    int saved = errno;
+    int rc = zev_stream_send_msg(s, &msg, 1, 0);
+    int err = errno;
+    zmq_msg_close(&msg); /* empty if the send took it; else references only */
+    errno = rc < 0 ? err : saved;
+    return rc;
 }
 
 int zev_stream_send_zc(zev_stream_t *s, void *data, size_t len, zev_free_fn free_fn, void *hint,
@@ -110,20 +136,23 @@ int zev_stream_send_zc(zev_stream_t *s, void *data, size_t len, zev_free_fn free
         errno = EINVAL;
         return -1;
     }
+    if (!out && !free_fn)
+        return send_untracked(s, data, len);
     zev_tracker_t *t = calloc(1, sizeof *t);
     if (!t) {
         errno = ENOMEM;
         return -1;
     }
     t->qnode.run = tracker_completed;
-    t->hub = s->loop->hub;
+    t->hub = out ? s->loop->hub : NULL; /* no tracker out: the trampoline ends it */
     t->loop = s->loop;
     atomic_init(&t->refs, out ? 2 : 1);
     atomic_init(&t->done, 0);
     t->free_fn = free_fn;
     t->data = data;
     t->hint = hint;
-    zev__hub_ref(t->hub);
+    if (t->hub)
+        zev__hub_ref(t->hub);
 
     int saved = errno;
     zmq_msg_t msg;

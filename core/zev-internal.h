@@ -97,6 +97,11 @@ ZEV_INTERNAL void zev__hub_push(zev__hub_t *hub, zev__qnode_t *n); /* any thread
 ZEV_INTERNAL void zev__hub_wake(zev__hub_t *hub);                  /* any thread */
 ZEV_INTERNAL void zev__hub_clear_wake(zev__hub_t *hub);            /* loop thread */
 ZEV_INTERNAL int zev__hub_pending(zev__hub_t *hub);                /* loop thread */
+/* The loop this thread is iterating (loop_iterate sets it, and restores the
+ * outer one when a callback runs another loop's iteration), else NULL. A
+ * frame released on that thread comes home without the queue (msg.c). */
+extern _Thread_local zev_loop_t *zev__iterating
+    __attribute__((tls_model("initial-exec"), visibility("hidden")));
 /* 1 while a wakeup is written and not yet read (loop thread). */
 static inline int zev__hub_wake_pending(zev__hub_t *hub)
 {
@@ -156,7 +161,7 @@ struct zev_timer {
     uint64_t deadline_ns;
     uint64_t repeat_ns;
     uint64_t seq;      /* (re)arm order, breaks deadline ties (FIFO) */
-    size_t heap_index; /* SIZE_MAX when not in the heap */
+    bool in_heap;      /* armed: the heap entry with its seq is live */
     zev_timer_fn fn;
     void *arg;
     uintptr_t handle;       /* what its owner holds; 0 while in the pool */
@@ -168,11 +173,18 @@ struct zev_timer {
     bool dead;              /* cancelled or freed in its callback: pooled after it */
 };
 
+/* A heap entry: the timer's key beside it, so ordering reads no timer. */
+typedef struct zev__heap_entry {
+    uint64_t deadline_ns;
+    uint64_t seq;
+    zev_timer_t *t;
+} zev__heap_entry_t;
+
 /* A loop's timers: the heap of armed ones and the pool they all come from. */
 typedef struct zev__timers {
-    zev_timer_t **heap; /* binary min-heap on (deadline_ns, seq) */
+    zev__heap_entry_t *heap; /* 4-ary min-heap on (deadline_ns, seq), with dead entries */
     size_t heap_len, heap_cap;
-    size_t live;                   /* timers out of the pool: heap_cap >= live */
+    size_t live;                   /* timers out of the pool: heap_cap >= 2 x live */
     uint64_t seq;                  /* next (re)arm order */
     zev_timer_t *free_head, *free_tail;
     struct zev__timer_chunk *chunks;
@@ -211,6 +223,7 @@ struct zev_msg {
     zev_stream_t *stream;
     zmq_msg_t *parts;   /* the stream's receive ring */
     zev_frame_t **kept; /* kept[i] != NULL once part i was kept */
+    size_t *sizes;      /* part i's size as zmq_msg_recv said, SIZE_MAX: ask libzmq */
     size_t n;
 };
 
@@ -458,7 +471,7 @@ static inline void zev__callbacks_leave(zev_loop_t *loop)
 /* timer.c: runs the due timers armed before `seq_bound` (loop->timers.seq
  * when the iteration began); returns timers run. */
 ZEV_INTERNAL size_t zev__timers_run(zev_loop_t *loop, uint64_t seq_bound);
-ZEV_INTERNAL uint64_t zev__timers_next(const zev_loop_t *loop); /* UINT64_MAX if none */
+ZEV_INTERNAL uint64_t zev__timers_next(zev_loop_t *loop); /* UINT64_MAX if none */
 ZEV_INTERNAL void zev__timers_free(zev_loop_t *loop);
 /* zev's own timers (streams): owned timers used through the object, never
  * through a handle. New: NULL/ENOMEM. Arm and disarm cannot fail. */
@@ -646,6 +659,13 @@ static inline void zev__msg_move(zmq_msg_t *dst, zmq_msg_t *src)
 ZEV_INTERNAL int zev__ring_reserve(zev_stream_t *s, size_t n);
 ZEV_INTERNAL void zev__ring_recycle(zev_stream_t *s);
 ZEV_INTERNAL void zev__ring_free(zev_stream_t *s);
+/* A message being received has reached a lowered max_parts: drop it whole
+ * (set_max_parts). */
+ZEV_INTERNAL void zev__stream_rx_bound(zev_stream_t *s);
+/* The stream stops receiving (finalize) in the middle of a message: its
+ * parts are dropped and the rest drained from libzmq, so the socket, which
+ * stays the caller's, starts at a message boundary (REP: answered empty). */
+ZEV_INTERNAL void zev__stream_rx_abandon(zev_stream_t *s);
 ZEV_INTERNAL void zev__frames_detach(zev_stream_t *s);
 ZEV_INTERNAL void zev__frame_pool_free(zev__hub_t *hub);
 

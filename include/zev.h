@@ -12,7 +12,12 @@
  *   - every function except zev_loop_add_callback, zev_loop_post,
  *     zev_loop_stop, zev_frame_release, the other zev_frame_* accessors and
  *     zev_tracker_done must be called on the loop's thread (the thread that
- *     runs it, or any one thread while it is not running);
+ *     runs it, or any one thread while it is not running); fibers run on
+ *     that thread, so a fiber may call them too. Builds configured with
+ *     -DZEV_THREAD_CHECKS=ON (the default for CMAKE_BUILD_TYPE=Debug)
+ *     catch a call from another thread while the loop runs: they print the
+ *     function's name and both threads to stderr and abort. Other builds
+ *     do not check;
  *   - handles are opaque. Timers and kept frames come from pools, and their
  *     handles carry a generation: using one after its timer or frame ended
  *     (a cancel after the one-shot fired, a second release) fails with
@@ -114,8 +119,12 @@ ZEV_API zev_loop_t *zev_loop_new(const zev_loop_opts_t *opts);
  * memory and closes the loop's own descriptors, but unregisters nothing from
  * the kernel objects it shares with the parent (which would silence the
  * parent's watchers) and closes no socket, even for ZEV_CLOSE_SOCKET; the
- * callbacks run as described above. A child that needs a loop makes its own,
- * as libuv advises. */
+ * callbacks run as described above. A child forked while another thread was
+ * running the loop holds a copy taken in the middle of an iteration: there
+ * destroy refuses (-1/EBUSY, as from inside the loop) and the child must
+ * leave the copy alone (exec or _exit, as POSIX asks of a child of a
+ * threaded process anyway). A child that needs a loop makes its own, as
+ * libuv advises. */
 ZEV_API int zev_loop_destroy(zev_loop_t *loop);
 
 /* Runs iterations until zev_loop_stop. Returns 0 after a stop, -1 with EINVAL
@@ -165,7 +174,7 @@ ZEV_API int zev_loop_fd(zev_loop_t *loop);
 /* Milliseconds until the loop next needs to run, rounded up (a host that
  * waits this long is never early): 0 when work is pending, -1 when nothing
  * is scheduled (no timers, or only timers at the end of time; or for a NULL
- * loop, errno EINVAL). */
+ * loop, errno EINVAL). Loop thread (the host's thread, in embedded mode). */
 ZEV_API int zev_loop_timeout(const zev_loop_t *loop);
 
 /* --------------------------------------------------------- loop statistics */
@@ -201,7 +210,8 @@ ZEV_API int zev_loop_stats_reset(zev_loop_t *loop);
 
 /* Turns the timing figures of zev_loop_stats on (1) or off (0); off by
  * default. On, the loop reads the clock before and after every callback:
- * about 2 x 20 ns each (perf/loop.c measures it). Errors: EINVAL. */
+ * about 2 x 20 ns each (perf/loop.c measures it). Loop thread. Errors:
+ * EINVAL. */
 ZEV_API int zev_loop_set_timing(zev_loop_t *loop, int on);
 
 /* What ran too long: a callback's kind and which one. */
@@ -228,7 +238,9 @@ typedef void (*zev_slow_fn)(zev_loop_t *loop, const zev_slow_t *slow, void *arg)
  * loop thread right after any callback (or fiber resume) that took
  * threshold_us or longer, with what it was and how long it took; it is not
  * itself timed. fn NULL removes the hook. While set, timing is on (see
- * zev_loop_set_timing). Errors: EINVAL (NULL loop). */
+ * zev_loop_set_timing). fn may call any loop-thread function, set or clear
+ * the hook itself, but not run the loop (EBUSY). Loop thread. Errors:
+ * EINVAL (NULL loop). */
 ZEV_API int zev_loop_on_slow(zev_loop_t *loop, uint64_t threshold_us, zev_slow_fn fn, void *arg);
 
 /* Queues fn(loop, arg) to run on the loop's thread. Thread-safe and
@@ -353,7 +365,9 @@ ZEV_API uint64_t zev_timer_due(const zev_timer_t *t);
  * EPERM (the backend cannot watch this fd, e.g. a regular file with epoll). */
 ZEV_API zev_io_t *zev_io_start(zev_loop_t *loop, int fd, int events, zev_io_fn fn, void *arg);
 
-/* Changes the watched events. Safe from any callback. Errors: EINVAL. */
+/* Changes the watched events (ZEV_READ | ZEV_WRITE, or 0). Safe from any
+ * callback. Errors: -1 with EINVAL (NULL, stopped watcher, bad events), or
+ * the backend's errno. */
 ZEV_API int zev_io_update(zev_io_t *io, int events);
 
 /* Stops and frees the watcher. Safe from any callback, including for a
@@ -434,7 +448,9 @@ ZEV_API int zev_stream_on_recv(zev_stream_t *s, zev_recv_fn fn, void *arg);
  * already queued; the previous callback stays). */
 ZEV_API int zev_stream_on_send(zev_stream_t *s, zev_send_fn fn, void *arg);
 
-/* Sets the close callback, run once after zev_stream_close (or destroy). */
+/* Sets the close callback, run once after zev_stream_close (or destroy),
+ * from the loop, never from inside the close call. Errors: EINVAL (NULL),
+ * EBADF (already closed). */
 ZEV_API int zev_stream_on_close(zev_stream_t *s, zev_close_fn fn, void *arg);
 
 /* Sends a copy of data as one part; ZMQ_SNDMORE builds a multipart message
@@ -501,17 +517,26 @@ ZEV_API uint64_t zev_stream_send_seq(const zev_stream_t *s);
  * Errors: EINVAL, EBADF, ENOMEM (the stream's timer). */
 ZEV_API int zev_stream_set_send_timeout(zev_stream_t *s, uint64_t timeout_us);
 
-/* Bounds the send queue in messages (0 = unbounded; default 1000). */
+/* Bounds the send queue in messages (0 = unbounded; default 1000). A
+ * smaller bound than the messages queued now drops none of them: sends
+ * fail with EAGAIN until the queue is below it. Errors: EINVAL (NULL),
+ * EBADF (closed). */
 ZEV_API int zev_stream_set_max_queue(zev_stream_t *s, size_t n);
 
 /* Bounds messages handled per loop iteration (recv and send together);
- * 0 restores the loop's batch. */
+ * 0 restores the loop's batch (zev_loop_opts_t.batch). A smaller batch
+ * shortens how long other streams wait behind this one, a larger one gives
+ * it more throughput per wake-up (docs/design.md, Fairness). Errors: EINVAL
+ * (NULL), EBADF (closed). */
 ZEV_API int zev_stream_set_batch(zev_stream_t *s, unsigned n);
 
 /* Handles pending work now: ZEV_READ receives and dispatches, ZEV_WRITE sends
- * queued messages, at most limit messages (0 = no limit); on_send statuses
- * of what it sent are reported before it returns (from inside on_send: after
- * that on_send returns, see zev_stream_on_send). Returns the count handled,
+ * queued messages, at most limit messages (0 = no limit; as in a pass of the
+ * loop, each 64 parts of a long message count as one more, so a message of
+ * many parts may take several calls, and is delivered whole by the last);
+ * on_send statuses of what it sent are reported before it returns (from
+ * inside on_send: after that on_send returns, see zev_stream_on_send).
+ * Returns the messages handled: delivered, dropped (max_parts) and sent;
  * -1 with EINVAL (NULL, bad flags) or EBADF. */
 ZEV_API int zev_stream_flush(zev_stream_t *s, int flags, size_t limit);
 
@@ -521,6 +546,10 @@ ZEV_API int zev_stream_flush(zev_stream_t *s, int flags, size_t limit);
  * is handed to libzmq first, from the loop, for at most the socket's
  * ZMQ_LINGER (-1: until drained or the loop is destroyed); the rest is then
  * ECANCELED; the socket is the stream's until its close callback has run.
+ * A message zev was in the middle of receiving (a long one, taken over
+ * several passes) is dropped and the rest of it drained from the socket, so
+ * the socket is left at a message boundary (on REP, the request is answered
+ * with one empty part, see zev_stream_set_max_parts).
  * ZEV_CLOSE_SOCKET also zmq_closes the socket; with ZEV_CLOSE_FLUSH too, the
  * two waits share one ZMQ_LINGER: zev sets the socket's ZMQ_LINGER to what is
  * left of it before zmq_close, so libzmq's own linger for what it still
@@ -536,7 +565,10 @@ ZEV_API int zev_stream_sending(const zev_stream_t *s);
 ZEV_API int zev_stream_receiving(const zev_stream_t *s);
 /* 1 once close was called; 0 before (and for NULL: EINVAL). */
 ZEV_API int zev_stream_closed(const zev_stream_t *s);
+/* The stream's libzmq socket (still the caller's unless closed with
+ * ZEV_CLOSE_SOCKET); NULL with EINVAL for NULL. */
 ZEV_API void *zev_stream_socket(const zev_stream_t *s);
+/* The loop the stream belongs to; NULL with EINVAL for NULL. */
 ZEV_API zev_loop_t *zev_stream_loop(const zev_stream_t *s);
 
 /* Called on the loop thread once for every frame kept from this stream
@@ -557,7 +589,11 @@ ZEV_API int zev_stream_set_max_frames(zev_stream_t *s, size_t n);
  * have to hold until its last part came. A message with more parts is
  * drained from libzmq as it comes (never more than n parts held), dropped
  * whole (never delivered in pieces) and counted in the stream's stats
- * (dropped_oversized); the stream goes on with the next message. The
+ * (dropped_oversized); the stream goes on with the next message. On a REP
+ * socket, which must answer every request it received before it can receive
+ * the next, zev answers a dropped request with one empty part (the only
+ * message zev ever sends by itself). A message being received when n is
+ * lowered below its parts so far is dropped the same way. The
  * default is far above what a protocol puts in one message (an envelope of
  * routing frames and a few body frames) and bounds what one message can
  * hold in zev to 64 Ki parts. Errors: EINVAL (NULL), EBADF (closed). */
@@ -607,9 +643,14 @@ ZEV_API zmq_msg_t *zev_msg_frame(zev_msg_t *m, size_t i);
  * the stream and the loop. Keeping the same part twice fails with EINVAL. */
 ZEV_API zev_frame_t *zev_msg_keep(zev_msg_t *m, size_t i);
 
+/* A kept frame's bytes, its size, and its zmq_msg_t (read it; do not close
+ * or move it: the frame still owns it). Thread-safe, like
+ * zev_frame_release: a worker holding the frame reads it there. Valid until
+ * the frame is released. A NULL or stale handle (released, or sent with
+ * zev_stream_send_frame) gives NULL / 0 with EINVAL. */
 ZEV_API const void *zev_frame_data(const zev_frame_t *f);
 ZEV_API size_t zev_frame_size(const zev_frame_t *f);
-ZEV_API zmq_msg_t *zev_frame_msg(zev_frame_t *f); /* read it; do not close or move it */
+ZEV_API zmq_msg_t *zev_frame_msg(zev_frame_t *f);
 
 /* Gives a kept frame back. Thread-safe and lock-free: call it from any
  * thread. The stream's on_frame_release runs later on the loop thread. The
@@ -647,7 +688,10 @@ ZEV_API int zev_tracker_done(const zev_tracker_t *t);
  * the loop exists. Errors: EINVAL. */
 ZEV_API int zev_tracker_on_done(zev_tracker_t *t, zev_tracker_fn fn, void *arg);
 
-/* Drops the caller's tracker; its callback will not run any more. */
+/* Drops the caller's tracker; its callback will not run any more (the
+ * free function still runs, once, when libzmq lets the buffer go). Call it
+ * on the loop's thread, or from any thread once the loop is destroyed.
+ * The handle is stale afterwards. Errors: EINVAL (NULL). */
 ZEV_API int zev_tracker_release(zev_tracker_t *t);
 
 /* ---------------------------------------------------------------- fibers */
@@ -778,7 +822,9 @@ ZEV_API int zev_fiber_recv(zev_stream_t *s, zev_msg_t **msg, int64_t timeout_us)
  * fiber's message never waits in the stream's queue: it goes out after the
  * messages queued before it and after a multipart message a callback has
  * begun (whose end it waits for), and on timeout nothing of it is taken
- * (-1, EAGAIN; no number, no status). While a fiber builds a multipart
+ * (-1, EAGAIN; no number, no status). data is copied when the call
+ * starts, so it may point into a message this fiber received (whose frames
+ * the call gives back to the ring). While a fiber builds a multipart
  * message (ZMQ_SNDMORE), other fibers' sends on the stream wait for it and
  * sends from callbacks fail with EBUSY. libzmq's EAGAIN and EFSM (a REQ
  * waiting for its reply) both mean "wait": several fibers can share one

@@ -30,8 +30,9 @@ def parse(out):
 
 
 class Checker:
-    def __init__(self, records):
+    def __init__(self, records, lines=()):
         self.records = records
+        self.lines = list(lines)
         self.failures = []
 
     def one(self, record):
@@ -187,7 +188,61 @@ def check_gateway(c, args, sanitizer):
                      f"client {cl['n']} got {got:.0f} of {cl['requests']} replies")
 
 
+def check_fiber_echo(c, args, sanitizer):
+    echo = c.one("echo")
+    if not echo:
+        return
+    check_backend(c, echo)
+    n = args.count
+    # Every request answered, in order, with its own text.
+    want = [f"reply: ping {i}" for i in range(n)]
+    got = [line for line in c.lines if line.startswith("reply: ")]
+    c.expect(got == want, f"reply lines {got[:3]}... are not 'reply: ping 0' .. 'ping {n - 1}'")
+    for key in ("requests", "replies", "echoed", "parts"):
+        c.expect(num(echo, key) == n, f"{key}={echo[key]}, not {n}")
+    c.expect(num(echo, "timeouts") == 0, f"{echo['timeouts']} receives timed out")
+    # The server waited in zev_fiber_recv for ever: the cancel ended it.
+    c.expect(echo.get("server_end") == "ECANCELED",
+             f"the server's receive loop ended with {echo.get('server_end')}, not ECANCELED")
+
+
+def check_fiber_router(c, args, sanitizer):
+    srv = c.one("server")
+    if not srv:
+        return
+    check_backend(c, srv)
+    n, per = args.clients, args.requests
+    total = n * per
+    c.expect(num(srv, "clients") == n, f"clients={srv['clients']}, not {n}")
+    # One session, one handler fiber per client.
+    c.expect(num(srv, "sessions") == n, f"{srv['sessions']} sessions for {n} clients")
+    c.expect(num(srv, "requests") == total, f"the dispatcher got {srv['requests']} of {total}")
+    # Every request is answered, the slow ones too (late).
+    c.expect(num(srv, "replies") == total, f"the handlers sent {srv['replies']} of {total} replies")
+    c.expect(srv.get("dispatcher_end") == "ECANCELED",
+             f"the dispatcher ended with {srv.get('dispatcher_end')}, not ECANCELED")
+    c.expect(num(srv, "fibers_resumed") > total, f"fibers_resumed={srv['fibers_resumed']}")
+    clients = c.records.get("client", [])
+    c.expect(len(clients) == n, f"{len(clients)} client lines")
+    for cl in clients:
+        name = f"client {cl.get('n')}"
+        # Exactly one request per client (the slow one) times out (EAGAIN),
+        # and its reply comes late and is dropped; all others in time.
+        c.expect(num(cl, "timeouts") == 1, f"{name}: {cl['timeouts']} timeouts, not 1")
+        c.expect(num(cl, "replies") == per - 1, f"{name}: {cl['replies']} replies, not {per - 1}")
+        c.expect(num(cl, "late") == 1, f"{name}: {cl['late']} late replies, not 1")
+        c.expect(num(cl, "bad") == 0, f"{name}: {cl['bad']} wrong replies")
+    sessions = c.records.get("session", [])
+    c.expect(len(sessions) == n, f"{len(sessions)} session lines")
+    for ss in sessions:
+        name = f"session {ss.get('n')}"
+        c.expect(num(ss, "handled") == per, f"{name}: handled {ss['handled']} of {per}")
+        c.expect(ss.get("end") == "ECANCELED", f"{name}: its handler ended with {ss.get('end')}")
+
+
 CHECKS = {
+    "fiber_echo": check_fiber_echo,
+    "fiber_router": check_fiber_router,
     "gateway": check_gateway,
     "marketdata": check_marketdata,
     "collector": check_collector,
@@ -206,6 +261,9 @@ def main():
     ap.add_argument("--sanitizer", default="")
     ap.add_argument("--seconds", type=int, default=2, help="marketdata: its argument")
     ap.add_argument("--frames", type=int, default=2000, help="collector: its argument")
+    ap.add_argument("--count", type=int, default=5, help="fiber_echo: its count")
+    ap.add_argument("--clients", type=int, default=4, help="fiber_router: its clients")
+    ap.add_argument("--requests", type=int, default=100, help="fiber_router: per client")
     args = ap.parse_args(argv[:split])
     cmd = argv[split + 1:]
 
@@ -214,7 +272,7 @@ def main():
     sys.stdout.flush()
     if run.returncode != 0:
         sys.exit(f"{args.example}: exited with {run.returncode}")
-    c = Checker(parse(run.stdout))
+    c = Checker(parse(run.stdout), run.stdout.splitlines())
     try:
         CHECKS[args.example](c, args, args.sanitizer)
     except KeyError as e:

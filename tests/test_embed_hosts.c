@@ -547,9 +547,11 @@ static void timers_interleave(const host_ops_t *ops)
     cr_expect_lt(zev_late_avg, 5000000u, "zev timers %llu us late on average",
                  (unsigned long long)zev_late_avg / 1000);
     /* Out of deadline order only when both were overdue at once (a loaded
-     * machine): logged, since the host runs its own phase first then. */
+     * machine): logged, since the host runs its own phase first then. Not
+     * with cr_log_warn: Criterion then exits 1 although every test passed. */
     if (inversions)
-        cr_log_warn("%d timer runs out of deadline order (both overdue)", inversions);
+        fprintf(stderr, "[note] %d timer runs out of deadline order (both overdue)\n",
+                inversions);
     fixture_close(&f);
 }
 

@@ -1,5 +1,5 @@
 /*
- * Fibers (issue 12): every rule of DESIGN.md's Fibers section, on the
+ * Fibers (issue 12): every rule of docs/design.md's Fibers section, on the
  * backend under test, and the ZMQ_FD edge rule under fibers.
  *
  * Tests that wait without a timeout run the loop with zev_loop_run under a

@@ -1325,3 +1325,61 @@ Test(frames, stale_handle_never_returns_however_often_the_slot_is_reused)
     cr_assert_eq(c.released, c.target);
     test_pair_close(&p);
 }
+
+/* zev_msg_size answers from what zmq_msg_recv returned, until the callback
+ * takes a part's zmq_msg_t (zev_msg_frame) and may change it: from then on
+ * it asks libzmq. A kept part's size is the size it was kept with. */
+typedef struct sizes_ctx {
+    size_t done;
+    int bad;
+} sizes_ctx_t;
+
+static void sizes_recv(zev_stream_t *s, zev_msg_t *m, void *arg)
+{
+    (void)s;
+    sizes_ctx_t *c = arg;
+    if (zev_msg_parts(m) != 3 || zev_msg_size(m, 0) != 5 || zev_msg_size(m, 1) != 1000 ||
+        zev_msg_size(m, 2) != 0)
+        c->bad++;
+    zmq_msg_t *f = zev_msg_frame(m, 1);
+    zmq_msg_t empty;
+    zmq_msg_init(&empty);
+    zmq_msg_move(f, &empty); /* the part is now empty */
+    if (zev_msg_size(m, 1) != 0 || zev_msg_data(m, 1) == NULL)
+        c->bad++;
+    zmq_msg_init_size(&empty, 7);
+    zmq_msg_move(f, &empty); /* and now 7 bytes */
+    if (zev_msg_size(m, 1) != 7)
+        c->bad++;
+    zev_frame_t *k = zev_msg_keep(m, 0);
+    if (!k || zev_frame_size(k) != 5 || zev_msg_size(m, 0) != 5)
+        c->bad++;
+    zev_frame_t *k1 = zev_msg_keep(m, 1);
+    if (!k1 || zev_frame_size(k1) != 7)
+        c->bad++;
+    if (k)
+        zev_frame_release(k);
+    if (k1)
+        zev_frame_release(k1);
+    c->done++;
+}
+
+Test(frames, sizes_from_recv_until_the_frame_is_handed_out)
+{
+    test_pair_t p = test_pair_open(ZMQ_PULL, ZMQ_PUSH, "inproc");
+    zev_stream_t *s = zev_stream_new(p.loop, p.a);
+    cr_assert_not_null(s);
+    sizes_ctx_t c = {0};
+    cr_assert_eq(zev_stream_on_recv(s, sizes_recv, &c), 0);
+    static char big[1000];
+    int round = 0;
+    while (round++ < 3) {
+        cr_assert_eq(zmq_send(p.b, "hello", 5, ZMQ_SNDMORE), 5);
+        cr_assert_eq(zmq_send(p.b, big, sizeof big, ZMQ_SNDMORE), (int)sizeof big);
+        cr_assert_eq(zmq_send(p.b, "", 0, 0), 0);
+    }
+    test_run_until_count(p.loop, &c.done, 3, 5000);
+    cr_expect_eq(c.done, 3);
+    cr_expect_eq(c.bad, 0, "%d wrong sizes", c.bad);
+    cr_assert_eq(test_pair_close(&p), 0);
+}

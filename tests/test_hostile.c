@@ -12,6 +12,7 @@
 #include <errno.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 
 TestSuite(hostile, .timeout = 120);
 
@@ -344,5 +345,168 @@ Test(hostile, stream_counters_count_what_happened)
     zev_stream_stats_t c = stats_of(in);
     cr_assert_eq(c.msgs_in, taken);
     cr_assert_eq(c.bytes_in, a.bytes_out);
+    test_pair_close(&p);
+}
+
+/* ------------------------------------ the outside review of 3573bc5/20f4bc3 */
+
+/* Reads what the socket holds now without zev: the parts of its next
+ * message, each numbered part's value checked against its index. */
+static size_t raw_next_message(void *sock, size_t *bad_order)
+{
+    test_set_int(sock, ZMQ_RCVTIMEO, 5000);
+    size_t n = 0;
+    int more = 1;
+    while (more) {
+        uint32_t v;
+        int rc = zmq_recv(sock, &v, sizeof v, 0);
+        cr_assert_eq(rc, (int)sizeof v, "part %zu: %d (%s)", n, rc, zmq_strerror(errno));
+        *bad_order += v != (uint32_t)n;
+        size_t len = sizeof more;
+        cr_assert_eq(zmq_getsockopt(sock, ZMQ_RCVMORE, &more, &len), 0);
+        n++;
+    }
+    return n;
+}
+
+/* A stream closed (its socket kept) while a long message is half taken,
+ * or half dropped: zev drains the rest, so the socket's next reader starts
+ * at the next message, not at the tail of the cut one. */
+static void close_mid_message(size_t max_parts)
+{
+    test_pair_t p = test_pair_open(ZMQ_PULL, ZMQ_PUSH, "inproc");
+    send_parts(p.b, 200, true);
+    send_parts(p.b, 3, true);
+    zev_stream_t *s = test_stream_new(p.loop, p.a);
+    cr_assert_eq(zev_stream_set_batch(s, 1), 0); /* a pass takes 64 parts */
+    cr_assert_eq(zev_stream_set_max_parts(s, max_parts), 0);
+    got_t g = {.numbered = true};
+    cr_assert_eq(zev_stream_on_recv(s, on_msg, &g), 0);
+    zev_loop_run_once(p.loop, 0);
+    cr_assert_eq(g.msgs, 0, "the first message came whole in one pass: nothing tested");
+    cr_assert_eq(zev_stream_close(s, 0), 0);
+    test_spin(p.loop, 2, 0);
+    size_t bad = 0;
+    cr_assert_eq(raw_next_message(p.a, &bad), 3, "the socket was left inside the cut message");
+    cr_assert_eq(bad, 0);
+    test_pair_close(&p);
+}
+
+Test(hostile, a_close_mid_message_leaves_the_socket_at_a_message_boundary)
+{
+    close_mid_message(0);
+}
+
+Test(hostile, a_close_mid_drop_leaves_the_socket_at_a_message_boundary)
+{
+    close_mid_message(10);
+}
+
+/* REP must answer a request before it can receive the next: a request
+ * dropped over max_parts is answered with one empty part, and the server
+ * goes on serving. */
+Test(hostile, a_rep_stream_answers_a_dropped_request_and_goes_on)
+{
+    test_pair_t p = test_pair_open(ZMQ_REP, ZMQ_REQ, "tcp");
+    zev_stream_t *s = test_stream_new(p.loop, p.a);
+    cr_assert_eq(zev_stream_set_max_parts(s, 10), 0);
+    got_t g = {.numbered = true};
+    cr_assert_eq(zev_stream_on_recv(s, on_msg, &g), 0);
+    send_parts(p.b, 11, true);
+    test_set_int(p.b, ZMQ_RCVTIMEO, 0);
+    char buf[8];
+    int rc = -1;
+    uint64_t t0 = test_ms();
+    while (rc < 0 && test_ms() - t0 < 5000) {
+        zev_loop_run_once(p.loop, 10);
+        rc = zmq_recv(p.b, buf, sizeof buf, 0);
+    }
+    cr_assert_eq(rc, 0, "the dropped request got no empty reply (%s)", zmq_strerror(errno));
+    cr_assert_eq(stats_of(s).dropped_oversized, 1);
+    send_parts(p.b, 2, true); /* the next request is served */
+    run_until_msgs(p.loop, &g, 1);
+    cr_assert_eq(g.parts[0], 2);
+    cr_assert_eq(g.bad_order, 0);
+    test_pair_close(&p);
+}
+
+/* max_parts lowered while a message is being received: the message is
+ * judged by the new bound, so it is dropped whole. */
+Test(hostile, a_bound_lowered_mid_message_drops_it)
+{
+    test_pair_t p = test_pair_open(ZMQ_PULL, ZMQ_PUSH, "inproc");
+    send_parts(p.b, 65, true);
+    send_parts(p.b, 1, true);
+    zev_stream_t *s = test_stream_new(p.loop, p.a);
+    cr_assert_eq(zev_stream_set_batch(s, 1), 0);
+    cr_assert_eq(zev_stream_set_max_parts(s, 0), 0);
+    got_t g = {.numbered = true};
+    cr_assert_eq(zev_stream_on_recv(s, on_msg, &g), 0);
+    zev_loop_run_once(p.loop, 0); /* 64 of the 65 parts */
+    cr_assert_eq(g.msgs, 0);
+    cr_assert_eq(zev_stream_set_max_parts(s, 10), 0);
+    run_until_msgs(p.loop, &g, 1);
+    test_spin(p.loop, 3, 0);
+    cr_assert_eq(g.msgs, 1);
+    cr_assert_eq(g.parts[0], 1, "the 65-part message came through a bound of 10");
+    cr_assert_eq(stats_of(s).dropped_oversized, 1);
+    test_pair_close(&p);
+}
+
+/* zev_stream_flush returns messages, not the pass's units: a message of
+ * 1,000 parts takes several calls with limit 1 and counts once. */
+Test(hostile, flush_counts_messages_not_units)
+{
+    test_pair_t p = test_pair_open(ZMQ_PULL, ZMQ_PUSH, "inproc");
+    send_parts(p.b, 1000, true);
+    zev_stream_t *s = test_stream_new(p.loop, p.a);
+    got_t g = {.numbered = true};
+    cr_assert_eq(zev_stream_on_recv(s, on_msg, &g), 0);
+    int total = 0, calls = 0;
+    while (g.msgs == 0) {
+        cr_assert_lt(calls, 1000);
+        int n = zev_stream_flush(s, ZEV_READ, 1);
+        cr_assert_geq(n, 0);
+        cr_assert_eq(n, (int)g.msgs - total, "flush said %d with %zu delivered", n, g.msgs);
+        total += n;
+        calls++;
+    }
+    cr_assert_eq(total, 1);
+    cr_assert_gt(calls, 1, "the message came in one call: nothing tested");
+    cr_assert_eq(g.parts[0], 1000);
+    cr_assert_eq(g.bad_order, 0);
+    test_pair_close(&p);
+}
+
+/* Byte counters take a part's size, not libzmq's int return (which stops
+ * at INT_MAX): one 3 GiB part (untouched, never paged in) over inproc. */
+static void unmap_big(void *data, void *hint)
+{
+    munmap(data, (size_t)hint);
+}
+
+static void count_bytes(zev_stream_t *s, zev_msg_t *m, void *arg)
+{
+    (void)s;
+    *(uint64_t *)arg += zev_msg_size(m, 0);
+}
+
+Test(hostile, byte_counters_go_past_int_max)
+{
+    const size_t big = (size_t)3 << 30;
+    void *data = mmap(NULL, big, PROT_READ, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    cr_assert_neq(data, MAP_FAILED);
+    test_pair_t p = test_pair_open(ZMQ_PULL, ZMQ_PUSH, "inproc");
+    zev_stream_t *in = test_stream_new(p.loop, p.a);
+    zev_stream_t *out = test_stream_new(p.loop, p.b);
+    uint64_t seen = 0;
+    cr_assert_eq(zev_stream_on_recv(in, count_bytes, &seen), 0);
+    cr_assert_eq(zev_stream_send_zc(out, data, big, unmap_big, (void *)big, NULL), 0);
+    uint64_t t0 = test_ms();
+    while (!seen && test_ms() - t0 < 5000)
+        zev_loop_run_once(p.loop, 10);
+    cr_assert_eq(seen, big);
+    cr_assert_eq(stats_of(out).bytes_out, big);
+    cr_assert_eq(stats_of(in).bytes_in, big);
     test_pair_close(&p);
 }

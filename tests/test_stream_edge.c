@@ -1,5 +1,5 @@
 /*
- * Streams under edge-triggered stress: the ZMQ_FD invariant of DESIGN.md's
+ * Streams under edge-triggered stress: the ZMQ_FD invariant of docs/design.md's
  * "Loop iteration" section, checked with real libzmq sockets.
  *
  *   - edge torture: a DEALER stream echoing from inside its own recv
@@ -682,7 +682,7 @@ Test(stream_edge, user_send_between_iterations_tcp, .timeout = 60)
  * ZMQ_FD becomes readable; before the loop polls, a send from outside the
  * stream's pass (user code, a timer, another stream's callback) goes straight
  * to libzmq, which processes the socket's commands and so resets ZMQ_FD. The
- * stream must still be served (DESIGN.md: such a send re-reads ZMQ_EVENTS or
+ * stream must still be served (docs/design.md: such a send re-reads ZMQ_EVENTS or
  * puts the stream on the ready-list); otherwise the message waits forever. */
 typedef enum { OUTSIDE_USER, OUTSIDE_TIMER, OUTSIDE_OTHER_STREAM } outside_t;
 

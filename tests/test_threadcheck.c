@@ -36,6 +36,22 @@ static void *call_from_another_thread(void *arg)
     case 2:
         zev_stream_new(w.loop, zev_stream_socket(w.s));
         break;
+    case 3:
+        zev_loop_on_slow(w.loop, 1000, NULL, NULL);
+        break;
+    case 4: {
+        zev_loop_stats_t st;
+        zev_loop_stats(w.loop, &st);
+        break;
+    }
+    case 5: {
+        zev_stream_stats_t st;
+        zev_stream_stats(w.s, &st);
+        break;
+    }
+    case 6:
+        zev_loop_timeout(w.loop);
+        break;
     }
     return NULL;
 }
@@ -79,6 +95,28 @@ Test(threadcheck, a_timer_from_another_thread_aborts_with_its_name)
 Test(threadcheck, a_stream_made_from_another_thread_aborts_with_its_name)
 {
     expect_abort_naming(2, "zev_stream_new");
+}
+
+/* The statistics and the slow hook are loop-thread calls too (the hook's
+ * function and argument are plain fields the loop reads). */
+Test(threadcheck, the_slow_hook_from_another_thread_aborts_with_its_name)
+{
+    expect_abort_naming(3, "zev_loop_on_slow");
+}
+
+Test(threadcheck, loop_stats_from_another_thread_abort_with_their_name)
+{
+    expect_abort_naming(4, "zev_loop_stats");
+}
+
+Test(threadcheck, stream_stats_from_another_thread_abort_with_their_name)
+{
+    expect_abort_naming(5, "zev_stream_stats");
+}
+
+Test(threadcheck, the_timeout_from_another_thread_aborts_with_its_name)
+{
+    expect_abort_naming(6, "zev_loop_timeout");
 }
 
 /* No false alarm: the loop made on one thread and run on another, used

@@ -917,7 +917,12 @@ Test(timer, owned_disarm_rearm_free_inside_own_callback)
         cr_assert_not_null(so[i].t);
         cr_assert_eq(zev_timer_arm(so[i].t, 1000, 2000), 0); /* periodic */
     }
-    run_past(loop, 60000);
+    /* until the re-armed one ran (load may delay it past any fixed wait),
+     * then a while more, for runs that should not come */
+    uint64_t t0 = test_ms();
+    while (so[1].calls < 2 && test_ms() - t0 < 10000)
+        zev_loop_run_once(loop, 10);
+    run_past(loop, 30000);
     cr_assert_eq(so[0].calls, 1, "disarmed in its callback, it repeated");
     cr_assert_eq(zev_timer_due(so[0].t), 0);
     cr_assert_eq(so[1].calls, 2, "re-armed once as a one-shot: %d runs", so[1].calls);
@@ -1054,5 +1059,93 @@ Test(timer, stale_handle_never_returns_however_often_the_slot_is_reused)
     for (int i = 0; i < HELD; i++)
         cr_assert_eq(zev_timer_free(held[i]), 0, "held timer %d: %s", i, zmq_strerror(errno));
     cr_assert_eq(held_fired + live_fired, 0);
+    zev_loop_destroy(loop);
+}
+
+/* ------------------------------------------- churn: removal is lazy */
+
+/* Owned timers armed, disarmed and re-armed many times over (each re-arm
+ * and disarm leaves a dead heap entry; the heap compacts when full), plus
+ * loop-owned ones started and cancelled: each live timer fires exactly
+ * once, at its last deadline, in (deadline, last arm) order, and nothing
+ * disarmed or cancelled fires. */
+#define CHURN_N 2000
+
+typedef struct churn {
+    zev_timer_t *t[CHURN_N];
+    uint64_t due[CHURN_N];  /* the last deadline armed, 0 if disarmed */
+    uint64_t order[CHURN_N]; /* arm order of the last arm */
+    int fired[CHURN_N];
+    int bad_order, stray;
+    size_t last_i;
+    bool any;
+} churn_t;
+
+static churn_t *churn_global;
+
+static void churn_timer(zev_timer_t *t, void *arg)
+{
+    (void)t;
+    churn_t *c = churn_global;
+    size_t i = (size_t)(uintptr_t)arg;
+    if (i >= CHURN_N) {
+        c->stray++; /* a cancelled loop-owned timer */
+        return;
+    }
+    c->fired[i]++;
+    if (!c->due[i])
+        c->stray++;
+    if (c->any && (c->due[i] < c->due[c->last_i] ||
+                   (c->due[i] == c->due[c->last_i] && c->order[i] < c->order[c->last_i])))
+        c->bad_order++;
+    c->any = true;
+    c->last_i = i;
+}
+
+Test(timer, churn_lazy_removal_keeps_order_and_fires_once)
+{
+    zev_loop_t *loop = test_loop_new();
+    static churn_t c;
+    memset(&c, 0, sizeof c);
+    churn_global = &c;
+    uint64_t seq = 0;
+    size_t i = 0;
+    while (i < CHURN_N) {
+        c.t[i] = zev_timer_new(loop, churn_timer, (void *)(uintptr_t)i);
+        cr_assert_not_null(c.t[i]);
+        i++;
+    }
+    int round = 0;
+    while (round++ < 50) { /* about 100,000 arms and disarms: many compactions */
+        i = 0;
+        while (i < CHURN_N) {
+            uint64_t r = rng();
+            if (r % 5 == 0) {
+                cr_assert_eq(zev_timer_disarm(c.t[i]), 0);
+                c.due[i] = 0;
+            } else {
+                /* few distinct delays: many equal deadlines */
+                cr_assert_eq(zev_timer_arm(c.t[i], 20000 + (r >> 8) % 8 * 1000, 0), 0);
+                c.due[i] = zev_timer_due(c.t[i]);
+                c.order[i] = seq++;
+            }
+            zev_timer_t *gone = zev_timer_start(loop, 1000 + r % 5000, 0, churn_timer,
+                                                (void *)(uintptr_t)CHURN_N);
+            cr_assert_not_null(gone);
+            cr_assert_eq(zev_timer_cancel(gone), 0);
+            i++;
+        }
+    }
+    run_past(loop, 60000);
+    i = 0;
+    while (i < CHURN_N) {
+        cr_assert_eq(c.fired[i], c.due[i] ? 1 : 0, "timer %zu fired %d times", i, c.fired[i]);
+        i++;
+    }
+    cr_assert_eq(c.stray, 0, "%d disarmed or cancelled timers fired", c.stray);
+    cr_assert_eq(c.bad_order, 0, "%d timers fired out of (deadline, arm) order", c.bad_order);
+    i = 0;
+    while (i < CHURN_N)
+        cr_assert_eq(zev_timer_free(c.t[i++]), 0);
     zev_loop_destroy(loop);
 }

@@ -761,3 +761,51 @@ Test(tracker, on_done_at_once_from_host_code_counts_from_now)
     cr_assert_eq(zev_tracker_release(t), 0);
     cr_assert_eq(test_pair_close(&p), 0);
 }
+
+/* Without a tracker out: the free function still runs exactly once (on
+ * libzmq's thread, no trip to the loop); without a free function either, no
+ * tracker is made and the bytes still arrive, small (copied) and large
+ * (referenced). */
+static atomic_int untracked_frees;
+
+static void untracked_free(void *data, void *hint)
+{
+    (void)data;
+    if (hint == (void *)&untracked_frees)
+        atomic_fetch_add(&untracked_frees, 1);
+}
+
+Test(tracker, untracked_sends_free_once_and_deliver)
+{
+    test_pair_t p = test_pair_open(ZMQ_PUSH, ZMQ_PULL, "tcp");
+    zev_stream_t *s = test_stream_new(p.loop, p.a);
+    static char big[100000];
+    static char small[8] = "smallzc";
+    memset(big, 'z', sizeof big);
+    atomic_store(&untracked_frees, 0);
+    cr_assert_eq(zev_stream_send_zc(s, big, sizeof big, untracked_free, &untracked_frees, NULL), 0);
+    cr_assert_eq(zev_stream_send_zc(s, big, sizeof big, NULL, NULL, NULL), 0);
+    cr_assert_eq(zev_stream_send_zc(s, small, sizeof small, NULL, NULL, NULL), 0);
+    cr_assert_eq(zev_stream_send_zc(s, small, sizeof small, untracked_free, &untracked_frees, NULL),
+                 0);
+    const size_t sizes[4] = {sizeof big, sizeof big, sizeof small, sizeof small};
+    int timeout = 5000;
+    cr_assert_eq(zmq_setsockopt(p.b, ZMQ_RCVTIMEO, &timeout, sizeof timeout), 0);
+    for (int i = 0; i < 4; i++) {
+        zmq_msg_t m;
+        zmq_msg_init(&m);
+        for (uint64_t end = test_ms() + 5000; zmq_msg_recv(&m, p.b, ZMQ_DONTWAIT) < 0;) {
+            cr_assert(test_ms() < end, "message %d never arrived", i);
+            test_spin(p.loop, 1, 1);
+        }
+        cr_assert_eq(zmq_msg_size(&m), sizes[i], "message %d: %zu bytes", i, zmq_msg_size(&m));
+        cr_assert_eq(memcmp(zmq_msg_data(&m), i < 2 ? big : small, sizes[i]), 0);
+        zmq_msg_close(&m);
+    }
+    for (uint64_t end = test_ms() + 5000; atomic_load(&untracked_frees) < 2;)
+        cr_assert(test_ms() < end, "a free function never ran");
+    test_spin(p.loop, 3, 1);
+    cr_assert_eq(atomic_load(&untracked_frees), 2);
+    cr_assert_eq(test_pair_close(&p), 0);
+    cr_assert_eq(atomic_load(&untracked_frees), 2);
+}
