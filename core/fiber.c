@@ -488,13 +488,17 @@ size_t zev__fibers_run(zev_loop_t *loop)
     struct zev__fibers *fs = &loop->fibers;
     if (zev__list_empty(&fs->runnable))
         return 0;
-    /* The context fibers switch back to: whoever runs the loop now (its
-     * thread and, under TSan, its fiber may differ from the last phase's:
-     * a loop moved to another thread, or run from another loop's fiber). */
-#ifndef ZEV__TSAN
-    if (!fs->sched.main) /* else only registers, saved by every switch */
-#endif
+        /* The context fibers switch back to: whoever runs the loop now. Under
+         * TSan its fiber may differ from the last phase's (a loop run from
+         * another loop's fiber): made every phase. Otherwise it is registers
+         * that every switch saves (ASan learns the stack at each switch): made
+         * once. */
+#ifdef ZEV__TSAN
+    zev__ctx_init_main(&fs->sched);
+#else
+    if (!fs->sched.main)
         zev__ctx_init_main(&fs->sched);
+#endif
     zev__stack_thread_ready(); /* this thread can report an overflow */
     bool outer_phase = fs->in_phase;
     fs->in_phase = true;
@@ -777,9 +781,8 @@ static void ring_trim(zev_stream_t *s)
 
 /* The general path of zev_fiber_recv. `held`: the caller holds s already
  * (the fast path), paced, and `got` is what its receive gave. */
-static inline __attribute__((always_inline)) int recv_slow(zev_fiber_t *f, zev_stream_t *s, zev_msg_t **msg,
-                                               int64_t timeout_us,
-                     bool held, int got)
+static inline __attribute__((always_inline)) int
+recv_slow(zev_fiber_t *f, zev_stream_t *s, zev_msg_t **msg, int64_t timeout_us, bool held, int got)
 {
     int err;
     if (held) {
@@ -878,8 +881,7 @@ static inline __attribute__((always_inline)) int recv_slow(zev_fiber_t *f, zev_s
 }
 
 /* Any zev_fiber_recv: the general path (errno kept as KEEP_ERRNO does). */
-static __attribute__((noinline)) int recv_any(zev_stream_t *s, zev_msg_t **msg,
-                                              int64_t timeout_us)
+static __attribute__((noinline)) int recv_any(zev_stream_t *s, zev_msg_t **msg, int64_t timeout_us)
 {
     int saved = errno;
     zev_fiber_t *f = enter();
@@ -893,9 +895,8 @@ static __attribute__((noinline)) int recv_any(zev_stream_t *s, zev_msg_t **msg,
 
 /* The fast path's receive gave no message for f to have at once: the
  * general path goes on from there. */
-static __attribute__((noinline, cold)) int recv_held(zev_fiber_t *f, zev_stream_t *s,
-                                                     zev_msg_t **msg, int64_t timeout_us,
-                                                     int got, int saved)
+static __attribute__((noinline, cold)) int
+recv_held(zev_fiber_t *f, zev_stream_t *s, zev_msg_t **msg, int64_t timeout_us, int got, int saved)
 {
     if (got != 1) { /* nothing borrowed is held while the fiber waits */
         int err = errno;
@@ -1172,8 +1173,8 @@ int zev_fiber_wait_fd(int fd, int events, int64_t timeout_us)
 static __attribute__((noinline)) int recv_again(zev_fiber_t *f, zev_stream_t *s, zev_msg_t **msg,
                                                 int64_t timeout_us)
 {
-    if (__builtin_expect(!msg || f->cancelled || s->on_recv ||
-                             stream_state(s) || f->budget >= f->loop->batch ||
+    if (__builtin_expect(!msg || f->cancelled || s->on_recv || stream_state(s) ||
+                             f->budget >= f->loop->batch ||
                              !my_turn(&s->recv_waiters, s->handed_in, f),
                          0))
         return recv_any(s, msg, timeout_us);

@@ -1003,8 +1003,7 @@ static void send_tagged(void *sock, unsigned tag, size_t n)
 {
     for (size_t k = 0; k < n; k++) {
         unsigned buf[2] = {tag, (unsigned)k};
-        cr_assert_eq(zmq_send(sock, buf, sizeof buf, k + 1 < n ? ZMQ_SNDMORE : 0),
-                     (int)sizeof buf);
+        cr_assert_eq(zmq_send(sock, buf, sizeof buf, k + 1 < n ? ZMQ_SNDMORE : 0), (int)sizeof buf);
     }
 }
 
