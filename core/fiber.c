@@ -33,7 +33,18 @@
  *   over a busy stream cannot hold the loop.
  * - Borrowed frames: a received message lives in the stream's ring until
  *   the fiber's next blocking call (release_borrowed, first thing in every
- *   call), which is also the first moment another fiber can run.
+ *   call), which is also the first moment another fiber can run. The fast
+ *   path (zev_fiber_recv on the stream of the fiber's last message, in its
+ *   turn, within its batch) lets the next receive overwrite the ring's
+ *   slots, as the stream's own pass does, and recycles the ring before
+ *   the fiber waits.
+ * - A message longer than one pass is received over several iterations by
+ *   the fiber that began it: it keeps the stream's turn (handed_in) while
+ *   it yields between pieces, and its timeout bounds the call (timeout 0:
+ *   EAGAIN unless it is whole in the one pass; the parts stay in the ring).
+ * - The fiber phase: a fiber made runnable after it resumed in the phase
+ *   goes on loop->fibers.later, spliced onto the runnable list at the end;
+ *   the slow hook reports a fiber that returned before it is freed.
  * - Lifetimes: a stream a fiber is inside a call on (or holds a message of)
  *   counts it in fiber_refs and is freed by the last such call to leave
  *   (stream.c defers it). A fiber is freed by join, or when it returns once
@@ -68,6 +79,7 @@ struct zev_fiber {
     enum fiber_state state;
     int wake; /* why it was made runnable */
     bool cancelled, detached;
+    bool reporting;      /* returned, its resume reported to the slow hook */
     zev_fiber_t *joiner; /* the fiber joining it */
     uint64_t resumed_in; /* the iteration it last resumed in */
     unsigned budget;     /* calls that did not wait since it resumed */
@@ -79,7 +91,7 @@ struct zev_fiber {
     size_t nfds, fds_cap;
 };
 
-static _Thread_local zev_fiber_t *current;
+static _Thread_local zev_fiber_t *current __attribute__((tls_model("initial-exec")));
 
 zev_fiber_t *zev__fiber_current(void)
 {
@@ -118,12 +130,18 @@ static void release_borrowed(zev_fiber_t *f)
 
 /* --------------------------------------------------------- wait and wake */
 
+/* Runnable in FIFO order; one that already resumed in the phase that runs
+ * now (it yields, or another fiber woke it) waits for the next phase. */
 static void make_runnable(zev_fiber_t *f, int why)
 {
+    zev_loop_t *loop = f->loop;
     f->wake = why;
     f->state = F_RUNNABLE;
-    zev__list_push_tail(&f->loop->fibers.runnable, &f->run);
-    zev__loop_changed(f->loop);
+    bool in_phase = loop->fibers.in_phase;
+    bool later = in_phase && f->resumed_in == loop->iteration;
+    zev__list_push_tail(later ? &loop->fibers.later : &loop->fibers.runnable, &f->run);
+    if (!in_phase) /* in the phase, the iteration's end looks at them */
+        zev__loop_changed(loop);
 }
 
 /* Off everything it waits on. */
@@ -310,8 +328,30 @@ static zev_fiber_t *enter(void)
 void zev__fibers_init(zev_loop_t *loop)
 {
     zev__list_init(&loop->fibers.runnable);
+    zev__list_init(&loop->fibers.later);
     zev__list_init(&loop->fibers.all);
     zev__stack_pool_init(&loop->fibers.stacks);
+}
+
+/* The stack pool follows the most fibers live at once (at least its
+ * default, 64 stacks / 16 MiB; at most POOL_MAX stacks, POOL_MAX_BYTES):
+ * a program that spawns and ends fibers by the thousand reuses their
+ * stacks instead of mapping and unmapping each (8-9 us + 5-6 us). Idle
+ * stacks keep the pages their fibers touched, as a malloc arena keeps its
+ * memory: up to that many bytes stay resident. */
+#define POOL_MAX 4096u
+#define POOL_MAX_BYTES ((size_t)256 * 1024 * 1024)
+
+static void pool_follow(zev__stack_pool_t *pool, size_t live, size_t stack_size)
+{
+    if (live <= pool->max_idle || pool->max_idle >= POOL_MAX)
+        return;
+    pool->max_idle = live < POOL_MAX ? live : POOL_MAX;
+    size_t bytes = stack_size && pool->max_idle <= POOL_MAX_BYTES / stack_size
+                       ? pool->max_idle * stack_size
+                       : POOL_MAX_BYTES;
+    if (bytes > pool->max_idle_bytes)
+        pool->max_idle_bytes = bytes;
 }
 
 int zev__fibers_pending(const zev_loop_t *loop)
@@ -359,15 +399,14 @@ static void fiber_main(void *arg)
     zev__ctx_exit(&f->ctx, &f->loop->fibers.sched);
 }
 
-/* After its last switch: what only its running needed goes back. */
+/* After its last switch: what only its running needed goes back (the
+ * caller frees a detached one). */
 static void finished(zev_fiber_t *f)
 {
     zev__ctx_destroy(&f->ctx);
     zev__stack_put(&f->loop->fibers.stacks, &f->stack);
     zev__timer_free(f->timer);
     f->timer = NULL;
-    if (f->detached)
-        free_fiber(f);
 }
 
 zev_fiber_t *zev_fiber_spawn(zev_loop_t *loop, zev_fiber_fn fn, void *arg,
@@ -404,6 +443,7 @@ zev_fiber_t *zev_fiber_spawn(zev_loop_t *loop, zev_fiber_fn fn, void *arg,
     }
     zev__list_push_tail(&loop->fibers.all, &f->all);
     loop->fibers.live++;
+    pool_follow(&loop->fibers.stacks, loop->fibers.live, f->stack.size);
     if (loop->fibers.in_phase)
         f->resumed_in = loop->iteration; /* the phase that runs now is bounded */
     make_runnable(f, 0);
@@ -428,9 +468,19 @@ static void resume(zev_loop_t *loop, zev_fiber_t *f)
     uint64_t t0 = zev__watch_begin(loop);
     zev__ctx_switch(&loop->fibers.sched, &f->ctx);
     current = outer; /* before the slow hook, which is no fiber of this loop */
+    if (f->state != F_DONE) {
+        zev__watch_end(loop, t0, ZEV_SLOW_FIBER, f, NULL);
+        return;
+    }
+    /* Returned: the slow hook may call any fiber function on it (detach
+     * it, join it from a fiber of another loop): f is freed after the
+     * hook, never under it. */
+    finished(f);
+    f->reporting = true;
     zev__watch_end(loop, t0, ZEV_SLOW_FIBER, f, NULL);
-    if (f->state == F_DONE)
-        finished(f);
+    f->reporting = false;
+    if (f->detached)
+        free_fiber(f);
 }
 
 size_t zev__fibers_run(zev_loop_t *loop)
@@ -438,28 +488,39 @@ size_t zev__fibers_run(zev_loop_t *loop)
     struct zev__fibers *fs = &loop->fibers;
     if (zev__list_empty(&fs->runnable))
         return 0;
-    /* The context fibers switch back to: whoever runs the loop now (its
-     * thread and, under TSan, its fiber may differ from the last phase's:
-     * a loop moved to another thread, or run from another loop's fiber). */
+        /* The context fibers switch back to: whoever runs the loop now. Under
+         * TSan its fiber may differ from the last phase's (a loop run from
+         * another loop's fiber): made every phase. Otherwise it is registers
+         * that every switch saves (ASan learns the stack at each switch): made
+         * once. */
+#ifdef ZEV__TSAN
     zev__ctx_init_main(&fs->sched);
+#else
+    if (!fs->sched.main)
+        zev__ctx_init_main(&fs->sched);
+#endif
     zev__stack_thread_ready(); /* this thread can report an overflow */
     bool outer_phase = fs->in_phase;
     fs->in_phase = true;
-    zev__list_t later;
-    zev__list_init(&later);
     size_t n = 0;
     zev__list_t *node;
     while ((node = zev__list_pop_head(&fs->runnable))) {
         zev_fiber_t *f = zev__container_of(node, zev_fiber_t, run);
-        if (f->resumed_in == loop->iteration && f->resumed_in) {
-            zev__list_push_tail(&later, node); /* once per iteration */
+        if (__builtin_expect(f->resumed_in == loop->iteration && f->resumed_in, 0)) {
+            zev__list_push_tail(&fs->later, node); /* once per iteration */
             continue;
         }
         resume(loop, f);
         n++;
     }
-    while ((node = zev__list_pop_head(&later)))
-        zev__list_push_tail(&fs->runnable, node);
+    if (!zev__list_empty(&fs->later)) { /* the next phase's, in order: spliced */
+        zev__list_t *first = fs->later.next, *last = fs->later.prev;
+        first->prev = fs->runnable.prev;
+        fs->runnable.prev->next = first;
+        last->next = &fs->runnable;
+        fs->runnable.prev = last;
+        zev__list_init(&fs->later);
+    }
     fs->in_phase = outer_phase;
     return n;
 }
@@ -494,7 +555,10 @@ static int join_impl(zev_fiber_t *t, int64_t timeout_us)
     }
     if (t->state == F_DONE) { /* no wait: also for a cancelled fiber freeing its children */
         release_borrowed(f);
-        free_fiber(t);
+        if (t->reporting)
+            t->detached = true; /* joined under the slow hook: resume frees it */
+        else
+            free_fiber(t);
         return 0;
     }
     if (!enter())
@@ -522,7 +586,7 @@ int zev_fiber_detach(zev_fiber_t *t)
         return -1;
     }
     t->detached = true;
-    if (t->state == F_DONE)
+    if (t->state == F_DONE && !t->reporting) /* else resume frees it */
         free_fiber(t);
     return 0;
 }
@@ -701,25 +765,47 @@ static int enter_stream(zev_fiber_t *f, zev_stream_t *s)
     return err;
 }
 
-static int recv_impl(zev_stream_t *s, zev_msg_t **msg, int64_t timeout_us)
+/* The ring's slots past the message just received: a longer message's
+ * parts that the fast path (which lets each receive overwrite the slots, as
+ * the stream's pass does) left behind. Not held while f has the message. */
+static void ring_trim(zev_stream_t *s)
 {
-    zev_fiber_t *f = enter();
-    if (!f)
-        return -1;
-    if (!s || !msg) {
-        errno = EINVAL;
-        return -1;
+    for (size_t i = s->msg.n; i < s->ring_used; i++)
+        zmq_msg_close(&s->ring[i]); /* a kept part's slot is already empty */
+    s->ring_used = s->msg.n;
+}
+
+/* The ring size up to which the fast path lets slots be overwritten (msg.c
+ * gives a larger ring back at its recycle: RING_KEEP). */
+#define RING_SMALL 1024u
+
+/* The general path of zev_fiber_recv. `held`: the caller holds s already
+ * (the fast path), paced, and `got` is what its receive gave. */
+static inline __attribute__((always_inline)) int
+recv_slow(zev_fiber_t *f, zev_stream_t *s, zev_msg_t **msg, int64_t timeout_us, bool held, int got)
+{
+    int err;
+    if (held) {
+        err = stream_state(s);
+    } else {
+        if (!s || !msg) {
+            errno = EINVAL;
+            return -1;
+        }
+        if (s->on_recv) {
+            errno = EBUSY;
+            return -1;
+        }
+        err = enter_stream(f, s);
+        if (err) {
+            errno = err;
+            return -1;
+        }
+        if (s->on_recv)
+            err = EBUSY; /* set while f yielded */
     }
-    if (s->on_recv) {
-        errno = EBUSY;
-        return -1;
-    }
-    int err = enter_stream(f, s);
-    if (!err && s->on_recv)
-        err = EBUSY; /* set while f yielded */
     if (err) {
-        if (err == EBUSY)
-            stream_leave(s);
+        stream_leave(s);
         errno = err;
         return -1;
     }
@@ -727,11 +813,16 @@ static int recv_impl(zev_stream_t *s, zev_msg_t **msg, int64_t timeout_us)
     bool woken = false;
     int rc = -1;
     for (;;) {
+        if (held) { /* the fast path's receive, as if made here */
+            held = false;
+            goto got_it;
+        }
         if ((err = stream_state(s)))
             break;
         if (my_turn(&s->recv_waiters, s->handed_in, f)) {
             /* puts the stream on the ready-list */
-            int got = zev__stream_recv_now(s, f->loop->batch);
+            got = zev__stream_recv_now(s, f->loop->batch);
+        got_it:
             if (s->handed_in == f)
                 s->handed_in = NULL;
             if (got == 1) {
@@ -743,6 +834,19 @@ static int recv_impl(zev_stream_t *s, zev_msg_t **msg, int64_t timeout_us)
                 break;
             }
             if (got == 2) { /* a long message goes on, or one was dropped */
+                /* Timeout 0 does not wait for the rest; a deadline bounds
+                 * the call (it returns at most one piece after it). The
+                 * parts taken stay in the ring for the stream's next
+                 * receive, which goes on from there: never lost, never
+                 * split. */
+                if (timeout_us == 0 || (deadline != UINT64_MAX && zev__clock_ns() >= deadline)) {
+                    err = EAGAIN;
+                    break;
+                }
+                /* The fiber that began a message keeps the turn until it
+                 * has it: the stream's pass wakes no other waiter, and a
+                 * fiber that comes meanwhile queues behind it. */
+                s->handed_in = f;
                 if ((err = yield_now(f)))
                     break; /* the rest of the loop ran meanwhile */
                 continue;
@@ -763,6 +867,7 @@ static int recv_impl(zev_stream_t *s, zev_msg_t **msg, int64_t timeout_us)
     }
     give_turn_back(s, &s->handed_in, f);
     if (rc == 0) {
+        ring_trim(s);
         f->borrowed = s; /* held until its next blocking call */
         stream_enter(s);
         *msg = &s->msg;
@@ -772,6 +877,35 @@ static int recv_impl(zev_stream_t *s, zev_msg_t **msg, int64_t timeout_us)
     stream_leave(s);
     if (rc < 0)
         errno = err;
+    return rc;
+}
+
+/* Any zev_fiber_recv: the general path (errno kept as KEEP_ERRNO does). */
+static __attribute__((noinline)) int recv_any(zev_stream_t *s, zev_msg_t **msg, int64_t timeout_us)
+{
+    int saved = errno;
+    zev_fiber_t *f = enter();
+    if (!f)
+        return -1;
+    int rc = recv_slow(f, s, msg, timeout_us, false, 0);
+    if (rc >= 0)
+        errno = saved;
+    return rc;
+}
+
+/* The fast path's receive gave no message for f to have at once: the
+ * general path goes on from there. */
+static __attribute__((noinline, cold)) int
+recv_held(zev_fiber_t *f, zev_stream_t *s, zev_msg_t **msg, int64_t timeout_us, int got, int saved)
+{
+    if (got != 1) { /* nothing borrowed is held while the fiber waits */
+        int err = errno;
+        zev__ring_recycle(s);
+        errno = err;
+    }
+    int rc = recv_slow(f, s, msg, timeout_us, true, got);
+    if (rc >= 0)
+        errno = saved;
     return rc;
 }
 
@@ -1015,7 +1149,15 @@ int zev_fiber_sleep(uint64_t us)
 
 int zev_fiber_yield(void)
 {
-    KEEP_ERRNO(yield_impl());
+    zev_fiber_t *f = current;
+    if (__builtin_expect(!f || f->borrowed || f->cancelled, 0))
+        KEEP_ERRNO(yield_impl());
+    int why = yield_now(f); /* suspend() keeps errno */
+    if (why) {
+        errno = why;
+        return -1;
+    }
+    return 0;
 }
 
 int zev_fiber_wait_fd(int fd, int events, int64_t timeout_us)
@@ -1023,9 +1165,43 @@ int zev_fiber_wait_fd(int fd, int events, int64_t timeout_us)
     KEEP_ERRNO(wait_fd_impl(fd, events, timeout_us));
 }
 
+/* Fast path: a fiber receiving from the stream it has its last message of,
+ * in its turn, its batch not spent, nothing amiss. The hold on the stream
+ * moves from the old message to the call and on to the new one, and the
+ * ring's slots are overwritten by the receive (as in the stream's pass)
+ * rather than closed and made again. Anything else: recv_any. */
+static __attribute__((noinline)) int recv_again(zev_fiber_t *f, zev_stream_t *s, zev_msg_t **msg,
+                                                int64_t timeout_us)
+{
+    if (__builtin_expect(!msg || f->cancelled || s->on_recv || stream_state(s) ||
+                             f->budget >= f->loop->batch ||
+                             !my_turn(&s->recv_waiters, s->handed_in, f),
+                         0))
+        return recv_any(s, msg, timeout_us);
+    int saved = errno;
+    f->borrowed = NULL;
+    f->budget++; /* pace(): within the batch */
+    if (__builtin_expect(s->ring_cap > RING_SMALL, 0))
+        zev__ring_recycle(s); /* which gives a grown ring's memory back */
+    int got = zev__stream_recv_now(s, f->loop->batch);
+    if (__builtin_expect(got != 1 || s->handed_in, 0))
+        return recv_held(f, s, msg, timeout_us, got, saved);
+    if (__builtin_expect(s->ring_used > s->msg.n, 0))
+        ring_trim(s);
+    f->borrowed = s;
+    *msg = &s->msg;
+    if (__builtin_expect(!zev__list_empty(&s->recv_waiters), 0))
+        zev__stream_wake_waiter(s, ZMQ_POLLIN); /* the next in line tries too */
+    errno = saved;
+    return 0;
+}
+
 int zev_fiber_recv(zev_stream_t *s, zev_msg_t **msg, int64_t timeout_us)
 {
-    KEEP_ERRNO(recv_impl(s, msg, timeout_us));
+    zev_fiber_t *f = current;
+    if (__builtin_expect(f && s && f->borrowed == s, 1))
+        return recv_again(f, s, msg, timeout_us);
+    return recv_any(s, msg, timeout_us);
 }
 
 int zev_fiber_send(zev_stream_t *s, const void *data, size_t len, int flags, int64_t timeout_us)

@@ -393,6 +393,7 @@ struct zev_loop {
         bool in_phase;          /* the fiber phase runs: spawns wait for the next */
         zev__stack_pool_t stacks;
         zev__list_t runnable;   /* fibers to resume, in order */
+        zev__list_t later;      /* made runnable in the phase they resumed in */
         zev__list_t all;        /* every fiber not yet freed */
         size_t live;            /* fibers that have not returned */
     } fibers;

@@ -800,8 +800,16 @@ ZEV_API int zev_fiber_wait_fd(int fd, int events, int64_t timeout_us);
  * zev_msg_keep keeps a frame beyond that, as in on_recv. Fibers receiving
  * from one stream get one message each, first come first served. No heap
  * allocation per message. zev_stream_set_max_frames holds fibers back as
- * it holds on_recv. Returns 0, or -1 with EAGAIN (timeout, or timeout 0
- * and nothing there), EPERM, ECANCELED, EINVAL (NULL), EBUSY (the stream
+ * it holds on_recv. A message longer than one pass (64 x batch parts) is
+ * taken over several loop iterations, the fiber yielding in between and
+ * keeping its turn (a fiber that comes meanwhile gets the next message).
+ * The timeout bounds the call also then: timeout 0 fails with EAGAIN when
+ * the whole message is not taken in this one pass, and a deadline that
+ * passes between pieces (or while over-long messages are dropped) fails it
+ * too; the parts already taken stay with the stream, and its next receive
+ * (this fiber's or another's) goes on from there, so no message is lost or
+ * split. Returns 0, or -1 with EAGAIN (timeout, or timeout 0 and no whole
+ * message there now), EPERM, ECANCELED, EINVAL (NULL), EBUSY (the stream
  * has on_recv set), EBADF (closed, also while waiting: the stream stays
  * valid for the call until it returns), ENOTSOCK/ETERM (socket gone),
  * EFSM (a REQ socket expecting to send, as zmq_recv). */

@@ -992,3 +992,276 @@ Test(fiber_review, a_fiber_running_another_loop_stays_itself)
     cr_assert_eq(zev_loop_destroy(n.inner), 0);
     cr_assert_eq(zev_loop_destroy(outer), 0);
 }
+
+/* ============================================================
+ * Review of 019092d (fibers): one test per finding, each failed on that
+ * commit.
+ * ============================================================ */
+
+/* A message of n parts, part k holding (tag, k). */
+static void send_tagged(void *sock, unsigned tag, size_t n)
+{
+    for (size_t k = 0; k < n; k++) {
+        unsigned buf[2] = {tag, (unsigned)k};
+        cr_assert_eq(zmq_send(sock, buf, sizeof buf, k + 1 < n ? ZMQ_SNDMORE : 0), (int)sizeof buf);
+    }
+}
+
+/* The tag of a whole, well-formed message of send_tagged, else -1. */
+static long tagged_tag(zev_msg_t *m, size_t *nparts)
+{
+    size_t n = zev_msg_parts(m);
+    *nparts = n;
+    unsigned tag = 0;
+    for (size_t k = 0; k < n; k++) {
+        if (zev_msg_size(m, k) != 2 * sizeof(unsigned))
+            return -1;
+        unsigned v[2];
+        memcpy(v, zev_msg_data(m, k), sizeof v);
+        if (k == 0)
+            tag = v[0];
+        if (v[0] != tag || v[1] != k)
+            return -1;
+    }
+    return tag;
+}
+
+typedef struct hook_detach {
+    int detached, detach_rc;
+} hook_detach_t;
+
+static void slow_body(void *arg)
+{
+    (void)arg;
+    test_sleep_ms(3); /* slow, then returns */
+}
+
+static void detaching_hook(zev_loop_t *l, const zev_slow_t *slow, void *arg)
+{
+    (void)l;
+    hook_detach_t *h = arg;
+    if (slow->kind == ZEV_SLOW_FIBER && !h->detached) {
+        h->detached = 1;
+        h->detach_rc = zev_fiber_detach((zev_fiber_t *)slow->what);
+    }
+}
+
+/* r2-a: the slow hook detaches the fiber it reports, which has just
+ * returned: the fiber is freed once, after the hook (was a heap
+ * use-after-free and double free in resume). */
+Test(fiber_review, slow_hook_detaches_the_fiber_that_returned)
+{
+    zev_loop_t *loop = test_loop_new();
+    hook_detach_t h = {0};
+    cr_assert_eq(zev_loop_on_slow(loop, 1000, detaching_hook, &h), 0);
+    cr_assert_not_null(zev_fiber_spawn(loop, slow_body, NULL, NULL));
+    test_spin(loop, 3, 0);
+    cr_assert_eq(h.detached, 1);
+    cr_assert_eq(h.detach_rc, 0);
+    cr_assert_eq(zev_loop_destroy(loop), 0);
+}
+
+typedef struct zero_recv {
+    zev_loop_t *loop;
+    zev_stream_t *s;
+    int rc0, err0, rc;
+    uint64_t iters0;
+    long tag;
+    size_t n;
+    int done;
+} zero_recv_t;
+
+static void zero_then_wait(void *arg)
+{
+    zero_recv_t *z = arg;
+    zev_loop_stats_t a, b;
+    zev_loop_stats(z->loop, &a);
+    zev_msg_t *m;
+    z->rc0 = zev_fiber_recv(z->s, &m, 0);
+    z->err0 = errno;
+    zev_loop_stats(z->loop, &b);
+    z->iters0 = b.iterations - a.iterations;
+    z->rc = zev_fiber_recv(z->s, &m, 2000000); /* the rest, and the message whole */
+    if (z->rc == 0)
+        z->tag = tagged_tag(m, &z->n);
+    z->done = 1;
+}
+
+/* r2-b: timeout 0 ("do not wait") on a message longer than one pass
+ * (60,000 parts): EAGAIN without suspending the fiber; the parts taken
+ * stay for the next call, which gets the message whole (it suspended the
+ * fiber over 14 iterations and then returned the message). */
+Test(fiber_review, recv_timeout_zero_does_not_wait_for_a_long_message)
+{
+    pair_t p = pair_open(0);
+    send_tagged(p.b, 5, 60000);
+    zev_loop_t *loop = test_loop_new();
+    zero_recv_t z = {.loop = loop, .s = test_stream_new(loop, p.a), .rc0 = 99, .rc = 99};
+    cr_assert_not_null(zev_fiber_spawn(loop, zero_then_wait, &z, NULL));
+    test_run_until(loop, &z.done, 10000);
+    cr_assert_eq(z.rc0, -1);
+    cr_assert_eq(z.err0, EAGAIN, "errno %d", z.err0);
+    cr_assert_eq(z.iters0, 0, "suspended over %llu iterations", (unsigned long long)z.iters0);
+    cr_assert_eq(z.rc, 0);
+    cr_assert_eq(z.tag, 5);
+    cr_assert_eq(z.n, 60000);
+    zev_stream_close(z.s, 0);
+    cr_assert_eq(zev_loop_destroy(loop), 0);
+    pair_close(&p);
+}
+
+typedef struct timed_recv {
+    zev_stream_t *s;
+    int rc, err;
+    uint64_t took_ms;
+    int done;
+} timed_recv_t;
+
+static void recv_20ms(void *arg)
+{
+    timed_recv_t *t = arg;
+    zev_msg_t *m;
+    uint64_t t0 = test_ms();
+    t->rc = zev_fiber_recv(t->s, &m, 20000);
+    t->err = errno;
+    t->took_ms = test_ms() - t0;
+    t->done = 1;
+}
+
+static void slow_tick(zev_timer_t *t, void *arg)
+{
+    (void)t;
+    (void)arg;
+    test_sleep_ms(1); /* the rest of the loop takes its time */
+}
+
+/* r2-b: a 20 ms recv while oversized messages (over max_parts, dropped)
+ * keep the stream busy for seconds: EAGAIN after about 20 ms (it returned
+ * only once all of them were dropped). */
+Test(fiber_review, recv_timeout_bounds_the_call_while_messages_are_dropped)
+{
+    pair_t p = pair_open(0);
+    for (unsigned i = 0; i < 400; i++)
+        send_tagged(p.b, 7, 100);
+    zev_loop_t *loop = loop_batch(1); /* 64 parts a pass: 625 passes */
+    timed_recv_t t = {.s = test_stream_new(loop, p.a), .rc = 99};
+    cr_assert_eq(zev_stream_set_max_parts(t.s, 10), 0);
+    zev_timer_t *tick = zev_timer_new(loop, slow_tick, NULL);
+    cr_assert_not_null(tick);
+    cr_assert_eq(zev_timer_arm(tick, 1, 1), 0);
+    cr_assert_not_null(zev_fiber_spawn(loop, recv_20ms, &t, NULL));
+    test_run_until(loop, &t.done, 10000);
+    cr_assert_eq(t.rc, -1);
+    cr_assert_eq(t.err, EAGAIN, "errno %d", t.err);
+    cr_assert_lt(t.took_ms, 300, "took %llu ms", (unsigned long long)t.took_ms);
+    zev_timer_free(tick);
+    zev_stream_close(t.s, 0);
+    cr_assert_eq(zev_loop_destroy(loop), 0);
+    pair_close(&p);
+}
+
+typedef struct long_fifo {
+    zev_stream_t *s;
+    long tag[2];
+    size_t n[2];
+    int done;
+} long_fifo_t;
+
+static zev_loop_t *long_fifo_loop;
+
+static void long_receiver(long_fifo_t *l, int who)
+{
+    zev_msg_t *m;
+    if (zev_fiber_recv(l->s, &m, FOREVER) == 0)
+        l->tag[who] = tagged_tag(m, &l->n[who]);
+    l->done++;
+}
+
+static void receiver_a(void *arg)
+{
+    long_receiver(arg, 0);
+}
+
+static void receiver_b(void *arg)
+{
+    long_receiver(arg, 1);
+}
+
+static void spawn_b(zev_timer_t *t, void *arg)
+{
+    (void)t;
+    cr_assert_not_null(zev_fiber_spawn(long_fifo_loop, receiver_b, arg, NULL));
+}
+
+/* r2-c: fiber A began receiving message 1 (10,000 parts, taken over several
+ * passes); fiber B calls recv while A is between pieces. FIFO, one message
+ * each: A gets message 1, B message 2 (B took the rest of message 1). */
+Test(fiber_review, the_fiber_that_began_a_long_message_gets_it)
+{
+    pair_t p = pair_open(0);
+    send_tagged(p.b, 1, 10000);
+    send_tagged(p.b, 2, 5);
+    zev_loop_t *loop = test_loop_new();
+    long_fifo_t l = {.s = test_stream_new(loop, p.a), .tag = {-9, -9}};
+    long_fifo_loop = loop;
+    cr_assert_not_null(zev_fiber_spawn(loop, receiver_a, &l, NULL));
+    zev_loop_run_once(loop, 0); /* A takes the first piece, yields */
+    /* B comes while A is mid-message */
+    cr_assert_not_null(zev_timer_start(loop, 0, 0, spawn_b, &l));
+    uint64_t end = test_ms() + 10000;
+    while (l.done < 2 && test_ms() < end)
+        zev_loop_run_once(loop, 10);
+    cr_assert_eq(l.done, 2);
+    cr_assert_eq(l.tag[0], 1, "A got %ld", l.tag[0]);
+    cr_assert_eq(l.n[0], 10000);
+    cr_assert_eq(l.tag[1], 2, "B got %ld", l.tag[1]);
+    cr_assert_eq(l.n[1], 5);
+    zev_stream_close(l.s, 0);
+    cr_assert_eq(zev_loop_destroy(loop), 0);
+    pair_close(&p);
+}
+
+typedef struct mixed {
+    zev_stream_t *s;
+    size_t n;
+    long tags[8];
+    size_t parts[8];
+    int done;
+} mixed_t;
+
+static void recv_mixed(void *arg)
+{
+    mixed_t *x = arg;
+    zev_msg_t *m;
+    for (size_t i = 0; i < x->n; i++) {
+        if (zev_fiber_recv(x->s, &m, FOREVER) != 0)
+            break;
+        x->tags[i] = tagged_tag(m, &x->parts[i]);
+    }
+    x->done = 1;
+}
+
+/* The receive fast path (the same fiber on the same stream again) over
+ * messages of every length: a long one that grows the ring past its kept
+ * size, then shorter ones whose slots it overwrites (the longer message's
+ * rest closed, ASan's leak check), each whole. */
+Test(fiber_review, recv_again_over_long_and_short_messages)
+{
+    pair_t p = pair_open(0);
+    static const size_t lens[] = {3, 3000, 1, 10, 2, 1500, 1, 4};
+    mixed_t x = {.n = sizeof lens / sizeof lens[0]};
+    for (size_t i = 0; i < x.n; i++)
+        send_tagged(p.b, (unsigned)i + 1, lens[i]);
+    zev_loop_t *loop = test_loop_new();
+    x.s = test_stream_new(loop, p.a);
+    cr_assert_not_null(zev_fiber_spawn(loop, recv_mixed, &x, NULL));
+    test_run_until(loop, &x.done, 10000);
+    for (size_t i = 0; i < x.n; i++) {
+        cr_assert_eq(x.tags[i], (long)i + 1, "message %zu: tag %ld", i, x.tags[i]);
+        cr_assert_eq(x.parts[i], lens[i], "message %zu: %zu parts", i, x.parts[i]);
+    }
+    zev_stream_close(x.s, 0);
+    cr_assert_eq(zev_loop_destroy(loop), 0);
+    pair_close(&p);
+    test_expect_no_leaks();
+}
