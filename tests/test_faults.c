@@ -29,6 +29,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/prctl.h>
 #include <sys/resource.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -127,13 +128,42 @@ static void killed_on_pipe(zev_io_t *io, int fd, int events, void *arg)
     }
 }
 
+/* The peer runs in a fresh process: the test program re-executed with
+ * ZEV_FAULTS_PEER set, caught by this constructor before Criterion's main.
+ * (A forked child of a process with libzmq's threads, and ASan's, could
+ * inherit a lock held at the fork and hang.) */
+__attribute__((constructor)) static void peer_entry(void)
+{
+    const char *ep = getenv("ZEV_FAULTS_PEER");
+    const char *fd = getenv("ZEV_FAULTS_PEER_FD");
+    if (ep && fd)
+        peer_main(ep, atoi(fd)); /* never returns */
+}
+
 static pid_t spawn_peer(const char *ep, int fd)
 {
+    /* Everything the child needs is made before the fork: between fork and
+     * exec only async-signal-safe calls. */
+    static char env_ep[300], env_fd[64], exe[4096];
+    snprintf(env_ep, sizeof env_ep, "ZEV_FAULTS_PEER=%s", ep);
+    snprintf(env_fd, sizeof env_fd, "ZEV_FAULTS_PEER_FD=%d", fd);
+    ssize_t n = readlink("/proc/self/exe", exe, sizeof exe - 1);
+    cr_assert_gt(n, 0);
+    exe[n] = 0;
+    char *argv[] = {exe, NULL};
+    char *envp[] = {env_ep, env_fd, NULL};
+    pid_t parent = getpid();
     fflush(NULL);
     pid_t pid = fork();
     cr_assert_neq(pid, -1);
-    if (pid == 0)
-        peer_main(ep, fd); /* never returns */
+    if (pid == 0) {
+        /* Dies with the test process, whatever happens to the test. */
+        prctl(PR_SET_PDEATHSIG, SIGKILL);
+        if (getppid() != parent)
+            _exit(6);
+        execve(exe, argv, envp);
+        _exit(7);
+    }
     return pid;
 }
 
