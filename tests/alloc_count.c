@@ -23,6 +23,7 @@
 #endif
 #include <dlfcn.h>
 #include <errno.h>
+#include <execinfo.h>
 #include <malloc.h>
 #include <stdalign.h>
 #include <stdatomic.h>
@@ -101,6 +102,47 @@ static bool ready(void)
     return atomic_load_explicit(&resolved, memory_order_acquire);
 }
 
+/* Fault injection (alloc_fault_*): per thread, counting the allocating
+ * calls made while armed; the fail_at-th of them fails with ENOMEM. */
+static _Thread_local bool fault_armed;
+static _Thread_local size_t fault_seen, fault_at, fault_hit;
+
+/* Whether an allocation made from caller is libzmq's (or its C++
+ * runtime's): those are never failed, since libzmq cannot survive them (its
+ * operator new throws std::bad_alloc, its alloc_assert aborts). Only the
+ * allocations zev (and the C library on zev's behalf) makes are. */
+static bool from_libzmq(void *caller)
+{
+    Dl_info di;
+    if (!dladdr(caller, &di) || !di.dli_fname)
+        return false;
+    return strstr(di.dli_fname, "libzmq") || strstr(di.dli_fname, "libstdc++");
+}
+
+/* true: this allocating call, made from caller, must fail (errno ENOMEM). */
+static bool fault_now(void *caller)
+{
+    if (!fault_armed)
+        return false;
+    fault_armed = false; /* dladdr must not count itself */
+    bool skip = from_libzmq(caller);
+    fault_armed = true;
+    if (skip)
+        return false;
+    if (++fault_seen != fault_at)
+        return false;
+    fault_hit++;
+    if (getenv("ALLOC_FAULT_BACKTRACE")) { /* where it failed, for debugging */
+        fault_armed = false;
+        void *frames[32];
+        int n = backtrace(frames, 32);
+        backtrace_symbols_fd(frames, n, 2);
+        fault_armed = true;
+    }
+    errno = ENOMEM;
+    return true;
+}
+
 static void count_alloc(void)
 {
     if (atomic_load_explicit(&counting, memory_order_relaxed))
@@ -118,6 +160,8 @@ void *malloc(size_t n)
 {
     if (!ready())
         return boot_alloc(n);
+    if (fault_now(__builtin_return_address(0)))
+        return NULL;
     count_alloc();
     return real_malloc(n);
 }
@@ -129,6 +173,8 @@ void *calloc(size_t n, size_t m)
             return NULL;
         return boot_alloc(n * m); /* static storage: already zero */
     }
+    if (fault_now(__builtin_return_address(0)))
+        return NULL;
     count_alloc();
     return real_calloc(n, m);
 }
@@ -141,6 +187,8 @@ void *realloc(void *p, size_t n)
         errno = ENOMEM;
         return NULL;
     }
+    if (ready() && !in_boot(p) && fault_now(__builtin_return_address(0)))
+        return NULL;
     if (!ready() || in_boot(p)) {
         void *q = ready() ? real_malloc(n) : boot_alloc(n);
         if (q && p) {
@@ -168,6 +216,8 @@ int posix_memalign(void **out, size_t align, size_t n)
 {
     if (!ready() || !real_posix_memalign)
         return ENOMEM;
+    if (fault_now(__builtin_return_address(0)))
+        return ENOMEM;
     count_alloc();
     return real_posix_memalign(out, align, n);
 }
@@ -175,6 +225,8 @@ int posix_memalign(void **out, size_t align, size_t n)
 void *aligned_alloc(size_t align, size_t n)
 {
     if (!ready() || !real_aligned_alloc)
+        return NULL;
+    if (fault_now(__builtin_return_address(0)))
         return NULL;
     count_alloc();
     return real_aligned_alloc(align, n);
@@ -184,6 +236,8 @@ void *memalign(size_t align, size_t n)
 {
     if (!ready() || !real_memalign)
         return NULL;
+    if (fault_now(__builtin_return_address(0)))
+        return NULL;
     count_alloc();
     return real_memalign(align, n);
 }
@@ -192,6 +246,8 @@ void *valloc(size_t n)
 {
     if (!ready() || !real_valloc)
         return NULL;
+    if (fault_now(__builtin_return_address(0)))
+        return NULL;
     count_alloc();
     return real_valloc(n);
 }
@@ -199,6 +255,8 @@ void *valloc(size_t n)
 void *pvalloc(size_t n)
 {
     if (!ready() || !real_pvalloc)
+        return NULL;
+    if (fault_now(__builtin_return_address(0)))
         return NULL;
     count_alloc();
     return real_pvalloc(n);
@@ -244,4 +302,27 @@ int alloc_count_interposed(void)
 void alloc_count_fail_realloc(int on)
 {
     fail_realloc_here = on != 0;
+}
+
+void alloc_fault_start(size_t k)
+{
+    fault_seen = 0;
+    fault_hit = 0;
+    fault_at = k;
+    fault_armed = false;
+}
+
+void alloc_fault_arm(int on)
+{
+    fault_armed = on != 0;
+}
+
+size_t alloc_fault_seen(void)
+{
+    return fault_seen;
+}
+
+size_t alloc_fault_hits(void)
+{
+    return fault_hit;
 }
