@@ -239,9 +239,8 @@ static zmq_msg_t *part_at(const zev_msg_t *m, size_t i)
     return m->kept[i] ? &m->kept[i]->msg : &m->parts[i];
 }
 
-/* The size of a part still in the ring: what zmq_msg_recv returned, unless
- * the caller got the zmq_msg_t itself (zev_msg_frame) or it was too big
- * for zmq_msg_recv's int. */
+/* The size of a part still in the ring: what the receive found (streamio.c's
+ * part_size), unless the caller got the zmq_msg_t itself (zev_msg_frame). */
 static size_t slot_size(const zev_msg_t *m, size_t i)
 {
     size_t size = m->sizes[i];

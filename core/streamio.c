@@ -609,11 +609,11 @@ static __attribute__((noinline)) enum rx drop_rest(zev_stream_t *s, size_t allow
     }
 }
 
-/* A received part's size for zev_msg_size and zev_msg_keep (msg.c), from
- * zmq_msg_recv's return: SIZE_MAX (ask libzmq) where that int is clipped. */
-static size_t part_size(int n)
+/* A part's size from zmq_msg_recv's return n, which stops at INT_MAX: for
+ * the byte counter and for zev_msg_size and zev_msg_keep (msg.c). */
+static size_t part_size(zmq_msg_t *part, int n)
 {
-    return n < INT_MAX ? (size_t)n : SIZE_MAX;
+    return n < INT_MAX ? (size_t)n : zmq_msg_size(part);
 }
 
 /* A message goes on past max_parts after its i-th part: close the parts
@@ -642,16 +642,16 @@ static inline __attribute__((always_inline)) enum rx recv_message(zev_stream_t *
             return errno == EAGAIN ? RX_NONE : RX_ERR; /* nothing taken */
         if (n >= 0) {
             *taken += 1;
-            s->msg.sizes[0] = part_size(n);
+            size_t size = s->msg.sizes[0] = part_size(&s->ring[0], n);
             if (!zmq_msg_more(&s->ring[0])) {
                 s->msg.n = 1;
-                s->stats.bytes_in += n < INT_MAX ? (unsigned)n : zmq_msg_size(&s->ring[0]);
+                s->stats.bytes_in += size;
                 return RX_GOT;
             }
             if (s->max_parts == 1) /* another part comes: too long */
                 return start_drop(s, 1, allowance - 1, taken);
             s->rx_parts = 1;
-            s->rx_bytes = n < INT_MAX ? (unsigned)n : zmq_msg_size(&s->ring[0]);
+            s->rx_bytes = size;
             allowance--;
         }
     }
@@ -681,8 +681,7 @@ static inline __attribute__((always_inline)) enum rx recv_message(zev_stream_t *
             break;
         }
         got++;
-        bytes += n < INT_MAX ? (unsigned)n : zmq_msg_size(&s->ring[i]); /* n stops at INT_MAX */
-        s->msg.sizes[i] = part_size(n);
+        bytes += s->msg.sizes[i] = part_size(&s->ring[i], n);
         if (!zmq_msg_more(&s->ring[i++])) {
             rc = RX_GOT;
             break;
