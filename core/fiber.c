@@ -307,20 +307,27 @@ static int pace(zev_fiber_t *f)
 }
 
 /* Every blocking call starts here: in a fiber, its borrowed frames
- * returned, not cancelled. NULL with errno otherwise. */
-static zev_fiber_t *enter(void)
+ * returned (unless `keep_borrowed`: the call returns them itself), not
+ * cancelled. NULL with errno otherwise. */
+static zev_fiber_t *enter_keeping(bool keep_borrowed)
 {
     zev_fiber_t *f = current;
     if (!f) {
         errno = EPERM;
         return NULL;
     }
-    release_borrowed(f);
+    if (!keep_borrowed)
+        release_borrowed(f);
     if (f->cancelled) {
         errno = ECANCELED;
         return NULL;
     }
     return f;
+}
+
+static zev_fiber_t *enter(void)
+{
+    return enter_keeping(false);
 }
 
 /* -------------------------------------------------------------- lifecycle */
@@ -915,11 +922,9 @@ recv_held(zev_fiber_t *f, zev_stream_t *s, zev_msg_t **msg, int64_t timeout_us, 
  * waiting for its turn and for libzmq; `more`: more parts follow in a later
  * call. 0 once libzmq took them, or -1 with errno (nothing taken when the
  * first part was not). */
-static int send_parts(zev_stream_t *s, zmq_msg_t *parts, size_t n, bool more, int64_t timeout_us)
+static int send_entered(zev_fiber_t *f, zev_stream_t *s, zmq_msg_t *parts, size_t n, bool more,
+                        int64_t timeout_us)
 {
-    zev_fiber_t *f = enter();
-    if (!f)
-        return -1;
     int err = enter_stream(f, s);
     if (err) {
         errno = err;
@@ -979,6 +984,33 @@ static int send_parts(zev_stream_t *s, zmq_msg_t *parts, size_t n, bool more, in
         return -1;
     }
     return 0;
+}
+
+/* parts[0..n) lie in the ring of the message the fiber borrows: it
+ * forwards what it received (zev_msg_frame). */
+static bool parts_borrowed(const zev_fiber_t *f, const zmq_msg_t *parts, size_t n)
+{
+    const zev_stream_t *b = f ? f->borrowed : NULL;
+    if (!b)
+        return false;
+    uintptr_t lo = (uintptr_t)b->ring, hi = (uintptr_t)(b->ring + b->ring_cap);
+    return (uintptr_t)parts < hi && (uintptr_t)(parts + n) > lo;
+}
+
+/* send_entered from a blocking call's start. Parts that are the borrowed
+ * message's own stay borrowed until the call returns, libzmq having taken
+ * them or not: returned at its start, they would be closed under it. */
+static int send_parts(zev_stream_t *s, zmq_msg_t *parts, size_t n, bool more, int64_t timeout_us)
+{
+    bool forwarding = parts_borrowed(current, parts, n);
+    zev_fiber_t *f = enter_keeping(forwarding);
+    int rc = f ? send_entered(f, s, parts, n, more, timeout_us) : -1;
+    if (forwarding) {
+        int err = errno;
+        release_borrowed(current);
+        errno = err;
+    }
+    return rc;
 }
 
 /* The flags both sends take: ZMQ_SNDMORE, and ZMQ_DONTWAIT as timeout 0. */

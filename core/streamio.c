@@ -776,7 +776,9 @@ void zev__stream_rx_abandon(zev_stream_t *s)
 {
     if (!s->rx_parts && !s->rx_dropping)
         return;
-    if (s->err || s->close_socket) { /* nothing left in libzmq for anyone */
+    /* nothing left in libzmq for anyone; or a forked child's destroy, which
+     * must not touch the parent's socket (its mailbox fd is shared) */
+    if (s->err || s->close_socket || s->loop->forked) {
         s->rx_parts = 0;
         s->rx_dropping = false;
         return;

@@ -837,7 +837,9 @@ ZEV_API int zev_fiber_send(zev_stream_t *s, const void *data, size_t len, int fl
 /* zev_stream_send_msg's parts (moved, as zmq_msg_send does, once taken),
  * with zev_fiber_send's waiting. The first part may wait; the others never
  * do (libzmq takes the rest of a message it began). On timeout nothing is
- * taken. */
+ * taken. parts may be the message the fiber just received, forwarded as it
+ * is (zev_msg_frame(msg, 0), zev_msg_parts(msg)): that message then stays
+ * borrowed until this call returns, instead of until it starts. */
 ZEV_API int zev_fiber_send_msg(zev_stream_t *s, zmq_msg_t *parts, size_t nparts, int flags,
                                int64_t timeout_us);
 

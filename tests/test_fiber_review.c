@@ -1265,3 +1265,66 @@ Test(fiber_review, recv_again_over_long_and_short_messages)
     pair_close(&p);
     test_expect_no_leaks();
 }
+
+/* r3 (review of the merged core): a fiber forwarding the message it just
+ * received with zev_fiber_send_msg, its parts straight from the ring
+ * (zev_msg_frame), to another stream or back on the same one. The call
+ * used to return the borrowed message at its start, closing the parts it
+ * was about to send (libzmq: "Assertion failed: check ()"). */
+typedef struct forward {
+    zev_stream_t *in, *out;
+    int n, sent, done;
+} forward_t;
+
+static void forward_fiber(void *arg)
+{
+    forward_t *fw = arg;
+    zev_msg_t *m;
+    for (int i = 0; i < fw->n; i++) {
+        if (zev_fiber_recv(fw->in, &m, FOREVER) != 0)
+            break;
+        if (zev_fiber_send_msg(fw->out, zev_msg_frame(m, 0), zev_msg_parts(m), 0, FOREVER) != 0)
+            break;
+        fw->sent++;
+    }
+    fw->done = 1;
+}
+
+static void forward_and_check(bool same_stream)
+{
+    enum { N = 100, PARTS = 3 };
+    pair_t in = pair_open(0), out = pair_open(0);
+    for (unsigned i = 0; i < N; i++)
+        send_tagged(in.b, i + 1, PARTS);
+    zev_loop_t *loop = test_loop_new();
+    forward_t fw = {.in = test_stream_new(loop, in.a), .n = N};
+    fw.out = same_stream ? fw.in : test_stream_new(loop, out.a);
+    cr_assert_not_null(zev_fiber_spawn(loop, forward_fiber, &fw, NULL));
+    test_run_until(loop, &fw.done, 10000);
+    cr_assert_eq(fw.sent, N);
+    void *peer = same_stream ? in.b : out.b;
+    test_set_int(peer, ZMQ_RCVTIMEO, 5000);
+    for (unsigned i = 0; i < N; i++)
+        for (unsigned k = 0; k < PARTS; k++) {
+            unsigned v[2] = {0, 0};
+            cr_assert_eq(zmq_recv(peer, v, sizeof v, 0), (int)sizeof v, "message %u part %u", i, k);
+            cr_assert(v[0] == i + 1 && v[1] == k, "message %u part %u: got %u/%u", i, k, v[0], v[1]);
+        }
+    zev_stream_close(fw.in, 0);
+    if (!same_stream)
+        zev_stream_close(fw.out, 0);
+    cr_assert_eq(zev_loop_destroy(loop), 0);
+    pair_close(&in);
+    pair_close(&out);
+    test_expect_no_leaks();
+}
+
+Test(fiber_review, send_msg_forwards_the_received_parts_to_another_stream)
+{
+    forward_and_check(false);
+}
+
+Test(fiber_review, send_msg_forwards_the_received_parts_back_on_the_same_stream)
+{
+    forward_and_check(true);
+}
