@@ -30,61 +30,8 @@
 #include <czmq.h>
 #endif
 
-/* ----------------------------------------------------------- interposition */
-
-extern void *__libc_malloc(size_t);
-extern void *__libc_calloc(size_t, size_t);
-extern void *__libc_realloc(void *, size_t);
-extern void *__libc_memalign(size_t, size_t);
-extern void __libc_free(void *);
-
-static _Thread_local int counting;
-static _Thread_local long allocs;
-
-void *malloc(size_t n)
-{
-    allocs += counting;
-    return __libc_malloc(n);
-}
-
-void *calloc(size_t a, size_t b)
-{
-    allocs += counting;
-    return __libc_calloc(a, b);
-}
-
-void *realloc(void *p, size_t n)
-{
-    allocs += counting;
-    return __libc_realloc(p, n);
-}
-
-void free(void *p)
-{
-    __libc_free(p);
-}
-
-void *memalign(size_t align, size_t n)
-{
-    allocs += counting;
-    return __libc_memalign(align, n);
-}
-
-void *aligned_alloc(size_t align, size_t n)
-{
-    allocs += counting;
-    return __libc_memalign(align, n);
-}
-
-int posix_memalign(void **out, size_t align, size_t n)
-{
-    allocs += counting;
-    void *p = __libc_memalign(align, n);
-    if (!p)
-        return 12; /* ENOMEM */
-    *out = p;
-    return 0;
-}
+/* Allocations are counted by perf/allocs.c, which interposes malloc. */
+#include "allocs.h"
 
 /* ---------------------------------------------------------------- the bench */
 
@@ -95,7 +42,7 @@ static const char *const impl_names[A__N] = {"raw", "zev_borrowed", "zev_kept", 
 
 typedef struct rx {
     long count, warm, got;
-    long allocs_at_warm;
+    long allocs_at_warm, allocs;
     zev_loop_t *loop;
     zmq_msg_t zmsg;
 } rx_t;
@@ -103,12 +50,10 @@ typedef struct rx {
 static int tick(rx_t *rx)
 {
     long g = ++rx->got;
-    if (g == rx->warm) {
-        rx->allocs_at_warm = allocs;
-        counting = 1;
-    }
+    if (g == rx->warm)
+        rx->allocs_at_warm = perf_allocs_start();
     if (g == rx->count) {
-        counting = 0;
+        rx->allocs = perf_allocs_stop(rx->allocs_at_warm);
         return 1;
     }
     return 0;
@@ -224,7 +169,7 @@ static double run_once(int impl, const char *transport, long count)
     }
 #endif
     }
-    counting = 0;
+    perf_allocs_stop(0); /* a run that failed may still be counting */
     atomic_store(&snd.hold, 0);
     if (!ok) {
         int zero = 0;
@@ -237,7 +182,7 @@ static double run_once(int impl, const char *transport, long count)
     perf_unlink_ep(ep);
     if (!ok)
         return NAN;
-    return (double)(allocs - rx.allocs_at_warm) / (double)(count - rx.warm);
+    return (double)rx.allocs / (double)(count - rx.warm);
 }
 
 int main(int argc, char **argv)
@@ -260,7 +205,6 @@ int main(int argc, char **argv)
                 if (i == A_ZLOOP)
                     continue;
 #endif
-                allocs = 0;
                 double v = run_once(i, transports[t], count);
                 perf_series_add(&ser[i], v);
                 printf("RUN %s impl=%s run=%d allocs_per_msg=%.4g\n", keys, impl_names[i], r, v);
