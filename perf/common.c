@@ -304,3 +304,32 @@ void perf_watchdog_stop(perf_watchdog_t *w)
     atomic_store(&w->done, 1);
     pthread_join(w->th, NULL);
 }
+
+void *perf_sender_main(void *arg)
+{
+    perf_sender_t *s = arg;
+    void *push = zmq_socket(s->ctx, ZMQ_PUSH);
+    int linger = 10000;
+    zmq_setsockopt(push, ZMQ_LINGER, &linger, sizeof linger);
+    s->rc = -1;
+    if (zmq_connect(push, s->ep) == 0) {
+        unsigned char *buf = malloc(s->size ? s->size : 1);
+        perf_fill(buf, s->size);
+        long i = 0;
+        for (; i < s->count; i++)
+            if (zmq_send(push, buf, s->size, 0) < 0)
+                break;
+        free(buf);
+        s->rc = i == s->count ? 0 : -1;
+    }
+    /* see common.h: stay until the receiver has counted everything */
+    while (s->hold && atomic_load(s->hold))
+        usleep(1000);
+    if (s->hold_stdin) {
+        char b[64];
+        while (read(0, b, sizeof b) > 0)
+            ;
+    }
+    zmq_close(push);
+    return NULL;
+}

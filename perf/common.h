@@ -120,4 +120,23 @@ void perf_banner(const char *prog, const perf_args_t *a);
 /* Fills buf with a recognisable pattern. */
 void perf_fill(void *buf, size_t len);
 
+/* The PUSH sender every throughput program feeds its receivers with: count
+ * messages of size bytes (perf_fill's pattern) to ep, blocking sends. rc: 0
+ * once all were sent, else -1. It then stays connected while *hold is set
+ * and, with hold_stdin, until stdin reaches EOF: libzmq 4.3.4 drops the
+ * messages still in flight when a PUSH peer disconnects over ipc while the
+ * PULL side is at its HWM and reads with ZMQ_DONTWAIT (zmq_poll and ZMQ_FD
+ * users: zloop, zev; a plain zmq_poll loop shows it too), so the sender
+ * stays until the receiver has counted everything. */
+typedef struct perf_sender {
+    void *ctx;
+    const char *ep;
+    size_t size;
+    long count;
+    int rc;
+    atomic_int *hold; /* if set: stay connected until it is 0 */
+    int hold_stdin;   /* stay connected until stdin reaches EOF */
+} perf_sender_t;
+void *perf_sender_main(void *sender); /* a pthread start routine */
+
 #endif

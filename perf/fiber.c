@@ -282,35 +282,6 @@ static void case_pingpong(const perf_args_t *a, int *fails)
 enum { T_RAW, T_STREAM, T_FIBER, T__N };
 static const char *const thr_names[T__N] = {"raw", "stream", "fiber"};
 
-typedef struct sender {
-    void *ctx;
-    const char *ep;
-    long count;
-    atomic_int hold; /* stays connected while set (see perf/thr.c) */
-    int rc;
-} sender_t;
-
-/* perf/thr.c's sender_main, 64 B. */
-static void *sender_main(void *arg)
-{
-    sender_t *s = arg;
-    void *push = zmq_socket(s->ctx, ZMQ_PUSH);
-    int linger = 10000;
-    zmq_setsockopt(push, ZMQ_LINGER, &linger, sizeof linger);
-    s->rc = -1;
-    if (zmq_connect(push, s->ep) == 0) {
-        long i = 0;
-        for (; i < s->count; i++)
-            if (zmq_send(push, payload, MSG_SIZE, 0) < 0)
-                break;
-        s->rc = i == s->count ? 0 : -1;
-    }
-    while (atomic_load(&s->hold))
-        usleep(1000);
-    zmq_close(push);
-    return NULL;
-}
-
 typedef struct rx {
     zev_loop_t *loop;
     zev_stream_t *s;
@@ -393,10 +364,11 @@ static perf_sample_t thr_run(int impl, void *arg)
         out.why = "bind";
         return out;
     }
-    sender_t snd = {.ctx = ctx, .ep = ep, .count = row->count};
-    atomic_init(&snd.hold, 1);
+    atomic_int hold;
+    atomic_init(&hold, 1);
+    perf_sender_t snd = {.ctx = ctx, .ep = ep, .size = MSG_SIZE, .count = row->count, .hold = &hold};
     pthread_t th;
-    pthread_create(&th, NULL, sender_main, &snd);
+    pthread_create(&th, NULL, perf_sender_main, &snd);
     rx_t rx = {.count = row->count, .last_change = perf_now_ns()};
     if (impl == T_RAW) {
         int tmo = 5000;
@@ -433,7 +405,7 @@ static perf_sample_t thr_run(int impl, void *arg)
         zev_loop_destroy(rx.loop);
     } else
         rx.failed = 1;
-    atomic_store(&snd.hold, 0);
+    atomic_store(&hold, 0);
     int zero = 0;
     zmq_setsockopt(pull, ZMQ_LINGER, &zero, sizeof zero);
     zmq_close(pull);

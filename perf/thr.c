@@ -1,6 +1,6 @@
 /*
  * thr: PUSH -> PULL throughput, one receiver implementation at a time, all
- * fed by the same sender code (sender_main).
+ * fed by the same sender code (perf_sender_main, perf/common.c).
  *
  * Receivers (impl=):
  *   raw           blocking zmq_msg_recv loop: the ceiling
@@ -57,51 +57,6 @@ static const char *const impl_names[R__N] = {"raw",   "zev_borrowed", "zev_kept"
 static const char *backend_name; /* --backend, NULL = zev's default */
 static unsigned batch;           /* --batch, 0 = zev's default (64) */
 static int timing;               /* --timing: zev_loop_set_timing on (what it costs) */
-
-/* ------------------------------------------------------------------ sender */
-
-typedef struct sender {
-    void *ctx;
-    const char *ep;
-    size_t size;
-    long count;
-    int rc;
-    atomic_int *hold; /* if set: stay connected until it is 0 */
-    int hold_stdin;   /* stay connected until stdin reaches EOF */
-} sender_t;
-
-static void *sender_main(void *arg)
-{
-    sender_t *s = arg;
-    void *push = zmq_socket(s->ctx, ZMQ_PUSH);
-    int linger = 10000;
-    zmq_setsockopt(push, ZMQ_LINGER, &linger, sizeof linger);
-    s->rc = -1;
-    if (zmq_connect(push, s->ep) == 0) {
-        unsigned char *buf = malloc(s->size ? s->size : 1);
-        perf_fill(buf, s->size);
-        long i = 0;
-        for (; i < s->count; i++)
-            if (zmq_send(push, buf, s->size, 0) < 0)
-                break;
-        free(buf);
-        s->rc = i == s->count ? 0 : -1;
-    }
-    /* libzmq 4.3.4 drops the messages still in flight when a PUSH peer
-     * disconnects over ipc while the PULL side is at its HWM and reads with
-     * ZMQ_DONTWAIT (zmq_poll, ZMQ_FD users: zloop, zev); a plain zmq_poll
-     * loop shows it too. The sender therefore stays connected until the
-     * receiver has counted everything. */
-    while (s->hold && atomic_load(s->hold))
-        usleep(1000);
-    if (s->hold_stdin) {
-        char b[64];
-        while (read(0, b, sizeof b) > 0)
-            ;
-    }
-    zmq_close(push);
-    return NULL;
-}
 
 /* ---------------------------------------------------------------- receivers */
 
@@ -372,9 +327,9 @@ static sample_t run_once(int impl, const char *transport, size_t size, long coun
     }
     atomic_int hold;
     atomic_init(&hold, 1);
-    sender_t snd = {.ctx = ctx, .ep = ep, .size = size, .count = count, .hold = &hold};
+    perf_sender_t snd = {.ctx = ctx, .ep = ep, .size = size, .count = count, .hold = &hold};
     pthread_t th;
-    pthread_create(&th, NULL, sender_main, &snd);
+    pthread_create(&th, NULL, perf_sender_main, &snd);
     out = receive(impl, ctx, pull, ep, count, size);
     atomic_store(&hold, 0);
     if (!out.ok) {
@@ -428,12 +383,12 @@ static void print_sample(const char *impl, size_t size, sample_t s)
 
 static int mode_send_only(const perf_args_t *a)
 {
-    sender_t snd = {.ctx = zmq_ctx_new(),
+    perf_sender_t snd = {.ctx = zmq_ctx_new(),
                     .ep = perf_opt_str(a, "--send-only", ""),
                     .size = (size_t)perf_opt_long(a, "--size", 64),
                     .count = perf_opt_long(a, "--count", 100000),
                     .hold_stdin = perf_flag(a, "--hold-stdin")};
-    sender_main(&snd);
+    perf_sender_main(&snd);
     zmq_ctx_term(snd.ctx);
     return snd.rc == 0 ? 0 : 1;
 }
