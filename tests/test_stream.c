@@ -1362,6 +1362,9 @@ Test(stream_bad_input, context_terminated_queued_reported_eterm, .timeout = 20)
  */
 Test(stream_bad_input, socket_closed_queued_reported_enotsock, .timeout = 20)
 {
+    if (getenv("ZEV_VALGRIND")) /* tests/run valgrind */
+        cr_skip_test("the socket object is freed on purpose; libzmq's own check reads it, and "
+                     "valgrind cannot always unwind to this test to apply tests/valgrind.supp");
     test_pair_t p = test_pair_open(ZMQ_PUSH, TEST_NO_SOCKET, NULL);
     void *lonely = p.a;
     char ep[256];
