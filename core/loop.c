@@ -141,6 +141,7 @@ zev_loop_t *zev_loop_new(const zev_loop_opts_t *opts)
     }
     loop->ops = ops;
     loop->batch = opts && opts->batch ? opts->batch : 64;
+    loop->tracker_cap_ns = UINT64_MAX;
     loop->spin_us = opts ? opts->spin_us : 0;
     loop->timer_fd = -1;
     loop->timer_fd_kind = ZEV__H_TIMERFD;
@@ -210,6 +211,7 @@ int zev_loop_destroy(zev_loop_t *loop)
      * Later releases find the hub, not the loop. */
     zev__hub_drain_all(loop->hub, NULL);
     zev__hub_unref(loop->hub);
+    zev__trackers_free(loop);
     loop->ops->destroy(loop->be);
     zev__fdmap_free(&loop->fds);
     free(loop);
@@ -234,6 +236,14 @@ static int work_now(zev_loop_t *loop)
     return has_pending_work(loop) || zev__timers_next(loop) <= zev__clock_ns();
 }
 
+/* When the loop must wake by itself: at its next timer, or sooner while
+ * delayed tracker completions may be waiting (zev__trackers_deadline). */
+static uint64_t next_deadline(zev_loop_t *loop, uint64_t now)
+{
+    uint64_t timer = zev__timers_next(loop), trackers = zev__trackers_deadline(loop, now);
+    return trackers < timer ? trackers : timer;
+}
+
 /* ms until `deadline`, rounded up so a wakeup never comes early; -1 for
  * none (UINT64_MAX, the end of time). For zev_loop_timeout, whose hosts
  * count in ms. */
@@ -253,10 +263,9 @@ static int64_t wait_timeout(zev_loop_t *loop, int64_t max_ns)
 {
     if (has_pending_work(loop) || atomic_load_explicit(&loop->stop_requested, memory_order_relaxed))
         return 0;
-    uint64_t next = zev__timers_next(loop);
+    loop->now_ns = zev__clock_ns(); /* callbacks since phase 1 took time */
+    uint64_t next = next_deadline(loop, loop->now_ns);
     int64_t ns = -1;
-    if (next != UINT64_MAX)
-        loop->now_ns = zev__clock_ns(); /* callbacks since phase 1 took time */
     if (next != UINT64_MAX)
         ns = next <= loop->now_ns ? 0
              : next - loop->now_ns > INT64_MAX ? INT64_MAX
@@ -366,7 +375,7 @@ static void embedded_signal(zev_loop_t *loop)
         return;
     }
 #ifdef __linux__
-    uint64_t next = zev__timers_next(loop);
+    uint64_t next = next_deadline(loop, zev__clock_ns());
     if (next == loop->timer_fd_deadline)
         return;
     struct itimerspec its = {0};
@@ -560,7 +569,8 @@ int zev_loop_timeout(const zev_loop_t *loop)
     zev_loop_t *l = (zev_loop_t *)loop; /* reads, but for dead timer entries dropped */
     if (has_pending_work(l))
         return 0;
-    return ms_until(zev__timers_next(l), zev__clock_ns());
+    uint64_t now = zev__clock_ns();
+    return ms_until(next_deadline(l, now), now);
 }
 
 uint64_t zev_now_ns(const zev_loop_t *loop)

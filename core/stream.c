@@ -386,6 +386,14 @@ int zev_stream_set_send_timeout(zev_stream_t *s, uint64_t timeout_us)
     return 0;
 }
 
+int zev_stream_set_tracker_delay(zev_stream_t *s, uint64_t delay_us)
+{
+    if (!zev__stream_usable(s))
+        return -1;
+    s->tracker_delay_ns = zev__us_to_ns(delay_us); /* for the sends from now on */
+    return 0;
+}
+
 uint64_t zev_stream_send_seq(const zev_stream_t *s)
 {
     if (!s) {

@@ -280,6 +280,13 @@ static bool part_refused(zev_stream_t *s, int err, bool more)
 
 static size_t send_some(zev_stream_t *s, size_t room);
 
+/* Messages wait in the queue and it holds max_queue of them: a new one is
+ * refused (EAGAIN) rather than queued. */
+static bool queue_full(const zev_stream_t *s)
+{
+    return s->qlen && s->max_queue && s->qmsgs >= s->max_queue;
+}
+
 /* Hands one part to libzmq now, or queues it (may_queue; a fiber's send
  * never queues: EAGAIN instead, nothing taken). Returns 0 when the part was taken (sent,
  * queued, or dropped with its broken message), -1 with errno when it was
@@ -326,7 +333,7 @@ static int hand_part(zev_stream_t *s, zmq_msg_t *msg, bool more, bool may_queue)
                 s->open = more ? OPEN_DISCARD : OPEN_NONE;
             return 0;
         }
-    } else if (!may_queue || (first && s->max_queue && s->qmsgs >= s->max_queue)) {
+    } else if (!may_queue || (first && queue_full(s))) {
         errno = EAGAIN;
         return -1;
     }
@@ -423,6 +430,17 @@ static int send_allowed_in(const zev_stream_t *s, int flags, const char *fn)
     return 1;
 }
 #define send_allowed(s, flags) send_allowed_in((s), (flags), __func__)
+
+int zev__stream_send_refused(const zev_stream_t *s, const char *fn)
+{
+    if (!send_allowed_in(s, 0, fn))
+        return 1;
+    if (s->open == OPEN_NONE && queue_full(s)) {
+        errno = EAGAIN; /* as hand_part would say, with nothing made yet */
+        return 1;
+    }
+    return 0;
+}
 
 int zev_stream_send(zev_stream_t *s, const void *data, size_t len, int flags)
 {

@@ -22,6 +22,19 @@
  *   zev_loop_destroy may take as long as an unrelated kept frame is out.
  *   `completed` is the loop thread's own flag: the completion ran there, so
  *   zev_tracker_on_done may call at once without calling twice.
+ * - Delayed completions (zev_stream_set_tracker_delay): a completion
+ *   normally wakes a sleeping loop, one wakeup per completion when they
+ *   trickle in one by one (a tcp sender's I/O thread frees each buffer as
+ *   the peer makes room). A delayed tracker's completion is pushed without
+ *   a wakeup; the loop finds it at its next iteration, and while any
+ *   delayed tracker is out (hub->delayed_out) it never sleeps past
+ *   zev__trackers_deadline, at most the shortest delay out from when it
+ *   went to sleep. The last delayed tracker to finish (its count reaches
+ *   0) wakes the loop as any completion would, so a burst's end is
+ *   delivered at once and a loop with nothing out sleeps uncapped. The
+ *   count goes up before libzmq can see the buffer and down in the
+ *   trampoline, completed or abandoned, so it is never low: the loop reads
+ *   0 only after the wakeup of whoever brought it there.
  * - Buffers of at most ZEV_ZC_COPY_MAX bytes are copied: libzmq keeps such
  *   messages inline in the zmq_msg_t, while referencing a user buffer costs
  *   it an allocation; the free function then runs before the send returns.
@@ -32,6 +45,15 @@
 #include <stdlib.h>
 #include <string.h>
 
+#ifdef ZEV__ASAN
+#include <sanitizer/asan_interface.h>
+#define ZEV__POISON(p, n) ASAN_POISON_MEMORY_REGION(p, n)
+#define ZEV__UNPOISON(p, n) ASAN_UNPOISON_MEMORY_REGION(p, n)
+#else
+#define ZEV__POISON(p, n) ((void)(p), (void)(n))
+#define ZEV__UNPOISON(p, n) ((void)(p), (void)(n))
+#endif
+
 struct zev_tracker {
     zev__qnode_t qnode;
     zev__hub_t *hub;
@@ -40,6 +62,7 @@ struct zev_tracker {
     atomic_int done; /* the free function ran (any thread) */
     bool completed;  /* the completion ran on the loop thread */
     bool abandoned;  /* the send failed: the buffer stays the caller's */
+    bool delayed;    /* counted in hub->delayed_out: completes without a wakeup */
     unsigned notify_pending; /* on_done calls from fibers tracker_notify will answer */
     zev_tracker_fn fn;
     void *arg;
@@ -48,10 +71,44 @@ struct zev_tracker {
     void *hint;
 };
 
+/* A tracker whose last reference goes on a thread iterating a loop is kept
+ * in that loop's cache (any loop's: it is only memory), else freed. The
+ * last reference of a tracked send goes on the loop thread, from its
+ * completion or from zev_tracker_release, usually inside an iteration. */
 static void tracker_unref(zev_tracker_t *t)
 {
-    if (atomic_fetch_sub_explicit(&t->refs, 1, memory_order_acq_rel) == 1)
+    if (atomic_fetch_sub_explicit(&t->refs, 1, memory_order_acq_rel) != 1)
+        return;
+    zev_loop_t *loop = zev__iterating;
+    if (loop && loop->ntracker_cache < ZEV__TRACKER_CACHE) {
+        ZEV__POISON(t, sizeof *t); /* ASan still sees a use after release */
+        loop->tracker_cache[loop->ntracker_cache++] = t;
+    } else
         free(t);
+}
+
+/* A zeroed tracker: from the loop's cache, or the heap (NULL, ENOMEM). */
+static zev_tracker_t *tracker_new(zev_loop_t *loop)
+{
+    if (!loop->ntracker_cache) {
+        zev_tracker_t *t = calloc(1, sizeof *t);
+        if (!t)
+            errno = ENOMEM;
+        return t;
+    }
+    zev_tracker_t *t = loop->tracker_cache[--loop->ntracker_cache];
+    ZEV__UNPOISON(t, sizeof *t);
+    memset(t, 0, sizeof *t);
+    return t;
+}
+
+void zev__trackers_free(zev_loop_t *loop)
+{
+    while (loop->ntracker_cache) {
+        zev_tracker_t *t = loop->tracker_cache[--loop->ntracker_cache];
+        ZEV__UNPOISON(t, sizeof *t);
+        free(t);
+    }
 }
 
 /* on_done called for a completed tracker from a fiber: run from the loop
@@ -86,6 +143,26 @@ static void tracker_completed(zev__qnode_t *n, zev_loop_t *loop)
     tracker_unref(t);
 }
 
+/* A delayed tracker is finished with (completed or abandoned): 1 if it was
+ * the last one out, whose wakeup announces every delayed completion. */
+static bool delayed_last(zev_tracker_t *t, zev__hub_t *hub)
+{
+    return t->delayed && atomic_fetch_sub(&hub->delayed_out, 1) == 1;
+}
+
+uint64_t zev__trackers_deadline(zev_loop_t *loop, uint64_t now)
+{
+    if (!atomic_load_explicit(&loop->hub->delayed_out, memory_order_relaxed)) {
+        loop->tracker_cap_ns = UINT64_MAX; /* none out: the next send sets it */
+        return UINT64_MAX;
+    }
+    /* now + cap, rounded down to a multiple of cap/2: the same deadline for
+     * every iteration within half a delay, so an embedded loop re-arms its
+     * timer fd about twice per delay, not once per iteration. */
+    uint64_t cap = loop->tracker_cap_ns, half = cap / 2 ? cap / 2 : 1;
+    return zev__sat_add(now, cap) / half * half;
+}
+
 /* libzmq's free function: any thread, exactly once per message. */
 static void trampoline(void *data, void *hint)
 {
@@ -94,6 +171,8 @@ static void trampoline(void *data, void *hint)
     ZEV_HB_ACQUIRE(t); /* pairs with the release before zmq_msg_init_data */
     zev__hub_t *hub = t->hub;
     if (t->abandoned) {
+        if (hub && delayed_last(t, hub))
+            zev__hub_wake(hub); /* for the delayed completions before it */
         tracker_unref(t);
         if (hub)
             zev__hub_unref(hub);
@@ -107,7 +186,8 @@ static void trampoline(void *data, void *hint)
     }
     atomic_store(&t->done, 1);
     zev__hub_push(hub, &t->qnode); /* the loop owns the completion now */
-    zev__hub_wake(hub);
+    if (!t->delayed || delayed_last(t, hub))
+        zev__hub_wake(hub);
     zev__hub_unref(hub);
 }
 
@@ -138,11 +218,11 @@ int zev_stream_send_zc(zev_stream_t *s, void *data, size_t len, zev_free_fn free
     }
     if (!out && !free_fn)
         return send_untracked(s, data, len);
-    zev_tracker_t *t = calloc(1, sizeof *t);
-    if (!t) {
-        errno = ENOMEM;
+    if (zev__stream_send_refused(s, __func__))
+        return -1; /* before a tracker is made for nothing */
+    zev_tracker_t *t = tracker_new(s->loop);
+    if (!t)
         return -1;
-    }
     t->qnode.run = tracker_completed;
     t->hub = out ? s->loop->hub : NULL; /* no tracker out: the trampoline ends it */
     t->loop = s->loop;
@@ -157,6 +237,12 @@ int zev_stream_send_zc(zev_stream_t *s, void *data, size_t len, zev_free_fn free
     int saved = errno;
     zmq_msg_t msg;
     bool copied = len <= ZEV_ZC_COPY_MAX;
+    if (t->hub && s->tracker_delay_ns && !copied) { /* counted before libzmq sees it */
+        t->delayed = true;
+        atomic_fetch_add(&t->hub->delayed_out, 1);
+        if (s->tracker_delay_ns < s->loop->tracker_cap_ns)
+            s->loop->tracker_cap_ns = s->tracker_delay_ns;
+    }
     ZEV_HB_RELEASE(t);
     int rc =
         copied ? zmq_msg_init_size(&msg, len) : zmq_msg_init_data(&msg, data, len, trampoline, t);

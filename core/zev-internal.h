@@ -84,6 +84,9 @@ typedef struct zev__hub {
     zev__qnode_t stub;
     atomic_int refs;
     atomic_int wake_pending;   /* 1 while a wakeup is written and not yet read */
+    /* Delayed tracker completions (tracker.c): tracked zero-copy sends of
+     * streams with a tracker delay whose completion has not been pushed. */
+    atomic_size_t delayed_out;
     int wake_rfd, wake_wfd;    /* eventfd (both the same) or a pipe */
     zev__kind_t wake_kind;     /* registered with the backend as a handle */
     zev_frame_t *frame_free, *frame_free_tail; /* FIFO pool (loop thread / last ref) */
@@ -328,6 +331,7 @@ struct zev_stream {
     uint64_t backoff_until;   /* blocked until then at the latest; 0 = not */
     uint64_t linger_end_ns;   /* ZEV_CLOSE_FLUSH: when ZMQ_LINGER runs out; 0 = never */
     uint64_t send_timeout_ns; /* zev_stream_set_send_timeout; 0 = none */
+    uint64_t tracker_delay_ns; /* zev_stream_set_tracker_delay; 0 = wake at once */
     uint64_t head_since_ns;   /* when the queue's head message became the head */
     /* Fibers (fiber.c): waiting to receive or to send, in arrival order; the
      * one woken for the last POLLIN / POLLOUT, until it has acted on it;
@@ -355,6 +359,8 @@ struct zev_stream {
 
 /* --------------------------------------------------------------------- loop */
 
+#define ZEV__TRACKER_CACHE 256 /* trackers a loop keeps for reuse */
+
 struct zev_loop {
     const zev_backend_ops_t *ops;
     void *be;
@@ -376,6 +382,13 @@ struct zev_loop {
     size_t nfiberfds; /* fds fibers wait for (zev_fiber_wait_fd, _poll) */
     size_t reported; /* on_send statuses delivered (progress for run_once) */
     uint64_t iteration; /* iterations begun, for fibers' once-per-iteration rule */
+    /* The shortest tracker delay among the delayed trackers out (tracker.c);
+     * UINT64_MAX when none is out. */
+    uint64_t tracker_cap_ns;
+    /* Trackers freed while this loop iterated, for its next zero-copy sends
+     * (tracker.c): a tracked send allocates nothing in steady state. */
+    struct zev_tracker *tracker_cache[ZEV__TRACKER_CACHE];
+    unsigned ntracker_cache;
 
     /* Statistics (stats.c): the counters of zev_loop_stats; the timing
      * ones and the slow hook only while `watching`. */
@@ -472,6 +485,10 @@ static inline void zev__callbacks_leave(zev_loop_t *loop)
  * when the iteration began); returns timers run. */
 ZEV_INTERNAL size_t zev__timers_run(zev_loop_t *loop, uint64_t seq_bound);
 ZEV_INTERNAL uint64_t zev__timers_next(zev_loop_t *loop); /* UINT64_MAX if none */
+/* By when the loop must wake by itself while completions of delayed
+ * trackers may wait in the hub unannounced (tracker.c); UINT64_MAX if none. */
+ZEV_INTERNAL uint64_t zev__trackers_deadline(zev_loop_t *loop, uint64_t now);
+ZEV_INTERNAL void zev__trackers_free(zev_loop_t *loop); /* the cache, at destroy */
 ZEV_INTERNAL void zev__timers_free(zev_loop_t *loop);
 /* zev's own timers (streams): owned timers used through the object, never
  * through a handle. New: NULL/ENOMEM. Arm and disarm cannot fail. */
@@ -570,6 +587,10 @@ ZEV_INTERNAL int zev__stream_recv_now(zev_stream_t *s, size_t units);
  * the stream), so an EAGAIN now blocks POLLOUT until an edge or back-off. */
 ZEV_INTERNAL int zev__stream_send_now(zev_stream_t *s, zmq_msg_t *msg, bool more,
                                       bool pollout_told);
+/* 1 if a send call for a new message would fail now, with errno set, before
+ * reaching libzmq: a send_allowed error (EINVAL, EBADF, the stream's error)
+ * or EAGAIN at max_queue. zev_stream_send_zc asks before it allocates. */
+ZEV_INTERNAL int zev__stream_send_refused(const zev_stream_t *s, const char *fn);
 /* The fiber whose multipart message is open on the stream, or NULL. */
 ZEV_INTERNAL zev_fiber_t *zev__stream_builder(const zev_stream_t *s);
 /* Ends the message open on the stream (a last, empty part; or, if libzmq

@@ -486,6 +486,21 @@ ZEV_API int zev_stream_send_msg(zev_stream_t *s, zmq_msg_t *parts, size_t nparts
 ZEV_API int zev_stream_send_zc(zev_stream_t *s, void *data, size_t len, zev_free_fn free_fn,
                                void *hint, zev_tracker_t **out);
 
+/* Lets the trackers of this stream's later zero-copy sends complete
+ * without waking the loop, so that completions trickling in one by one
+ * (libzmq's I/O thread frees each buffer as the peer makes room) share
+ * wakeups instead of costing one each. Such a completion runs at the loop's
+ * next iteration, whatever woke it; while any of them is out, the loop
+ * wakes by itself at most delay_us after it went to sleep; and the last one
+ * out wakes it at once, so the end of a burst is never delayed. on_done may
+ * thus run up to delay_us (plus the iteration) after zev_tracker_done
+ * turned 1; free_fn is not delayed (it runs on libzmq's thread). The cost:
+ * while delayed trackers are out, an idle loop wakes every delay_us.
+ * 0 (the default) wakes the loop for every completion. Buffers that
+ * zev_stream_send_zc copies (ZEV_ZC_COPY_MAX) complete at once either way.
+ * Loop thread only. Errors: EINVAL (NULL stream), EBADF (closed). */
+ZEV_API int zev_stream_set_tracker_delay(zev_stream_t *s, uint64_t delay_us);
+
 /* The number of the last message a send call gave to the stream: messages
  * are numbered 1, 2, 3, ... in the order their first part is given (a call
  * that fails takes nothing and no number). on_send hands each status with

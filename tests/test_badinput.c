@@ -324,6 +324,7 @@ Test(badinput, success_leaves_errno_alone)
     KEEPS_ERRNO(zev_stream_on_send(out, on_send_noop, NULL));
     KEEPS_ERRNO(zev_stream_set_max_queue(out, 0));
     KEEPS_ERRNO(zev_stream_set_send_timeout(out, 1000000));
+    KEEPS_ERRNO(zev_stream_set_tracker_delay(out, 1000));
     static char big[4096];
     for (int i = 0; i < 20; i++) { /* past the HWM: libzmq says EAGAIN, zev queues */
         KEEPS_ERRNO(zev_stream_send(out, "x", 1, 0));
@@ -435,6 +436,7 @@ Test(badinput, null_predicates_set_einval)
     EXPECT_ERR(zev_timer_free(NULL), EINVAL);
     EXPECT_NULL(zev_timer_new(NULL, NULL, NULL), EINVAL);
     EXPECT_ERR(zev_stream_set_send_timeout(NULL, 1), EINVAL);
+    EXPECT_ERR(zev_stream_set_tracker_delay(NULL, 1), EINVAL);
     EXPECT_ERR(zev_stream_bind(NULL, "inproc://x"), EINVAL);
     cr_expect_eq(zev_loop_destroy(NULL), 0);
 }

@@ -1110,6 +1110,7 @@ Test(stream_bad_input, closed_stream_ebadf, .timeout = 10)
     EXPECT_ERR(zev_stream_set_max_queue(s, 1), EBADF);
     EXPECT_ERR(zev_stream_set_max_frames(s, 1), EBADF);
     EXPECT_ERR(zev_stream_set_batch(s, 1), EBADF);
+    EXPECT_ERR(zev_stream_set_tracker_delay(s, 1), EBADF);
     EXPECT_ERR(zev_stream_send(s, "x", 1, 0), EBADF);
     EXPECT_ERR(zev_stream_send_msg(s, &part, 1, 0), EBADF);
     cr_assert_eq(zmq_msg_size(&part), 1, "nothing taken");

@@ -809,3 +809,153 @@ Test(tracker, untracked_sends_free_once_and_deliver)
     cr_assert_eq(test_pair_close(&p), 0);
     cr_assert_eq(atomic_load(&untracked_frees), 2);
 }
+
+/* ------------------------------------------------ delayed completions */
+
+/* zev_stream_set_tracker_delay over inproc, where the receiver's
+ * zmq_msg_close is what frees a buffer: the test decides when each
+ * completion happens. */
+typedef struct {
+    atomic_uint_fast64_t freed_ns[2];
+    uint64_t done_ns[2];
+    int calls[2];
+    zmq_msg_t held[2]; /* the received messages: closing one frees its buffer */
+} delayed_t;
+
+static delayed_t *D;
+
+static void delayed_free(void *data, void *hint)
+{
+    (void)data;
+    atomic_store(&D->freed_ns[(intptr_t)hint], test_clock_ns());
+}
+
+static void delayed_done(zev_tracker_t *t, void *arg)
+{
+    (void)t;
+    intptr_t i = (intptr_t)arg;
+    D->calls[i]++;
+    D->done_ns[i] = test_clock_ns();
+}
+
+/* Closes D->held[i] 100 ms after it starts: a free while the loop sleeps. */
+static void *close_later(void *arg)
+{
+    test_sleep_ms(100);
+    zmq_msg_close(&D->held[(intptr_t)arg]);
+    return NULL;
+}
+
+/* Runs the loop (run_once, blocking) until D->calls[i] or 5 s pass. */
+static void run_until_done(zev_loop_t *loop, int i)
+{
+    for (uint64_t end = test_ms() + 5000; !D->calls[i];) {
+        cr_assert(test_ms() < end, "on_done of message %d never ran", i);
+        cr_assert_geq(zev_loop_run_once(loop, 1000), 0);
+    }
+}
+
+/* A delayed completion does not wake the sleeping loop: it runs when the
+ * loop wakes by itself, at most the delay after it went to sleep (here 1 s,
+ * so between 0.5 and 1 s; the buffer was freed 0.1 s in). The last delayed
+ * completion out wakes the loop at once. Before the delay existed both ran
+ * within microseconds of their free. */
+Test(tracker, delayed_completion_waits_for_the_loop_the_last_wakes_it)
+{
+    test_pair_t p = test_pair_open(ZMQ_PUSH, ZMQ_PULL, "inproc");
+    zev_stream_t *s = test_stream_new(p.loop, p.a);
+    static delayed_t d;
+    memset(&d, 0, sizeof d);
+    D = &d;
+    static char bufs[2][100000];
+    test_spin(p.loop, 2, 1);
+    cr_assert_eq(zev_loop_timeout(p.loop), -1, "nothing out: no deadline");
+    cr_assert_eq(zev_stream_set_tracker_delay(s, 1000000), 0);
+    zev_tracker_t *t[2];
+    for (intptr_t i = 0; i < 2; i++) {
+        memset(bufs[i], 'a' + (int)i, sizeof bufs[i]);
+        cr_assert_eq(zev_stream_send_zc(s, bufs[i], sizeof bufs[i], delayed_free, (void *)i, &t[i]),
+                     0);
+        cr_assert_eq(zev_tracker_on_done(t[i], delayed_done, (void *)i), 0);
+    }
+    for (int i = 0; i < 2; i++) { /* the receiver holds both buffers */
+        zmq_msg_init(&d.held[i]);
+        for (uint64_t end = test_ms() + 5000; zmq_msg_recv(&d.held[i], p.b, ZMQ_DONTWAIT) < 0;) {
+            cr_assert(test_ms() < end, "message %d never arrived", i);
+            test_spin(p.loop, 1, 1);
+        }
+        cr_assert_eq(zmq_msg_size(&d.held[i]), sizeof bufs[i]);
+        cr_assert_eq(memcmp(zmq_msg_data(&d.held[i]), bufs[i], sizeof bufs[i]), 0);
+    }
+    test_spin(p.loop, 3, 1);
+    int ms = zev_loop_timeout(p.loop);
+    cr_assert(ms > 0 && ms <= 1000, "with delayed trackers out the loop wakes within the delay, "
+                                    "zev_loop_timeout says %d ms", ms);
+
+    pthread_t th;
+    cr_assert_eq(pthread_create(&th, NULL, close_later, (void *)0), 0);
+    run_until_done(p.loop, 0);
+    pthread_join(th, NULL);
+    double late0 = (double)(d.done_ns[0] - atomic_load(&d.freed_ns[0])) / 1e6;
+    cr_assert_eq(d.calls[1], 0, "the tracker still out completed");
+    cr_assert_geq(late0, 300.0, "on_done ran %.1f ms after the free: the loop was woken", late0);
+    cr_assert_leq(late0, 3000.0, "on_done ran %.1f ms after the free: past the 1 s delay", late0);
+    cr_assert(zev_tracker_done(t[1]) == 0);
+
+    cr_assert_eq(pthread_create(&th, NULL, close_later, (void *)1), 0);
+    run_until_done(p.loop, 1);
+    pthread_join(th, NULL);
+    double late1 = (double)(d.done_ns[1] - atomic_load(&d.freed_ns[1])) / 1e6;
+    cr_assert_lt(late1, 350.0, "the last one out ran %.1f ms after its free: it did not wake "
+                               "the loop", late1);
+    test_spin(p.loop, 2, 1);
+    cr_assert_eq(d.calls[0] + d.calls[1], 2);
+    cr_assert_eq(zev_loop_timeout(p.loop), -1, "nothing out any more: no deadline");
+    for (int i = 0; i < 2; i++)
+        cr_assert_eq(zev_tracker_release(t[i]), 0);
+    cr_assert_eq(test_pair_close(&p), 0);
+}
+
+/* The count of delayed trackers out stays right through a refused send
+ * (nothing taken, no completion), a send queued in zev and cancelled by the
+ * close (its completion runs), and copied small buffers (never delayed). */
+Test(tracker, delayed_trackers_refused_cancelled_and_copied_leave_no_deadline)
+{
+    test_pair_t p = test_pair_open(ZMQ_PUSH, TEST_NO_SOCKET, NULL);
+    cr_assert_eq(zmq_bind(p.a, "inproc://delayed-nobody"), 0); /* no peer: EAGAIN */
+    zev_stream_t *s = test_stream_new(p.loop, p.a);
+    static delayed_t d;
+    memset(&d, 0, sizeof d);
+    D = &d;
+    cr_assert_eq(zev_stream_set_tracker_delay(s, 500000), 0);
+    cr_assert_eq(zev_stream_set_max_queue(s, 2), 0);
+    static char big[2][100000], small[8] = "small";
+    zev_tracker_t *t0 = NULL, *t1 = NULL, *ts = NULL;
+    cr_assert_eq(zev_stream_send_zc(s, small, sizeof small, NULL, NULL, &ts), 0);
+    cr_assert_eq(zev_tracker_done(ts), 1, "a copied buffer completes at once");
+    test_spin(p.loop, 2, 1);
+    cr_assert_eq(zev_loop_timeout(p.loop), -1, "a copied send is never delayed");
+    cr_assert_eq(zev_stream_send_zc(s, big[0], sizeof big[0], delayed_free, (void *)0, &t0), 0);
+    cr_assert_eq(zev_tracker_on_done(t0, delayed_done, (void *)0), 0);
+    errno = 0;
+    cr_assert_eq(zev_stream_send_zc(s, big[1], sizeof big[1], delayed_free, (void *)1, &t1), -1);
+    cr_assert_eq(errno, EAGAIN);
+    cr_assert_null(t1, "a refused send gives no tracker");
+    cr_assert_eq(atomic_load(&d.freed_ns[1]), 0, "a refused buffer stays the caller's");
+    test_spin(p.loop, 2, 1);
+    int ms = zev_loop_timeout(p.loop);
+    cr_assert(ms > 0 && ms <= 500, "one delayed tracker out: zev_loop_timeout %d ms", ms);
+
+    cr_assert_eq(zev_stream_close(s, 0), 0); /* the queued message: ECANCELED */
+    for (uint64_t end = test_ms() + 5000; !d.calls[0];) {
+        cr_assert(test_ms() < end, "the cancelled send's on_done never ran");
+        cr_assert_geq(zev_loop_run_once(p.loop, 1000), 0);
+    }
+    cr_assert_neq(atomic_load(&d.freed_ns[0]), 0);
+    test_spin(p.loop, 2, 1);
+    cr_assert_eq(zev_loop_timeout(p.loop), -1, "nothing out any more: no deadline");
+
+    cr_assert_eq(zev_tracker_release(t0), 0);
+    cr_assert_eq(zev_tracker_release(ts), 0);
+    cr_assert_eq(test_pair_close(&p), 0);
+}
