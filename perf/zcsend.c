@@ -9,6 +9,8 @@
  *   zev_copy  zev_stream_send (zev copies the buffer into a zmq_msg_t)
  *   zev_zc    zev_stream_send_zc with a tracker; each tracker is released by
  *             its on_done callback (loop thread), which counts completions
+ *   zev_zc_delay  the same with zev_stream_set_tracker_delay(--delay-us,
+ *             default 1000): completions share the loop's wakeups
  * The receiver is the same for every row: a raw blocking zmq_msg_recv loop on
  * its own thread that counts messages and touches the first byte. The rate is
  * measured there, first message to last; the sender's thread CPU time
@@ -28,11 +30,13 @@
  * HWM (ZMQ_SNDHWM on PUSH, ZMQ_RCVHWM on PULL) and zev's max_queue are all
  * `hwm` messages, by default 4 MiB / size (at least 8), so that at most a few
  * MiB are queued and the pool never limits the zc rows before the HWM does.
- * zev senders keep at most `hwm` messages in the stream's queue (checked with
- * zev_stream_stats before each send) and top it up from on_send and on_done.
+ * zev senders keep at most `hwm` messages in the stream's queue (its
+ * max_queue: a send past it fails with EAGAIN and takes nothing) and top it
+ * up from on_send and on_done.
  *
  *   zcsend [--full] [--runs N] [--transports inproc,tcp[,ipc]] [--sizes 65536,1048576]
- *          [--impls raw_copy,raw_zc,zev_copy,zev_zc] [--count N] [--hwm N] [--backend NAME]
+ *          [--impls raw_copy,raw_zc,zev_copy,zev_zc,zev_zc_delay] [--count N] [--hwm N]
+ *          [--delay-us N] [--backend NAME]
  * Per transport and size, `runs` rounds, each running every sender once
  * (interleaved); prints RUN, RESULT (median, min, max) and RATIO lines.
  * ipc is off by default (pass --transports inproc,ipc,tcp).
@@ -53,10 +57,23 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <sys/resource.h>
 #include <unistd.h>
 
-enum { S_RAW_COPY, S_RAW_ZC, S_ZEV_COPY, S_ZEV_ZC, S__N };
-static const char *const impl_names[S__N] = {"raw_copy", "raw_zc", "zev_copy", "zev_zc"};
+enum { S_RAW_COPY, S_RAW_ZC, S_ZEV_COPY, S_ZEV_ZC, S_ZEV_ZC_DELAY, S__N };
+static const char *const impl_names[S__N] = {"raw_copy", "raw_zc", "zev_copy", "zev_zc",
+                                             "zev_zc_delay"};
+static long delay_us; /* zev_zc_delay's zev_stream_set_tracker_delay */
+/* The sender thread's voluntary context switches per message, per row: how
+ * often it went to sleep (to wait for a completion, or for room), a count
+ * that explains its CPU time and hardly moves with the machine's load. */
+static perf_series_t sleeps[S__N];
+
+static long thread_sleeps(void)
+{
+    struct rusage ru;
+    return getrusage(RUSAGE_THREAD, &ru) == 0 ? ru.ru_nvcsw : 0;
+}
 
 static const char *backend_name; /* --backend, NULL = zev's default */
 
@@ -300,7 +317,6 @@ typedef struct zsend {
     pool_t *pool;
     long count, sent, handed;
     atomic_long completions;
-    size_t max_queue;
     int in_pump, failed;
     tref_t *trefs;
 } zsend_t;
@@ -323,17 +339,10 @@ static void pump(zsend_t *zs)
         return;
     zs->in_pump = 1;
     while (zs->sent < zs->count && !zs->failed) {
-        zev_stream_stats_t st;
-        if (zev_stream_stats(zs->s, &st) < 0) {
-            zs->failed = 1;
-            break;
-        }
-        if (st.queued_msgs >= zs->max_queue)
-            break; /* on_send tops it up */
         pool_t *p = zs->pool;
         if (!zs->zc) {
             if (zev_stream_send(zs->s, p->slots[(size_t)zs->sent % p->n].buf, p->size, 0) < 0) {
-                zs->failed = 1;
+                zs->failed = errno != EAGAIN; /* EAGAIN: max_queue, on_send tops it up */
                 break;
             }
             zs->sent++;
@@ -344,7 +353,9 @@ static void pump(zsend_t *zs)
             break; /* the next on_done brings buffers back */
         tref_t *r = &zs->trefs[zs->sent];
         if (zev_stream_send_zc(zs->s, b->buf, p->size, on_free, b, &r->t) < 0) {
-            zs->failed = 1;
+            zs->failed = errno != EAGAIN; /* EAGAIN: nothing taken, the buffer is ours */
+            b->next = p->free;
+            p->free = b;
             break;
         }
         zs->sent++;
@@ -406,7 +417,7 @@ static sample_t run_once(int impl, const char *transport, pool_t *pool, long cou
 
     rx_t rx = {.pull = pull, .count = count};
     atomic_init(&rx.progress, 0);
-    zsend_t zs = {.zc = impl == S_ZEV_ZC, .pool = pool, .count = count, .max_queue = (size_t)hwm};
+    zsend_t zs = {.zc = impl == S_ZEV_ZC || impl == S_ZEV_ZC_DELAY, .pool = pool, .count = count};
     atomic_init(&zs.completions, 0);
     stall_t st = {.ctx = ctx, .rx = &rx, .pool = pool, .completions = &zs.completions};
     atomic_init(&st.loop, NULL);
@@ -414,7 +425,7 @@ static sample_t run_once(int impl, const char *transport, pool_t *pool, long cou
     pool_reset(pool, &st.abort);
 
     int rc = -1;
-    if (impl == S_ZEV_COPY || impl == S_ZEV_ZC) {
+    if (impl == S_ZEV_COPY || zs.zc) {
         zev_loop_opts_t o = {.backend = backend_name};
         zs.loop = zev_loop_new(&o);
         zs.s = zs.loop ? zev_stream_new(zs.loop, push) : NULL;
@@ -428,6 +439,8 @@ static sample_t run_once(int impl, const char *transport, pool_t *pool, long cou
             goto teardown;
         }
         zev_stream_set_max_queue(zs.s, (size_t)hwm);
+        if (impl == S_ZEV_ZC_DELAY)
+            zev_stream_set_tracker_delay(zs.s, (uint64_t)delay_us);
         zev_stream_on_send(zs.s, on_send, &zs);
         atomic_store(&st.loop, zs.loop);
     }
@@ -438,6 +451,7 @@ static sample_t run_once(int impl, const char *transport, pool_t *pool, long cou
     perf_watchdog_start(&w, run_progress, run_abort, &st);
 
     uint64_t cpu0 = perf_thread_cpu_ns();
+    long sleeps0 = thread_sleeps();
     if (zs.loop) {
         pump(&zs);
         rc = zev_loop_run(zs.loop);
@@ -450,11 +464,12 @@ static sample_t run_once(int impl, const char *transport, pool_t *pool, long cou
     } else
         rc = raw_send(impl, push, pool, count);
     uint64_t cpu1 = perf_thread_cpu_ns();
+    long sleeps1 = thread_sleeps();
 
     pthread_join(rth, NULL);
     /* The zc buffers of the last messages may come back after the receiver
      * counted them (inproc: at its final zmq_msg_close): all must return. */
-    if (rc == 0 && (impl == S_RAW_ZC || impl == S_ZEV_ZC) &&
+    if (rc == 0 && (impl == S_RAW_ZC || zs.zc) &&
         pool_wait(pool, freed_reached, count) < 0)
         rc = -1;
     perf_watchdog_stop(&w);
@@ -466,13 +481,14 @@ static sample_t run_once(int impl, const char *transport, pool_t *pool, long cou
                 count);
     } else if (rc != 0 || rx.rc != 0)
         out.why = "error";
-    else if ((impl == S_RAW_ZC || impl == S_ZEV_ZC) && atomic_load(&pool->freed) != count)
+    else if ((impl == S_RAW_ZC || zs.zc) && atomic_load(&pool->freed) != count)
         out.why = "free_count";
     else if (count > 1 && rx.t_last > rx.t_first) {
         out.ok = 1;
         out.why = NULL;
         out.msgs_per_s = (double)(count - 1) * 1e9 / (double)(rx.t_last - rx.t_first);
         out.cpu_ns = (double)(cpu1 - cpu0) / (double)count;
+        perf_series_add(&sleeps[impl], (double)(sleeps1 - sleeps0) / (double)count);
     }
 
 teardown:
@@ -520,6 +536,7 @@ int main(int argc, char **argv)
     perf_args_init(&a, argc, argv, 5, 10);
     backend_name = perf_opt_str(&a, "--backend", NULL);
     const char *tlist = perf_opt_str(&a, "--transports", "inproc,tcp");
+    delay_us = perf_opt_long(&a, "--delay-us", 1000);
     perf_banner("zcsend", &a);
     static const char *const transports[] = {"inproc", "ipc", "tcp"};
     static const size_t sizes[] = {65536, 1048576};
@@ -549,10 +566,15 @@ int main(int argc, char **argv)
             for (int i = 0; i < S__N; i++)
                 on[i] = perf_selected(&a, "--impls", impl_names[i]);
             row_t row = {transports[t], &pool, count, hwm};
-            double med[S__N], cmed[S__N];
+            double med[S__N], cmed[S__N], smed[S__N];
+            memset(sleeps, 0, sizeof sleeps);
             fails += perf_rate_rows(keys, "tx_cpu_ns", S__N, impl_names, on, a.runs, count, run_row,
                                     &row, med, cmed);
+            for (int i = 0; i < S__N; i++)
+                smed[i] = on[i] ? perf_report(keys, impl_names[i], "tx_sleeps", "per_msg", &sleeps[i])
+                                : NAN;
             static const int pairs[][2] = {{S_ZEV_ZC, S_RAW_ZC},
+                                           {S_ZEV_ZC_DELAY, S_RAW_ZC},
                                            {S_ZEV_ZC, S_ZEV_COPY},
                                            {S_ZEV_COPY, S_RAW_COPY},
                                            {S_RAW_ZC, S_RAW_COPY}};
@@ -560,6 +582,7 @@ int main(int argc, char **argv)
                 int n = pairs[k][0], d = pairs[k][1];
                 perf_ratio(keys, "msgs_per_s", impl_names[n], med[n], impl_names[d], med[d]);
                 perf_ratio(keys, "tx_cpu_ns", impl_names[n], cmed[n], impl_names[d], cmed[d]);
+                perf_delta(keys, "tx_sleeps", impl_names[n], smed[n], impl_names[d], smed[d]);
             }
         }
         pool_fini(&pool);
