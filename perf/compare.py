@@ -461,7 +461,8 @@ def sec_alloc(R):
     return "".join(s)
 
 
-ZC_IMPLS = ["raw_copy", "raw_zc", "zev_copy", "zev_zc"]
+ZC_IMPLS = ["raw_copy", "raw_zc", "zev_copy", "zev_zc", "zev_zc_delay"]
+ZC_RATIOS = [("zev_zc", "raw_zc"), ("zev_zc_delay", "raw_zc"), ("zev_zc", "zev_copy")]
 ZC_SIZES = ["65536", "1048576"]
 
 
@@ -474,7 +475,9 @@ def sec_zcsend(R):
          "thread that counts and touches the first byte). `raw_copy` is `zmq_send`, `raw_zc` "
          "`zmq_msg_init_data` with a free function + `zmq_msg_send`, `zev_copy` "
          "`zev_stream_send`, `zev_zc` `zev_stream_send_zc` with a tracker per message, released "
-         "on completion (every free function and every completion is counted). Buffers come from "
+         "on completion (every free function and every completion is counted), `zev_zc_delay` "
+         "the same with `zev_stream_set_tracker_delay` (1 ms by default: completions share the "
+         "loop's wakeups instead of waking it one by one). Buffers come from "
          "a preallocated pool, round-robin for the copy rows, reused by the zc rows only after "
          "their free function ran; HWM = 4 MiB / size (at least 8). Messages per second at the "
          "receiver, first to last; median of the runs (min–max). The copy rows are dominated by "
@@ -492,19 +495,30 @@ def sec_zcsend(R):
             k = dict(bench="zcsend", transport=t, size=z, metric="msgs_per_s")
             rows.append([t, f"{int(z) // 1024:,} KiB"] + [cell(R.get(impl=i, **k), si)
                                                          for i in ZC_IMPLS] +
-                        [xr3(R.ratio(num="zev_zc", den=d, **k)) for d in ("raw_zc", "zev_copy")])
-    s.append("\n" + table(["transport", "size"] + ZC_IMPLS + ["zev_zc/raw_zc", "zev_zc/zev_copy"],
-                          rows))
+                        [xr3(R.ratio(num=n, den=d, **k)) for n, d in ZC_RATIOS])
+    heads = ["transport", "size"] + ZC_IMPLS + [f"{n}/{d}" for n, d in ZC_RATIOS]
+    s.append("\n" + table(heads, rows))
     rows = []
     for t in transports:
         for z in ZC_SIZES:
             k = dict(bench="zcsend", transport=t, size=z, metric="tx_cpu_ns")
             rows.append([t, f"{int(z) // 1024:,} KiB"] + [cell(R.get(impl=i, **k), spread=False)
                                                          for i in ZC_IMPLS] +
-                        [xr3(R.ratio(num="zev_zc", den=d, **k)) for d in ("raw_zc", "zev_copy")])
+                        [xr3(R.ratio(num=n, den=d, **k)) for n, d in ZC_RATIOS])
     s.append("\nSender thread CPU time per message (ns, median; from the first send until "
              "everything is handed to libzmq and, for the zc rows, every buffer is back):\n\n")
-    s.append(table(["transport", "size"] + ZC_IMPLS + ["zev_zc/raw_zc", "zev_zc/zev_copy"], rows))
+    s.append(table(heads, rows))
+    rows = []
+    for t in transports:
+        for z in ZC_SIZES:
+            k = dict(bench="zcsend", transport=t, size=z, metric="tx_sleeps")
+            rows.append([t, f"{int(z) // 1024:,} KiB"] +
+                        [cell(R.get(impl=i, **k), lambda v: f"{v:.3f}", spread=False)
+                         for i in ZC_IMPLS])
+    s.append("\nTimes the sender thread went to sleep per message (voluntary context switches, "
+             "median; a count that explains the CPU time above and hardly moves with the "
+             "machine's load):\n\n")
+    s.append(table(["transport", "size"] + ZC_IMPLS, rows))
     return "".join(s)
 
 
