@@ -846,12 +846,15 @@ static void *close_later(void *arg)
     return NULL;
 }
 
-/* Runs the loop (run_once, blocking) until D->calls[i] or 5 s pass. */
-static void run_until_done(zev_loop_t *loop, int i)
+/* Runs the loop until D->calls[i] or 5 s pass: zev_loop_run_once blocking,
+ * or, embedded (fd >= 0), as a host that blocks on zev_loop_fd alone. */
+static void run_until_done(zev_loop_t *loop, int fd, int i)
 {
     for (uint64_t end = test_ms() + 5000; !D->calls[i];) {
         cr_assert(test_ms() < end, "on_done of message %d never ran", i);
-        cr_assert_geq(zev_loop_run_once(loop, 1000), 0);
+        if (fd >= 0)
+            cr_assert(test_readable(fd, 5000), "the host was never woken for message %d", i);
+        cr_assert_geq(zev_loop_run_once(loop, fd >= 0 ? 0 : 1000), 0);
     }
 }
 
@@ -859,10 +862,13 @@ static void run_until_done(zev_loop_t *loop, int i)
  * loop wakes by itself, at most the delay after it went to sleep (here 1 s,
  * so between 0.5 and 1 s; the buffer was freed 0.1 s in). The last delayed
  * completion out wakes the loop at once. Before the delay existed both ran
- * within microseconds of their free. */
-Test(tracker, delayed_completion_waits_for_the_loop_the_last_wakes_it)
+ * within microseconds of their free. Embedded, the host blocks on
+ * zev_loop_fd only: the deadline must make the fd readable by itself. */
+static void delayed_completion(bool embedded)
 {
     test_pair_t p = test_pair_open(ZMQ_PUSH, ZMQ_PULL, "inproc");
+    int fd = embedded ? zev_loop_fd(p.loop) : -1;
+    cr_assert(!embedded || fd >= 0, "zev_loop_fd: %s", zmq_strerror(errno));
     zev_stream_t *s = test_stream_new(p.loop, p.a);
     static delayed_t d;
     memset(&d, 0, sizeof d);
@@ -894,7 +900,7 @@ Test(tracker, delayed_completion_waits_for_the_loop_the_last_wakes_it)
 
     pthread_t th;
     cr_assert_eq(pthread_create(&th, NULL, close_later, (void *)0), 0);
-    run_until_done(p.loop, 0);
+    run_until_done(p.loop, fd, 0);
     pthread_join(th, NULL);
     double late0 = (double)(d.done_ns[0] - atomic_load(&d.freed_ns[0])) / 1e6;
     cr_assert_eq(d.calls[1], 0, "the tracker still out completed");
@@ -903,7 +909,7 @@ Test(tracker, delayed_completion_waits_for_the_loop_the_last_wakes_it)
     cr_assert(zev_tracker_done(t[1]) == 0);
 
     cr_assert_eq(pthread_create(&th, NULL, close_later, (void *)1), 0);
-    run_until_done(p.loop, 1);
+    run_until_done(p.loop, fd, 1);
     pthread_join(th, NULL);
     double late1 = (double)(d.done_ns[1] - atomic_load(&d.freed_ns[1])) / 1e6;
     cr_assert_lt(late1, 350.0, "the last one out ran %.1f ms after its free: it did not wake "
@@ -914,6 +920,16 @@ Test(tracker, delayed_completion_waits_for_the_loop_the_last_wakes_it)
     for (int i = 0; i < 2; i++)
         cr_assert_eq(zev_tracker_release(t[i]), 0);
     cr_assert_eq(test_pair_close(&p), 0);
+}
+
+Test(tracker, delayed_completion_waits_for_the_loop_the_last_wakes_it)
+{
+    delayed_completion(false);
+}
+
+Test(tracker, delayed_completion_wakes_an_embedded_host_by_the_deadline)
+{
+    delayed_completion(true);
 }
 
 /* The count of delayed trackers out stays right through a refused send
