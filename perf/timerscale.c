@@ -3,7 +3,7 @@
  * (a gateway keeps one timeout per outstanding request).
  *
  *   timerscale [--full] [--runs N] [--sizes 1000,100000,1000000]
- *              [--impls start_cancel,arm_disarm,rolling_start,rolling_arm] [--ops N]
+ *              [--impls start_cancel,arm_disarm,rolling_start,rolling_arm,...] [--ops N]
  *
  * Each run makes a loop (never run: the timers only have to be armed), arms
  * N background timers with deadlines spread over 30–90 s in random order,
@@ -19,6 +19,17 @@
  *   fifo_start     every timer 30 s: cancel the oldest armed one (requests
  *                  answered in the order they came), start a new one
  *   fifo_arm       the same with owned timers
+ *   rolling_floor  no timers at all: the memory rolling_* cannot avoid. Pick
+ *                  a random handle as they do, write the 64-byte record it
+ *                  points to (the cancel has to reach the timer), write a new
+ *                  handle back; records are N x 64 B in random order. The
+ *                  picks are independent, so the CPU overlaps their cache
+ *                  misses: a lower bound no real program reaches.
+ *   rolling_floor_dep  the same, but each pick depends on the record read
+ *                  before (as a gateway's next cancel waits for the next
+ *                  reply): the misses cannot overlap. What random-order
+ *                  cancels cost on this machine before any queue, heap or
+ *                  wheel does its work.
  * ns per pair (one start + one cancel, or arm + disarm), median of the runs.
  * Delays are whole milliseconds, so many timers share a deadline (the
  * heap's tie-break on the start order is exercised).
@@ -34,9 +45,10 @@
 #include <zev.h>
 
 enum { I_START_CANCEL, I_ARM_DISARM, I_ROLLING_START, I_ROLLING_ARM, I_FIFO_START, I_FIFO_ARM,
-       I__N };
-static const char *const impl_names[I__N] = {"start_cancel",  "arm_disarm", "rolling_start",
-                                             "rolling_arm",   "fifo_start", "fifo_arm"};
+       I_ROLLING_FLOOR, I_ROLLING_FLOOR_DEP, I__N };
+static const char *const impl_names[I__N] = {"start_cancel", "arm_disarm", "rolling_start",
+                                             "rolling_arm",  "fifo_start", "fifo_arm",
+                                             "rolling_floor", "rolling_floor_dep"};
 
 static void never(zev_timer_t *t, void *arg)
 {
@@ -60,8 +72,54 @@ static uint64_t delay_us(void)
     return (30000u + rnd() % 60000u) * 1000u;
 }
 
+/* rolling_floor: one cache line per timer, reached through a handle. */
+typedef struct record {
+    uint64_t deadline, seq;
+    char pad[48];
+} record_t;
+
+static double floor_run(size_t armed, size_t ops, bool dependent)
+{
+    record_t *recs = aligned_alloc(64, armed * sizeof *recs);
+    record_t **bg = malloc(armed * sizeof *bg);
+    double ns = NAN;
+    if (recs && bg) {
+        memset(recs, 0, armed * sizeof *recs);
+        size_t i = 0;
+        while (i < armed) { /* handles to records in random order */
+            bg[i] = &recs[i];
+            size_t j = rnd() % (i + 1);
+            record_t *tmp = bg[i];
+            bg[i] = bg[j];
+            bg[j] = tmp;
+            i++;
+        }
+        uint64_t t0 = perf_now_ns(), seq = 0, last = 0;
+        size_t k = 0;
+        while (k++ < ops) {
+            /* dependent: last is the previous record's deadline, always
+             * even (whole µs x 1000), so last & 1 is 0 but the CPU must
+             * wait for it */
+            size_t j = (rnd() + (dependent ? (last & 1) : 0)) % armed;
+            record_t *r = bg[j];
+            last = r->deadline;
+            r->seq = ++seq; /* the cancel reaches it, the start re-arms it */
+            r->deadline = delay_us();
+            bg[j] = r;
+        }
+        ns = (double)(perf_now_ns() - t0) / (double)ops;
+        if (seq != ops)
+            ns = NAN;
+    }
+    free(recs);
+    free(bg);
+    return ns;
+}
+
 static double one_run(int impl, size_t armed, size_t ops)
 {
+    if (impl == I_ROLLING_FLOOR || impl == I_ROLLING_FLOOR_DEP)
+        return floor_run(armed, ops, impl == I_ROLLING_FLOOR_DEP);
     bool fifo = impl == I_FIFO_START || impl == I_FIFO_ARM;
 #define DELAY() (fifo ? 30000000u : delay_us())
     zev_loop_t *loop = zev_loop_new(NULL);
