@@ -141,7 +141,6 @@ zev_loop_t *zev_loop_new(const zev_loop_opts_t *opts)
     }
     loop->ops = ops;
     loop->batch = opts && opts->batch ? opts->batch : 64;
-    loop->tracker_cap_ns = UINT64_MAX;
     loop->spin_us = opts ? opts->spin_us : 0;
     loop->timer_fd = -1;
     loop->timer_fd_kind = ZEV__H_TIMERFD;
@@ -258,13 +257,17 @@ static int ms_until(uint64_t deadline, uint64_t now)
 }
 
 /* Phase 4's timeout in ns (-1: none): 0 while work is pending or a stop is
- * asked for, else until the next timer, at most max_ns (-1: no bound). */
+ * asked for, else until the next deadline (next_deadline), at most max_ns
+ * (-1: no bound). */
 static int64_t wait_timeout(zev_loop_t *loop, int64_t max_ns)
 {
     if (has_pending_work(loop) || atomic_load_explicit(&loop->stop_requested, memory_order_relaxed))
         return 0;
-    loop->now_ns = zev__clock_ns(); /* callbacks since phase 1 took time */
     uint64_t next = next_deadline(loop, loop->now_ns);
+    if (next != UINT64_MAX) { /* the clock only when there is a deadline to count to */
+        loop->now_ns = zev__clock_ns(); /* callbacks since phase 1 took time */
+        next = next_deadline(loop, loop->now_ns);
+    }
     int64_t ns = -1;
     if (next != UINT64_MAX)
         ns = next <= loop->now_ns ? 0

@@ -29,12 +29,17 @@
  *   a wakeup; the loop finds it at its next iteration, and while any
  *   delayed tracker is out (hub->delayed_out) it never sleeps past
  *   zev__trackers_deadline, at most the shortest delay out from when it
- *   went to sleep. The last delayed tracker to finish (its count reaches
- *   0) wakes the loop as any completion would, so a burst's end is
- *   delivered at once and a loop with nothing out sleeps uncapped. The
- *   count goes up before libzmq can see the buffer and down in the
- *   trampoline, completed or abandoned, so it is never low: the loop reads
- *   0 only after the wakeup of whoever brought it there.
+ *   went to sleep. Trackers are counted per delay bucket as well, so that
+ *   a short delay that is no longer out stops setting the pace (up to
+ *   ZEV__DELAY_BUCKETS distinct delays exactly; beyond, a tracker shares a
+ *   shorter delay's bucket, never a longer one). The last delayed tracker
+ *   to finish (the total reaches 0) wakes the loop as any completion
+ *   would, so a burst's end is delivered at once and a loop with nothing
+ *   out sleeps uncapped. The counts go up before libzmq can see the
+ *   buffer and down in the trampoline, completed or abandoned, so they are
+ *   never low: the loop reads 0 only after the wakeup of whoever brought
+ *   it there. The trampoline reads the tracker before it pushes the
+ *   completion: after the push the loop may run it and reuse the tracker.
  * - Buffers of at most ZEV_ZC_COPY_MAX bytes are copied: libzmq keeps such
  *   messages inline in the zmq_msg_t, while referencing a user buffer costs
  *   it an allocation; the free function then runs before the send returns.
@@ -63,6 +68,7 @@ struct zev_tracker {
     bool completed;  /* the completion ran on the loop thread */
     bool abandoned;  /* the send failed: the buffer stays the caller's */
     bool delayed;    /* counted in hub->delayed_out: completes without a wakeup */
+    uint8_t bucket;  /* and in hub->bucket_out[bucket] */
     unsigned notify_pending; /* on_done calls from fibers tracker_notify will answer */
     zev_tracker_fn fn;
     void *arg;
@@ -143,23 +149,72 @@ static void tracker_completed(zev__qnode_t *n, zev_loop_t *loop)
     tracker_unref(t);
 }
 
-/* A delayed tracker is finished with (completed or abandoned): 1 if it was
- * the last one out, whose wakeup announces every delayed completion. */
-static bool delayed_last(zev_tracker_t *t, zev__hub_t *hub)
+/* The delay bucket a tracker delayed by `delay` joins (loop thread, the
+ * only one that adds to the counts): the bucket with that delay; else a
+ * free one, which takes it; else the one with the longest delay not above
+ * it; else the shortest one, lowered to it. Its completion is then never
+ * later than its delay asks, and exactly on time for up to
+ * ZEV__DELAY_BUCKETS distinct delays out at once. */
+static unsigned delay_bucket(zev_loop_t *loop, uint64_t delay)
 {
-    return t->delayed && atomic_fetch_sub(&hub->delayed_out, 1) == 1;
+    const unsigned none = ZEV__DELAY_BUCKETS;
+    unsigned unused = none, below = none, shortest = none, b = 0;
+    const uint64_t *d = loop->bucket_delay_ns;
+    while (b < ZEV__DELAY_BUCKETS) {
+        if (!atomic_load_explicit(&loop->hub->bucket_out[b], memory_order_relaxed)) {
+            if (unused == none)
+                unused = b;
+        } else if (d[b] == delay) {
+            return b;
+        } else {
+            if (d[b] < delay && (below == none || d[b] > d[below]))
+                below = b;
+            if (shortest == none || d[b] < d[shortest])
+                shortest = b;
+        }
+        b++;
+    }
+    if (unused != none) {
+        loop->bucket_delay_ns[unused] = delay;
+        return unused;
+    }
+    if (below != none)
+        return below;
+    loop->bucket_delay_ns[shortest] = delay; /* its trackers only come earlier */
+    return shortest;
+}
+
+/* A delayed tracker is finished with (completed or abandoned); its fields
+ * were read before its completion was pushed (the loop may reuse it after
+ * that). 1 if it was the last one out: its wakeup announces every delayed
+ * completion. The bucket goes first, so a loop that reads the total above
+ * 0 and no bucket above 0 knows that the last one is about to wake it. */
+static bool delayed_last(zev__hub_t *hub, bool delayed, unsigned bucket)
+{
+    if (!delayed)
+        return false;
+    atomic_fetch_sub(&hub->bucket_out[bucket], 1);
+    return atomic_fetch_sub(&hub->delayed_out, 1) == 1;
 }
 
 uint64_t zev__trackers_deadline(zev_loop_t *loop, uint64_t now)
 {
-    if (!atomic_load_explicit(&loop->hub->delayed_out, memory_order_relaxed)) {
-        loop->tracker_cap_ns = UINT64_MAX; /* none out: the next send sets it */
+    if (!atomic_load_explicit(&loop->hub->delayed_out, memory_order_relaxed))
         return UINT64_MAX;
+    uint64_t cap = UINT64_MAX; /* the shortest delay out */
+    unsigned b = 0;
+    while (b < ZEV__DELAY_BUCKETS) {
+        if (atomic_load_explicit(&loop->hub->bucket_out[b], memory_order_relaxed) &&
+            loop->bucket_delay_ns[b] < cap)
+            cap = loop->bucket_delay_ns[b];
+        b++;
     }
+    if (cap == UINT64_MAX)
+        return UINT64_MAX; /* only finishing ones: the last wakes the loop */
     /* now + cap, rounded down to a multiple of cap/2: the same deadline for
      * every iteration within half a delay, so an embedded loop re-arms its
      * timer fd about twice per delay, not once per iteration. */
-    uint64_t cap = loop->tracker_cap_ns, half = cap / 2 ? cap / 2 : 1;
+    uint64_t half = cap / 2 ? cap / 2 : 1;
     return zev__sat_add(now, cap) / half * half;
 }
 
@@ -170,8 +225,10 @@ static void trampoline(void *data, void *hint)
     zev_tracker_t *t = hint;
     ZEV_HB_ACQUIRE(t); /* pairs with the release before zmq_msg_init_data */
     zev__hub_t *hub = t->hub;
+    bool delayed = t->delayed; /* t is the loop's once its completion is pushed */
+    unsigned bucket = t->bucket;
     if (t->abandoned) {
-        if (hub && delayed_last(t, hub))
+        if (hub && delayed_last(hub, delayed, bucket))
             zev__hub_wake(hub); /* for the delayed completions before it */
         tracker_unref(t);
         if (hub)
@@ -185,8 +242,8 @@ static void trampoline(void *data, void *hint)
         return;
     }
     atomic_store(&t->done, 1);
-    zev__hub_push(hub, &t->qnode); /* the loop owns the completion now */
-    if (!t->delayed || delayed_last(t, hub))
+    zev__hub_push(hub, &t->qnode); /* the loop owns the tracker now: no t-> below */
+    if (!delayed || delayed_last(hub, delayed, bucket))
         zev__hub_wake(hub);
     zev__hub_unref(hub);
 }
@@ -239,9 +296,9 @@ int zev_stream_send_zc(zev_stream_t *s, void *data, size_t len, zev_free_fn free
     bool copied = len <= ZEV_ZC_COPY_MAX;
     if (t->hub && s->tracker_delay_ns && !copied) { /* counted before libzmq sees it */
         t->delayed = true;
+        t->bucket = (uint8_t)delay_bucket(s->loop, s->tracker_delay_ns);
+        atomic_fetch_add(&t->hub->bucket_out[t->bucket], 1);
         atomic_fetch_add(&t->hub->delayed_out, 1);
-        if (s->tracker_delay_ns < s->loop->tracker_cap_ns)
-            s->loop->tracker_cap_ns = s->tracker_delay_ns;
     }
     ZEV_HB_RELEASE(t);
     int rc =

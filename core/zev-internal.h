@@ -78,6 +78,8 @@ struct zev__qnode {
  * out. Reference-counted: the loop holds one reference, each kept frame and
  * live tracker one more. Whoever drops the last reference drains what is
  * still queued (loop == NULL) and frees it. */
+#define ZEV__DELAY_BUCKETS 8 /* distinct tracker delays a loop tells apart */
+
 typedef struct zev__hub {
     _Atomic(zev__qnode_t *) head; /* producers exchange here */
     zev__qnode_t *tail;           /* consumer only */
@@ -85,8 +87,10 @@ typedef struct zev__hub {
     atomic_int refs;
     atomic_int wake_pending;   /* 1 while a wakeup is written and not yet read */
     /* Delayed tracker completions (tracker.c): tracked zero-copy sends of
-     * streams with a tracker delay whose completion has not been pushed. */
+     * streams with a tracker delay whose completion has not been pushed,
+     * in all and per delay bucket (the bucket's delay is the loop's). */
     atomic_size_t delayed_out;
+    atomic_size_t bucket_out[ZEV__DELAY_BUCKETS];
     int wake_rfd, wake_wfd;    /* eventfd (both the same) or a pipe */
     zev__kind_t wake_kind;     /* registered with the backend as a handle */
     zev_frame_t *frame_free, *frame_free_tail; /* FIFO pool (loop thread / last ref) */
@@ -382,9 +386,9 @@ struct zev_loop {
     size_t nfiberfds; /* fds fibers wait for (zev_fiber_wait_fd, _poll) */
     size_t reported; /* on_send statuses delivered (progress for run_once) */
     uint64_t iteration; /* iterations begun, for fibers' once-per-iteration rule */
-    /* The shortest tracker delay among the delayed trackers out (tracker.c);
-     * UINT64_MAX when none is out. */
-    uint64_t tracker_cap_ns;
+    /* Each delay bucket's delay while the hub counts trackers out in it
+     * (tracker.c). */
+    uint64_t bucket_delay_ns[ZEV__DELAY_BUCKETS];
     /* Trackers freed while this loop iterated, for its next zero-copy sends
      * (tracker.c): a tracked send allocates nothing in steady state. */
     struct zev_tracker *tracker_cache[ZEV__TRACKER_CACHE];
