@@ -528,6 +528,12 @@ static size_t send_some(zev_stream_t *s, size_t room)
 
 /* ----------------------------------------------------------------- receiving */
 
+/* Whether more parts follow: zmq_msg_more, without its wrapper call. */
+static int part_more(const zmq_msg_t *part)
+{
+    return zmq_msg_get(part, ZMQ_MORE);
+}
+
 /* What recv_message did. */
 enum rx { RX_ERR = -1, RX_NONE, RX_GOT, RX_MORE, RX_DROPPED };
 
@@ -597,7 +603,7 @@ static __attribute__((noinline)) enum rx drop_rest(zev_stream_t *s, size_t allow
             *taken += got;
             return RX_ERR; /* the rest of a message is there once its start is */
         }
-        bool more = zmq_msg_more(&s->ring[0]);
+        bool more = part_more(&s->ring[0]);
         zmq_msg_close(&s->ring[0]);
         zmq_msg_init(&s->ring[0]);
         if (!more) {
@@ -625,36 +631,12 @@ static __attribute__((noinline)) enum rx start_drop(zev_stream_t *s, size_t i, s
     return drop_rest(s, allowance, taken);
 }
 
-/* The per-message path (inlined into both callers). */
-static inline __attribute__((always_inline)) enum rx recv_message(zev_stream_t *s,
-                                                                  size_t allowance,
-                                                                  size_t *taken)
+/* recv_message past the common case: a message from its part rx_parts on
+ * (0: a first part that recv_message did not take), into the ring, growing
+ * it as needed. */
+static __attribute__((noinline)) enum rx recv_parts(zev_stream_t *s, size_t allowance,
+                                                    size_t *taken)
 {
-    if (__builtin_expect(s->rx_dropping, 0))
-        return drop_rest(s, allowance, taken);
-    if (__builtin_expect(!s->rx_parts && s->ring_used && allowance, 1)) {
-        /* A message's first part into slot 0, set up already: the common
-         * case, and a whole message when it has one part. Anything else
-         * goes on below as if the loop had received this part. */
-        s->kept[0] = NULL;
-        int n = sock_recv(s, &s->ring[0]);
-        if (n < 0 && errno != EINTR)
-            return errno == EAGAIN ? RX_NONE : RX_ERR; /* nothing taken */
-        if (n >= 0) {
-            *taken += 1;
-            size_t size = s->msg.sizes[0] = part_size(&s->ring[0], n);
-            if (!zmq_msg_more(&s->ring[0])) {
-                s->msg.n = 1;
-                s->stats.bytes_in += size;
-                return RX_GOT;
-            }
-            if (s->max_parts == 1) /* another part comes: too long */
-                return start_drop(s, 1, allowance - 1, taken);
-            s->rx_parts = 1;
-            s->rx_bytes = size;
-            allowance--;
-        }
-    }
     size_t i = s->rx_parts, got = 0;
     uint64_t bytes = s->rx_bytes;
     s->rx_parts = 0;
@@ -682,7 +664,7 @@ static inline __attribute__((always_inline)) enum rx recv_message(zev_stream_t *
         }
         got++;
         bytes += s->msg.sizes[i] = part_size(&s->ring[i], n);
-        if (!zmq_msg_more(&s->ring[i++])) {
+        if (!part_more(&s->ring[i++])) {
             rc = RX_GOT;
             break;
         }
@@ -703,6 +685,46 @@ static inline __attribute__((always_inline)) enum rx recv_message(zev_stream_t *
     return rc;
 }
 
+/* The first part (of `size` bytes) of a message of several came into slot
+ * 0: recv_parts goes on with the rest, unless max_parts is 1. */
+static __attribute__((noinline)) enum rx recv_after_first(zev_stream_t *s, size_t size,
+                                                          size_t allowance, size_t *taken)
+{
+    if (s->max_parts == 1) /* another part comes: too long */
+        return start_drop(s, 1, allowance, taken);
+    s->rx_parts = 1;
+    s->rx_bytes = size;
+    return recv_parts(s, allowance, taken);
+}
+
+/* The per-message path (inlined into both callers). The common case is a
+ * message's first part into slot 0, set up already, and a whole message
+ * when it has one part; anything else goes on in recv_parts (or drop_rest)
+ * from where the message stands. */
+static inline __attribute__((always_inline)) enum rx recv_message(zev_stream_t *s,
+                                                                  size_t allowance,
+                                                                  size_t *taken)
+{
+    if (__builtin_expect(s->rx_dropping, 0))
+        return drop_rest(s, allowance, taken);
+    if (__builtin_expect(s->rx_parts || !s->ring_used, 0))
+        return recv_parts(s, allowance, taken);
+    s->kept[0] = NULL;
+    int n = sock_recv(s, &s->ring[0]);
+    if (__builtin_expect(n < 0, 0)) {
+        if (errno == EINTR)
+            return recv_parts(s, allowance, taken); /* nothing taken: again */
+        return errno == EAGAIN ? RX_NONE : RX_ERR;
+    }
+    *taken += 1;
+    size_t size = s->msg.sizes[0] = part_size(&s->ring[0], n);
+    if (__builtin_expect(part_more(&s->ring[0]), 0))
+        return recv_after_first(s, size, allowance - 1, taken);
+    s->msg.n = 1;
+    s->stats.bytes_in += size;
+    return RX_GOT;
+}
+
 /* A pass takes at most `room` messages and PARTS_PER_UNIT x room parts:
  * each PARTS_PER_UNIT parts of a long message count as one more message,
  * so one message of a million parts is received over many passes while
@@ -714,32 +736,47 @@ static size_t parts_allowance(size_t units)
     return units > SIZE_MAX / PARTS_PER_UNIT ? SIZE_MAX : units * PARTS_PER_UNIT;
 }
 
+/* What the pass receives for; on_recv may change any of it. */
+static bool recv_wanted(const zev_stream_t *s)
+{
+    return s->on_recv && !s->closed && frames_allow(s);
+}
+
 /* Receives and dispatches messages worth up to `room` units; returns the
  * units used: messages taken (delivered or dropped), plus one for every
- * PARTS_PER_UNIT parts beyond one per message. */
-static size_t recv_some(zev_stream_t *s, size_t room)
+ * PARTS_PER_UNIT parts beyond one per message. Between the messages no
+ * user code runs, so the ring counts as borrowed (in_recv) for the whole
+ * pass; and a slow hook set inside on_recv times the next one. Not inlined
+ * into stream_work: the per-message loop gets the registers to itself. */
+static __attribute__((noinline)) size_t recv_some(zev_stream_t *s, size_t room)
 {
     const size_t budget = parts_allowance(room);
     size_t msgs = 0, delivered = 0, parts = 0;
-    while (msgs < room && parts < budget && s->on_recv && !s->closed && frames_allow(s)) {
+    s->in_recv = true;
+    while (msgs < room && parts < budget && recv_wanted(s)) {
         enum rx rc = recv_message(s, budget - parts, &parts);
-        if (rc == RX_GOT) {
+        if (__builtin_expect(rc == RX_GOT, 1)) {
             msgs++;
             delivered++;
-            s->in_recv_cb = true;
-            uint64_t t0 = zev__watch_begin(s->loop);
-            s->on_recv(s, &s->msg, s->recv_arg);
-            zev__watch_end(s->loop, t0, ZEV_SLOW_RECV, s, NULL);
-            s->in_recv_cb = false;
+            if (__builtin_expect(!s->loop->watching, 1)) {
+                s->on_recv(s, &s->msg, s->recv_arg);
+            } else {
+                uint64_t t0 = zev__clock_ns();
+                s->on_recv(s, &s->msg, s->recv_arg);
+                zev__watched(s->loop, t0, ZEV_SLOW_RECV, s, NULL);
+            }
         } else if (rc == RX_DROPPED) {
             msgs++;
             s->stats.dropped_oversized++;
         } else {
-            if (rc == RX_ERR && socket_gone(errno))
+            if (rc == RX_ERR && socket_gone(errno)) {
+                s->in_recv = false;
                 zev__stream_fail(s, errno);
+            }
             break; /* RX_NONE, an error, or RX_MORE: out of allowance */
         }
     }
+    s->in_recv = false;
     s->stats.msgs_in += delivered;
     zev__ring_recycle(s); /* nothing borrowed is held while the stream waits */
     size_t extra = parts > msgs ? (parts - msgs) / PARTS_PER_UNIT : 0;
@@ -970,7 +1007,7 @@ int zev_stream_flush(zev_stream_t *s, int flags, size_t limit)
         return -1;
     }
     int mask = (flags & ZEV_WRITE) ? ZMQ_POLLOUT : 0;
-    if ((flags & ZEV_READ) && !s->in_recv_cb) /* its frames are still borrowed */
+    if ((flags & ZEV_READ) && !s->in_recv) /* its frames are still borrowed */
         mask |= ZMQ_POLLIN;
     s->changes++; /* "look now": an edge may wait undispatched in the backend */
     int saved = errno;

@@ -316,7 +316,7 @@ struct zev_stream {
     bool close_socket;
     bool blocked;    /* POLLOUT was reported but the head message got EAGAIN */
     bool in_pass;    /* stream_work is on the stack */
-    bool in_recv_cb; /* on_recv is on the stack: the ring is borrowed */
+    bool in_recv;    /* recv_some (on_recv with it) is on the stack: the ring is borrowed */
     bool delivering; /* zev__reports_deliver is on the stack */
     int broken;      /* 0, or the status of the message being sent, which
                       * libzmq refused after taking its first part */
