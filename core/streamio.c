@@ -783,22 +783,30 @@ static __attribute__((noinline)) size_t recv_some(zev_stream_t *s, size_t room)
     return msgs + extra > room ? room : msgs + extra;
 }
 
+/* zev__stream_recv_now past the common case: rc is not RX_GOT. */
+static __attribute__((noinline)) int recv_now_rest(zev_stream_t *s, enum rx rc)
+{
+    int err = errno;
+    if (rc == RX_DROPPED)
+        s->stats.dropped_oversized++;
+    if (rc == RX_ERR && socket_gone(err))
+        zev__stream_fail(s, err);
+    mark_ready(s); /* the socket was touched outside the stream's pass */
+    errno = err;
+    return rc == RX_NONE ? 0 : rc == RX_ERR ? -1 : 2;
+}
+
 int zev__stream_recv_now(zev_stream_t *s, size_t units)
 {
     if (!frames_allow(s))
         return 0; /* max_frames: it waits until kept frames are released */
     size_t taken = 0;
     enum rx rc = recv_message(s, parts_allowance(units), &taken);
-    int err = errno;
-    if (rc == RX_GOT)
-        s->stats.msgs_in++;
-    else if (rc == RX_DROPPED)
-        s->stats.dropped_oversized++;
-    if (rc == RX_ERR && socket_gone(err))
-        zev__stream_fail(s, err);
+    if (__builtin_expect(rc != RX_GOT, 0))
+        return recv_now_rest(s, rc);
+    s->stats.msgs_in++;
     mark_ready(s); /* the socket was touched outside the stream's pass */
-    errno = err;
-    return rc == RX_GOT ? 1 : rc == RX_NONE ? 0 : rc == RX_ERR ? -1 : 2;
+    return 1;
 }
 
 void zev__stream_rx_bound(zev_stream_t *s)
