@@ -68,13 +68,15 @@ int zev__ring_reserve(zev_stream_t *s, size_t n)
     }
     s->ring = ring;
     s->msg.parts = ring; /* before anything can fail: the old block is gone */
-    zev_frame_t **kept = realloc(s->kept, cap * sizeof *kept);
-    if (!kept) {
+    for (size_t i = 0; i < s->ring_used; i++)
+        s->at[i] = &ring[i]; /* parts received so far (none is kept yet) */
+    zmq_msg_t **at = realloc(s->at, cap * sizeof *at);
+    if (!at) {
         errno = ENOMEM;
         return -1;
     }
-    s->kept = kept;
-    s->msg.kept = kept;
+    s->at = at;
+    s->msg.at = at;
     size_t *sizes = realloc(s->msg.sizes, cap * sizeof *sizes);
     if (!sizes) {
         errno = ENOMEM;
@@ -97,9 +99,9 @@ static void ring_shrink(zev_stream_t *s)
     if (!ring)
         return;
     s->ring = s->msg.parts = ring;
-    zev_frame_t **kept = realloc(s->kept, RING_KEEP * sizeof *kept);
-    if (kept)
-        s->kept = s->msg.kept = kept; /* else the larger one stays: only its head is used */
+    zmq_msg_t **at = realloc(s->at, RING_KEEP * sizeof *at); /* set at each receive */
+    if (at)
+        s->at = s->msg.at = at; /* else the larger one stays: only its head is used */
     size_t *sizes = realloc(s->msg.sizes, RING_KEEP * sizeof *sizes);
     if (sizes)
         s->msg.sizes = sizes; /* as kept */
@@ -122,10 +124,10 @@ void zev__ring_free(zev_stream_t *s)
     for (size_t i = 0; i < s->ring_used; i++)
         zmq_msg_close(&s->ring[i]);
     free(s->ring);
-    free(s->kept);
+    free(s->at);
     free(s->msg.sizes);
     s->ring = NULL;
-    s->kept = NULL;
+    s->at = NULL;
     s->msg.sizes = NULL;
     s->ring_cap = 0;
 }
@@ -233,39 +235,36 @@ size_t zev_msg_parts(const zev_msg_t *m)
     return m->n;
 }
 
-/* Part i, wherever it is: its ring slot or the frame it was kept in. */
-static zmq_msg_t *part_at(const zev_msg_t *m, size_t i)
+/* Whether part i was kept (zev_msg_keep): it lives in its frame now. */
+static bool part_kept(const zev_msg_t *m, size_t i)
 {
-    return m->kept[i] ? &m->kept[i]->msg : &m->parts[i];
-}
-
-/* The size of a part still in the ring: what the receive found (streamio.c's
- * part_size), unless the caller got the zmq_msg_t itself (zev_msg_frame). */
-static size_t slot_size(const zev_msg_t *m, size_t i)
-{
-    size_t size = m->sizes[i];
-    return size != SIZE_MAX ? size : zmq_msg_size(&m->parts[i]);
+    return m->at[i] != &m->parts[i];
 }
 
 zmq_msg_t *zev_msg_frame(zev_msg_t *m, size_t i)
 {
     if (!part_ok(m, i))
         return NULL;
-    if (!m->kept[i])
-        m->sizes[i] = SIZE_MAX; /* the caller may change it: ask libzmq from now on */
-    return part_at(m, i);
+    m->sizes[i] = SIZE_MAX; /* the caller may change it: ask libzmq from now on */
+    return m->at[i];
 }
 
 const void *zev_msg_data(const zev_msg_t *m, size_t i)
 {
-    return part_ok(m, i) ? zmq_msg_data(part_at(m, i)) : NULL;
+    return part_ok(m, i) ? zmq_msg_data(m->at[i]) : NULL;
+}
+
+/* Part i's size: what the receive found (streamio.c's part_size), unless
+ * the caller got the zmq_msg_t itself (zev_msg_frame, or the part was kept). */
+static size_t size_of(const zev_msg_t *m, size_t i)
+{
+    size_t size = m->sizes[i];
+    return size != SIZE_MAX ? size : zmq_msg_size(m->at[i]);
 }
 
 size_t zev_msg_size(const zev_msg_t *m, size_t i)
 {
-    if (!part_ok(m, i))
-        return 0;
-    return m->kept[i] ? zmq_msg_size(&m->kept[i]->msg) : slot_size(m, i);
+    return part_ok(m, i) ? size_of(m, i) : 0;
 }
 
 int zev_msg_more(const zev_msg_t *m, size_t i)
@@ -275,7 +274,7 @@ int zev_msg_more(const zev_msg_t *m, size_t i)
 
 zev_frame_t *zev_msg_keep(zev_msg_t *m, size_t i)
 {
-    if (!part_ok(m, i) || m->kept[i]) {
+    if (!part_ok(m, i) || part_kept(m, i)) {
         errno = EINVAL;
         return NULL;
     }
@@ -290,12 +289,13 @@ zev_frame_t *zev_msg_keep(zev_msg_t *m, size_t i)
     f->qnode.run = frame_returned;
     f->hub = hub;
     f->stream = s;
-    f->size = slot_size(m, i);
+    f->size = size_of(m, i);
     zev__msg_move(&f->msg, &m->parts[i]); /* the slot is left empty */
     zev__list_push_tail(&s->kept_frames, &f->node);
     s->frames_out++;
     zev__hub_ref(hub);
-    m->kept[i] = f;
+    m->at[i] = &f->msg;
+    m->sizes[i] = SIZE_MAX; /* the frame's owner may change it (zev_frame_msg) */
     uintptr_t handle = zev__handle_make(f, f->gen);
     /* release: a worker thread that gets the handle sees the frame whole */
     atomic_store_explicit(&f->handle, handle, memory_order_release);

@@ -589,7 +589,7 @@ static __attribute__((noinline)) enum rx drop_rest(zev_stream_t *s, size_t allow
         zmq_msg_init(&s->ring[0]); /* the ring always has a slot (zev_stream_new) */
         s->ring_used = 1;
     }
-    s->kept[0] = NULL;
+    s->at[0] = &s->ring[0];
     for (size_t got = 0;; got++) {
         if (got == allowance) {
             *taken += got;
@@ -654,7 +654,7 @@ static __attribute__((noinline)) enum rx recv_parts(zev_stream_t *s, size_t allo
             zmq_msg_init(&s->ring[i]);
             s->ring_used++;
         }
-        s->kept[i] = NULL;
+        s->at[i] = &s->ring[i];
         int n = sock_recv(s, &s->ring[i]);
         if (n < 0) {
             if (errno == EINTR)
@@ -709,7 +709,7 @@ static inline __attribute__((always_inline)) enum rx recv_message(zev_stream_t *
         return drop_rest(s, allowance, taken);
     if (__builtin_expect(s->rx_parts || !s->ring_used, 0))
         return recv_parts(s, allowance, taken);
-    s->kept[0] = NULL;
+    s->at[0] = &s->ring[0];
     int n = sock_recv(s, &s->ring[0]);
     if (__builtin_expect(n < 0, 0)) {
         if (errno == EINTR)

@@ -221,9 +221,9 @@ typedef struct zev__report {
 
 struct zev_msg {
     zev_stream_t *stream;
-    zmq_msg_t *parts;   /* the stream's receive ring */
-    zev_frame_t **kept; /* kept[i] != NULL once part i was kept */
-    size_t *sizes;      /* part i's size as zmq_msg_recv said, SIZE_MAX: ask libzmq */
+    zmq_msg_t *parts; /* the stream's receive ring */
+    zmq_msg_t **at;   /* where part i is: &parts[i], or its kept frame's msg */
+    size_t *sizes;    /* part i's size as zmq_msg_recv said, SIZE_MAX: ask libzmq */
     size_t n;
 };
 
@@ -290,7 +290,7 @@ struct zev_stream {
 
     /* receive ring */
     zmq_msg_t *ring;
-    zev_frame_t **kept;
+    zmq_msg_t **at; /* msg.at */
     size_t ring_cap;
     size_t ring_used; /* leading slots set up (zmq_msg_init); the rest are raw memory */
     size_t rx_parts;  /* parts of a message being received (over several passes) */
