@@ -134,6 +134,8 @@ void zev__ring_free(zev_stream_t *s)
 
 /* ------------------------------------------------------------- frame pool */
 
+static void frame_returned(zev__qnode_t *n, zev_loop_t *loop);
+
 static int pool_grow(zev__hub_t *hub)
 {
     struct zev__chunk *c = malloc(sizeof *c);
@@ -144,9 +146,12 @@ static int pool_grow(zev__hub_t *hub)
     c->next = hub->chunks;
     hub->chunks = c;
     for (size_t i = 0; i < CHUNK_FRAMES; i++) {
-        c->frames[i].next_free = i + 1 < CHUNK_FRAMES ? &c->frames[i + 1] : NULL;
-        atomic_init(&c->frames[i].handle, 0);
-        c->frames[i].gen = 0;
+        zev_frame_t *f = &c->frames[i];
+        f->next_free = i + 1 < CHUNK_FRAMES ? &c->frames[i + 1] : NULL;
+        atomic_init(&f->handle, 0);
+        f->gen = 0;
+        f->qnode.run = frame_returned; /* for every use: set once */
+        f->hub = hub;
     }
     hub->frame_free = &c->frames[0];
     hub->frame_free_tail = &c->frames[CHUNK_FRAMES - 1];
@@ -286,8 +291,6 @@ zev_frame_t *zev_msg_keep(zev_msg_t *m, size_t i)
     hub->frame_free = f->next_free;
     if (!hub->frame_free)
         hub->frame_free_tail = NULL;
-    f->qnode.run = frame_returned;
-    f->hub = hub;
     f->stream = s;
     f->size = size_of(m, i);
     zev__msg_move(&f->msg, &m->parts[i]); /* the slot is left empty */

@@ -90,15 +90,8 @@ zev__hub_t *zev__hub_new(void)
     return hub;
 }
 
-void zev__hub_ref(zev__hub_t *hub)
+void zev__hub_free(zev__hub_t *hub)
 {
-    atomic_fetch_add_explicit(&hub->refs, 1, memory_order_relaxed);
-}
-
-void zev__hub_unref(zev__hub_t *hub)
-{
-    if (atomic_fetch_sub_explicit(&hub->refs, 1, memory_order_acq_rel) != 1)
-        return;
     zev__hub_drain_all(hub, NULL);
     zev__frame_pool_free(hub);
     close(hub->wake_rfd);

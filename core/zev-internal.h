@@ -91,8 +91,17 @@ typedef struct zev__hub {
 } zev__hub_t;
 
 ZEV_INTERNAL zev__hub_t *zev__hub_new(void);
-ZEV_INTERNAL void zev__hub_ref(zev__hub_t *hub);
-ZEV_INTERNAL void zev__hub_unref(zev__hub_t *hub);
+/* Inline: a kept frame takes and drops a reference (once per message). */
+static inline void zev__hub_ref(zev__hub_t *hub)
+{
+    atomic_fetch_add_explicit(&hub->refs, 1, memory_order_relaxed);
+}
+ZEV_INTERNAL void zev__hub_free(zev__hub_t *hub); /* the last reference is gone */
+static inline void zev__hub_unref(zev__hub_t *hub)
+{
+    if (atomic_fetch_sub_explicit(&hub->refs, 1, memory_order_acq_rel) == 1)
+        zev__hub_free(hub);
+}
 ZEV_INTERNAL void zev__hub_push(zev__hub_t *hub, zev__qnode_t *n); /* any thread */
 ZEV_INTERNAL void zev__hub_wake(zev__hub_t *hub);                  /* any thread */
 ZEV_INTERNAL void zev__hub_clear_wake(zev__hub_t *hub);            /* loop thread */
