@@ -15,7 +15,10 @@
  * - zev_msg_keep moves a part (no copy) into a frame taken from a pool that
  *   belongs to the loop's hub; the pool grows by chunks during warm-up and
  *   recycles frames afterwards (the one freed longest ago first), so
- *   steady-state keeping allocates nothing. Handles carry the frame's
+ *   steady-state keeping allocates nothing. The part is moved bitwise and
+ *   its slot becomes a bitwise copy of the hub's empty message (libzmq
+ *   itself copies a small message so: an empty one holds nothing), so that
+ *   keeping calls nothing, libzmq included. Handles carry the frame's
  *   generation (handle.h): a second release, or any use after release,
  *   fails with EINVAL from whatever thread, and never touches the frame's
  *   next owner. A frame whose generations are spent (2^19 reuses) is
@@ -45,6 +48,7 @@
 
 #include <errno.h>
 #include <stdlib.h>
+#include <string.h>
 
 #define CHUNK_FRAMES 64
 
@@ -277,23 +281,17 @@ int zev_msg_more(const zev_msg_t *m, size_t i)
     return part_ok(m, i) && i + 1 < m->n;
 }
 
-zev_frame_t *zev_msg_keep(zev_msg_t *m, size_t i)
+/* zev_msg_keep once the frame is at hand (f, popped from the hub's pool)
+ * and the part's size known: no call on this path. */
+static inline __attribute__((always_inline)) zev_frame_t *
+keep_in(zev_msg_t *m, size_t i, zev__hub_t *hub, zev_frame_t *f, size_t size)
 {
-    if (!part_ok(m, i) || part_kept(m, i)) {
-        errno = EINVAL;
-        return NULL;
-    }
     zev_stream_t *s = m->stream;
-    zev__hub_t *hub = s->loop->hub;
-    if (!hub->frame_free && pool_grow(hub) < 0)
-        return NULL;
-    zev_frame_t *f = hub->frame_free;
-    hub->frame_free = f->next_free;
-    if (!hub->frame_free)
-        hub->frame_free_tail = NULL;
     f->stream = s;
-    f->size = size_of(m, i);
-    zev__msg_move(&f->msg, &m->parts[i]); /* the slot is left empty */
+    f->size = size;
+    /* moved bitwise, the slot left empty (the design notes) */
+    memcpy(&f->msg, &m->parts[i], sizeof f->msg);
+    memcpy(&m->parts[i], &hub->empty, sizeof f->msg);
     zev__list_push_tail(&s->kept_frames, &f->node);
     s->frames_out++;
     zev__hub_ref(hub);
@@ -303,6 +301,42 @@ zev_frame_t *zev_msg_keep(zev_msg_t *m, size_t i)
     /* release: a worker thread that gets the handle sees the frame whole */
     atomic_store_explicit(&f->handle, handle, memory_order_release);
     return (zev_frame_t *)handle;
+}
+
+static zev_frame_t *pool_pop(zev__hub_t *hub)
+{
+    zev_frame_t *f = hub->frame_free;
+    hub->frame_free = f->next_free;
+    if (!hub->frame_free)
+        hub->frame_free_tail = NULL;
+    return f;
+}
+
+/* zev_msg_keep when the pool must grow or libzmq be asked the size. */
+static __attribute__((noinline)) zev_frame_t *keep_slow(zev_msg_t *m, size_t i)
+{
+    zev__hub_t *hub = m->stream->loop->hub;
+    if (!hub->frame_free && pool_grow(hub) < 0)
+        return NULL;
+    size_t size = size_of(m, i);
+    return keep_in(m, i, hub, pool_pop(hub), size);
+}
+
+static __attribute__((noinline)) zev_frame_t *keep_refused(void)
+{
+    errno = EINVAL;
+    return NULL;
+}
+
+zev_frame_t *zev_msg_keep(zev_msg_t *m, size_t i)
+{
+    if (!part_ok(m, i) || part_kept(m, i))
+        return keep_refused();
+    zev__hub_t *hub = m->stream->loop->hub;
+    size_t size = m->sizes[i];
+    if (__builtin_expect(!hub->frame_free || size == SIZE_MAX, 0))
+        return keep_slow(m, i);
+    return keep_in(m, i, hub, pool_pop(hub), size);
 }
 
 /* ----------------------------------------------------------------- frames */
@@ -363,9 +397,9 @@ zmq_msg_t *zev_frame_msg(zev_frame_t *handle)
  * on_frame_release included. */
 static void frame_home_here(zev_frame_t *f)
 {
-    zev__hub_t *hub = f->hub;
-    zev_stream_t *s = f->stream;
     zmq_msg_close(&f->msg);
+    zev__hub_t *hub = f->hub; /* read after the call: only f is kept across it */
+    zev_stream_t *s = f->stream;
     if (s && s->on_frame) {
         zev__hub_push(hub, &f->qnode);
     } else {

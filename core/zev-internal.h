@@ -87,6 +87,7 @@ typedef struct zev__hub {
     int wake_rfd, wake_wfd;    /* eventfd (both the same) or a pipe */
     zev__kind_t wake_kind;     /* registered with the backend as a handle */
     zev_frame_t *frame_free, *frame_free_tail; /* FIFO pool (loop thread / last ref) */
+    zmq_msg_t empty; /* zmq_msg_init'ed once: what a kept part's ring slot becomes */
     struct zev__chunk *chunks; /* allocation chunks of the pool */
 } zev__hub_t;
 
