@@ -112,6 +112,24 @@ static void ring_shrink(zev_stream_t *s)
     s->ring_cap = RING_KEEP;
 }
 
+/* Slot 0 is always set up (ring_used >= 1): a message's first part goes
+ * there without a check (streamio.c's recv_message). */
+static void ring_slot0(zev_stream_t *s)
+{
+    if (!s->ring_used) {
+        zmq_msg_init(&s->ring[0]);
+        s->ring_used = 1;
+    }
+}
+
+int zev__ring_init(zev_stream_t *s)
+{
+    if (zev__ring_reserve(s, 4) < 0)
+        return -1;
+    ring_slot0(s);
+    return 0;
+}
+
 void zev__ring_recycle(zev_stream_t *s)
 {
     /* the first rx_parts slots hold a message still being received */
@@ -121,6 +139,7 @@ void zev__ring_recycle(zev_stream_t *s)
     s->msg.n = 0;
     if (s->ring_cap > RING_KEEP && s->rx_parts == 0 && !s->rx_dropping)
         ring_shrink(s);
+    ring_slot0(s); /* empty: it holds no buffer while the stream waits */
 }
 
 void zev__ring_free(zev_stream_t *s)

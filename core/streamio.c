@@ -594,10 +594,6 @@ static void answer_dropped_request(zev_stream_t *s)
  * its last part, RX_MORE, or RX_ERR. Off the per-message path. */
 static __attribute__((noinline)) struct rx_done drop_rest(zev_stream_t *s, size_t allowance)
 {
-    if (!s->ring_used) {
-        zmq_msg_init(&s->ring[0]); /* the ring always has a slot (zev_stream_new) */
-        s->ring_used = 1;
-    }
     s->at[0] = &s->ring[0];
     size_t got = 0;
     while (got < allowance) {
@@ -705,7 +701,7 @@ static __attribute__((noinline)) struct rx_done recv_after_first(zev_stream_t *s
 }
 
 /* The per-message path (inlined into both callers). The common case is a
- * message's first part into slot 0, set up already, and a whole message
+ * message's first part into slot 0 (always set up: msg.c), and a whole message
  * when it has one part; anything else goes on in recv_parts (or drop_rest)
  * from where the message stands. */
 static inline __attribute__((always_inline)) struct rx_done recv_message(zev_stream_t *s,
@@ -713,7 +709,7 @@ static inline __attribute__((always_inline)) struct rx_done recv_message(zev_str
 {
     if (__builtin_expect(s->rx_dropping, 0))
         return drop_rest(s, allowance);
-    if (__builtin_expect(s->rx_parts || !s->ring_used, 0))
+    if (__builtin_expect(s->rx_parts, 0))
         return recv_parts(s, allowance);
     s->at[0] = &s->ring[0];
     int n = sock_recv(s, &s->ring[0]);

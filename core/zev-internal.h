@@ -302,7 +302,7 @@ struct zev_stream {
     zmq_msg_t *ring;
     zmq_msg_t **at; /* msg.at */
     size_t ring_cap;
-    size_t ring_used; /* leading slots set up (zmq_msg_init); the rest are raw memory */
+    size_t ring_used; /* leading slots set up (zmq_msg_init), >= 1; the rest are raw memory */
     size_t rx_parts;  /* parts of a message being received (over several passes) */
     size_t rx_bytes;  /* and their bytes */
     bool rx_dropping; /* draining a message over max_parts */
@@ -666,6 +666,7 @@ static inline void zev__msg_move(zmq_msg_t *dst, zmq_msg_t *src)
     memcpy(dst, src, sizeof *dst);
     zmq_msg_init(src);
 }
+ZEV_INTERNAL int zev__ring_init(zev_stream_t *s); /* a new stream's ring: -1/ENOMEM */
 ZEV_INTERNAL int zev__ring_reserve(zev_stream_t *s, size_t n);
 ZEV_INTERNAL void zev__ring_recycle(zev_stream_t *s);
 ZEV_INTERNAL void zev__ring_free(zev_stream_t *s);
