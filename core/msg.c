@@ -15,7 +15,10 @@
  * - zev_msg_keep moves a part (no copy) into a frame taken from a pool that
  *   belongs to the loop's hub; the pool grows by chunks during warm-up and
  *   recycles frames afterwards (the one freed longest ago first), so
- *   steady-state keeping allocates nothing. Handles carry the frame's
+ *   steady-state keeping allocates nothing. The part is moved bitwise and
+ *   its slot becomes a bitwise copy of the hub's empty message (libzmq
+ *   itself copies a small message so: an empty one holds nothing), so that
+ *   keeping calls nothing, libzmq included. Handles carry the frame's
  *   generation (handle.h): a second release, or any use after release,
  *   fails with EINVAL from whatever thread, and never touches the frame's
  *   next owner. A frame whose generations are spent (2^19 reuses) is
@@ -45,6 +48,7 @@
 
 #include <errno.h>
 #include <stdlib.h>
+#include <string.h>
 
 #define CHUNK_FRAMES 64
 
@@ -68,13 +72,15 @@ int zev__ring_reserve(zev_stream_t *s, size_t n)
     }
     s->ring = ring;
     s->msg.parts = ring; /* before anything can fail: the old block is gone */
-    zev_frame_t **kept = realloc(s->kept, cap * sizeof *kept);
-    if (!kept) {
+    for (size_t i = 0; i < s->ring_used; i++)
+        s->at[i] = &ring[i]; /* parts received so far (none is kept yet) */
+    zmq_msg_t **at = realloc(s->at, cap * sizeof *at);
+    if (!at) {
         errno = ENOMEM;
         return -1;
     }
-    s->kept = kept;
-    s->msg.kept = kept;
+    s->at = at;
+    s->msg.at = at;
     size_t *sizes = realloc(s->msg.sizes, cap * sizeof *sizes);
     if (!sizes) {
         errno = ENOMEM;
@@ -97,13 +103,31 @@ static void ring_shrink(zev_stream_t *s)
     if (!ring)
         return;
     s->ring = s->msg.parts = ring;
-    zev_frame_t **kept = realloc(s->kept, RING_KEEP * sizeof *kept);
-    if (kept)
-        s->kept = s->msg.kept = kept; /* else the larger one stays: only its head is used */
+    zmq_msg_t **at = realloc(s->at, RING_KEEP * sizeof *at); /* set at each receive */
+    if (at)
+        s->at = s->msg.at = at; /* else the larger one stays: only its head is used */
     size_t *sizes = realloc(s->msg.sizes, RING_KEEP * sizeof *sizes);
     if (sizes)
         s->msg.sizes = sizes; /* as kept */
     s->ring_cap = RING_KEEP;
+}
+
+/* Slot 0 is always set up (ring_used >= 1): a message's first part goes
+ * there without a check (streamio.c's recv_message). */
+static void ring_slot0(zev_stream_t *s)
+{
+    if (!s->ring_used) {
+        zmq_msg_init(&s->ring[0]);
+        s->ring_used = 1;
+    }
+}
+
+int zev__ring_init(zev_stream_t *s)
+{
+    if (zev__ring_reserve(s, 4) < 0)
+        return -1;
+    ring_slot0(s);
+    return 0;
 }
 
 void zev__ring_recycle(zev_stream_t *s)
@@ -115,6 +139,7 @@ void zev__ring_recycle(zev_stream_t *s)
     s->msg.n = 0;
     if (s->ring_cap > RING_KEEP && s->rx_parts == 0 && !s->rx_dropping)
         ring_shrink(s);
+    ring_slot0(s); /* empty: it holds no buffer while the stream waits */
 }
 
 void zev__ring_free(zev_stream_t *s)
@@ -122,15 +147,17 @@ void zev__ring_free(zev_stream_t *s)
     for (size_t i = 0; i < s->ring_used; i++)
         zmq_msg_close(&s->ring[i]);
     free(s->ring);
-    free(s->kept);
+    free(s->at);
     free(s->msg.sizes);
     s->ring = NULL;
-    s->kept = NULL;
+    s->at = NULL;
     s->msg.sizes = NULL;
     s->ring_cap = 0;
 }
 
 /* ------------------------------------------------------------- frame pool */
+
+static void frame_returned(zev__qnode_t *n, zev_loop_t *loop);
 
 static int pool_grow(zev__hub_t *hub)
 {
@@ -142,9 +169,12 @@ static int pool_grow(zev__hub_t *hub)
     c->next = hub->chunks;
     hub->chunks = c;
     for (size_t i = 0; i < CHUNK_FRAMES; i++) {
-        c->frames[i].next_free = i + 1 < CHUNK_FRAMES ? &c->frames[i + 1] : NULL;
-        atomic_init(&c->frames[i].handle, 0);
-        c->frames[i].gen = 0;
+        zev_frame_t *f = &c->frames[i];
+        f->next_free = i + 1 < CHUNK_FRAMES ? &c->frames[i + 1] : NULL;
+        atomic_init(&f->handle, 0);
+        f->gen = 0;
+        f->qnode.run = frame_returned; /* for every use: set once */
+        f->hub = hub;
     }
     hub->frame_free = &c->frames[0];
     hub->frame_free_tail = &c->frames[CHUNK_FRAMES - 1];
@@ -233,39 +263,36 @@ size_t zev_msg_parts(const zev_msg_t *m)
     return m->n;
 }
 
-/* Part i, wherever it is: its ring slot or the frame it was kept in. */
-static zmq_msg_t *part_at(const zev_msg_t *m, size_t i)
+/* Whether part i was kept (zev_msg_keep): it lives in its frame now. */
+static bool part_kept(const zev_msg_t *m, size_t i)
 {
-    return m->kept[i] ? &m->kept[i]->msg : &m->parts[i];
-}
-
-/* The size of a part still in the ring: what the receive found (streamio.c's
- * part_size), unless the caller got the zmq_msg_t itself (zev_msg_frame). */
-static size_t slot_size(const zev_msg_t *m, size_t i)
-{
-    size_t size = m->sizes[i];
-    return size != SIZE_MAX ? size : zmq_msg_size(&m->parts[i]);
+    return m->at[i] != &m->parts[i];
 }
 
 zmq_msg_t *zev_msg_frame(zev_msg_t *m, size_t i)
 {
     if (!part_ok(m, i))
         return NULL;
-    if (!m->kept[i])
-        m->sizes[i] = SIZE_MAX; /* the caller may change it: ask libzmq from now on */
-    return part_at(m, i);
+    m->sizes[i] = SIZE_MAX; /* the caller may change it: ask libzmq from now on */
+    return m->at[i];
 }
 
 const void *zev_msg_data(const zev_msg_t *m, size_t i)
 {
-    return part_ok(m, i) ? zmq_msg_data(part_at(m, i)) : NULL;
+    return part_ok(m, i) ? zmq_msg_data(m->at[i]) : NULL;
+}
+
+/* Part i's size: what the receive found (streamio.c's part_size), unless
+ * the caller got the zmq_msg_t itself (zev_msg_frame, or the part was kept). */
+static size_t size_of(const zev_msg_t *m, size_t i)
+{
+    size_t size = m->sizes[i];
+    return size != SIZE_MAX ? size : zmq_msg_size(m->at[i]);
 }
 
 size_t zev_msg_size(const zev_msg_t *m, size_t i)
 {
-    if (!part_ok(m, i))
-        return 0;
-    return m->kept[i] ? zmq_msg_size(&m->kept[i]->msg) : slot_size(m, i);
+    return part_ok(m, i) ? size_of(m, i) : 0;
 }
 
 int zev_msg_more(const zev_msg_t *m, size_t i)
@@ -273,33 +300,62 @@ int zev_msg_more(const zev_msg_t *m, size_t i)
     return part_ok(m, i) && i + 1 < m->n;
 }
 
-zev_frame_t *zev_msg_keep(zev_msg_t *m, size_t i)
+/* zev_msg_keep once the frame is at hand (f, popped from the hub's pool)
+ * and the part's size known: no call on this path. */
+static inline __attribute__((always_inline)) zev_frame_t *
+keep_in(zev_msg_t *m, size_t i, zev__hub_t *hub, zev_frame_t *f, size_t size)
 {
-    if (!part_ok(m, i) || m->kept[i]) {
-        errno = EINVAL;
-        return NULL;
-    }
     zev_stream_t *s = m->stream;
-    zev__hub_t *hub = s->loop->hub;
-    if (!hub->frame_free && pool_grow(hub) < 0)
-        return NULL;
-    zev_frame_t *f = hub->frame_free;
-    hub->frame_free = f->next_free;
-    if (!hub->frame_free)
-        hub->frame_free_tail = NULL;
-    f->qnode.run = frame_returned;
-    f->hub = hub;
     f->stream = s;
-    f->size = slot_size(m, i);
-    zev__msg_move(&f->msg, &m->parts[i]); /* the slot is left empty */
+    f->size = size;
+    /* moved bitwise, the slot left empty (the design notes) */
+    memcpy(&f->msg, &m->parts[i], sizeof f->msg);
+    memcpy(&m->parts[i], &hub->empty, sizeof f->msg);
     zev__list_push_tail(&s->kept_frames, &f->node);
     s->frames_out++;
     zev__hub_ref(hub);
-    m->kept[i] = f;
+    m->at[i] = &f->msg;
+    m->sizes[i] = SIZE_MAX; /* the frame's owner may change it (zev_frame_msg) */
     uintptr_t handle = zev__handle_make(f, f->gen);
     /* release: a worker thread that gets the handle sees the frame whole */
     atomic_store_explicit(&f->handle, handle, memory_order_release);
     return (zev_frame_t *)handle;
+}
+
+static zev_frame_t *pool_pop(zev__hub_t *hub)
+{
+    zev_frame_t *f = hub->frame_free;
+    hub->frame_free = f->next_free;
+    if (!hub->frame_free)
+        hub->frame_free_tail = NULL;
+    return f;
+}
+
+/* zev_msg_keep when the pool must grow or libzmq be asked the size. */
+static __attribute__((noinline)) zev_frame_t *keep_slow(zev_msg_t *m, size_t i)
+{
+    zev__hub_t *hub = m->stream->loop->hub;
+    if (!hub->frame_free && pool_grow(hub) < 0)
+        return NULL;
+    size_t size = size_of(m, i);
+    return keep_in(m, i, hub, pool_pop(hub), size);
+}
+
+static __attribute__((noinline)) zev_frame_t *keep_refused(void)
+{
+    errno = EINVAL;
+    return NULL;
+}
+
+zev_frame_t *zev_msg_keep(zev_msg_t *m, size_t i)
+{
+    if (!part_ok(m, i) || part_kept(m, i))
+        return keep_refused();
+    zev__hub_t *hub = m->stream->loop->hub;
+    size_t size = m->sizes[i];
+    if (__builtin_expect(!hub->frame_free || size == SIZE_MAX, 0))
+        return keep_slow(m, i);
+    return keep_in(m, i, hub, pool_pop(hub), size);
 }
 
 /* ----------------------------------------------------------------- frames */
@@ -360,9 +416,9 @@ zmq_msg_t *zev_frame_msg(zev_frame_t *handle)
  * on_frame_release included. */
 static void frame_home_here(zev_frame_t *f)
 {
-    zev__hub_t *hub = f->hub;
-    zev_stream_t *s = f->stream;
     zmq_msg_close(&f->msg);
+    zev__hub_t *hub = f->hub; /* read after the call: only f is kept across it */
+    zev_stream_t *s = f->stream;
     if (s && s->on_frame) {
         zev__hub_push(hub, &f->qnode);
     } else {

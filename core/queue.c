@@ -84,23 +84,18 @@ zev__hub_t *zev__hub_new(void)
     atomic_init(&hub->stub.next, NULL);
     atomic_init(&hub->head, &hub->stub);
     hub->tail = &hub->stub;
+    zmq_msg_init(&hub->empty);
     atomic_init(&hub->refs, 1);
     atomic_init(&hub->wake_pending, 0);
     hub->wake_kind = ZEV__H_WAKEUP;
     return hub;
 }
 
-void zev__hub_ref(zev__hub_t *hub)
+void zev__hub_free(zev__hub_t *hub)
 {
-    atomic_fetch_add_explicit(&hub->refs, 1, memory_order_relaxed);
-}
-
-void zev__hub_unref(zev__hub_t *hub)
-{
-    if (atomic_fetch_sub_explicit(&hub->refs, 1, memory_order_acq_rel) != 1)
-        return;
     zev__hub_drain_all(hub, NULL);
     zev__frame_pool_free(hub);
+    zmq_msg_close(&hub->empty); /* holds nothing: for form's sake */
     close(hub->wake_rfd);
     if (hub->wake_wfd != hub->wake_rfd)
         close(hub->wake_wfd);

@@ -194,7 +194,7 @@ zev_stream_t *zev_stream_new(zev_loop_t *loop, void *sock)
     zev__kind_t *held = zev__fdmap_get(&loop->fds, fd);
     if (held && *held == ZEV__H_STREAM && ((zev_stream_t *)held)->sock != sock)
         zev__stream_fail((zev_stream_t *)held, ENOTSOCK);
-    if (zev__ring_reserve(s, 4) < 0 || zev__register(loop, fd, ZEV_READ, s) < 0) {
+    if (zev__ring_init(s) < 0 || zev__register(loop, fd, ZEV_READ, s) < 0) {
         int err = errno;
         zev__ring_free(s);
         free(s);

@@ -546,11 +546,27 @@ static size_t send_some(zev_stream_t *s, size_t room)
 
 /* ----------------------------------------------------------------- receiving */
 
-/* What recv_message did. */
+/* Whether more parts follow: zmq_msg_more, without its wrapper call. */
+static int part_more(const zmq_msg_t *part)
+{
+    return zmq_msg_get(part, ZMQ_MORE);
+}
+
+/* What recv_message did, and how many parts it took from libzmq (returned
+ * together, in two registers: the common path keeps no count in memory). */
 enum rx { RX_ERR = -1, RX_NONE, RX_GOT, RX_MORE, RX_DROPPED };
+struct rx_done {
+    enum rx rc;
+    size_t parts;
+};
+
+static struct rx_done rx_done(enum rx rc, size_t parts)
+{
+    return (struct rx_done){rc, parts};
+}
 
 /* Receives (the rest of) one whole message into the ring, taking at most
- * `allowance` parts (>= 1), and adds how many it took to *taken:
+ * `allowance` parts (>= 1), and says how many it took:
  *   RX_GOT      a whole message is in s->msg;
  *   RX_NONE     nothing there (libzmq's EAGAIN at a message's start);
  *   RX_MORE     the allowance ran out inside a message: the parts so far
@@ -594,37 +610,27 @@ static void answer_dropped_request(zev_stream_t *s)
 /* Drains the rest of a message given up (rx_dropping) through slot 0,
  * closing each part as it comes, at most `allowance` parts: RX_DROPPED at
  * its last part, RX_MORE, or RX_ERR. Off the per-message path. */
-static __attribute__((noinline)) enum rx drop_rest(zev_stream_t *s, size_t allowance,
-                                                   size_t *taken)
+static __attribute__((noinline)) struct rx_done drop_rest(zev_stream_t *s, size_t allowance)
 {
-    if (!s->ring_used) {
-        zmq_msg_init(&s->ring[0]); /* the ring always has a slot (zev_stream_new) */
-        s->ring_used = 1;
-    }
-    s->kept[0] = NULL;
-    for (size_t got = 0;; got++) {
-        if (got == allowance) {
-            *taken += got;
-            return RX_MORE;
-        }
+    s->at[0] = &s->ring[0];
+    size_t got = 0;
+    while (got < allowance) {
         if (sock_recv(s, &s->ring[0]) < 0) {
-            if (errno == EINTR) {
-                got--;
+            if (errno == EINTR)
                 continue;
-            }
-            *taken += got;
-            return RX_ERR; /* the rest of a message is there once its start is */
+            return rx_done(RX_ERR, got); /* the rest of a message is there once its start is */
         }
-        bool more = zmq_msg_more(&s->ring[0]);
+        got++;
+        bool more = part_more(&s->ring[0]);
         zmq_msg_close(&s->ring[0]);
         zmq_msg_init(&s->ring[0]);
         if (!more) {
-            *taken += got + 1;
             s->rx_dropping = false;
             answer_dropped_request(s);
-            return RX_DROPPED;
+            return rx_done(RX_DROPPED, got);
         }
     }
+    return rx_done(RX_MORE, got);
 }
 
 /* A part's size from zmq_msg_recv's return n, which stops at INT_MAX: for
@@ -636,43 +642,18 @@ static size_t part_size(zmq_msg_t *part, int n)
 
 /* A message goes on past max_parts after its i-th part: close the parts
  * so far, and drain the rest of it (drop_rest). */
-static __attribute__((noinline)) enum rx start_drop(zev_stream_t *s, size_t i, size_t allowance,
-                                                    size_t *taken)
+static __attribute__((noinline)) struct rx_done start_drop(zev_stream_t *s, size_t i,
+                                                           size_t allowance)
 {
     start_dropping(s, i);
-    return drop_rest(s, allowance, taken);
+    return drop_rest(s, allowance);
 }
 
-/* The per-message path (inlined into both callers). */
-static inline __attribute__((always_inline)) enum rx recv_message(zev_stream_t *s,
-                                                                  size_t allowance,
-                                                                  size_t *taken)
+/* recv_message past the common case: a message from its part rx_parts on
+ * (0: a first part that recv_message did not take), into the ring, growing
+ * it as needed. */
+static __attribute__((noinline)) struct rx_done recv_parts(zev_stream_t *s, size_t allowance)
 {
-    if (__builtin_expect(s->rx_dropping, 0))
-        return drop_rest(s, allowance, taken);
-    if (__builtin_expect(!s->rx_parts && s->ring_used && allowance, 1)) {
-        /* A message's first part into slot 0, set up already: the common
-         * case, and a whole message when it has one part. Anything else
-         * goes on below as if the loop had received this part. */
-        s->kept[0] = NULL;
-        int n = sock_recv(s, &s->ring[0]);
-        if (n < 0 && errno != EINTR)
-            return errno == EAGAIN ? RX_NONE : RX_ERR; /* nothing taken */
-        if (n >= 0) {
-            *taken += 1;
-            size_t size = s->msg.sizes[0] = part_size(&s->ring[0], n);
-            if (!zmq_msg_more(&s->ring[0])) {
-                s->msg.n = 1;
-                s->stats.bytes_in += size;
-                return RX_GOT;
-            }
-            if (s->max_parts == 1) /* another part comes: too long */
-                return start_drop(s, 1, allowance - 1, taken);
-            s->rx_parts = 1;
-            s->rx_bytes = size;
-            allowance--;
-        }
-    }
     size_t i = s->rx_parts, got = 0;
     uint64_t bytes = s->rx_bytes;
     s->rx_parts = 0;
@@ -690,7 +671,7 @@ static inline __attribute__((always_inline)) enum rx recv_message(zev_stream_t *
             zmq_msg_init(&s->ring[i]);
             s->ring_used++;
         }
-        s->kept[i] = NULL;
+        s->at[i] = &s->ring[i];
         int n = sock_recv(s, &s->ring[i]);
         if (n < 0) {
             if (errno == EINTR)
@@ -700,16 +681,15 @@ static inline __attribute__((always_inline)) enum rx recv_message(zev_stream_t *
         }
         got++;
         bytes += s->msg.sizes[i] = part_size(&s->ring[i], n);
-        if (!zmq_msg_more(&s->ring[i++])) {
+        if (!part_more(&s->ring[i++])) {
             rc = RX_GOT;
             break;
         }
         if (s->max_parts && i >= s->max_parts) { /* another part comes: too long */
-            *taken += got;
-            return start_drop(s, i, allowance - got, taken);
+            struct rx_done d = start_drop(s, i, allowance - got);
+            return rx_done(d.rc, got + d.parts);
         }
     }
-    *taken += got;
     if (rc == RX_GOT) { /* the caller counts it in stats.msgs_in */
         s->msg.n = i;
         s->stats.bytes_in += bytes;
@@ -718,7 +698,50 @@ static inline __attribute__((always_inline)) enum rx recv_message(zev_stream_t *
         s->rx_parts = i;
         s->rx_bytes = bytes;
     }
-    return rc;
+    return rx_done(rc, got);
+}
+
+/* The first part (of `size` bytes) of a message of several came into slot
+ * 0: recv_parts goes on with the rest, unless max_parts is 1. The count
+ * includes the first part. */
+static __attribute__((noinline)) struct rx_done recv_after_first(zev_stream_t *s, size_t size,
+                                                                 size_t allowance)
+{
+    struct rx_done d;
+    if (s->max_parts == 1) { /* another part comes: too long */
+        d = start_drop(s, 1, allowance);
+    } else {
+        s->rx_parts = 1;
+        s->rx_bytes = size;
+        d = recv_parts(s, allowance);
+    }
+    return rx_done(d.rc, d.parts + 1);
+}
+
+/* The per-message path (inlined into both callers). The common case is a
+ * message's first part into slot 0 (always set up: msg.c), and a whole message
+ * when it has one part; anything else goes on in recv_parts (or drop_rest)
+ * from where the message stands. */
+static inline __attribute__((always_inline)) struct rx_done recv_message(zev_stream_t *s,
+                                                                         size_t allowance)
+{
+    if (__builtin_expect(s->rx_dropping, 0))
+        return drop_rest(s, allowance);
+    if (__builtin_expect(s->rx_parts, 0))
+        return recv_parts(s, allowance);
+    s->at[0] = &s->ring[0];
+    int n = sock_recv(s, &s->ring[0]);
+    if (__builtin_expect(n < 0, 0)) {
+        if (errno == EINTR)
+            return recv_parts(s, allowance); /* nothing taken: again */
+        return rx_done(errno == EAGAIN ? RX_NONE : RX_ERR, 0);
+    }
+    size_t size = s->msg.sizes[0] = part_size(&s->ring[0], n);
+    if (__builtin_expect(part_more(&s->ring[0]), 0))
+        return recv_after_first(s, size, allowance - 1);
+    s->msg.n = 1;
+    s->stats.bytes_in += size;
+    return rx_done(RX_GOT, 1);
 }
 
 /* A pass takes at most `room` messages and PARTS_PER_UNIT x room parts:
@@ -732,54 +755,76 @@ static size_t parts_allowance(size_t units)
     return units > SIZE_MAX / PARTS_PER_UNIT ? SIZE_MAX : units * PARTS_PER_UNIT;
 }
 
+/* What the pass receives for; on_recv may change any of it. */
+static bool recv_wanted(const zev_stream_t *s)
+{
+    return s->on_recv && !s->closed && frames_allow(s);
+}
+
 /* Receives and dispatches messages worth up to `room` units; returns the
  * units used: messages taken (delivered or dropped), plus one for every
- * PARTS_PER_UNIT parts beyond one per message. */
-static size_t recv_some(zev_stream_t *s, size_t room)
+ * PARTS_PER_UNIT parts beyond one per message. Between the messages no
+ * user code runs, so the ring counts as borrowed (in_recv) for the whole
+ * pass; and a slow hook set inside on_recv times the next one. Not inlined
+ * into stream_work: the per-message loop gets the registers to itself. */
+static __attribute__((noinline)) size_t recv_some(zev_stream_t *s, size_t room)
 {
-    const size_t budget = parts_allowance(room);
-    size_t msgs = 0, delivered = 0, parts = 0;
-    while (msgs < room && parts < budget && s->on_recv && !s->closed && frames_allow(s)) {
-        enum rx rc = recv_message(s, budget - parts, &parts);
-        if (rc == RX_GOT) {
+    size_t msgs = 0, parts_left = parts_allowance(room);
+    s->in_recv = true;
+    while (msgs < room && parts_left && recv_wanted(s)) {
+        struct rx_done d = recv_message(s, parts_left);
+        parts_left -= d.parts;
+        if (__builtin_expect(d.rc == RX_GOT, 1)) {
             msgs++;
-            delivered++;
-            s->in_recv_cb = true;
-            uint64_t t0 = zev__watch_begin(s->loop);
-            s->on_recv(s, &s->msg, s->recv_arg);
-            zev__watch_end(s->loop, t0, ZEV_SLOW_RECV, s, NULL);
-            s->in_recv_cb = false;
-        } else if (rc == RX_DROPPED) {
+            s->stats.msgs_in++;
+            if (__builtin_expect(!s->loop->watching, 1)) {
+                s->on_recv(s, &s->msg, s->recv_arg);
+            } else {
+                uint64_t t0 = zev__clock_ns();
+                s->on_recv(s, &s->msg, s->recv_arg);
+                zev__watched(s->loop, t0, ZEV_SLOW_RECV, s, NULL);
+            }
+        } else if (d.rc == RX_DROPPED) {
             msgs++;
             s->stats.dropped_oversized++;
         } else {
-            if (rc == RX_ERR && socket_gone(errno))
+            if (d.rc == RX_ERR && socket_gone(errno)) {
+                s->in_recv = false;
                 zev__stream_fail(s, errno);
+            }
             break; /* RX_NONE, an error, or RX_MORE: out of allowance */
         }
     }
-    s->stats.msgs_in += delivered;
+    s->in_recv = false;
     zev__ring_recycle(s); /* nothing borrowed is held while the stream waits */
+    size_t parts = parts_allowance(room) - parts_left;
     size_t extra = parts > msgs ? (parts - msgs) / PARTS_PER_UNIT : 0;
     return msgs + extra > room ? room : msgs + extra;
+}
+
+/* zev__stream_recv_now past the common case: rc is not RX_GOT. */
+static __attribute__((noinline)) int recv_now_rest(zev_stream_t *s, enum rx rc)
+{
+    int err = errno;
+    if (rc == RX_DROPPED)
+        s->stats.dropped_oversized++;
+    if (rc == RX_ERR && socket_gone(err))
+        zev__stream_fail(s, err);
+    mark_ready(s); /* the socket was touched outside the stream's pass */
+    errno = err;
+    return rc == RX_NONE ? 0 : rc == RX_ERR ? -1 : 2;
 }
 
 int zev__stream_recv_now(zev_stream_t *s, size_t units)
 {
     if (!frames_allow(s))
         return 0; /* max_frames: it waits until kept frames are released */
-    size_t taken = 0;
-    enum rx rc = recv_message(s, parts_allowance(units), &taken);
-    int err = errno;
-    if (rc == RX_GOT)
-        s->stats.msgs_in++;
-    else if (rc == RX_DROPPED)
-        s->stats.dropped_oversized++;
-    if (rc == RX_ERR && socket_gone(err))
-        zev__stream_fail(s, err);
+    enum rx rc = recv_message(s, parts_allowance(units)).rc;
+    if (__builtin_expect(rc != RX_GOT, 0))
+        return recv_now_rest(s, rc);
+    s->stats.msgs_in++;
     mark_ready(s); /* the socket was touched outside the stream's pass */
-    errno = err;
-    return rc == RX_GOT ? 1 : rc == RX_NONE ? 0 : rc == RX_ERR ? -1 : 2;
+    return 1;
 }
 
 void zev__stream_rx_bound(zev_stream_t *s)
@@ -801,9 +846,8 @@ void zev__stream_rx_abandon(zev_stream_t *s)
         s->rx_dropping = false;
         return;
     }
-    size_t taken = 0;
     start_dropping(s, s->rx_parts);
-    if (drop_rest(s, SIZE_MAX, &taken) == RX_ERR)
+    if (drop_rest(s, SIZE_MAX).rc == RX_ERR)
         s->rx_dropping = false; /* the socket failed: nothing more to drain */
 }
 
@@ -988,7 +1032,7 @@ int zev_stream_flush(zev_stream_t *s, int flags, size_t limit)
         return -1;
     }
     int mask = (flags & ZEV_WRITE) ? ZMQ_POLLOUT : 0;
-    if ((flags & ZEV_READ) && !s->in_recv_cb) /* its frames are still borrowed */
+    if ((flags & ZEV_READ) && !s->in_recv) /* its frames are still borrowed */
         mask |= ZMQ_POLLIN;
     s->changes++; /* "look now": an edge may wait undispatched in the backend */
     int saved = errno;

@@ -94,12 +94,22 @@ typedef struct zev__hub {
     int wake_rfd, wake_wfd;    /* eventfd (both the same) or a pipe */
     zev__kind_t wake_kind;     /* registered with the backend as a handle */
     zev_frame_t *frame_free, *frame_free_tail; /* FIFO pool (loop thread / last ref) */
+    zmq_msg_t empty; /* zmq_msg_init'ed once: what a kept part's ring slot becomes */
     struct zev__chunk *chunks; /* allocation chunks of the pool */
 } zev__hub_t;
 
 ZEV_INTERNAL zev__hub_t *zev__hub_new(void);
-ZEV_INTERNAL void zev__hub_ref(zev__hub_t *hub);
-ZEV_INTERNAL void zev__hub_unref(zev__hub_t *hub);
+/* Inline: a kept frame takes and drops a reference (once per message). */
+static inline void zev__hub_ref(zev__hub_t *hub)
+{
+    atomic_fetch_add_explicit(&hub->refs, 1, memory_order_relaxed);
+}
+ZEV_INTERNAL void zev__hub_free(zev__hub_t *hub); /* the last reference is gone */
+static inline void zev__hub_unref(zev__hub_t *hub)
+{
+    if (atomic_fetch_sub_explicit(&hub->refs, 1, memory_order_acq_rel) == 1)
+        zev__hub_free(hub);
+}
 ZEV_INTERNAL void zev__hub_push(zev__hub_t *hub, zev__qnode_t *n); /* any thread */
 ZEV_INTERNAL void zev__hub_wake(zev__hub_t *hub);                  /* any thread */
 ZEV_INTERNAL void zev__hub_clear_wake(zev__hub_t *hub);            /* loop thread */
@@ -228,9 +238,9 @@ typedef struct zev__report {
 
 struct zev_msg {
     zev_stream_t *stream;
-    zmq_msg_t *parts;   /* the stream's receive ring */
-    zev_frame_t **kept; /* kept[i] != NULL once part i was kept */
-    size_t *sizes;      /* part i's size as zmq_msg_recv said, SIZE_MAX: ask libzmq */
+    zmq_msg_t *parts; /* the stream's receive ring */
+    zmq_msg_t **at;   /* where part i is: &parts[i], or its kept frame's msg */
+    size_t *sizes;    /* part i's size as zmq_msg_recv said, SIZE_MAX: ask libzmq */
     size_t n;
 };
 
@@ -297,9 +307,9 @@ struct zev_stream {
 
     /* receive ring */
     zmq_msg_t *ring;
-    zev_frame_t **kept;
+    zmq_msg_t **at; /* msg.at */
     size_t ring_cap;
-    size_t ring_used; /* leading slots set up (zmq_msg_init); the rest are raw memory */
+    size_t ring_used; /* leading slots set up (zmq_msg_init), >= 1; the rest are raw memory */
     size_t rx_parts;  /* parts of a message being received (over several passes) */
     size_t rx_bytes;  /* and their bytes */
     bool rx_dropping; /* draining a message over max_parts */
@@ -323,7 +333,7 @@ struct zev_stream {
     bool close_socket;
     bool blocked;    /* POLLOUT was reported but the head message got EAGAIN */
     bool in_pass;    /* stream_work is on the stack */
-    bool in_recv_cb; /* on_recv is on the stack: the ring is borrowed */
+    bool in_recv;    /* recv_some (on_recv with it) is on the stack: the ring is borrowed */
     bool delivering; /* zev__reports_deliver is on the stack */
     int broken;      /* 0, or the status of the message being sent, which
                       * libzmq refused after taking its first part */
@@ -681,6 +691,7 @@ static inline void zev__msg_move(zmq_msg_t *dst, zmq_msg_t *src)
     memcpy(dst, src, sizeof *dst);
     zmq_msg_init(src);
 }
+ZEV_INTERNAL int zev__ring_init(zev_stream_t *s); /* a new stream's ring: -1/ENOMEM */
 ZEV_INTERNAL int zev__ring_reserve(zev_stream_t *s, size_t n);
 ZEV_INTERNAL void zev__ring_recycle(zev_stream_t *s);
 ZEV_INTERNAL void zev__ring_free(zev_stream_t *s);
