@@ -38,6 +38,11 @@
  *   turn, within its batch) lets the next receive overwrite the ring's
  *   slots, as the stream's own pass does, and recycles the ring before
  *   the fiber waits.
+ * - A fiber forwarding its borrowed message (zev_fiber_send_msg of its
+ *   parts) keeps it across the send's wait, so the stream's ring is lent
+ *   (ring_lent) until that call returns: other fibers' receives wait, and
+ *   on_recv cannot be set, or they would receive into the parts being
+ *   sent.
  * - A message longer than one pass is received over several iterations by
  *   the fiber that began it: it keeps the stream's turn (handed_in) while
  *   it yields between pieces, and its timeout bounds the call (timeout 0:
@@ -826,7 +831,7 @@ recv_slow(zev_fiber_t *f, zev_stream_t *s, zev_msg_t **msg, int64_t timeout_us, 
         }
         if ((err = stream_state(s)))
             break;
-        if (my_turn(&s->recv_waiters, s->handed_in, f)) {
+        if (!s->ring_lent && my_turn(&s->recv_waiters, s->handed_in, f)) {
             /* puts the stream on the ready-list */
             got = zev__stream_recv_now(s, f->loop->batch);
         got_it:
@@ -1003,10 +1008,15 @@ static bool parts_borrowed(const zev_fiber_t *f, const zmq_msg_t *parts, size_t 
 static int send_parts(zev_stream_t *s, zmq_msg_t *parts, size_t n, bool more, int64_t timeout_us)
 {
     bool forwarding = parts_borrowed(current, parts, n);
+    zev_stream_t *lent = forwarding ? current->borrowed : NULL;
+    if (lent) /* other fibers run while this one waits: none receives into it */
+        lent->ring_lent = true;
     zev_fiber_t *f = enter_keeping(forwarding);
     int rc = f ? send_entered(f, s, parts, n, more, timeout_us) : -1;
     if (forwarding) {
         int err = errno;
+        lent->ring_lent = false;
+        zev__stream_mark_ready(lent); /* a fiber that waited to receive goes on */
         release_borrowed(current);
         errno = err;
     }
@@ -1205,7 +1215,7 @@ int zev_fiber_wait_fd(int fd, int events, int64_t timeout_us)
 static __attribute__((noinline)) int recv_again(zev_fiber_t *f, zev_stream_t *s, zev_msg_t **msg,
                                                 int64_t timeout_us)
 {
-    if (__builtin_expect(!msg || f->cancelled || s->on_recv || stream_state(s) ||
+    if (__builtin_expect(!msg || f->cancelled || s->on_recv || s->ring_lent || stream_state(s) ||
                              f->budget >= f->loop->batch ||
                              !my_turn(&s->recv_waiters, s->handed_in, f),
                          0))

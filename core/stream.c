@@ -287,9 +287,9 @@ int zev_stream_on_recv(zev_stream_t *s, zev_recv_fn fn, void *arg)
 {
     if (!zev__stream_usable(s))
         return -1;
-    if (fn && (!zev__list_empty(&s->recv_waiters) || s->handed_in ||
+    if (fn && (!zev__list_empty(&s->recv_waiters) || s->handed_in || s->ring_lent ||
                !zev__list_empty(&s->poll_in))) {
-        errno = EBUSY; /* fibers receive from it: they would wait for ever */
+        errno = EBUSY; /* fibers receive from it (or forward from its ring) */
         return -1;
     }
     s->on_recv = fn;

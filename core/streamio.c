@@ -136,7 +136,8 @@ static int frames_allow(const zev_stream_t *s)
  * event as long as they wait. */
 static bool fibers_read(const zev_stream_t *s)
 {
-    return (!zev__list_empty(&s->recv_waiters) && !s->handed_in) || !zev__list_empty(&s->poll_in);
+    return (!zev__list_empty(&s->recv_waiters) && !s->handed_in && !s->ring_lent) ||
+           !zev__list_empty(&s->poll_in);
 }
 
 static bool fibers_write(const zev_stream_t *s)

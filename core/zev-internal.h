@@ -356,6 +356,10 @@ struct zev_stream {
     zev__list_t recv_waiters, send_waiters;
     zev__list_t poll_in, poll_out;
     zev_fiber_t *handed_in, *handed_out;
+    /* A fiber forwarding the message it borrows from this stream's ring
+     * (zev_fiber_send_msg of its own parts) waits with it: until it
+     * returns, nothing receives into the ring (fiber.c). */
+    bool ring_lent;
     unsigned fiber_refs;
     bool reaped; /* its close callback ran; freed when fiber_refs is 0 */
     uint64_t fired_ns; /* watching: when its last edge was reported, 0 = none pending */

@@ -854,7 +854,8 @@ ZEV_API int zev_fiber_send(zev_stream_t *s, const void *data, size_t len, int fl
  * do (libzmq takes the rest of a message it began). On timeout nothing is
  * taken. parts may be the message the fiber just received, forwarded as it
  * is (zev_msg_frame(msg, 0), zev_msg_parts(msg)): that message then stays
- * borrowed until this call returns, instead of until it starts. */
+ * borrowed until this call returns, instead of until it starts, and other
+ * fibers' receives on its stream wait until then. */
 ZEV_API int zev_fiber_send_msg(zev_stream_t *s, zmq_msg_t *parts, size_t nparts, int flags,
                                int64_t timeout_us);
 

@@ -1328,3 +1328,86 @@ Test(fiber_review, send_msg_forwards_the_received_parts_back_on_the_same_stream)
 {
     forward_and_check(true);
 }
+
+/* r4 (review of the receive-path merge): while a fiber forwarding its
+ * received parts waits for room on the other stream, another fiber
+ * receives from the first one. Its receive went into the ring the parts
+ * being forwarded lie in: the forwarding fiber then sent empty parts (the
+ * peer got a 0-byte message, its own message was lost, and its send said
+ * 0). The ring is now lent until the forwarding call returns: the second
+ * receive waits for it and then gets the next message whole. */
+typedef struct lent {
+    zev_stream_t *in, *out;
+    void *out_peer;
+    int fwd_rc, b_rc, b_done, a_done;
+    long b_tag;
+    size_t b_parts;
+} lent_t;
+
+static void lent_forwarder(void *arg)
+{
+    lent_t *l = arg;
+    zev_msg_t *m;
+    l->fwd_rc = zev_fiber_recv(l->in, &m, FOREVER);
+    if (l->fwd_rc == 0) /* the other stream is full: this waits */
+        l->fwd_rc = zev_fiber_send_msg(l->out, zev_msg_frame(m, 0), zev_msg_parts(m), 0, FOREVER);
+    l->a_done = 1;
+}
+
+static void lent_receiver(void *arg)
+{
+    lent_t *l = arg;
+    zev_msg_t *m;
+    zev_fiber_sleep(20000); /* the forwarder waits in its send by now */
+    l->b_rc = zev_fiber_recv(l->in, &m, 5000000);
+    if (l->b_rc == 0)
+        l->b_tag = tagged_tag(m, &l->b_parts);
+    l->b_done = 1;
+}
+
+static void lent_drain_peer(zev_timer_t *t, void *arg)
+{
+    (void)t;
+    lent_t *l = arg;
+    char buf[64];
+    while (zmq_recv(l->out_peer, buf, sizeof buf, ZMQ_DONTWAIT) >= 0)
+        ; /* the filler: room for the forwarded message */
+}
+
+Test(fiber_review, a_receive_waits_while_another_fiber_forwards_from_the_ring)
+{
+    enum { PARTS = 3 };
+    pair_t in = pair_open(0), out = pair_open(1);
+    send_tagged(in.b, 1, PARTS);
+    send_tagged(in.b, 2, PARTS);
+    int fill = 0;
+    while (zmq_send(out.a, "filler", 6, ZMQ_DONTWAIT) == 6)
+        fill++;
+    cr_assert_gt(fill, 0);
+    zev_loop_t *loop = test_loop_new();
+    lent_t l = {.in = test_stream_new(loop, in.a), .out_peer = out.b};
+    l.out = test_stream_new(loop, out.a);
+    cr_assert_not_null(zev_fiber_spawn(loop, lent_forwarder, &l, NULL));
+    cr_assert_not_null(zev_fiber_spawn(loop, lent_receiver, &l, NULL));
+    zev_timer_t *drain = zev_timer_start(loop, 100000, 0, lent_drain_peer, &l);
+    cr_assert_not_null(drain);
+    test_run_until(loop, &l.b_done, 10000);
+    test_run_until(loop, &l.a_done, 10000);
+    cr_assert_eq(l.fwd_rc, 0);
+    cr_assert_eq(l.b_rc, 0);
+    cr_assert_eq(l.b_tag, 2, "the second receive got message %ld", l.b_tag);
+    cr_assert_eq(l.b_parts, PARTS);
+    test_set_int(out.b, ZMQ_RCVTIMEO, 5000);
+    for (unsigned k = 0; k < PARTS; k++) {
+        unsigned v[2] = {0, 0};
+        int n = zmq_recv(out.b, v, sizeof v, 0);
+        cr_assert_eq(n, (int)sizeof v, "forwarded part %u: %d bytes", k, n);
+        cr_assert(v[0] == 1 && v[1] == k, "forwarded part %u: got %u/%u", k, v[0], v[1]);
+    }
+    zev_stream_close(l.in, 0);
+    zev_stream_close(l.out, 0);
+    cr_assert_eq(zev_loop_destroy(loop), 0);
+    pair_close(&in);
+    pair_close(&out);
+    test_expect_no_leaks();
+}
