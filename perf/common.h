@@ -75,6 +75,33 @@ typedef struct perf_sample {
     const char *why;
 } perf_sample_t;
 
+/* The receiver's marks in a rate run: wall and thread CPU time at its first
+ * and its last message. */
+typedef struct perf_marks {
+    uint64_t t_first, t_last, cpu_first, cpu_last;
+} perf_marks_t;
+
+/* Message number `got` (from 1) of `count` has arrived: marks the first and
+ * the last. Returns 1 at the last. */
+static inline int perf_marks_tick(perf_marks_t *m, long got, long count)
+{
+    if (got == 1) {
+        m->t_first = perf_now_ns();
+        m->cpu_first = perf_thread_cpu_ns();
+    }
+    if (got == count) {
+        m->t_last = perf_now_ns();
+        m->cpu_last = perf_thread_cpu_ns();
+        return 1;
+    }
+    return 0;
+}
+
+/* The sample the marks of `count` messages make (messages per second first
+ * to last, receiver CPU ns per message between them) into *out, ok = 1;
+ * 0 and *out untouched when the clock did not move between them. */
+int perf_marks_sample(const perf_marks_t *m, long count, perf_sample_t *out);
+
 /* Runs the rows whose on[i] is set, `runs` times, the rows interleaved run
  * by run so drift hits them all; prints a RUN line per run (count,
  * msgs_per_s and the CPU figure as `cpu_metric`) or RUNFAIL, then RESULT

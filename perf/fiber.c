@@ -286,7 +286,8 @@ typedef struct rx {
     zev_loop_t *loop;
     zev_stream_t *s;
     long count, got;
-    uint64_t sum, t_first, t_last, cpu_first, cpu_last;
+    uint64_t sum;
+    perf_marks_t marks;
     int failed;
     long last_got;
     uint64_t last_change;
@@ -295,17 +296,7 @@ typedef struct rx {
 static inline int rx_tick(rx_t *rx, const unsigned char *data)
 {
     rx->sum += data[0];
-    long g = ++rx->got;
-    if (g == 1) {
-        rx->t_first = perf_now_ns();
-        rx->cpu_first = perf_thread_cpu_ns();
-    }
-    if (g == rx->count) {
-        rx->t_last = perf_now_ns();
-        rx->cpu_last = perf_thread_cpu_ns();
-        return 1;
-    }
-    return 0;
+    return perf_marks_tick(&rx->marks, ++rx->got, rx->count);
 }
 
 static void rx_on_recv(zev_stream_t *s, zev_msg_t *m, void *arg)
@@ -414,12 +405,7 @@ static perf_sample_t thr_run(int impl, void *arg)
     pthread_join(th, NULL);
     zmq_ctx_term(ctx);
     perf_unlink_ep(ep);
-    if (!rx.failed && rx.got == rx.count && rx.t_last > rx.t_first) {
-        out.ok = 1;
-        out.why = NULL;
-        out.msgs_per_s = (double)(rx.count - 1) * 1e9 / (double)(rx.t_last - rx.t_first);
-        out.cpu_ns = (double)(rx.cpu_last - rx.cpu_first) / (double)(rx.count - 1);
-    } else
+    if (rx.failed || rx.got != rx.count || !perf_marks_sample(&rx.marks, rx.count, &out))
         out.why = rx.failed ? "failed" : "incomplete";
     return out;
 }

@@ -66,7 +66,7 @@ typedef struct rx {
     atomic_long progress; /* read by the watchdog */
     int poisoned;
     uint64_t sum;
-    uint64_t t_first, t_last, cpu_first, cpu_last;
+    perf_marks_t marks;
     unsigned char *copybuf;
     zev_loop_t *loop;
 } rx_t;
@@ -81,16 +81,7 @@ static inline int tick(rx_t *rx, const unsigned char *data, size_t size)
     rx->sum += data[0];
     long g = ++rx->got;
     atomic_store_explicit(&rx->progress, g, memory_order_relaxed);
-    if (g == 1) {
-        rx->t_first = perf_now_ns();
-        rx->cpu_first = perf_thread_cpu_ns();
-    }
-    if (g == rx->count) {
-        rx->t_last = perf_now_ns();
-        rx->cpu_last = perf_thread_cpu_ns();
-        return 1;
-    }
-    return 0;
+    return perf_marks_tick(&rx->marks, g, rx->count);
 }
 
 static int recv_raw(void *pull, rx_t *rx)
@@ -300,11 +291,8 @@ static sample_t receive(int impl, void *ctx, void *pull, const char *ep, long co
         out.why = "stalled";
         fprintf(stderr, "thr: %s stalled after %ld of %ld messages\n", impl_names[impl], rx->got,
                 count);
-    } else if (rc == 0 && rx->got == count && count > 1 && rx->t_last > rx->t_first) {
-        out.ok = 1;
-        out.why = NULL;
-        out.msgs_per_s = (double)(count - 1) * 1e9 / (double)(rx->t_last - rx->t_first);
-        out.cpu_ns = (double)(rx->cpu_last - rx->cpu_first) / (double)(count - 1);
+    } else if (rc == 0 && rx->got == count && count > 1) {
+        perf_marks_sample(&rx->marks, count, &out);
     } else if (rc != 0 && out.why && strcmp(out.why, "setup") == 0)
         out.why = "recv_error";
     free(rx->copybuf);
