@@ -281,13 +281,6 @@ static bool part_refused(zev_stream_t *s, int err, bool more)
 
 static size_t send_some(zev_stream_t *s, size_t room);
 
-/* Messages wait in the queue and it holds max_queue of them: a new one is
- * refused (EAGAIN) rather than queued. */
-static bool queue_full(const zev_stream_t *s)
-{
-    return s->qlen && s->max_queue && s->qmsgs >= s->max_queue;
-}
-
 /* Hands one part to libzmq now, or queues it (may_queue; a fiber's send
  * never queues: EAGAIN instead, nothing taken). Returns 0 when the part was taken (sent,
  * queued, or dropped with its broken message), -1 with errno when it was
@@ -334,7 +327,7 @@ static int hand_part(zev_stream_t *s, zmq_msg_t *msg, bool more, bool may_queue)
                 s->open = more ? OPEN_DISCARD : OPEN_NONE;
             return 0;
         }
-    } else if (!may_queue || (first && queue_full(s))) {
+    } else if (!may_queue || (first && zev__stream_queue_full(s))) {
         errno = EAGAIN;
         return -1;
     }
@@ -432,17 +425,6 @@ static int send_allowed_in(const zev_stream_t *s, int flags, const char *fn)
 }
 #define send_allowed(s, flags) send_allowed_in((s), (flags), __func__)
 
-int zev__stream_send_refused(const zev_stream_t *s, const char *fn)
-{
-    if (!send_allowed_in(s, 0, fn))
-        return 1;
-    if (s->open == OPEN_NONE && queue_full(s)) {
-        errno = EAGAIN; /* as hand_part would say, with nothing made yet */
-        return 1;
-    }
-    return 0;
-}
-
 int zev_stream_send(zev_stream_t *s, const void *data, size_t len, int flags)
 {
     if (!send_allowed(s, flags))
@@ -461,6 +443,13 @@ int zev_stream_send(zev_stream_t *s, const void *data, size_t len, int flags)
     int rc = send_part(s, &msg, flags & ZMQ_SNDMORE);
     zmq_msg_close(&msg);
     return rc;
+}
+
+int zev__stream_send_one(zev_stream_t *s, zmq_msg_t *msg)
+{
+    if (zev__sendq_reserve(s, 1) < 0)
+        return -1;
+    return send_part(s, msg, false);
 }
 
 int zev_stream_send_msg(zev_stream_t *s, zmq_msg_t *parts, size_t nparts, int flags)

@@ -251,7 +251,7 @@ static void trampoline(void *data, void *hint)
 /* zev_stream_send_zc with neither a free function nor a tracker: nothing
  * to call back, so no tracker at all (no allocation; libzmq references a
  * buffer without a free function without allocating either). */
-static int send_untracked(zev_stream_t *s, void *data, size_t len)
+static __attribute__((noinline)) int send_untracked(zev_stream_t *s, void *data, size_t len)
 {
     if (len <= ZEV_ZC_COPY_MAX)
         return zev_stream_send(s, data, len, 0);
@@ -266,17 +266,14 @@ static int send_untracked(zev_stream_t *s, void *data, size_t len)
     return rc;
 }
 
-int zev_stream_send_zc(zev_stream_t *s, void *data, size_t len, zev_free_fn free_fn, void *hint,
-                       zev_tracker_t **out)
+/* zev_stream_send_zc once the stream has said it would take a message: a
+ * tracker, libzmq's message referencing the buffer, and the send. Out of
+ * line so that a refused call (EAGAIN at max_queue, the common case of a
+ * sender topping its queue up from callbacks) pays for none of it. */
+static __attribute__((noinline)) int send_tracked(zev_stream_t *s, void *data, size_t len,
+                                                  zev_free_fn free_fn, void *hint,
+                                                  zev_tracker_t **out)
 {
-    if (!s || (!data && len)) {
-        errno = EINVAL;
-        return -1;
-    }
-    if (!out && !free_fn)
-        return send_untracked(s, data, len);
-    if (zev__stream_send_refused(s, __func__))
-        return -1; /* before a tracker is made for nothing */
     zev_tracker_t *t = tracker_new(s->loop);
     if (!t)
         return -1;
@@ -291,7 +288,6 @@ int zev_stream_send_zc(zev_stream_t *s, void *data, size_t len, zev_free_fn free
     if (t->hub)
         zev__hub_ref(t->hub);
 
-    int saved = errno;
     zmq_msg_t msg;
     bool copied = len <= ZEV_ZC_COPY_MAX;
     if (t->hub && s->tracker_delay_ns && !copied) { /* counted before libzmq sees it */
@@ -313,9 +309,9 @@ int zev_stream_send_zc(zev_stream_t *s, void *data, size_t len, zev_free_fn free
     }
     if (copied && len)
         memcpy(zmq_msg_data(&msg), data, len);
-    rc = zev_stream_send_msg(s, &msg, 1, 0);
-    int err = errno;
-    if (rc < 0) {
+    /* Taken, msg is left empty (nothing to close); errno is as it was. */
+    if (zev__stream_send_one(s, &msg) < 0) {
+        int err = errno;
         atomic_init(&t->refs, 1);
         t->abandoned = true; /* nothing was taken: the buffer is the caller's */
         zmq_msg_close(&msg);
@@ -326,11 +322,23 @@ int zev_stream_send_zc(zev_stream_t *s, void *data, size_t len, zev_free_fn free
     }
     if (copied)
         trampoline(data, t); /* libzmq holds a copy: the buffer is done with */
-    zmq_msg_close(&msg);
     if (out)
         *out = t;
-    errno = saved;
     return 0;
+}
+
+int zev_stream_send_zc(zev_stream_t *s, void *data, size_t len, zev_free_fn free_fn, void *hint,
+                       zev_tracker_t **out)
+{
+    if (!s || (!data && len)) {
+        errno = EINVAL;
+        return -1;
+    }
+    if (!out && !free_fn)
+        return send_untracked(s, data, len);
+    if (zev__stream_send_refused(s, __func__))
+        return -1; /* before a tracker is made for nothing */
+    return send_tracked(s, data, len, free_fn, hint, out);
 }
 
 int zev_tracker_done(const zev_tracker_t *t)

@@ -567,6 +567,29 @@ static inline int zev__stream_usable_in(const zev_stream_t *s, const char *fn)
 }
 #define zev__stream_usable(s) zev__stream_usable_in((s), __func__)
 
+/* Messages wait in the queue and it holds max_queue of them: a new one is
+ * refused (EAGAIN) rather than queued. */
+static inline bool zev__stream_queue_full(const zev_stream_t *s)
+{
+    return s->qlen && s->max_queue && s->qmsgs >= s->max_queue;
+}
+
+/* 1 if a send call for a new message would fail now, with errno set, before
+ * reaching libzmq: EINVAL, EBADF, the stream's error, or EAGAIN at
+ * max_queue. zev_stream_send_zc asks before it makes anything; inline, as a
+ * sender topping its queue up from callbacks hears EAGAIN about as often as
+ * it sends. */
+static inline int zev__stream_send_refused(const zev_stream_t *s, const char *fn)
+{
+    if (!zev__stream_usable_in(s, fn))
+        return 1;
+    if (s->err || (s->open == OPEN_NONE && zev__stream_queue_full(s))) {
+        errno = s->err ? s->err : EAGAIN; /* EAGAIN as hand_part would say it */
+        return 1;
+    }
+    return 0;
+}
+
 /* stream.c: a stream's lifetime; its timer */
 /* Makes sure the stream has its timer: 0, or -1/ENOMEM. */
 ZEV_INTERNAL int zev__stream_timer_need(zev_stream_t *s);
@@ -605,10 +628,11 @@ ZEV_INTERNAL int zev__stream_recv_now(zev_stream_t *s, size_t units);
  * the stream), so an EAGAIN now blocks POLLOUT until an edge or back-off. */
 ZEV_INTERNAL int zev__stream_send_now(zev_stream_t *s, zmq_msg_t *msg, bool more,
                                       bool pollout_told);
-/* 1 if a send call for a new message would fail now, with errno set, before
- * reaching libzmq: a send_allowed error (EINVAL, EBADF, the stream's error)
- * or EAGAIN at max_queue. zev_stream_send_zc asks before it allocates. */
-ZEV_INTERNAL int zev__stream_send_refused(const zev_stream_t *s, const char *fn);
+/* zev_stream_send_msg of one part, no flags, on a stream that
+ * zev__stream_send_refused has just let through (not checked again): 0 taken
+ * (msg left empty, errno as it was), else -1 with errno and msg still the
+ * caller's. */
+ZEV_INTERNAL int zev__stream_send_one(zev_stream_t *s, zmq_msg_t *msg);
 /* The fiber whose multipart message is open on the stream, or NULL. */
 ZEV_INTERNAL zev_fiber_t *zev__stream_builder(const zev_stream_t *s);
 /* Ends the message open on the stream (a last, empty part; or, if libzmq

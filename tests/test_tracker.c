@@ -427,8 +427,12 @@ Test(tracker, refused_send_takes_nothing)
     cr_assert_eq(zev_stream_on_send(tx, on_send_count, &c), 0);
     cr_assert_eq(zev_stream_on_close(tx, on_close_flag, &c), 0);
 
+    /* Taken: errno is left as it was, on both paths. */
+    errno = ERANGE;
     cr_assert_eq(send_one(&c, tx, 0, new_buf(&c, 0)), 0); /* 100 B, referenced */
+    cr_expect_eq(errno, ERANGE);
     cr_assert_eq(send_one(&c, tx, 1, new_buf(&c, 1)), 0); /* 10 B, copied */
+    cr_expect_eq(errno, ERANGE);
     cr_expect_eq(atomic_load(&c.freed[1]), 1);
 
     /* Queue full: refused, for both paths; free_fn not run, *out untouched,
