@@ -160,9 +160,10 @@ void zev__sendq_push(zev_stream_t *s, zmq_msg_t *msg, bool more)
     s->open = more ? OPEN_QUEUED : OPEN_NONE;
 }
 
-void zev__sendq_pop(zev_stream_t *s)
+void zev__sendq_pop(zev_stream_t *s, bool taken)
 {
-    zmq_msg_close(&zev__sendq_at(s, 0)->msg);
+    if (!taken) /* libzmq leaves a part it took empty: nothing to close */
+        zmq_msg_close(&zev__sendq_at(s, 0)->msg);
     s->qhead = (s->qhead + 1) & (s->qcap - 1);
     s->qlen--;
 }
@@ -173,7 +174,7 @@ void zev__sendq_drop_rest(zev_stream_t *s)
     bool more = true;
     while (s->qlen && more) {
         more = zev__sendq_at(s, 0)->more;
-        zev__sendq_pop(s);
+        zev__sendq_pop(s, false);
     }
     if (more) /* its last part has not been given yet */
         s->open = OPEN_DISCARD;

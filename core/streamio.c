@@ -283,8 +283,9 @@ static size_t send_some(zev_stream_t *s, size_t room);
 
 /* Hands one part to libzmq now, or queues it (may_queue; a fiber's send
  * never queues: EAGAIN instead, nothing taken). Returns 0 when the part was taken (sent,
- * queued, or dropped with its broken message), -1 with errno when it was
- * not, which only happens at the first part of a message. The caller
+ * queued, or dropped with its broken message) and msg left empty (libzmq
+ * re-initialises a part it took; nothing to close), -1 with errno when it
+ * was not, which only happens at the first part of a message. The caller
  * reserved queue space. */
 static int hand_part(zev_stream_t *s, zmq_msg_t *msg, bool more, bool may_queue)
 {
@@ -441,7 +442,8 @@ int zev_stream_send(zev_stream_t *s, const void *data, size_t len, int flags)
     if (len)
         memcpy(zmq_msg_data(&msg), data, len);
     int rc = send_part(s, &msg, flags & ZMQ_SNDMORE);
-    zmq_msg_close(&msg);
+    if (rc < 0)
+        zmq_msg_close(&msg); /* a part that was taken is left empty */
     return rc;
 }
 
@@ -521,7 +523,7 @@ static size_t send_some(zev_stream_t *s, size_t room)
             n++;
             continue;
         }
-        zev__sendq_pop(s); /* sent, or refused and the rest still goes */
+        zev__sendq_pop(s, !err); /* sent, or refused and the rest still goes */
         if (!more) {
             s->qmsgs--;
             s->backoff_ns = 0;

@@ -680,7 +680,8 @@ static inline int zev__reports_owed(const zev_stream_t *s)
 ZEV_INTERNAL void zev__reports_deliver(zev_stream_t *s);
 ZEV_INTERNAL int zev__sendq_reserve(zev_stream_t *s, size_t n);                /* -1/ENOMEM */
 ZEV_INTERNAL void zev__sendq_push(zev_stream_t *s, zmq_msg_t *msg, bool more); /* reserved */
-ZEV_INTERNAL void zev__sendq_pop(zev_stream_t *s);
+/* Takes the head part off the queue; closes it unless libzmq took it. */
+ZEV_INTERNAL void zev__sendq_pop(zev_stream_t *s, bool taken);
 ZEV_INTERNAL void zev__sendq_drop_rest(zev_stream_t *s);
 ZEV_INTERNAL void zev__sendq_drop_head(zev_stream_t *s, int status);
 ZEV_INTERNAL void zev__sendq_cancel(zev_stream_t *s, int status);
