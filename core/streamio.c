@@ -174,13 +174,19 @@ static bool may_leave_ready_list(const zev_stream_t *s)
     return told_is_current(s) && !(s->told & wants(s));
 }
 
-/* ZMQ_EVENTS: the events, or -1 with errno. */
+/* ZMQ_EVENTS: the events, or -1 with errno (never EINTR). An EINTR is asked
+ * again at once: libzmq may have taken the ZMQ_FD edge and run the socket's
+ * commands before a signal interrupted its last look at the mailbox (a
+ * zero-timeout poll), so no edge would announce what they changed. */
 static int sock_events(zev_stream_t *s)
 {
-    int events;
+    int events, rc;
     size_t len = sizeof events;
     s->changes++;
-    if (zmq_getsockopt(s->sock, ZMQ_EVENTS, &events, &len) < 0)
+    do
+        rc = zmq_getsockopt(s->sock, ZMQ_EVENTS, &events, &len);
+    while (rc < 0 && errno == EINTR);
+    if (rc < 0)
         return -1;
     s->told = events;
     s->told_at = s->changes;
@@ -877,7 +883,7 @@ static size_t stream_work(zev_stream_t *s, int mask, size_t limit, bool *idle)
         if (!ready && (ready = sock_events(s)) < 0) {
             if (socket_gone(errno))
                 zev__stream_fail(s, errno);
-            *idle = true; /* EINTR: libzmq consumed no edge */
+            *idle = true; /* the socket is gone, or closed under the stream */
             break;
         }
         int act = ready & wants(s) & mask;
