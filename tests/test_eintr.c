@@ -28,7 +28,7 @@
 #include <string.h>
 
 static int (*real_poll)(struct pollfd *, nfds_t, int);
-static pthread_t inject_on;  /* the loop thread */
+static _Atomic(pthread_t) inject_on; /* the loop thread */
 static atomic_int inject_every; /* 0: off */
 static atomic_ulong inject_seen, injected;
 
@@ -48,7 +48,7 @@ int poll(struct pollfd *fds, nfds_t n, int timeout)
 {
     int rc = real_poll(fds, n, timeout);
     int every = atomic_load(&inject_every);
-    if (rc == 0 && every && n == 1 && timeout == 0 && pthread_equal(pthread_self(), inject_on) &&
+    if (rc == 0 && every && n == 1 && timeout == 0 && pthread_equal(pthread_self(), atomic_load(&inject_on)) &&
         from_libzmq(__builtin_return_address(0)) &&
         atomic_fetch_add(&inject_seen, 1) % (unsigned long)every == (unsigned long)every - 1) {
         atomic_fetch_add(&injected, 1);
@@ -60,7 +60,7 @@ int poll(struct pollfd *fds, nfds_t n, int timeout)
 
 static void inject(int every)
 {
-    inject_on = pthread_self();
+    atomic_store(&inject_on, pthread_self());
     atomic_store(&inject_seen, 0);
     atomic_store(&injected, 0);
     atomic_store(&inject_every, every);
