@@ -511,13 +511,17 @@ def sec_zcsend(R):
     rows = []
     for t in transports:
         for z in ZC_SIZES:
-            k = dict(bench="zcsend", transport=t, size=z, metric="tx_sleeps")
-            rows.append([t, f"{int(z) // 1024:,} KiB"] +
-                        [cell(R.get(impl=i, **k), lambda v: f"{v:.3f}", spread=False)
-                         for i in ZC_IMPLS])
+            k = dict(bench="zcsend", transport=t, size=z)
+            cells = []
+            for i in ZC_IMPLS:
+                c = cell(R.get(impl=i, metric="tx_sleeps", **k), lambda v: f"{v:.3f}", spread=False)
+                it = R.get(impl=i, metric="tx_iters", **k)
+                cells.append(c + (" / " + cell(it, lambda v: f"{v:.3f}", spread=False) if it else ""))
+            rows.append([t, f"{int(z) // 1024:,} KiB"] + cells)
     s.append("\nTimes the sender thread went to sleep per message (voluntary context switches, "
              "median; a count that explains the CPU time above and hardly moves with the "
-             "machine's load):\n\n")
+             "machine's load), and for the zev rows after the slash the loop iterations it ran "
+             "per message (each one a wait in the backend, a system call):\n\n")
     s.append(table(["transport", "size"] + ZC_IMPLS, rows))
     return "".join(s)
 

@@ -16,7 +16,9 @@
  * measured there, first message to last; the sender's thread CPU time
  * (CLOCK_THREAD_CPUTIME_ID, from before the first send until the sender is
  * done: everything handed to libzmq and, for the zc rows, every buffer back)
- * gives tx_cpu_ns per message.
+ * gives tx_cpu_ns per message; tx_sleeps is how often per message that
+ * thread went to sleep (voluntary context switches), and tx_iters (zev rows)
+ * how many loop iterations it ran per message (zev_loop_stats).
  *
  * Buffers: a pool of `3 * hwm + 4` preallocated, pre-touched buffers. The copy
  * rows use them round-robin (so no row measures malloc of its source). The zc
@@ -68,6 +70,7 @@ static long delay_us; /* zev_zc_delay's zev_stream_set_tracker_delay */
  * often it went to sleep (to wait for a completion, or for room), a count
  * that explains its CPU time and hardly moves with the machine's load. */
 static perf_series_t sleeps[S__N];
+static perf_series_t iters[S__N]; /* zev rows: loop iterations per message */
 
 static long thread_sleeps(void)
 {
@@ -489,6 +492,9 @@ static sample_t run_once(int impl, const char *transport, pool_t *pool, long cou
         out.msgs_per_s = (double)(count - 1) * 1e9 / (double)(rx.t_last - rx.t_first);
         out.cpu_ns = (double)(cpu1 - cpu0) / (double)count;
         perf_series_add(&sleeps[impl], (double)(sleeps1 - sleeps0) / (double)count);
+        zev_loop_stats_t ls;
+        if (zs.loop && zev_loop_stats(zs.loop, &ls) == 0)
+            perf_series_add(&iters[impl], (double)ls.iterations / (double)count);
     }
 
 teardown:
@@ -568,11 +574,15 @@ int main(int argc, char **argv)
             row_t row = {transports[t], &pool, count, hwm};
             double med[S__N], cmed[S__N], smed[S__N];
             memset(sleeps, 0, sizeof sleeps);
+            memset(iters, 0, sizeof iters);
             fails += perf_rate_rows(keys, "tx_cpu_ns", S__N, impl_names, on, a.runs, count, run_row,
                                     &row, med, cmed);
             for (int i = 0; i < S__N; i++)
                 smed[i] = on[i] ? perf_report(keys, impl_names[i], "tx_sleeps", "per_msg", &sleeps[i])
                                 : NAN;
+            for (int i = 0; i < S__N; i++)
+                if (on[i] && (i == S_ZEV_COPY || i == S_ZEV_ZC || i == S_ZEV_ZC_DELAY))
+                    perf_report(keys, impl_names[i], "tx_iters", "per_msg", &iters[i]);
             static const int pairs[][2] = {{S_ZEV_ZC, S_RAW_ZC},
                                            {S_ZEV_ZC_DELAY, S_RAW_ZC},
                                            {S_ZEV_ZC, S_ZEV_COPY},
