@@ -34,7 +34,8 @@
  * MiB are queued and the pool never limits the zc rows before the HWM does.
  * zev senders keep at most `hwm` messages in the stream's queue (its
  * max_queue: a send past it fails with EAGAIN and takes nothing) and top it
- * up from on_send and on_done.
+ * up from on_send (the queue has room again), and from on_done when the
+ * last top-up ran out of buffers (a completion says one is back).
  *
  *   zcsend [--full] [--runs N] [--transports inproc,tcp[,ipc]] [--sizes 65536,1048576]
  *          [--impls raw_copy,raw_zc,zev_copy,zev_zc,zev_zc_delay] [--count N] [--hwm N]
@@ -321,6 +322,7 @@ typedef struct zsend {
     long count, sent, handed;
     atomic_long completions;
     int in_pump, failed;
+    int starved; /* the last pump stopped for want of a buffer */
     tref_t *trefs;
 } zsend_t;
 
@@ -352,8 +354,11 @@ static void pump(zsend_t *zs)
             continue;
         }
         slot_t *b = pool_get(p);
-        if (!b)
-            break; /* the next on_done brings buffers back */
+        if (!b) {
+            zs->starved = 1; /* the next on_done brings buffers back */
+            break;
+        }
+        zs->starved = 0;
         tref_t *r = &zs->trefs[zs->sent];
         if (zev_stream_send_zc(zs->s, b->buf, p->size, on_free, b, &r->t) < 0) {
             zs->failed = errno != EAGAIN; /* EAGAIN: nothing taken, the buffer is ours */
@@ -388,7 +393,10 @@ static void on_done(zev_tracker_t *t, void *arg)
     zev_tracker_release(t);
     r->t = NULL;
     atomic_fetch_add_explicit(&zs->completions, 1, memory_order_relaxed);
-    pump(zs);
+    if (zs->starved) /* else the queue's room, not buffers, is what it waits for: on_send */
+        pump(zs);
+    else
+        zs_check_done(zs);
 }
 
 /* ---------------------------------------------------------------------- run */
