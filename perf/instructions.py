@@ -74,6 +74,43 @@ def count(valgrind, thr, impl, transport, n, tmp, tag):
     return {"receiver": t[1], "others": sum(v for k, v in t.items() if k != 1)}, None
 
 
+def per_message(keys, impls, runs, n, threads, base, count_fn, tag_fn):
+    """Counts every impl at n/5 and n messages, `runs` times interleaved (as
+    the timed benchmarks interleave their rows); prints a RUN line per run,
+    then per thread a RESULT line per impl (instructions per message, the
+    difference of the two counts over the difference of the messages, so
+    that start-up and teardown cancel) and DELTA / RATIO lines against
+    `base`. count_fn(impl, messages, tag) returns ({thread: Ir}, None) or
+    (None, why). Returns the number of failed runs."""
+    n0 = n // 5
+    fails = 0
+    per = {i: {th: [] for th in threads} for i in impls}
+    for r in range(runs):
+        for impl in impls:
+            got = [count_fn(impl, m, tag_fn(r, impl, m)) for m in (n0, n)]
+            why = next((w for _, w in got if w), None)
+            if why:
+                fails += 1
+                print_run(keys, impl, r, None, why)
+                for th in threads:
+                    per[impl][th].append(None)
+                continue
+            (small, _), (big, _) = got
+            for th in threads:
+                per[impl][th].append((big[th] - small[th]) / (n - n0))
+            print_run(keys, impl, r, " ".join(f"{th}={per[impl][th][-1]:.1f}" for th in threads))
+    med = {(i, th): report(f"{keys} thread={th}", i, "instr_per_msg", "instr", per[i][th])
+           for i in impls for th in threads}
+    for i in impls:
+        if i == base or base not in impls:
+            continue
+        for th in threads:
+            k = f"{keys} thread={th}"
+            delta(k, "instr_per_msg", i, med[i, th], base, med[base, th])
+            ratio(k, "instr_per_msg", i, med[i, th], base, med[base, th])
+    return fails
+
+
 def main():
     ap = arg_parser(__doc__, "thr")
     ap.add_argument("--count", type=int)
@@ -97,32 +134,9 @@ def main():
     with tempfile.TemporaryDirectory(prefix="zev-perf-instr-") as tmp:
         for t in transports:
             keys = f"bench=instr transport={t} size={SIZE}"
-            per = {i: {"receiver": [], "others": []} for i in impls}
-            for r in range(runs):
-                for impl in impls:  # interleaved, as thr does
-                    got = [count(valgrind, a.thr, impl, t, m, tmp, f"{t}-{r}-{impl}-{m}")
-                           for m in (n0, n)]
-                    why = next((w for _, w in got if w), None)
-                    if why:
-                        fails += 1
-                        print_run(keys, impl, r, None, why)
-                        for th in per[impl]:
-                            per[impl][th].append(None)
-                        continue
-                    (small, _), (big, _) = got
-                    for th in per[impl]:
-                        per[impl][th].append((big[th] - small[th]) / (n - n0))
-                    print_run(keys, impl, r, " ".join(f"{th}={per[impl][th][-1]:.1f}"
-                                                      for th in per[impl]))
-            med = {(i, th): report(f"{keys} thread={th}", i, "instr_per_msg", "instr",
-                                   per[i][th]) for i in impls for th in ("receiver", "others")}
-            for i in impls:
-                if i == "raw" or "raw" not in impls:
-                    continue
-                for th in ("receiver", "others"):
-                    k = f"{keys} thread={th}"
-                    delta(k, "instr_per_msg", i, med[i, th], "raw", med["raw", th])
-                    ratio(k, "instr_per_msg", i, med[i, th], "raw", med["raw", th])
+            fails += per_message(keys, impls, runs, n, ("receiver", "others"), "raw",
+                                 lambda impl, m, tag: count(valgrind, a.thr, impl, t, m, tmp, tag),
+                                 lambda r, impl, m: f"{t}-{r}-{impl}-{m}")
             sys.stdout.flush()
     return 1 if fails else 0
 

@@ -25,8 +25,8 @@ import subprocess
 import sys
 import tempfile
 
-from instructions import totals
-from pyzmq_common import arg_parser, delta, print_run, ratio, report
+from instructions import per_message, totals
+from pyzmq_common import arg_parser
 
 TIMEOUT = 600
 
@@ -68,32 +68,11 @@ def main():
         for t in a.transports.split(","):
             for size in (int(s) for s in a.sizes.split(",")):
                 keys = f"bench=zcinstr transport={t} size={size}"
-                per = {i: {"sender": [], "others": []} for i in impls}
-                for r in range(runs):
-                    for impl in impls:  # interleaved, as zcsend does
-                        got = ([count(valgrind, a.zcsend, impl, t, size, m, tmp,
-                                      f"{t}-{size}-{r}-{impl}-{m}") for m in (n0, n)]
-                               if valgrind else [(None, "valgrind_not_found")])
-                        why = next((w for _, w in got if w), None)
-                        if why:
-                            fails += 1
-                            print_run(keys, impl, r, None, why)
-                            for th in per[impl]:
-                                per[impl][th].append(None)
-                            continue
-                        (small, _), (big, _) = got
-                        for th in per[impl]:
-                            per[impl][th].append((big[th] - small[th]) / (n - n0))
-                        print_run(keys, impl, r, " ".join(f"{th}={per[impl][th][-1]:.1f}"
-                                                          for th in per[impl]))
-                med = {(i, th): report(f"{keys} thread={th}", i, "instr_per_msg", "instr",
-                                       per[i][th]) for i in impls for th in ("sender", "others")}
-                for i in impls:
-                    if i == "raw_zc" or "raw_zc" not in impls:
-                        continue
-                    k = f"{keys} thread=sender"
-                    delta(k, "instr_per_msg", i, med[i, "sender"], "raw_zc", med["raw_zc", "sender"])
-                    ratio(k, "instr_per_msg", i, med[i, "sender"], "raw_zc", med["raw_zc", "sender"])
+                fails += per_message(
+                    keys, impls, runs, n, ("sender", "others"), "raw_zc",
+                    lambda impl, m, tag: (count(valgrind, a.zcsend, impl, t, size, m, tmp, tag)
+                                          if valgrind else (None, "valgrind_not_found")),
+                    lambda r, impl, m: f"{t}-{size}-{r}-{impl}-{m}")
                 sys.stdout.flush()
     return 1 if fails else 0
 
