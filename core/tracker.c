@@ -309,6 +309,7 @@ static __attribute__((noinline)) int send_tracked(zev_stream_t *s, void *data, s
     }
     if (copied && len)
         memcpy(zmq_msg_data(&msg), data, len);
+    int saved = errno; /* a copied buffer's free_fn runs below, inside this call */
     /* Taken, msg is left empty (nothing to close); errno is as it was. */
     if (zev__stream_send_one(s, &msg) < 0) {
         int err = errno;
@@ -320,8 +321,10 @@ static __attribute__((noinline)) int send_tracked(zev_stream_t *s, void *data, s
         errno = err;
         return -1;
     }
-    if (copied)
+    if (copied) {
         trampoline(data, t); /* libzmq holds a copy: the buffer is done with */
+        errno = saved;
+    }
     if (out)
         *out = t;
     return 0;

@@ -667,6 +667,60 @@ static void keep_first(zev_stream_t *s, zev_msg_t *m, void *arg)
     cr_assert_not_null(late_kept);
 }
 
+/* A free function that leaves errno changed, as a user's may (a free or a
+ * log call inside it). */
+static atomic_int errno_frees;
+
+static void errno_free(void *data, void *hint)
+{
+    (void)data;
+    (void)hint;
+    atomic_fetch_add(&errno_frees, 1);
+    errno = EIO;
+}
+
+static void release_done(zev_tracker_t *t, void *arg)
+{
+    (void)arg;
+    zev_tracker_release(t);
+}
+
+Test(tracker, a_free_function_inside_the_call_leaves_errno_alone)
+{
+    /* A copied buffer (<= ZEV_ZC_COPY_MAX, zero-length included) is done
+     * with before send_zc returns: its free function runs inside the call.
+     * A call that succeeds still leaves errno as it found it. */
+    test_pair_t p = test_pair_open(ZMQ_PUSH, ZMQ_PULL, "inproc");
+    zev_stream_t *s = test_stream_new(p.loop, p.a);
+    static char small[8] = "smallzc", big[100];
+    const size_t lens[] = {sizeof small, 0, sizeof big};
+    atomic_store(&errno_frees, 0);
+    for (size_t i = 0; i < 3; i++) {
+        for (int tracked = 0; tracked < 2; tracked++) {
+            zev_tracker_t *t = NULL;
+            errno = ERANGE;
+            cr_assert_eq(zev_stream_send_zc(s, lens[i] == sizeof big ? big : small, lens[i],
+                                            errno_free, NULL, tracked ? &t : NULL),
+                         0, "send_zc(%zu B): %s", lens[i], zmq_strerror(errno));
+            cr_expect_eq(errno, ERANGE, "%zu B, %s: errno %s after a send that succeeded",
+                         lens[i], tracked ? "tracker out" : "no tracker", zmq_strerror(errno));
+            if (t)
+                cr_assert_eq(zev_tracker_on_done(t, release_done, NULL), 0);
+        }
+    }
+    cr_expect_eq(atomic_load(&errno_frees), 4, "the copied buffers' free functions ran inside");
+    for (int i = 0; i < 6; i++) {
+        zmq_msg_t m;
+        zmq_msg_init(&m);
+        cr_assert_eq(zmq_msg_recv(&m, p.b, 0), (int)lens[i / 2]);
+        zmq_msg_close(&m);
+    }
+    test_spin(p.loop, 5, 1);
+    cr_expect_eq(atomic_load(&errno_frees), 6);
+    cr_assert_eq(test_pair_close(&p), 0);
+    test_expect_no_leaks();
+}
+
 Test(tracker, done_after_destroy_while_a_frame_is_kept)
 {
     atomic_store(&late_freed, 0);
