@@ -96,6 +96,7 @@
 #include <errno.h>
 #include <limits.h>
 #include <string.h>
+#include <unistd.h>
 
 #define BACKOFF_MIN_NS 100000u   /* 100 µs */
 #define BACKOFF_MAX_NS 20000000u /* 20 ms */
@@ -174,10 +175,12 @@ static bool may_leave_ready_list(const zev_stream_t *s)
     return told_is_current(s) && !(s->told & wants(s));
 }
 
-/* ZMQ_EVENTS: the events, or -1 with errno (never EINTR). An EINTR is asked
- * again at once: libzmq may have taken the ZMQ_FD edge and run the socket's
- * commands before a signal interrupted its last look at the mailbox (a
- * zero-timeout poll), so no edge would announce what they changed. */
+/* ZMQ_EVENTS: the events, or -1 with errno. An EINTR is asked again at
+ * once: libzmq may have taken the ZMQ_FD edge and run the socket's commands
+ * before a signal interrupted its last look at the mailbox (a zero-timeout
+ * poll), so no edge would announce what they changed. Except in a forked
+ * child, where libzmq says EINTR for ever (its signaler's pid check): the
+ * loop must not be used there, and this must not spin if it is. */
 static int sock_events(zev_stream_t *s)
 {
     int events, rc;
@@ -185,7 +188,7 @@ static int sock_events(zev_stream_t *s)
     s->changes++;
     do
         rc = zmq_getsockopt(s->sock, ZMQ_EVENTS, &events, &len);
-    while (rc < 0 && errno == EINTR);
+    while (rc < 0 && errno == EINTR && getpid() == s->loop->pid);
     if (rc < 0)
         return -1;
     s->told = events;
