@@ -333,7 +333,9 @@ int zev_stream_set_max_queue(zev_stream_t *s, size_t n)
 /* zmq_connect and its kind on the stream's socket: libzmq processes the
  * socket's commands first (swallowing an edge zev has not seen), and an
  * inproc connect or bind attaches its pipe on the spot, signalling nothing.
- * So the stream re-reads the socket's state in its next pass. */
+ * So the stream re-reads the socket's state in its next pass. An EINTR
+ * from that first step did nothing else: the call is made again
+ * (zev__eintr_again), so the caller never sees it. */
 static int socket_call(zev_stream_t *s, int (*fn)(void *, const char *), const char *endpoint)
 {
     if (!zev__stream_usable(s))
@@ -346,8 +348,10 @@ static int socket_call(zev_stream_t *s, int (*fn)(void *, const char *), const c
         errno = EINVAL;
         return -1;
     }
-    int saved = errno;
-    int rc = fn(s->sock, endpoint);
+    int saved = errno, rc;
+    do
+        rc = fn(s->sock, endpoint);
+    while (rc < 0 && zev__eintr_again(s->loop));
     if (rc == 0)
         errno = saved; /* libzmq leaves EAGAIN behind on success */
     s->changes++;

@@ -96,7 +96,6 @@
 #include <errno.h>
 #include <limits.h>
 #include <string.h>
-#include <unistd.h>
 
 #define BACKOFF_MIN_NS 100000u   /* 100 µs */
 #define BACKOFF_MAX_NS 20000000u /* 20 ms */
@@ -176,11 +175,10 @@ static bool may_leave_ready_list(const zev_stream_t *s)
 }
 
 /* ZMQ_EVENTS: the events, or -1 with errno. An EINTR is asked again at
- * once: libzmq may have taken the ZMQ_FD edge and run the socket's commands
- * before a signal interrupted its last look at the mailbox (a zero-timeout
- * poll), so no edge would announce what they changed. Except in a forked
- * child, where libzmq says EINTR for ever (its signaler's pid check): the
- * loop must not be used there, and this must not spin if it is. */
+ * once (zev__eintr_again): libzmq may have taken the ZMQ_FD edge and run
+ * the socket's commands before a signal interrupted its last look at the
+ * mailbox (a zero-timeout poll), so no edge would announce what they
+ * changed. */
 static int sock_events(zev_stream_t *s)
 {
     int events, rc;
@@ -188,7 +186,7 @@ static int sock_events(zev_stream_t *s)
     s->changes++;
     do
         rc = zmq_getsockopt(s->sock, ZMQ_EVENTS, &events, &len);
-    while (rc < 0 && errno == EINTR && getpid() == s->loop->pid);
+    while (rc < 0 && zev__eintr_again(s->loop));
     if (rc < 0)
         return -1;
     s->told = events;
@@ -196,8 +194,8 @@ static int sock_events(zev_stream_t *s)
     return events;
 }
 
-/* One part to libzmq without blocking: 0, or the errno (never EINTR: that
- * took nothing and is retried here). */
+/* One part to libzmq without blocking: 0, or the errno (EINTR took
+ * nothing and is retried here: zev__eintr_again). */
 static int sock_send(zev_stream_t *s, zmq_msg_t *msg, bool more)
 {
     for (;;) {
@@ -209,7 +207,7 @@ static int sock_send(zev_stream_t *s, zmq_msg_t *msg, bool more)
             s->stats.bytes_out += size;
             return 0;
         }
-        if (errno != EINTR)
+        if (!zev__eintr_again(s->loop))
             return errno;
     }
 }
@@ -604,7 +602,7 @@ static void answer_dropped_request(zev_stream_t *s)
     if (s->type != ZMQ_REP)
         return;
     s->changes++;
-    while (zmq_send(s->sock, NULL, 0, ZMQ_DONTWAIT) < 0 && errno == EINTR)
+    while (zmq_send(s->sock, NULL, 0, ZMQ_DONTWAIT) < 0 && zev__eintr_again(s->loop))
         continue;
 }
 
@@ -617,7 +615,7 @@ static __attribute__((noinline)) struct rx_done drop_rest(zev_stream_t *s, size_
     size_t got = 0;
     while (got < allowance) {
         if (sock_recv(s, &s->ring[0]) < 0) {
-            if (errno == EINTR)
+            if (zev__eintr_again(s->loop))
                 continue;
             return rx_done(RX_ERR, got); /* the rest of a message is there once its start is */
         }
@@ -675,7 +673,7 @@ static __attribute__((noinline)) struct rx_done recv_parts(zev_stream_t *s, size
         s->at[i] = &s->ring[i];
         int n = sock_recv(s, &s->ring[i]);
         if (n < 0) {
-            if (errno == EINTR)
+            if (zev__eintr_again(s->loop))
                 continue;
             rc = i == 0 && errno == EAGAIN ? RX_NONE : RX_ERR;
             break;
@@ -733,7 +731,7 @@ static inline __attribute__((always_inline)) struct rx_done recv_message(zev_str
     s->at[0] = &s->ring[0];
     int n = sock_recv(s, &s->ring[0]);
     if (__builtin_expect(n < 0, 0)) {
-        if (errno == EINTR)
+        if (zev__eintr_again(s->loop))
             return recv_parts(s, allowance); /* nothing taken: again */
         return rx_done(errno == EAGAIN ? RX_NONE : RX_ERR, 0);
     }

@@ -401,8 +401,9 @@ ZEV_API zev_stream_t *zev_stream_new(zev_loop_t *loop, void *zmq_socket);
  * its state (zmq_send, zmq_recv, zmq_poll, reading ZMQ_EVENTS) has the same
  * effect and is not supported; after one, zev_stream_flush(s, ZEV_READ |
  * ZEV_WRITE, 0) makes the stream look again. Returns libzmq's result (-1
- * with its errno), or -1 with EINVAL (NULL), EBADF (closed), ENOTSOCK/ETERM
- * (the socket is gone). */
+ * with its errno, never EINTR: a signal that interrupts libzmq's first look
+ * at the socket makes zev call again), or -1 with EINVAL (NULL), EBADF
+ * (closed), ENOTSOCK/ETERM (the socket is gone). */
 ZEV_API int zev_stream_connect(zev_stream_t *s, const char *endpoint);
 ZEV_API int zev_stream_bind(zev_stream_t *s, const char *endpoint);
 ZEV_API int zev_stream_disconnect(zev_stream_t *s, const char *endpoint);

@@ -27,8 +27,10 @@
  * - loop_receives_*: every such poll, which on a receiving stream means
  *   inside zmq_msg_recv (the pass receives first and a dry receive ends
  *   it: it hardly asks ZMQ_EVENTS): EINTR there is retried, nothing lost.
+ * - connect_and_bind_never_say_eintr: the same for zev_stream_connect and
+ *   its kind, which libzmq begins with a look at the mailbox.
  * - forked_child_does_not_spin: in a forked child libzmq says EINTR for
- *   ever; retrying ZMQ_EVENTS must not spin there.
+ *   ever; retrying must not spin there.
  */
 #include "common.h"
 
@@ -39,6 +41,7 @@
 #include <signal.h>
 #include <stdatomic.h>
 #include <stdbool.h>
+#include <stdio.h>
 #include <string.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -337,6 +340,36 @@ Test(eintr, loop_sends_tcp)
     loop_sends("tcp");
 }
 
+/* ------------------------------------------- connect, bind and their undoing */
+
+/* libzmq's zmq_connect, zmq_bind, zmq_disconnect and zmq_unbind look at the
+ * socket's mailbox first and return that look's EINTR having done nothing
+ * else: zev makes the call again, and its caller never sees EINTR. */
+Test(eintr, connect_and_bind_never_say_eintr)
+{
+    test_pair_t p = test_pair_open(ZMQ_DEALER, TEST_NO_SOCKET, NULL);
+    zev_stream_t *s = test_stream_new(p.loop, p.a);
+    inject(INJ_ANY, 2);
+    int failed = 0, calls = 0;
+    for (int i = 0; i < 100; i++) {
+        char ep[64];
+        snprintf(ep, sizeof ep, "inproc://eintr-%d", i);
+        int rc[4];
+        rc[0] = zev_stream_bind(s, ep);
+        rc[1] = zev_stream_unbind(s, ep);
+        rc[2] = zev_stream_connect(s, "tcp://127.0.0.1:1"); /* asynchronous: never refused */
+        rc[3] = zev_stream_disconnect(s, "tcp://127.0.0.1:1");
+        for (int k = 0; k < 4; k++, calls++)
+            if (rc[k] != 0 && !failed++)
+                cr_log_error("call %d of round %d: %s", k, i, zmq_strerror(errno));
+    }
+    unsigned long hits = atomic_load(&injected);
+    inject(INJ_OFF, 0);
+    cr_expect_eq(failed, 0, "%d of %d calls failed", failed, calls);
+    cr_expect_gt(hits, 0, "no EINTR was injected: the test tested nothing");
+    cr_assert_eq(test_pair_close(&p), 0);
+}
+
 /* ------------------------------------------------------------ forked child */
 
 /* In a forked child libzmq's signaler fails every wait with EINTR (it
@@ -352,6 +385,7 @@ static void child_runs_the_loop(void)
     (void)zev_stream_send(fork_stream, "x", 1, 0); /* asks ZMQ_EVENTS after libzmq's refusal */
     (void)zev_loop_run_once(fork_loop, 0);
     (void)zev_loop_run_once(fork_loop, 0);
+    (void)zev_stream_connect(fork_stream, "inproc://eintr-fork"); /* retried on EINTR too */
     alarm(0);
 }
 
