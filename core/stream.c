@@ -349,9 +349,10 @@ static int socket_call(zev_stream_t *s, int (*fn)(void *, const char *), const c
         return -1;
     }
     int saved = errno, rc;
+    unsigned tries = 0;
     do
         rc = fn(s->sock, endpoint);
-    while (rc < 0 && zev__eintr_again(s->loop));
+    while (rc < 0 && zev__eintr_again(&tries));
     if (rc == 0)
         errno = saved; /* libzmq leaves EAGAIN behind on success */
     s->changes++;

@@ -183,10 +183,11 @@ static int sock_events(zev_stream_t *s)
 {
     int events, rc;
     size_t len = sizeof events;
+    unsigned tries = 0;
     s->changes++;
     do
         rc = zmq_getsockopt(s->sock, ZMQ_EVENTS, &events, &len);
-    while (rc < 0 && zev__eintr_again(s->loop));
+    while (rc < 0 && zev__eintr_again(&tries));
     if (rc < 0)
         return -1;
     s->told = events;
@@ -198,6 +199,7 @@ static int sock_events(zev_stream_t *s)
  * nothing and is retried here: zev__eintr_again). */
 static int sock_send(zev_stream_t *s, zmq_msg_t *msg, bool more)
 {
+    unsigned tries = 0;
     for (;;) {
         s->changes++;
         size_t size = zmq_msg_size(msg); /* the return stops at INT_MAX */
@@ -207,7 +209,7 @@ static int sock_send(zev_stream_t *s, zmq_msg_t *msg, bool more)
             s->stats.bytes_out += size;
             return 0;
         }
-        if (!zev__eintr_again(s->loop))
+        if (!zev__eintr_again(&tries))
             return errno;
     }
 }
@@ -602,7 +604,8 @@ static void answer_dropped_request(zev_stream_t *s)
     if (s->type != ZMQ_REP)
         return;
     s->changes++;
-    while (zmq_send(s->sock, NULL, 0, ZMQ_DONTWAIT) < 0 && zev__eintr_again(s->loop))
+    unsigned tries = 0;
+    while (zmq_send(s->sock, NULL, 0, ZMQ_DONTWAIT) < 0 && zev__eintr_again(&tries))
         continue;
 }
 
@@ -613,9 +616,10 @@ static __attribute__((noinline)) struct rx_done drop_rest(zev_stream_t *s, size_
 {
     s->at[0] = &s->ring[0];
     size_t got = 0;
+    unsigned tries = 0;
     while (got < allowance) {
         if (sock_recv(s, &s->ring[0]) < 0) {
-            if (zev__eintr_again(s->loop))
+            if (zev__eintr_again(&tries))
                 continue;
             return rx_done(RX_ERR, got); /* the rest of a message is there once its start is */
         }
@@ -654,6 +658,7 @@ static __attribute__((noinline)) struct rx_done start_drop(zev_stream_t *s, size
 static __attribute__((noinline)) struct rx_done recv_parts(zev_stream_t *s, size_t allowance)
 {
     size_t i = s->rx_parts, got = 0;
+    unsigned tries = 0;
     uint64_t bytes = s->rx_bytes;
     s->rx_parts = 0;
     enum rx rc;
@@ -673,7 +678,7 @@ static __attribute__((noinline)) struct rx_done recv_parts(zev_stream_t *s, size
         s->at[i] = &s->ring[i];
         int n = sock_recv(s, &s->ring[i]);
         if (n < 0) {
-            if (zev__eintr_again(s->loop))
+            if (zev__eintr_again(&tries))
                 continue;
             rc = i == 0 && errno == EAGAIN ? RX_NONE : RX_ERR;
             break;
@@ -731,8 +736,8 @@ static inline __attribute__((always_inline)) struct rx_done recv_message(zev_str
     s->at[0] = &s->ring[0];
     int n = sock_recv(s, &s->ring[0]);
     if (__builtin_expect(n < 0, 0)) {
-        if (zev__eintr_again(s->loop))
-            return recv_parts(s, allowance); /* nothing taken: again */
+        if (errno == EINTR)
+            return recv_parts(s, allowance); /* nothing taken: again, counted there */
         return rx_done(errno == EAGAIN ? RX_NONE : RX_ERR, 0);
     }
     size_t size = s->msg.sizes[0] = part_size(&s->ring[0], n);

@@ -21,7 +21,6 @@
 #include <stdint.h>
 #include <string.h>
 #include <sys/types.h>
-#include <unistd.h>
 
 #define ZEV_INTERNAL __attribute__((visibility("hidden")))
 
@@ -551,16 +550,19 @@ ZEV_INTERNAL void zev__wrong_thread(const zev_loop_t *loop, const char *fn);
 #endif
 #define ZEV__LOOP_THREAD(loop) ZEV__LOOP_THREAD_AT((loop), __func__)
 
-/* Whether a libzmq call on a socket of `loop` that failed is to be made
- * again: EINTR, which libzmq returns from a look at the socket's mailbox
- * (before its send, receive, ZMQ_EVENTS or connect has done anything, or
- * after ZMQ_EVENTS ran the commands and so took the ZMQ_FD edge: asking
- * again is the only way to learn what they changed). Not in a forked
- * child, where libzmq says EINTR for ever (its signaler's pid check): the
- * loop must not be used there, and this must not spin if it is. */
-static inline bool zev__eintr_again(const zev_loop_t *loop)
+/* Whether a libzmq call that failed is to be made again: EINTR, which
+ * libzmq returns from a look at the socket's mailbox (before its send,
+ * receive, ZMQ_EVENTS or connect has done anything, or after ZMQ_EVENTS ran
+ * the commands and so took the ZMQ_FD edge: asking again is the only way
+ * to learn what they changed), at most ZEV__EINTR_TRIES times in a row
+ * (*tries counts them). A signal interrupts one look; libzmq says EINTR on
+ * every call only in a forked child that uses its parent's socket (its
+ * signaler checks the pid), where the loop must not be used: there the call
+ * fails with EINTR rather than spin. */
+#define ZEV__EINTR_TRIES 1000u
+static inline bool zev__eintr_again(unsigned *tries)
 {
-    return errno == EINTR && getpid() == loop->pid;
+    return errno == EINTR && ++*tries < ZEV__EINTR_TRIES;
 }
 
 /* Validates a stream argument for the public setters and sends: 0 with

@@ -29,8 +29,9 @@
  *   it: it hardly asks ZMQ_EVENTS): EINTR there is retried, nothing lost.
  * - connect_and_bind_never_say_eintr: the same for zev_stream_connect and
  *   its kind, which libzmq begins with a look at the mailbox.
- * - forked_child_does_not_spin: in a forked child libzmq says EINTR for
- *   ever; retrying must not spin there.
+ * - forked_child_does_not_spin, a_child_loop_on_the_parents_socket_...:
+ *   in a forked child libzmq says EINTR for ever on the parent's sockets;
+ *   retrying must not spin there, whoever made the loop.
  */
 #include "common.h"
 
@@ -394,6 +395,38 @@ static void on_any(zev_stream_t *s, zev_msg_t *m, void *arg)
     (void)s;
     (void)m;
     (void)arg;
+}
+
+/* The same with a loop made in the child around the parent's socket (a
+ * daemon that forks after making its sockets, then starts its loop): the
+ * loop's pid is the child's, libzmq's signaler still the parent's. */
+static void *parent_socket;
+
+static void child_makes_a_loop(void)
+{
+    alarm(5);
+    zev_loop_t *loop = zev_loop_new(NULL);
+    zev_stream_t *s = loop ? zev_stream_new(loop, parent_socket) : NULL;
+    if (s) {
+        (void)zev_stream_connect(s, "inproc://eintr-child");
+        (void)zev_stream_send(s, "x", 1, 0);
+        (void)zev_loop_run_once(loop, 0);
+    }
+    alarm(0);
+    /* no destroy: it would close what is the parent's */
+}
+
+Test(eintr, a_child_loop_on_the_parents_socket_does_not_spin)
+{
+    test_pair_t p = test_pair_open(ZMQ_DEALER, ZMQ_DEALER, "inproc");
+    parent_socket = p.a;
+    test_child_t r;
+    test_run_child(child_makes_a_loop, &r);
+    cr_expect(!(WIFSIGNALED(r.status) && WTERMSIG(r.status) == SIGALRM),
+              "the child spun on libzmq's EINTR until SIGALRM");
+    cr_expect(WIFEXITED(r.status) && WEXITSTATUS(r.status) == 0, "child status %d: %s", r.status,
+              r.err);
+    cr_assert_eq(test_pair_close(&p), 0);
 }
 
 Test(eintr, forked_child_does_not_spin)
