@@ -127,20 +127,33 @@ TestSuite(eintr, .timeout = 120);
 typedef struct peer {
     void *ctx;
     char ep[256];
-    int type;
     int failed; /* errno of a failed call */
     atomic_int finish; /* the test has counted: the PUSH may go */
 } peer_t;
+
+/* A raw PUSH or PULL for a thread of its own: its HWM (send or receive),
+ * linger 0, connected to ep. NULL with errno if the connect failed. */
+static void *peer_socket(void *ctx, int type, const char *ep)
+{
+    void *sock = zmq_socket(ctx, type);
+    int hwm = HWM, linger = 0;
+    zmq_setsockopt(sock, type == ZMQ_PUSH ? ZMQ_SNDHWM : ZMQ_RCVHWM, &hwm, sizeof hwm);
+    zmq_setsockopt(sock, ZMQ_LINGER, &linger, sizeof linger);
+    if (zmq_connect(sock, ep) != 0) {
+        int err = errno;
+        zmq_close(sock);
+        errno = err;
+        return NULL;
+    }
+    return sock;
+}
 
 /* A raw PUSH on its own thread sending MSGS sequence numbers, blocking. */
 static void *push_main(void *arg)
 {
     peer_t *p = arg;
-    void *push = zmq_socket(p->ctx, ZMQ_PUSH);
-    int hwm = HWM, linger = 0;
-    zmq_setsockopt(push, ZMQ_SNDHWM, &hwm, sizeof hwm);
-    zmq_setsockopt(push, ZMQ_LINGER, &linger, sizeof linger);
-    if (zmq_connect(push, p->ep) != 0)
+    void *push = peer_socket(p->ctx, ZMQ_PUSH, p->ep);
+    if (!push)
         p->failed = errno;
     for (uint64_t seq = 0; seq < MSGS && !p->failed; seq++)
         while (zmq_send(push, &seq, sizeof seq, 0) != (int)sizeof seq)
@@ -152,7 +165,8 @@ static void *push_main(void *arg)
      * would drop what libzmq still holds on its way. */
     while (!atomic_load(&p->finish))
         test_sleep_ms(1);
-    zmq_close(push);
+    if (push)
+        zmq_close(push);
     return NULL;
 }
 
@@ -248,14 +262,9 @@ typedef struct sink {
 static void *pull_main(void *arg)
 {
     sink_t *k = arg;
-    void *pull = zmq_socket(k->ctx, ZMQ_PULL);
-    int hwm = HWM, linger = 0;
-    zmq_setsockopt(pull, ZMQ_RCVHWM, &hwm, sizeof hwm);
-    zmq_setsockopt(pull, ZMQ_LINGER, &linger, sizeof linger);
-    if (zmq_connect(pull, k->ep) != 0) {
-        zmq_close(pull);
-        return NULL;
-    }
+    void *pull = peer_socket(k->ctx, ZMQ_PULL, k->ep);
+    if (!pull)
+        return NULL; /* the test fails on the count */
     uint64_t seq;
     while (atomic_load(&k->got) < ROUNDS * MSGS) {
         int n = zmq_recv(pull, &seq, sizeof seq, 0);
@@ -377,6 +386,18 @@ Test(eintr, connect_and_bind_never_say_eintr)
  * checks its pid), so ZMQ_EVENTS says EINTR for ever there. zev forbids
  * using the loop in a child (only zev_loop_destroy), but a child that does
  * anyway must get its call back, not spin in the retry. */
+/* Runs fn in a forked child, which arms alarm(5) first: it must return,
+ * not spin on libzmq's EINTR until SIGALRM. */
+static void expect_child_returns(void (*fn)(void))
+{
+    test_child_t r;
+    test_run_child(fn, &r);
+    cr_expect(!(WIFSIGNALED(r.status) && WTERMSIG(r.status) == SIGALRM),
+              "the child spun on libzmq's EINTR until SIGALRM");
+    cr_expect(WIFEXITED(r.status) && WEXITSTATUS(r.status) == 0, "child status %d: %s", r.status,
+              r.err);
+}
+
 static zev_loop_t *fork_loop;
 static zev_stream_t *fork_stream;
 
@@ -420,12 +441,7 @@ Test(eintr, a_child_loop_on_the_parents_socket_does_not_spin)
 {
     test_pair_t p = test_pair_open(ZMQ_DEALER, ZMQ_DEALER, "inproc");
     parent_socket = p.a;
-    test_child_t r;
-    test_run_child(child_makes_a_loop, &r);
-    cr_expect(!(WIFSIGNALED(r.status) && WTERMSIG(r.status) == SIGALRM),
-              "the child spun on libzmq's EINTR until SIGALRM");
-    cr_expect(WIFEXITED(r.status) && WEXITSTATUS(r.status) == 0, "child status %d: %s", r.status,
-              r.err);
+    expect_child_returns(child_makes_a_loop);
     cr_assert_eq(test_pair_close(&p), 0);
 }
 
@@ -437,11 +453,6 @@ Test(eintr, forked_child_does_not_spin)
     cr_assert_eq(zev_stream_on_recv(fork_stream, on_any, NULL), 0);
     cr_assert_eq(zev_stream_set_max_queue(fork_stream, 0), 0);
     test_spin(p.loop, 3, 1);
-    test_child_t r;
-    test_run_child(child_runs_the_loop, &r);
-    cr_expect(!(WIFSIGNALED(r.status) && WTERMSIG(r.status) == SIGALRM),
-              "the child spun in ZMQ_EVENTS's EINTR until SIGALRM");
-    cr_expect(WIFEXITED(r.status) && WEXITSTATUS(r.status) == 0, "child status %d: %s", r.status,
-              r.err);
+    expect_child_returns(child_runs_the_loop);
     cr_assert_eq(test_pair_close(&p), 0);
 }
