@@ -48,7 +48,6 @@
 
 #include <errno.h>
 #include <stdlib.h>
-#include <string.h>
 
 #define CHUNK_FRAMES 64
 
@@ -308,9 +307,7 @@ keep_in(zev_msg_t *m, size_t i, zev__hub_t *hub, zev_frame_t *f, size_t size)
     zev_stream_t *s = m->stream;
     f->stream = s;
     f->size = size;
-    /* moved bitwise, the slot left empty (the design notes) */
-    memcpy(&f->msg, &m->parts[i], sizeof f->msg);
-    memcpy(&m->parts[i], &hub->empty, sizeof f->msg);
+    zev__msg_move(&f->msg, &m->parts[i], &hub->empty); /* the design notes */
     zev__list_push_tail(&s->kept_frames, &f->node);
     s->frames_out++;
     zev__hub_ref(hub);

@@ -147,7 +147,7 @@ int zev__sendq_reserve(zev_stream_t *s, size_t n)
 void zev__sendq_push(zev_stream_t *s, zmq_msg_t *msg, bool more)
 {
     zev__sendpart_t *p = zev__sendq_at(s, s->qlen++);
-    zev__msg_move(&p->msg, msg);
+    zev__msg_move(&p->msg, msg, &s->loop->hub->empty);
     p->more = more;
     if (s->open != OPEN_QUEUED) { /* its first queued part counts the message */
         s->qmsgs++;

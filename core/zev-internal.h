@@ -94,7 +94,7 @@ typedef struct zev__hub {
     int wake_rfd, wake_wfd;    /* eventfd (both the same) or a pipe */
     zev__kind_t wake_kind;     /* registered with the backend as a handle */
     zev_frame_t *frame_free, *frame_free_tail; /* FIFO pool (loop thread / last ref) */
-    zmq_msg_t empty; /* zmq_msg_init'ed once: what a kept part's ring slot becomes */
+    zmq_msg_t empty; /* zmq_msg_init'ed once: what a moved message leaves (zev__msg_move) */
     struct zev__chunk *chunks; /* allocation chunks of the pool */
 } zev__hub_t;
 
@@ -728,12 +728,14 @@ ZEV_INTERNAL int zev__sendq_flush_done(const zev_stream_t *s);
 
 /* msg.c */
 /* Moves a zmq_msg_t bitwise, as libzmq's own pipes move it (a zmq_msg_t
- * holds no pointer into itself), and leaves src empty: what zmq_msg_move
- * does into a fresh dst, without re-checking both. */
-static inline void zev__msg_move(zmq_msg_t *dst, zmq_msg_t *src)
+ * holds no pointer into itself), and leaves src empty: a bitwise copy of
+ * `empty` (the hub's, zmq_msg_init'ed once; an empty message holds nothing,
+ * so libzmq copies small messages the same way). What zmq_msg_move does
+ * into a fresh dst, without a call. */
+static inline void zev__msg_move(zmq_msg_t *dst, zmq_msg_t *src, const zmq_msg_t *empty)
 {
     memcpy(dst, src, sizeof *dst);
-    zmq_msg_init(src);
+    memcpy(src, empty, sizeof *src);
 }
 ZEV_INTERNAL int zev__ring_init(zev_stream_t *s); /* a new stream's ring: -1/ENOMEM */
 ZEV_INTERNAL int zev__ring_reserve(zev_stream_t *s, size_t n);
